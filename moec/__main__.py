@@ -1,0 +1,5 @@
+import sys
+
+from moec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""Running an artifact: onnxruntime, numpy and tokenizers only (no torch, no transformers).
+
+An artifact folder holds model.onnx (+ external data), moec.json, config.json and the
+tokenizer files; `Artifact` opens it and `generate` runs greedy decoding with the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from moec.errors import MoecError
+
+MODEL_FILE = "model.onnx"
+RECORD_FILE = "moec.json"
+
+
+class Artifact:
+    """An onnxruntime session over an artifact folder, with the KV-cache layout read from it."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        self.path = Path(path)
+        model_file = self.path / MODEL_FILE
+        if not model_file.is_file():
+            raise MoecError(f"{self.path} is not a moec artifact (no {MODEL_FILE})")
+        self.record = read_record(self.path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_file), options,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        config = json.loads((self.path / "config.json").read_text())
+        self.eos_token_ids = _eos_ids(self.path, config)
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero-length past keys/values for a fresh sequence."""
+        return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past_inputs}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One step: logits [B, S, V] and the next past (this step's presents)."""
+        outputs = self.session.run(None, {"input_ids": input_ids.astype(np.int64),
+                                          "attention_mask": attention_mask.astype(np.int64),
+                                          "position_ids": position_ids.astype(np.int64), **past})
+        logits, presents = outputs[0], outputs[1:]
+        return logits, {i.name: p for i, p in zip(self.past_inputs, presents)}
+
+
+def read_record(path: Path) -> dict:
+    try:
+        return json.loads((path / RECORD_FILE).read_text())
+    except FileNotFoundError:
+        raise MoecError(f"{path} is not a moec artifact (no {RECORD_FILE})") from None
+    except json.JSONDecodeError as e:
+        raise MoecError(f"{path / RECORD_FILE} is not valid JSON ({e})") from None
+
+
+def _eos_ids(path: Path, config: dict) -> set[int]:
+    eos = config.get("eos_token_id")
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id", eos)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def left_pad(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask for a batch, padded on the left."""
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, np.int64)
+    mask = np.zeros((len(sequences), width), np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def positions(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Position ids of the last `new_tokens` tokens: count of real tokens before each, pads at 0."""
+    pos = np.cumsum(attention_mask, axis=-1) - 1
+    return np.where(attention_mask == 0, 0, pos)[:, -new_tokens:]
+
+
+def generate(artifact: Artifact, sequences: list[list[int]], max_new_tokens: int,
+             stop_at_eos: bool = True) -> Iterator[np.ndarray]:
+    """Greedy decoding with the KV cache; yields each step's new token per sequence [B].
+
+    A finished sequence (EOS) keeps yielding its EOS token until all are finished.
+    """
+    ids, mask = left_pad(sequences)
+    past = artifact.empty_cache(len(sequences))
+    done = np.zeros(len(sequences), bool)
+    step_ids = ids
+    for _ in range(max_new_tokens):
+        logits, past = artifact.forward(step_ids, mask, positions(mask, step_ids.shape[1]), past)
+        token = logits[:, -1].argmax(-1)
+        eos = next(iter(artifact.eos_token_ids), None)
+        if eos is not None:
+            token = np.where(done, eos, token)
+        yield token
+        done |= np.isin(token, list(artifact.eos_token_ids))
+        if stop_at_eos and done.all():
+            return
+        step_ids = token[:, None]
+        mask = np.concatenate([mask, np.ones((len(sequences), 1), np.int64)], axis=1)
+
+
+class Tokenizer:
+    """The artifact's tokenizer.json through the `tokenizers` library."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        file = Path(path) / "tokenizer.json"
+        if not file.is_file():
+            raise MoecError(f"{path} has no tokenizer.json; pass token ids instead of text")
+        self.tokenizer = HFTokenizer.from_file(str(file))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def stream_text(tokenizer: Tokenizer, tokens: Iterator[int], write: Callable[[str], None]) -> list[int]:
+    """Write decoded text as tokens arrive (re-decoding the tail so multi-byte pieces come out whole)."""
+    generated, shown = [], ""
+    for token in tokens:
+        generated.append(int(token))
+        text = tokenizer.decode(generated)
+        if len(text) > len(shown) and not text.endswith("\ufffd"):
+            write(text[len(shown):])
+            shown = text
+    return generated

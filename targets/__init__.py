@@ -1,0 +1,15 @@
+"""Compilation targets: the passes that lower the traced graph for one execution provider."""
+
+from types import ModuleType
+
+from moec.errors import MoecError
+
+from . import cpu
+
+TARGETS: dict[str, ModuleType] = {cpu.NAME: cpu}
+
+
+def get_target(name: str) -> ModuleType:
+    if name not in TARGETS:
+        raise MoecError(f"unknown target {name!r}; available: {', '.join(TARGETS)}")
+    return TARGETS[name]
