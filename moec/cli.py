@@ -46,6 +46,49 @@ def _run(args) -> None:
     sys.stdout.write("\n")
 
 
+def _bit_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 2,4,8, got {text!r}") from None
+
+
+def _bit_range(text: str) -> tuple[float, float, float]:
+    try:
+        start, stop, step = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP:STEP like 2.0:4.0:0.25, got {text!r}") from None
+    return start, stop, step
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _plan(args) -> None:
+    from moec.planner import load_stats, make_plan, plot_sweep, save_plan, sweep, write_sweep_table
+
+    stats = load_stats(args.stats)
+    options = dict(bits=args.bits, scope=args.scope, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
+                   require_top_widths=not args.no_top_widths, group_size=args.group_size,
+                   params_per_expert=args.params_per_expert, model=args.model)
+    if args.sweep:
+        rows = sweep(stats, *args.sweep, **options)
+        write_sweep_table(rows, args.out)
+        if args.plot:
+            plot_sweep(rows, args.plot)
+        print(f"wrote {args.out}: {len(rows)} Pareto points" + (f", plot {args.plot}" if args.plot else ""))
+        return
+    plan = make_plan(stats, avg_bits=args.avg_bits, size_budget=args.size_budget, **options)
+    save_plan(plan, args.out)
+    objective = plan["objective"]
+    size = objective["predicted_expert_bytes"]
+    print(f"wrote {args.out}: predicted loss {objective['predicted_loss']:.6g}"
+          + (f", experts {size / 1e9:.3f} GB" if size is not None else ""))
+
+
 def _inspect(args) -> None:
     from moec.inspect import describe, summary
 
@@ -74,10 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Greedy generation with the KV cache in onnxruntime.")
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--prompt", required=True, metavar="TEXT")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="print prompt/generated ids and text as JSON")
     p.set_defaults(func=_run)
+
+    p = commands.add_parser("plan", help="choose expert bit widths from calibration statistics (MC-MoE)",
+                            description="Solve MC-MoE's bit allocation (arXiv 2410.06270) for a stats file and "
+                                        "write plan.json, or sweep budgets and write the Pareto front.")
+    p.add_argument("--stats", required=True, metavar="FILE", help="moec-stats/1 JSON")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--avg-bits", type=float, metavar="B", help="average bits per expert weight")
+    budget.add_argument("--size-budget", metavar="SIZE",
+                        help="bytes for all routed experts, e.g. 12GB, 800MB, 11.5GiB (global scope)")
+    budget.add_argument("--sweep", type=_bit_range, metavar="START:STOP:STEP",
+                        help="plan every avg-bits budget in the range; --out gets the Pareto table "
+                             "(TSV, or markdown if it ends in .md)")
+    p.add_argument("--bits", type=_bit_list, metavar="LIST",
+                   help="candidate widths, e.g. 2,3,4 (default: every width in the stats)")
+    p.add_argument("--scope", choices=("global", "layer"), default="global",
+                   help="global: one byte budget, layers compete (default); layer: the paper's per-layer budget")
+    p.add_argument("--alpha", type=float, default=1.0, help="frequency and loss exponent (default 1)")
+    p.add_argument("--beta", type=float, default=1.5, help="routing-weight exponent (default 1.5)")
+    p.add_argument("--gamma", type=float, default=None, help="loss exponent (default: alpha, as in MC-MoE's solver)")
+    p.add_argument("--no-top-widths", action="store_true",
+                   help="drop the constraint of one expert per layer at each of the two highest widths")
+    p.add_argument("--group-size", type=int, default=128, metavar="N", help="quantization group size (default 128)")
+    p.add_argument("--params-per-expert", type=int, metavar="N",
+                   help="weights per routed expert (default: 3*hidden*intermediate from the stats or --model)")
+    p.add_argument("--model", metavar="PATH", help="model the plan is for; refused if the stats are for another")
+    p.add_argument("--plot", metavar="FILE.png", help="with --sweep: also plot the front (needs matplotlib)")
+    p.add_argument("--out", required=True, metavar="FILE", help="plan.json to write (or the table, with --sweep)")
+    p.set_defaults(func=_plan)
 
     p = commands.add_parser("inspect", help="summarise an artifact",
                             description="Architecture, layers, experts and sizes of an artifact.")

@@ -63,7 +63,10 @@ class _Stages:
         self.seconds[name] = round(time.perf_counter() - start, 3)
         self.bar.update()
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.bar.close()
 
 
@@ -86,8 +89,8 @@ def compile(model_dir: str | Path, out: str | Path, *, force: bool = False, targ
     checkpoint = open_checkpoint(model_dir)
     target_module = get_target(target)
     out = Path(out)
-    stages = _Stages(["load", "reference", "trace", "lower", "save", "check", "verify"], progress)
-    with staging_folder(out, force) as staging:
+    stage_names = ["load", "reference", "trace", "lower", "save", "check", "verify"]
+    with staging_folder(out, force) as staging, _Stages(stage_names, progress) as stages:
         with stages.stage("load"):
             model = load_model(checkpoint)
             adapter = adapter_for(model.config)
@@ -128,7 +131,6 @@ def compile(model_dir: str | Path, out: str | Path, *, force: bool = False, targ
                                 f"{diff:.3g} (tolerance {VERIFY_TOLERANCE})")
         record["seconds"] = stages.seconds
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
-    stages.close()
     return record
 
 

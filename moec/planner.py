@@ -315,14 +315,17 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     _check_exponents(alpha, beta, gamma)
     _positive_int(group_size, "group_size")
     widths = _candidate_widths(parsed, bits)
-    config = _read_model_config(model) if model is not None else None
+    config = None
     if model is not None:
+        config = _read_model_config(model)
         _check_same_model(parsed.model, str(model), config)
     params = _expert_params(parsed.model, config, params_per_expert)
     if (avg_bits is None) == (size_budget is None):
         raise PlanError("give exactly one budget: avg_bits or size_budget")
     if scope == "layer" and size_budget is not None:
         raise PlanError("size_budget needs scope=\"global\"; the paper's per-layer scope takes avg_bits")
+    size_bytes = parse_size(size_budget) if size_budget is not None else None
+    average = _fraction(avg_bits, "avg_bits") if avg_bits is not None else None
 
     required = tuple(range(len(widths)))[-2:] if require_top_widths else ()
     if parsed.num_experts < len(required):
@@ -334,7 +337,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     total_experts = num_moe * parsed.num_experts
 
     if scope == "layer":
-        per_layer = math.floor(_fraction(avg_bits, "avg_bits") * parsed.num_experts)
+        per_layer = math.floor(average * parsed.num_experts)
         smallest = _smallest_total(list(widths), required, parsed.num_experts, 1)
         if per_layer < smallest:
             raise PlanError(f"avg_bits {avg_bits:g} is infeasible with bits {_widths_text(widths)}"
@@ -344,14 +347,14 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
         budget = {"avg_bits": float(avg_bits), "bytes": None}
     else:
         if params is None:
-            raise PlanError("scope \"global\" needs the expert parameter count: pass params_per_expert, a --model "
-                            "folder, or hidden_size and moe_intermediate_size in the stats' model section")
+            raise PlanError("scope \"global\" needs the expert parameter count: give params_per_expert "
+                            "(--params-per-expert), a model folder with config.json, or hidden_size and "
+                            "moe_intermediate_size in the stats' model section")
         width_bytes = [expert_bytes(params, w, group_size) for w in widths]
-        if size_budget is not None:
-            budget_bytes = parse_size(size_budget)
+        if size_bytes is not None:
+            budget_bytes = size_bytes
         else:
-            budget_bytes = avg_bits_budget_bytes(_positive_number(avg_bits, "avg_bits"), params, total_experts,
-                                                 group_size)
+            budget_bytes = avg_bits_budget_bytes(avg_bits, params, total_experts, group_size)
         smallest = _smallest_total(width_bytes, required, parsed.num_experts, num_moe)
         if budget_bytes < smallest:
             asked = f"avg_bits {avg_bits:g}" if avg_bits is not None else f"size budget {_show(size_budget)}"
@@ -399,7 +402,8 @@ def _candidate_widths(stats: _Stats, bits: Sequence[int] | None) -> tuple[int, .
                                 f"{_show(list(stats.widths))}")
     for width in widths:
         if width not in PLAN_BIT_WIDTHS:
-            raise PlanError(f"bit width {width} cannot be stored in a plan: expected one of {_widths_text(PLAN_BIT_WIDTHS)}")
+            raise PlanError(f"bit width {width} cannot be stored in a plan: expected one of "
+                            f"{_widths_text(PLAN_BIT_WIDTHS)}")
     return widths
 
 
@@ -623,6 +627,7 @@ def _validate_expert_bits(experts: Any, num_layers: int | None, num_experts: int
         raise PlanError(f"{source}: experts.bits: expected a list with one entry per layer, got {_show(grid)}")
     if num_layers is not None and len(grid) != num_layers:
         raise PlanError(f"{source}: experts.bits: expected {num_layers} layers, got {len(grid)}")
+    counted_at = ""  # where the expected expert count came from, when the caller gave none
     for layer, row in enumerate(grid):
         where = f"{source}: experts.bits[{layer}]"
         if row is None:
@@ -630,9 +635,9 @@ def _validate_expert_bits(experts: Any, num_layers: int | None, num_experts: int
         if not isinstance(row, list) or not row:
             raise PlanError(f"{where}: expected a list of expert bit widths or null, got {_show(row)}")
         if num_experts is None:
-            num_experts = len(row)
+            num_experts, counted_at = len(row), f" (as in experts.bits[{layer}])"
         if len(row) != num_experts:
-            raise PlanError(f"{where}: expected {num_experts} experts, got {len(row)}")
+            raise PlanError(f"{where}: expected {num_experts} experts{counted_at}, got {len(row)}")
         for expert, width in enumerate(row):
             _plan_width(width, f"{where}[{expert}]")
     if num_experts is None:
@@ -652,7 +657,8 @@ def _validate_objective(objective: Any, where: str) -> None:
     for i, width in enumerate(candidates):
         _plan_width(width, f"{where}.candidate_bits[{i}]")
     if type(objective["require_top_widths"]) is not bool:
-        raise PlanError(f"{where}.require_top_widths: expected true or false, got {_show(objective['require_top_widths'])}")
+        raise PlanError(f"{where}.require_top_widths: expected true or false, "
+                        f"got {_show(objective['require_top_widths'])}")
     budget = objective["budget"]
     _validate_object(budget, ("avg_bits", "bytes"), f"{where}.budget")
     if budget["avg_bits"] is not None:

@@ -137,4 +137,7 @@ def stream_text(tokenizer: Tokenizer, tokens: Iterator[int], write: Callable[[st
         if len(text) > len(shown) and not text.endswith("\ufffd"):
             write(text[len(shown):])
             shown = text
+    text = tokenizer.decode(generated)
+    if len(text) > len(shown):
+        write(text[len(shown):])
     return generated

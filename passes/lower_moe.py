@@ -177,18 +177,15 @@ def lower_moe_node(graph: ir.Graph, node: ir.Node) -> None:
         out = b.op("ScatterND", out, b.op("Unsqueeze", tokens, last_axis),
                    b.op("Mul", y, token_weights), reduction="add")
 
-    graph.insert_before(node, b.tape.nodes)
-    ir.convenience.replace_all_uses_with(node.outputs[0], out)
-    graph.remove(node, safe=True)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], b.tape.nodes, node.outputs, [out])
 
 
 class LowerMoEPass(ir.passes.InPlacePass):
-    """Lower every moec::MoE node; the expert 3-D initializers it leaves unused are dropped."""
+    """Lower every moec::MoE node (the 3-D expert initializers it leaves unused are for
+    RemoveUnusedNodesPass to drop)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes = [n for n in model.graph if is_moe_node(n)]
         for node in nodes:
             lower_moe_node(model.graph, node)
-        if nodes:
-            ir.passes.common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(nodes))

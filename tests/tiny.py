@@ -69,6 +69,8 @@ def save_tiny(arch: str, folder: Path, seed: int = 0):
     """Build the family's tiny random model, save it (safetensors) with a tokenizer; return it."""
     import transformers
 
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
     config = configs()[arch]
     model = transformers.AutoModelForCausalLM.from_config(config).eval()

@@ -1,0 +1,142 @@
+"""The `moec` command: bad inputs fail cleanly, artifacts run and inspect, runtime needs no torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from moec.cli import main
+from moec.runtime import Artifact, Tokenizer, generate
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moec: error:"), err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture
+def model_dir(compiled):
+    return compiled("mixtral").model_dir
+
+
+def copy_model(model_dir, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(model_dir, target)
+    return target
+
+
+def test_missing_folder(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "compile", tmp_path / "nope", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_safetensors_refuses_pickle(capsys, tmp_path, model_dir):
+    model = copy_model(model_dir, tmp_path)
+    for f in model.glob("*.safetensors"):
+        f.unlink()
+    (model / "pytorch_model.bin").write_bytes(b"not loaded")
+    code, _, err = run_cli(capsys, "compile", model, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "safetensors", "pytorch_model.bin")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_model_type(capsys, tmp_path, model_dir):
+    model = copy_model(model_dir, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    code, _, err = run_cli(capsys, "compile", model, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "'llama'", "mixtral", "qwen3_moe", "gpt_oss")
+
+
+def test_corrupt_config(capsys, tmp_path, model_dir):
+    model = copy_model(model_dir, tmp_path)
+    (model / "config.json").write_text('{"model_type": "mixtral", ')
+    code, _, err = run_cli(capsys, "compile", model, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "config.json", "not valid JSON")
+
+
+def test_existing_output_needs_force(capsys, tmp_path, model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous artifact")
+    code, _, err = run_cli(capsys, "compile", model_dir, "--out", out)
+    assert_one_line_error(code, err, "exists", "--force")
+    assert (out / "keep.txt").read_text() == "previous artifact"
+
+    code, stdout, _ = run_cli(capsys, "compile", model_dir, "--out", out, "--force", "--quiet")
+    assert code == 0 and "max logit diff" in stdout
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "no staging folders left behind"
+
+
+def test_failed_compile_leaves_previous_artifact(capsys, tmp_path, model_dir):
+    """A compile that fails midway (here: weights that do not fit the config) changes nothing."""
+    model = copy_model(model_dir, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] * 2}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous artifact")
+    code, _, err = run_cli(capsys, "compile", model, "--out", out, "--force", "--quiet")
+    assert_one_line_error(code, err, "cannot load")
+    assert (out / "keep.txt").read_text() == "previous artifact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+
+
+def test_run_streams_the_greedy_tokens(capsys, compiled):
+    artifact_dir = compiled("mixtral").artifact_dir
+    code, out, _ = run_cli(capsys, "run", artifact_dir, "--prompt", "def main(", "--max-new-tokens", 12, "--json")
+    assert code == 0
+    result = json.loads(out)
+    tokenizer = Tokenizer(artifact_dir)
+    expected = [int(t[0]) for t in generate(Artifact(artifact_dir), [tokenizer.encode("def main(")], 12)]
+    assert result["generated_ids"] == expected and len(expected) == 12
+    code, out, _ = run_cli(capsys, "run", artifact_dir, "--prompt", "def main(", "--max-new-tokens", 12)
+    assert code == 0 and out == "def main(" + tokenizer.decode(expected) + "\n"
+
+
+def test_run_rejects_non_artifact(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", tmp_path, "--prompt", "x")
+    assert_one_line_error(code, err, "not a moec artifact")
+
+
+def test_inspect(capsys, compiled):
+    c = compiled("qwen2_moe")
+    code, out, _ = run_cli(capsys, "inspect", c.artifact_dir)
+    assert code == 0 and "qwen2_moe" in out and "2 MoE: 0, 2" in out and "6 per layer" in out
+    code, out, _ = run_cli(capsys, "inspect", c.artifact_dir, "--json")
+    info = json.loads(out)
+    assert info["moe_layers"] == [0, 2] and info["experts_per_layer"] == [6]
+    assert info["bytes"]["total"] == c.record["bytes"]["total"]
+
+
+@pytest.mark.parametrize("command", ["compile", "run", "inspect", "plan"])
+def test_help(command):
+    result = subprocess.run([sys.executable, "-m", "moec", command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: moec " + command in result.stdout
+
+
+def test_runtime_does_not_import_torch(compiled):
+    """`moec run` (the deployment side) must work without PyTorch or transformers."""
+    artifact_dir = compiled("mixtral").artifact_dir
+    script = ("import sys; from moec.cli import main; "
+              f"code = main(['run', {str(artifact_dir)!r}, '--prompt', 'ab', '--max-new-tokens', '3']); "
+              "assert code == 0; "
+              "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+              "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,582 @@
+"""Tests for moec.planner: the paper's allocation, solver optimality, budgets, and plan-file validation."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moec.planner import (
+    PLAN_BIT_WIDTHS,
+    PlanError,
+    avg_bits_budget_bytes,
+    expert_bytes,
+    load_plan,
+    load_stats,
+    make_plan,
+    parse_size,
+    plot_sweep,
+    predicted_loss,
+    save_plan,
+    sweep,
+    validate_plan,
+    write_sweep_table,
+)
+
+# CI clones the repo with shared/ beside it.
+MIXTRAL_STATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mixtral-8x7b-mcmoe-stats.json"
+# Mixtral-8x7B's config.json: hidden_size 4096, intermediate_size 14336; gate, up and down per expert.
+MIXTRAL_PARAMS = 3 * 4096 * 14336
+
+# The paper's own allocation: experts_mixture_bit_selection/experts_mixture_bitwidth_combination_{N}bit.pkl
+# in github.com/Aaronhuang-778/MC-MoE (commit 7aa062c), N = bits per layer. One 8-digit group per layer
+# (layers 0..31), one digit per expert (0..7). Copied as data.
+RELEASED_ALLOCATION = {
+    12: "13211121 11232111 13121121 11112123 31121112 22111113 12231111 23112111 "
+        "23112111 31211112 21132111 21211311 21132111 12111231 11121231 11211231 "
+        "22311111 31122111 11311212 12111321 12111312 12112131 12111213 11211132 "
+        "23121111 21213111 13122111 11312211 11123121 13121211 13112211 13121121",
+    13: "13221121 11233111 13121131 11113123 31131112 23111113 13231111 23113111 "
+        "13112131 31311112 21133111 21311311 21133111 12111331 11131231 11311231 "
+        "23311111 31123111 11313211 11113321 12111313 12111133 13111213 11211133 "
+        "33121111 31213111 13132111 11313211 11113123 13123111 13111213 13221121",
+    14: "23221121 11233211 13122131 11213123 31131122 23111123 13231211 23113211 "
+        "23112131 32311112 22133111 21311321 21133121 22111331 11131232 11311232 "
+        "23321111 31122311 11313212 12113321 12211313 12112133 13211213 21211133 "
+        "33121112 31223111 13132112 11313212 11123123 13123211 13112213 23221121",
+    15: "23221131 21233211 13123131 11213133 31131123 23111133 13331211 33113211 "
+        "23113131 33311112 21133311 21311331 31133121 23111331 11131332 11311332 "
+        "23311131 31123311 11333211 12113331 13211313 13112133 13311213 31211133 "
+        "33121113 31213311 13133112 11313312 11123133 13323111 13311213 23231121",
+    16: "23222131 21233311 13223131 12213133 31132123 23111233 13331212 33113221 "
+        "23112331 33311212 22133311 21311332 31233121 23211331 13131232 12311332 "
+        "23321131 33122311 11333212 12123331 23211313 23112133 13312213 31212133 "
+        "33221113 31223311 13233112 11313322 13123123 13323211 13312213 23231122",
+    17: "23322131 31233311 13233131 12313133 31132133 23111333 33331211 33113231 "
+        "23113331 33311312 23133311 31311332 31233131 23113331 13131332 12311333 "
+        "33321131 33123311 11333312 12133331 13213313 13132133 13331213 31312133 "
+        "33123113 31323311 13333112 31313312 13123133 13323131 13313213 23231222",
+    18: "23322132 32233311 23233131 22313133 31232133 23112333 33331212 33213231 "
+        "23123331 33311322 23233311 23311332 32233131 23213331 23131332 12312333 "
+        "33321231 33123312 21333312 12323331 23213313 23132133 13332213 31312233 "
+        "33223113 31323312 23333112 31313322 13223133 13323231 13312233 23231232",
+    19: "23332132 32333311 23333131 32313133 31332133 23131333 33331213 33213331 "
+        "33123331 33311323 33233311 33311332 32333131 33213331 23131333 13312333 "
+        "33331231 33133312 31333312 12333331 23313313 23133133 13333213 31312333 "
+        "33123133 33323311 23333113 31313323 13233133 13323133 13313233 23232232",
+    20: "23332232 32333321 23333231 32313233 31332233 23132333 33332213 33213332 "
+        "33123332 33321323 33233312 33312332 32333231 33223331 23132333 23312333 "
+        "33332231 33133322 21333332 32323331 23313323 23133233 23333213 32312333 "
+        "33223133 33323312 23333213 32313323 13233233 13323233 13332233 23332232",
+}
+
+
+@pytest.fixture(scope="module")
+def mixtral_stats() -> dict:
+    if not MIXTRAL_STATS.is_file():
+        pytest.skip(f"shared Mixtral statistics not found at {MIXTRAL_STATS}")
+    return load_stats(MIXTRAL_STATS)
+
+
+def synthetic_stats(seed: int, num_layers: int = 2, num_experts: int = 4, widths=(2, 3, 4),
+                    dense_layers=(), **model) -> dict:
+    """Random but plausible statistics: losses fall with bits, a few experts are rarely routed."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for index in range(num_layers):
+        if index in dense_layers:
+            layers.append({"layer": index, "experts": None})
+            continue
+        experts = []
+        for _ in range(num_experts):
+            scale = rng.lognormal(5, 1)
+            experts.append({
+                "frequency": float(rng.integers(1, 1000)),
+                "routing_weight": float(rng.uniform(1, 300)),
+                "quant_loss": {str(w): float(scale * 2.0 ** -w * rng.uniform(0.7, 1.3)) for w in widths},
+            })
+        layers.append({"layer": index, "experts": experts})
+    return {"format": "moec-stats/1",
+            "model": {"model_type": "toy", "num_layers": num_layers, "num_experts": num_experts, "top_k": 2, **model},
+            "layers": layers}
+
+
+def layer_costs(stats: dict, widths, alpha=1.0, beta=1.5) -> np.ndarray:
+    """Objective terms straight from the paper's formula, independent of the planner's code."""
+    costs = []
+    for layer in stats["layers"]:
+        if layer["experts"] is None:
+            continue
+        f = np.array([e["frequency"] for e in layer["experts"]])
+        w = np.array([e["routing_weight"] for e in layer["experts"]])
+        loss = np.array([[e["quant_loss"][str(b)] for b in widths] for e in layer["experts"]])
+        costs.append(((f / f.sum()) ** alpha * (w / w.sum()) ** beta)[:, None] * loss**alpha)
+    return np.array(costs)
+
+
+def protected(combos: np.ndarray, widths) -> np.ndarray:
+    """Which width combinations hold at least one expert at each of the two highest widths."""
+    return np.logical_and.reduce([(combos == w).any(axis=-1) for w in sorted(widths)[-2:]])
+
+
+# ---------------------------------------------------------------- the paper's allocation
+
+
+@pytest.mark.parametrize("bits_per_layer", sorted(RELEASED_ALLOCATION))
+def test_layer_scope_reproduces_the_released_mixtral_allocation(mixtral_stats, bits_per_layer):
+    plan = make_plan(mixtral_stats, avg_bits=bits_per_layer / 8, bits=[1, 2, 3], scope="layer")
+    expected = [[int(d) for d in group] for group in RELEASED_ALLOCATION[bits_per_layer].split()]
+    assert plan["experts"]["bits"] == expected
+    assert all(sum(row) == bits_per_layer for row in plan["experts"]["bits"])
+
+
+def test_global_scope_matches_an_exact_dynamic_program_on_mixtral(mixtral_stats):
+    """Bytes are affine in bits here, so a byte budget is a total-bit budget; solve that exactly by DP."""
+    widths = (1, 2, 3)
+    byte_steps = {expert_bytes(MIXTRAL_PARAMS, b + 1) - expert_bytes(MIXTRAL_PARAMS, b) for b in (1, 2)}
+    assert len(byte_steps) == 1
+    combos = np.array(list(itertools.product(widths, repeat=8)))
+    totals = combos.sum(axis=1)
+    best_by_total = []  # per layer: least cost for each exact bit total 8..24
+    for cost in layer_costs(mixtral_stats, widths):
+        combo_cost = cost[np.arange(8), combos - 1].sum(axis=1)
+        combo_cost[~protected(combos, widths)] = np.inf
+        best_by_total.append([combo_cost[totals == t].min() for t in range(8, 25)])
+    best = np.zeros(1)  # best[k]: least cost of the layers so far with k extra bits over 1 bit everywhere
+    for table in best_by_total:
+        grown = np.full(len(best) + 16, np.inf)
+        for extra, value in enumerate(table):
+            grown[extra:extra + len(best)] = np.minimum(grown[extra:extra + len(best)], best + value)
+        best = grown
+    for bits_per_layer in (12, 15, 18, 20):
+        plan = make_plan(mixtral_stats, avg_bits=bits_per_layer / 8, params_per_expert=MIXTRAL_PARAMS)
+        optimum = best[: 32 * (bits_per_layer - 8) + 1].min()
+        assert plan["objective"]["predicted_loss"] == pytest.approx(optimum, rel=1e-9)
+        assert sum(map(sum, plan["experts"]["bits"])) <= 32 * bits_per_layer
+
+
+def test_global_scope_never_predicts_more_loss_than_the_layer_plan_of_equal_bytes(mixtral_stats):
+    for bits_per_layer in range(12, 21):
+        layer = make_plan(mixtral_stats, avg_bits=bits_per_layer / 8, scope="layer", params_per_expert=MIXTRAL_PARAMS)
+        size = layer["objective"]["predicted_expert_bytes"]
+        glob = make_plan(mixtral_stats, size_budget=size, params_per_expert=MIXTRAL_PARAMS)
+        assert glob["objective"]["predicted_expert_bytes"] <= size
+        assert glob["objective"]["predicted_loss"] <= layer["objective"]["predicted_loss"] * (1 + 1e-12)
+        # On these statistics letting layers compete is worth a lot; a broken global solve would not show it.
+        assert glob["objective"]["predicted_loss"] < 0.85 * layer["objective"]["predicted_loss"]
+        for row in glob["experts"]["bits"]:
+            assert 3 in row and 2 in row
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), budget_position=st.floats(0, 1), require_top_widths=st.booleans(),
+       alpha=st.sampled_from([1.0, 2.0]), beta=st.sampled_from([1.0, 1.5]), loss_unit=st.sampled_from([1.0, 1e-12]))
+def test_both_scopes_find_the_brute_force_optimum(seed, budget_position, require_top_widths, alpha, beta, loss_unit):
+    """Tiny losses (loss_unit) must not hide behind the solver's absolute tolerances."""
+    widths, params = (2, 3, 4), 3 * 64 * 256
+    stats = synthetic_stats(seed)
+    for layer in stats["layers"]:
+        for expert in layer["experts"]:
+            expert["quant_loss"] = {w: loss * loss_unit for w, loss in expert["quant_loss"].items()}
+    cost = layer_costs(stats, widths, alpha, beta)
+    combos = np.array(list(itertools.product(widths, repeat=8))).reshape(-1, 2, 4)  # (combos, layers, experts)
+    combo_cost = np.take_along_axis(cost[None], (combos - 2)[..., None], axis=3)[..., 0].sum(axis=2)
+    allowed = protected(combos, widths) if require_top_widths else np.ones(combos.shape[:2], bool)
+    options = dict(alpha=alpha, beta=beta, require_top_widths=require_top_widths, params_per_expert=params)
+
+    per_layer = 8 + round(budget_position * 8)  # 8..16 bits for 4 experts, all feasible when unprotected
+    if not require_top_widths or per_layer >= 4 + 3 + 2 + 2:
+        layer_plan = make_plan(stats, avg_bits=per_layer / 4, scope="layer", **options)
+        fits = allowed & (combos.sum(axis=2) <= per_layer)
+        optimum = np.where(fits, combo_cost, np.inf).min(axis=0).sum()
+        assert layer_plan["objective"]["predicted_loss"] == pytest.approx(optimum, rel=1e-9)
+
+    byte_cost = np.vectorize(lambda b: expert_bytes(params, int(b)))(combos).sum(axis=(1, 2))
+    smallest = byte_cost[allowed.all(axis=1)].min()
+    budget = int(smallest + budget_position * (byte_cost.max() - smallest))
+    global_plan = make_plan(stats, size_budget=budget, **options)
+    fits = allowed.all(axis=1) & (byte_cost <= budget)
+    assert global_plan["objective"]["predicted_loss"] == pytest.approx(combo_cost.sum(axis=1)[fits].min(), rel=1e-9)
+    assert global_plan["objective"]["predicted_expert_bytes"] <= budget
+
+
+# ---------------------------------------------------------------- budgets and bad input
+
+
+def test_infeasible_layer_budget_names_the_smallest_feasible_one(mixtral_stats):
+    with pytest.raises(PlanError, match=r"smallest feasible budget is avg_bits 1\.375 \(11 bits per layer\)"):
+        make_plan(mixtral_stats, avg_bits=1.3, bits=[1, 2, 3], scope="layer")
+    tightest = make_plan(mixtral_stats, avg_bits=1.375, scope="layer")
+    assert all(sorted(row) == [1, 1, 1, 1, 1, 1, 2, 3] for row in tightest["experts"]["bits"])
+    unprotected = make_plan(mixtral_stats, avg_bits=1.0, scope="layer", require_top_widths=False)
+    assert all(row == [1] * 8 for row in unprotected["experts"]["bits"])
+    with pytest.raises(PlanError, match=r"smallest feasible budget is avg_bits 1 \(8 bits per layer\)"):
+        make_plan(mixtral_stats, avg_bits=0.99, scope="layer", require_top_widths=False)
+
+
+def test_infeasible_global_budget_names_a_budget_that_works(mixtral_stats):
+    smallest = 32 * sum(expert_bytes(MIXTRAL_PARAMS, b) for b in (3, 2, 1, 1, 1, 1, 1, 1))
+    plan = make_plan(mixtral_stats, size_budget=smallest, params_per_expert=MIXTRAL_PARAMS)
+    assert plan["objective"]["predicted_expert_bytes"] == smallest
+    with pytest.raises(PlanError) as error:
+        make_plan(mixtral_stats, size_budget=smallest - 1, params_per_expert=MIXTRAL_PARAMS)
+    message = str(error.value)
+    assert f"smallest feasible budget is {smallest} bytes" in message and "\n" not in message
+    stated_avg_bits = float(re.search(r"avg_bits ([0-9.]+)\)", message).group(1))
+    make_plan(mixtral_stats, avg_bits=stated_avg_bits, params_per_expert=MIXTRAL_PARAMS)
+    with pytest.raises(PlanError, match="smallest feasible budget"):
+        make_plan(mixtral_stats, avg_bits=stated_avg_bits - 0.001, params_per_expert=MIXTRAL_PARAMS)
+
+
+def test_unknown_bit_width_is_refused(mixtral_stats):
+    with pytest.raises(PlanError, match=r"unknown bit width 4: the stats have quant_loss for \[1, 2, 3\]"):
+        make_plan(mixtral_stats, avg_bits=2.5, bits=[2, 4], scope="layer")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(avg_bits=2.5, size_budget="10GB"), "exactly one budget"),
+    (dict(), "exactly one budget"),
+    (dict(size_budget="10GB", scope="layer"), "size_budget needs scope"),
+    (dict(avg_bits=2.5, scope="model"), "scope: expected one of global, layer"),
+    (dict(avg_bits=2.5, beta=float("nan")), "beta: expected a finite number"),
+    (dict(avg_bits=-1.0, scope="layer"), "avg_bits: expected a positive number"),
+    (dict(avg_bits=2.5), "needs the expert parameter count"),
+    (dict(size_budget="lots"), "expected a number with a unit"),
+])
+def test_bad_planning_options_raise_one_line_errors(mixtral_stats, options, message):
+    with pytest.raises(PlanError, match=re.escape(message)) as error:
+        make_plan(mixtral_stats, **options)
+    assert "\n" not in str(error.value)
+
+
+def set_in(tree, path, value):
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("layers", 1, "experts", 2, "frequency"), float("nan"), "layers[1].experts[2].frequency: expected a finite number >= 0, got NaN"),
+    (("layers", 0, "experts", 3, "routing_weight"), -1.0, "layers[0].experts[3].routing_weight: expected a finite number >= 0, got -1.0"),
+    (("layers", 1, "experts", 0, "quant_loss", "3"), float("inf"), "layers[1].experts[0].quant_loss[\"3\"]: expected a finite number >= 0, got Infinity"),
+    (("layers", 1, "experts", 0, "quant_loss", "3"), "big", "quant_loss[\"3\"]: expected a finite number >= 0, got \"big\""),
+    (("layers", 0, "experts", 1, "quant_loss"), {"2": 1.0, "3": 0.5}, "layers[0].experts[1].quant_loss: has widths [2, 3], other experts have [2, 3, 4]"),
+    (("layers", 0, "experts", 1, "quant_loss"), {"two": 1.0}, "expected bit-width keys like"),
+    (("layers", 1, "layer"), 0, "layers[1].layer: layer 0 appears twice"),
+    (("layers", 1, "layer"), 7, "layers[1].layer: expected an int in [0, 2), got 7"),
+    (("layers", 1, "experts"), [], "layers[1].experts: expected a list of 4 experts or null"),
+    (("format",), "moec-stats/2", "format: expected \"moec-stats/1\""),
+    (("model", "num_experts"), "8", "model.num_experts: expected a positive int"),
+])
+def test_bad_statistics_are_refused_naming_the_field(path, value, message):
+    stats = synthetic_stats(0)
+    set_in(stats, path, value)
+    with pytest.raises(PlanError, match=re.escape(message)) as error:
+        make_plan(stats, avg_bits=3, scope="layer")
+    assert "\n" not in str(error.value)
+
+
+def test_layer_whose_experts_are_never_routed_is_refused():
+    stats = synthetic_stats(0)
+    for expert in stats["layers"][1]["experts"]:
+        expert["frequency"] = 0.0
+    with pytest.raises(PlanError, match="layer 1: every expert has frequency 0"):
+        make_plan(stats, avg_bits=3, scope="layer")
+
+
+def test_load_stats_reports_file_problems(tmp_path):
+    broken = tmp_path / "stats.json"
+    broken.write_text("{\"format\": ")
+    with pytest.raises(PlanError, match=r"stats\.json: not valid JSON: .* line 1"):
+        load_stats(broken)
+    with pytest.raises(PlanError, match="cannot read"):
+        load_stats(tmp_path / "missing.json")
+    stats = synthetic_stats(0)
+    stats["layers"][0]["experts"][0]["frequency"] = float("nan")
+    broken.write_text(json.dumps(stats))  # json writes NaN, which Python's reader accepts
+    with pytest.raises(PlanError, match=r"stats\.json: layers\[0\]\.experts\[0\]\.frequency: .* got NaN"):
+        load_stats(broken)
+
+
+def test_stats_from_another_model_are_refused(mixtral_stats, tmp_path):
+    with pytest.raises(PlanError, match="stats are for a different model: mistralai/Mixtral-8x7B-v0.1"):
+        make_plan(mixtral_stats, avg_bits=2.5, scope="layer", model="mistralai/Mixtral-8x22B-v0.1")
+    same = make_plan(mixtral_stats, avg_bits=2.5, scope="layer", model="/models/Mixtral-8x7B-v0.1/")
+    assert same["model"] == "/models/Mixtral-8x7B-v0.1/"
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "qwen2_moe", "num_hidden_layers": 24, "num_experts": 60, "hidden_size": 2048}))
+    with pytest.raises(PlanError, match="mixtral with 32 layers and 8 experts, but .* is qwen2_moe with 24 layers"):
+        make_plan(mixtral_stats, avg_bits=2.5, scope="layer", model=folder)
+
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "mixtral", "num_hidden_layers": 32, "num_local_experts": 8,
+         "hidden_size": 4096, "intermediate_size": 14336}))
+    plan = make_plan(mixtral_stats, avg_bits=2.5, model=folder)  # global scope: parameter count from config.json
+    assert plan["objective"]["params_per_expert"] == MIXTRAL_PARAMS
+    assert plan["model"] == str(folder)
+
+
+def test_dense_first_layers_get_null_bits():
+    stats = synthetic_stats(3, num_layers=4, dense_layers=(0,), hidden_size=64, intermediate_size=512,
+                            moe_intermediate_size=128)
+    del stats["layers"][1]  # an absent layer is dense too
+    plan = make_plan(stats, avg_bits=3)
+    assert plan["objective"]["params_per_expert"] == 3 * 64 * 128  # the expert size, not the dense MLP's
+    bits = plan["experts"]["bits"]
+    assert bits[0] is None and bits[1] is None and all(len(row) == 4 for row in bits[2:])
+    validate_plan(plan, num_layers=4, num_experts=4)
+    assert predicted_loss(stats, bits) == pytest.approx(plan["objective"]["predicted_loss"])
+    with pytest.raises(PlanError, match=r"bits\[0\]: expected null"):
+        predicted_loss(stats, [[2, 2, 2, 2]] + bits[1:])
+
+
+def test_predicted_loss_follows_the_formula():
+    stats = {"format": "moec-stats/1", "model": {"model_type": "toy", "num_layers": 1, "num_experts": 2},
+             "layers": [{"layer": 0, "experts": [
+                 {"frequency": 3.0, "routing_weight": 1.0, "quant_loss": {"2": 10.0, "4": 2.0}},
+                 {"frequency": 1.0, "routing_weight": 3.0, "quant_loss": {"2": 20.0, "4": 5.0}}]}]}
+    # f = (3/4, 1/4), w = (1/4, 3/4)
+    assert predicted_loss(stats, [[2, 4]]) == pytest.approx(0.75 * 0.25**1.5 * 10 + 0.25 * 0.75**1.5 * 5)
+    assert predicted_loss(stats, [[4, 16]], alpha=2, beta=1, gamma=0.5) == pytest.approx(0.75**2 * 0.25 * 2**0.5)
+    with pytest.raises(PlanError, match="unknown bit width 3"):
+        predicted_loss(stats, [[3, 4]])
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def test_expert_bytes_counts_codes_scales_and_zero_points():
+    groups = MIXTRAL_PARAMS // 128  # 1,376,256 groups of 128 inputs
+    assert expert_bytes(MIXTRAL_PARAMS, 2) == MIXTRAL_PARAMS // 4 + 2 * groups + groups // 4 == 47_136_768
+    assert expert_bytes(MIXTRAL_PARAMS, 3) == 66_060_288 + 2_752_512 + 516_096
+    assert expert_bytes(MIXTRAL_PARAMS, 16) == 2 * MIXTRAL_PARAMS
+    assert expert_bytes(MIXTRAL_PARAMS, 4, group_size=64) - expert_bytes(MIXTRAL_PARAMS, 4) == groups * (2 + 0.5)
+    assert expert_bytes(1000, 3, group_size=128) == 375 + 2 * 8 + 3  # partial bytes and groups round up
+    with pytest.raises(PlanError, match="params: expected a positive int"):
+        expert_bytes(0, 2)
+
+
+def test_avg_bits_budget_is_the_uniform_allocation_size():
+    experts = 32 * 8
+    for bits in (1, 2, 3, 4, 8):
+        assert avg_bits_budget_bytes(bits, MIXTRAL_PARAMS, experts) == experts * expert_bytes(MIXTRAL_PARAMS, bits)
+    halfway = avg_bits_budget_bytes(2.5, MIXTRAL_PARAMS, experts)
+    assert halfway == experts * (expert_bytes(MIXTRAL_PARAMS, 2) + expert_bytes(MIXTRAL_PARAMS, 3)) // 2
+
+
+@pytest.mark.parametrize("text, size", [
+    ("3.5GB", 3_500_000_000), ("800MB", 800_000_000), ("1.2GiB", round(1.2 * 2**30)), ("512 KiB", 524_288),
+    ("100", 100), ("1.5tb", 1_500_000_000_000), (" 2 gb ", 2_000_000_000), (".5MiB", 524_288), (7, 7),
+])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GB", "3.5 GX", "-1GB", "0GB", "1e9", "1,5GB", None, 0, 2.5])
+def test_parse_size_refuses_garbage(text):
+    with pytest.raises(PlanError, match="size"):
+        parse_size(text)
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def test_sweep_returns_a_pareto_front(mixtral_stats, tmp_path):
+    rows = sweep(mixtral_stats, 1.5, 2.5, 0.125, params_per_expert=MIXTRAL_PARAMS)
+    assert [row["avg_bits"] for row in rows] == [1.5 + 0.125 * k for k in range(9)]
+    assert all(a["expert_bytes"] < b["expert_bytes"] and a["predicted_loss"] > b["predicted_loss"]
+               for a, b in zip(rows, rows[1:]))
+
+    write_sweep_table(rows, tmp_path / "front.tsv")
+    lines = (tmp_path / "front.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["avg_bits", "mean_bits", "expert_bytes", "expert_GB", "predicted_loss"]
+    assert len(lines) == 10 and lines[1].split("\t")[2] == str(rows[0]["expert_bytes"])
+    write_sweep_table(rows, tmp_path / "front.md")
+    assert (tmp_path / "front.md").read_text().splitlines()[1] == "| --- | --- | --- | --- | --- |"
+
+
+def test_sweep_drops_budgets_that_buy_nothing(mixtral_stats):
+    # 1.5 .. 1.6 avg bits all round down to 12 bits per layer: one allocation, one row.
+    rows = sweep(mixtral_stats, 1.5, 1.6, 0.025, scope="layer")
+    assert len(rows) == 1 and rows[0]["expert_bytes"] is None and rows[0]["mean_bits"] == 1.5
+    with pytest.raises(PlanError, match="expected start <= stop and step > 0"):
+        sweep(mixtral_stats, 2.0, 1.0, 0.25, scope="layer")
+
+
+def test_sweep_plot_is_a_png(mixtral_stats, tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = sweep(mixtral_stats, 1.5, 2.5, 0.25, params_per_expert=MIXTRAL_PARAMS)
+    plot_sweep(rows, tmp_path / "front.png")
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
+    for name in ("matplotlib.backends.backend_agg", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)
+    rows = [{"avg_bits": 2.0, "mean_bits": 2.0, "expert_bytes": 10, "predicted_loss": 1.0}]
+    with pytest.raises(PlanError, match=r"needs matplotlib \(pip install matplotlib\)"):
+        plot_sweep(rows, tmp_path / "front.png")
+    assert not (tmp_path / "front.png").exists()
+
+
+# ---------------------------------------------------------------- plan files
+
+
+@pytest.fixture
+def plan() -> dict:
+    return make_plan(synthetic_stats(1, num_layers=3, dense_layers=(0,)), avg_bits=3, scope="layer")
+
+
+def test_plan_has_the_documented_schema(plan):
+    assert plan["format"] == "moec-plan/1"
+    assert plan["non_expert"] == {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
+    assert plan["quantization"] == {"method": "rtn", "group_size": 128}
+    assert plan["pruning"] == {}
+    assert plan["experts"]["bits"][0] is None
+    objective = plan["objective"]
+    assert objective["scope"] == "layer" and objective["alpha"] == 1.0 and objective["beta"] == 1.5
+    assert objective["candidate_bits"] == [2, 3, 4] and objective["budget"] == {"avg_bits": 3.0, "bytes": None}
+    assert objective["predicted_expert_bytes"] is None and objective["predicted_loss"] > 0
+
+
+def test_plan_round_trips_through_a_file(plan, tmp_path):
+    path = tmp_path / "plan.json"
+    save_plan(plan, path)
+    assert load_plan(path, num_layers=3, num_experts=4) == plan
+    assert os.listdir(tmp_path) == ["plan.json"]
+
+
+def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch):
+    path = tmp_path / "plan.json"
+    save_plan(plan, path)
+    before = path.read_bytes()
+    broken = copy.deepcopy(plan)
+    broken["experts"]["bits"][1][0] = "x"
+    with pytest.raises(PlanError):
+        save_plan(broken, path)
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    other = copy.deepcopy(plan)
+    other["model"] = "elsewhere"
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_plan(other, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["plan.json"]
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("format",), "moec-plan/2", "plan.json: format: expected \"moec-plan/1\", got \"moec-plan/2\""),
+    (("model",), 3, "plan.json: model: expected a model path or null, got 3"),
+    (("experts", "bits", 1, 2), "x", "plan.json: experts.bits[1][2]: expected an int bit width in {1,2,3,4,8,16}, got \"x\""),
+    (("experts", "bits", 2, 0), float("nan"), "experts.bits[2][0]: expected an int bit width in {1,2,3,4,8,16}, got NaN"),
+    (("experts", "bits", 2, 3), 2.0, "experts.bits[2][3]: expected an int bit width in {1,2,3,4,8,16}, got 2.0"),
+    (("experts", "bits", 1, 1), True, "experts.bits[1][1]: expected an int bit width in {1,2,3,4,8,16}, got true"),
+    (("experts", "bits", 1, 1), 5, "got 5"),
+    (("experts", "bits", 2), [2, 2], "plan.json: experts.bits[2]: expected 4 experts (as in experts.bits[1]), got 2"),
+    (("experts", "bits", 1), "2222", "experts.bits[1]: expected a list of expert bit widths or null"),
+    (("experts", "bits"), [], "plan.json: experts.bits: expected a list with one entry per layer"),
+    (("experts", "bits"), [None, None], "experts.bits: no layer has experts"),
+    (("experts", "extra"), 1, "plan.json: experts: unknown key \"extra\""),
+    (("non_expert", "attention"), 5, "plan.json: non_expert.attention: expected an int bit width"),
+    (("non_expert", "router"), 8, "plan.json: non_expert: unknown key \"router\""),
+    (("quantization", "group_size"), 100, "quantization.group_size: expected a power of two >= 16, got 100"),
+    (("quantization", "method"), "gptq", "quantization.method: expected one of rtn, got \"gptq\""),
+    (("pruning",), [], "plan.json: pruning: expected an object, got []"),
+    (("objective", "alpha"), float("nan"), "objective.alpha: expected a finite number >= 0, got NaN"),
+    (("objective", "scope"), "model", "objective.scope: expected one of global, layer"),
+    (("objective", "budget", "bytes"), -1, "objective.budget.bytes: expected a positive int, got -1"),
+    (("objective", "candidate_bits"), [2, 7], "objective.candidate_bits[1]: expected an int bit width"),
+    (("extra",), {}, "plan.json: unknown top-level key \"extra\""),
+])
+def test_malformed_plans_are_refused_naming_the_field(plan, path, value, message):
+    set_in(plan, path, value)
+    with pytest.raises(PlanError, match=re.escape(message)) as error:
+        validate_plan(plan)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("field", ["format", "model", "experts", "non_expert", "quantization", "pruning"])
+def test_plans_missing_a_field_are_refused(plan, field):
+    del plan[field]
+    with pytest.raises(PlanError, match=f"plan.json: missing field \"{field}\""):
+        validate_plan(plan)
+
+
+def test_plan_objective_is_optional_and_counts_are_checked(plan):
+    del plan["objective"]
+    validate_plan(plan, num_layers=3, num_experts=4)
+    with pytest.raises(PlanError, match=r"experts\.bits: expected 32 layers, got 3"):
+        validate_plan(plan, num_layers=32)
+    with pytest.raises(PlanError, match=r"experts\.bits\[1\]: expected 8 experts, got 4"):
+        validate_plan(plan, num_experts=8)
+
+
+def test_load_plan_names_the_file(tmp_path):
+    path = tmp_path / "my-plan.json"
+    path.write_text("[1, 2")
+    with pytest.raises(PlanError, match=r"my-plan\.json: not valid JSON"):
+        load_plan(path)
+    path.write_text(json.dumps({"format": "moec-plan/1"}))
+    with pytest.raises(PlanError, match=r"my-plan\.json: missing field \"model\""):
+        load_plan(path)
+
+
+junk = st.one_of(st.text(max_size=5), st.floats(allow_nan=True), st.booleans(), st.none(),
+                 st.integers().filter(lambda n: n not in PLAN_BIT_WIDTHS), st.lists(st.integers(0, 16), max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layer=st.integers(1, 2), expert=st.integers(0, 3), value=junk)
+def test_any_junk_bit_width_is_refused_naming_its_cell(plan, layer, expert, value):
+    bad = copy.deepcopy(plan)
+    bad["experts"]["bits"][layer][expert] = value
+    with pytest.raises(PlanError) as error:
+        validate_plan(bad)
+    message = str(error.value)
+    assert message.startswith(f"plan.json: experts.bits[{layer}][{expert}]: expected an int bit width")
+    assert "\n" not in message
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.text(min_size=1, max_size=12).filter(
+    lambda k: k not in ("format", "model", "experts", "objective", "non_expert", "quantization", "pruning")))
+def test_any_unknown_top_level_key_is_refused(plan, key):
+    bad = dict(plan, **{key: 1})
+    with pytest.raises(PlanError, match="unknown top-level key"):
+        validate_plan(bad)
+
+
+def test_non_expert_widths_can_be_overridden(mixtral_stats):
+    plan = make_plan(mixtral_stats, avg_bits=2.5, scope="layer", non_expert={"attention": 8})
+    assert plan["non_expert"]["attention"] == 8 and plan["non_expert"]["lm_head"] == 8
+    with pytest.raises(PlanError, match="non_expert: unknown part \"router\""):
+        make_plan(mixtral_stats, avg_bits=2.5, scope="layer", non_expert={"router": 8})
+    with pytest.raises(PlanError, match="non_expert.attention: expected an int bit width"):
+        make_plan(mixtral_stats, avg_bits=2.5, scope="layer", non_expert={"attention": 5})
+
+
+def test_gamma_changes_the_loss_exponent_only(mixtral_stats):
+    """The paper's Eq. 4 has its own loss exponent; the released allocation needs it equal to alpha."""
+    default = make_plan(mixtral_stats, avg_bits=2.5, scope="layer")
+    same = make_plan(mixtral_stats, avg_bits=2.5, scope="layer", gamma=1.0)
+    squared = make_plan(mixtral_stats, avg_bits=2.5, scope="layer", gamma=2.0)
+    assert same["experts"]["bits"] == default["experts"]["bits"]
+    assert squared["experts"]["bits"] != default["experts"]["bits"]
+    assert math.isclose(squared["objective"]["predicted_loss"],
+                        predicted_loss(mixtral_stats, squared["experts"]["bits"], gamma=2.0))
