@@ -46,6 +46,18 @@ def _run(args) -> None:
     sys.stdout.write("\n")
 
 
+def _calibrate(args) -> None:
+    from moec.calibrate import calibrate
+    from moec.files import write_atomic
+
+    stats = calibrate(args.model_dir, data=args.data, samples=args.samples, seq_len=args.seq_len,
+                      bits=tuple(args.bits), group_size=args.group_size, progress=not args.quiet)
+    write_atomic(args.out, (json.dumps(stats, indent=1) + "\n").encode())
+    c = stats["calibration"]
+    print(f"wrote {args.out}: {len(stats['layers'])} MoE layers, {c['samples']} x {c['seq_len']} tokens "
+          f"from {c['data']}, {c['seconds']:.1f} s")
+
+
 def _bit_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -121,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="print prompt/generated ids and text as JSON")
     p.set_defaults(func=_run)
+
+    p = commands.add_parser("calibrate", help="measure each expert's importance on calibration text",
+                            description="Stream MODEL_DIR layer by layer over calibration text and record, "
+                                        "per expert, activation frequency, routing weight and quantization "
+                                        "loss per bit width (moec-stats/1 JSON for `moec plan`).")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--data", metavar="FILE.txt", help="UTF-8 calibration text (default: built-in corpus)")
+    p.add_argument("--samples", type=_positive_int, default=64, metavar="N", help="sequences (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, metavar="L", help="tokens per sequence (default 256)")
+    p.add_argument("--bits", type=_bit_list, default=[2, 4, 8], metavar="LIST",
+                   help="widths to measure quantization loss at (default 2,4,8; the paper's: 1,2,3)")
+    p.add_argument("--group-size", type=_positive_int, default=128, metavar="N",
+                   help="quantization block along the input dimension (default 128)")
+    p.add_argument("--out", required=True, metavar="FILE", help="stats.json to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_calibrate)
 
     p = commands.add_parser("plan", help="choose expert bit widths from calibration statistics (MC-MoE)",
                             description="Solve MC-MoE's bit allocation (arXiv 2410.06270) for a stats file and "

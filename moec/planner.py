@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -35,6 +34,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
 from moec.errors import MoecError
+from moec.files import write_atomic
 
 STATS_FORMAT = "moec-stats/1"
 PLAN_FORMAT = "moec-plan/1"
@@ -554,7 +554,7 @@ def write_sweep_table(rows: Sequence[dict], path: str | os.PathLike) -> None:
         text = "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *lines])
     else:
         text = "\n".join("\t".join(cells) for cells in [header, *lines])
-    _write_atomic(Path(path), (text + "\n").encode())
+    write_atomic(Path(path), (text + "\n").encode())
 
 
 def plot_sweep(rows: Sequence[dict], path: str | os.PathLike) -> None:
@@ -581,7 +581,7 @@ def plot_sweep(rows: Sequence[dict], path: str | os.PathLike) -> None:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png")
-    _write_atomic(Path(path), buffer.getvalue())
+    write_atomic(Path(path), buffer.getvalue())
 
 
 # ---------------------------------------------------------------- plan files
@@ -695,20 +695,7 @@ def load_plan(path: str | os.PathLike, num_layers: int | None = None, num_expert
 def save_plan(plan: dict, path: str | os.PathLike) -> None:
     """Validate, then write atomically: a crash leaves either the old file or the new one, never half of one."""
     validate_plan(plan, source=str(path))
-    _write_atomic(Path(path), (json.dumps(plan, indent=1, allow_nan=False) + "\n").encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_atomic(Path(path), (json.dumps(plan, indent=1, allow_nan=False) + "\n").encode())
 
 
 # ---------------------------------------------------------------- small helpers

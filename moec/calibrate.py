@@ -1,0 +1,258 @@
+"""`moec calibrate`: measure how much each expert matters (MC-MoE's pre-loading statistics).
+
+The model is streamed layer by layer from safetensors: each decoder layer is materialized,
+the cached hidden states of every calibration sequence are run through it while its MoE block's
+inputs are recorded, the statistics are computed, and the layer is freed. Peak memory is about
+one layer plus the activations.
+
+Per sparse layer and expert it records (moec-stats/1, read by `moec plan`):
+  frequency       tokens routed to the expert by the model's own top-k
+  routing_weight  sum of the expert's routing weight over those tokens
+  quant_loss[b]   L2 norm of the MoE block's output error when that expert alone is RTN-quantized
+                  to b bits (asymmetric, blocks of group_size along the input), summed over batches
+and per layer `pruning`: the output error when each token drops its lowest-weight expert, and
+quantiles of that expert's weight relative to the token's top-1 (what dynamic pruning thresholds).
+Hessians for error-compensating quantization are not stored: the same streaming recomputes them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moec.errors import MoecError
+
+STATS_FORMAT = "moec-stats/1"
+DEFAULT_BITS = (2, 4, 8)
+BATCH_SEQUENCES = 8
+RATIO_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+DEFAULT_CORPUS = Path(__file__).parent / "data" / "calibration.txt"
+
+
+def read_text(path: str | Path | None) -> tuple[str, str]:
+    """(text, name) of the calibration file, or of the built-in corpus when path is None."""
+    path = Path(path) if path is not None else DEFAULT_CORPUS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MoecError(f"calibration data not found: {path}") from None
+    except UnicodeDecodeError:
+        raise MoecError(f"calibration data {path} is not UTF-8 text") from None
+    if "\x00" in text:
+        raise MoecError(f"calibration data {path} looks binary (it contains NUL bytes)")
+    if not text.strip():
+        raise MoecError(f"calibration data {path} is empty")
+    return text, ("builtin:" + path.name) if path == DEFAULT_CORPUS else str(path)
+
+
+def token_windows(ids: list[int], samples: int, seq_len: int) -> np.ndarray:
+    """Up to `samples` non-overlapping windows of seq_len tokens, spread evenly over the text."""
+    available = len(ids) // seq_len
+    if available == 0:
+        raise MoecError(f"calibration text has {len(ids)} tokens, fewer than one sequence "
+                        f"of --seq-len {seq_len}")
+    starts = np.linspace(0, available - 1, min(samples, available)).round().astype(int) * seq_len
+    return np.stack([np.asarray(ids[s:s + seq_len], np.int64) for s in starts])
+
+
+@dataclass
+class _LayerStats:
+    """Accumulates one sparse layer's statistics from the MoE block's inputs."""
+
+    block: object
+    bits: tuple[int, ...]
+    group_size: int
+    inputs: list = field(default_factory=list)
+
+    def record(self, module, args):
+        self.inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+
+    def compute(self) -> dict:
+        import torch
+
+        from moec.ops.moe import route
+        from moec.quant import fake_quantize
+
+        b = self.block
+        spec, experts = b.spec, b.num_experts
+        frequency = np.zeros(experts)
+        routing_weight = np.zeros(experts)
+        quant_loss = np.zeros((experts, len(self.bits)))
+        routed = []
+        for x in self.inputs:
+            logits = torch.nn.functional.linear(x, b.router_weight.float(),
+                                                None if b.router_bias is None else b.router_bias.float())
+            score_bias = None if b.score_bias is None else b.score_bias.float().numpy()
+            weights, indices = route(logits.numpy(), spec, score_bias)
+            routed.append((x, torch.from_numpy(weights), indices))
+            np.add.at(frequency, indices.ravel(), 1)
+            np.add.at(routing_weight, indices.ravel(), weights.ravel())
+
+        outputs = [torch.zeros(x.shape[0], spec.top_k, x.shape[1]) for x, _, _ in routed]
+        for e in range(experts):
+            exact = {p: getattr(b, p)[e].float() for p in ("gate", "up", "down")}
+            biases = {p: None if getattr(b, f"{p}_bias") is None else getattr(b, f"{p}_bias")[e].float()
+                      for p in ("gate", "up", "down")}
+            quantized = [{p: torch.from_numpy(fake_quantize(w.numpy(), bits, self.group_size))
+                          for p, w in exact.items()} for bits in self.bits]
+            for (x, weights, indices), out in zip(routed, outputs):
+                tokens, rank = np.nonzero(indices == e)
+                if tokens.size == 0:
+                    continue
+                xe, w = x[tokens], weights[tokens, rank][:, None]
+                y = _expert(xe, exact, biases, spec)
+                out[tokens, rank] = y
+                for j, q in enumerate(quantized):
+                    quant_loss[e, j] += torch.linalg.norm((_expert(xe, q, biases, spec) - y) * w).item()
+        pruning = self._pruning(routed, outputs)
+        self.inputs.clear()
+        return {
+            "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
+                         "quant_loss": {str(bits): float(quant_loss[e, j]) for j, bits in enumerate(self.bits)}}
+                        for e in range(experts)],
+            "pruning": pruning,
+        }
+
+    def _pruning(self, routed, outputs) -> dict:
+        """Error of dropping each token's lowest-weight expert (kept weights renormalized when the
+        architecture renormalizes), and that expert's weight relative to the token's top-1."""
+        import torch
+
+        spec = self.block.spec
+        if spec.top_k < 2:
+            return {"drop_last_loss": 0.0, "output_norm": 0.0, "ratio_quantiles": {}}
+        loss = norm = 0.0
+        ratios = []
+        for (_, weights, _), out in zip(routed, outputs):
+            full = (out * weights[..., None]).sum(1)
+            drop = weights.argmin(-1)
+            kept = weights.clone()
+            kept[torch.arange(len(drop)), drop] = 0.0
+            if spec.normalize:
+                kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+            loss += torch.linalg.norm(full - (out * kept[..., None]).sum(1)).item()
+            norm += torch.linalg.norm(full).item()
+            ratios.append((weights.min(-1).values / weights.max(-1).values).numpy())
+        ratios = np.concatenate(ratios)
+        return {"drop_last_loss": loss, "output_norm": norm,
+                "ratio_quantiles": {str(q): float(np.quantile(ratios, q)) for q in RATIO_QUANTILES}}
+
+
+def _expert(x, w, biases, spec):
+    import torch
+
+    def linear(inp, proj):
+        return torch.nn.functional.linear(inp, w[proj], biases[proj])
+
+    gate, up = linear(x, "gate"), linear(x, "up")
+    if spec.activation == "silu":
+        return linear(torch.nn.functional.silu(gate) * up, "down")
+    gate = gate.clamp(max=spec.swiglu_limit)
+    up = up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
+    return linear((up + 1) * gate * torch.sigmoid(gate * spec.swiglu_alpha), "down")
+
+
+def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples: int = 64,
+              seq_len: int = 256, bits: tuple[int, ...] = DEFAULT_BITS, group_size: int = 128,
+              progress: bool = True) -> dict:
+    """Run the model on calibration text layer by layer; return the moec-stats/1 dict."""
+    import torch
+    from tqdm import tqdm
+
+    from moec.adapters import adapter_for
+    from moec.checkpoint import open_checkpoint
+    from moec.runtime import Tokenizer
+    from moec.weights import StreamingModel
+
+    if not bits or any(not 1 <= b <= 8 for b in bits):
+        raise MoecError(f"--bits must be widths between 1 and 8, got {bits}")
+    start = time.perf_counter()
+    checkpoint = open_checkpoint(model_dir)
+    text, source = read_text(data)
+    windows = token_windows(Tokenizer(checkpoint.path).encode(text), samples, seq_len)
+    stream = StreamingModel(checkpoint)
+    model = stream.model
+    adapter = adapter_for(model.config)
+    batches = [torch.from_numpy(w) for w in np.array_split(windows, -(-len(windows) // BATCH_SEQUENCES))]
+
+    with torch.no_grad():
+        hidden, calls = _embed(stream, batches)
+        layers, expert_width = [], None
+        for i, path in enumerate(tqdm(stream.layer_paths(), desc="calibrate", unit="layer",
+                                      disable=not progress)):
+            layer = stream.load(path)
+            moe = getattr(layer, adapter.moe_attr)
+            collector = None
+            if adapter.is_sparse(moe):
+                collector = _LayerStats(adapter.block(i, moe, f"{path}.{adapter.moe_attr}"), tuple(bits),
+                                        group_size)
+                handle = moe.register_forward_pre_hook(collector.record)
+            for b, (args, kwargs) in enumerate(calls[i]):
+                out = layer(hidden[b], *args, **kwargs)
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+            if collector is not None:
+                handle.remove()
+                layers.append({"layer": i, **collector.compute()})
+                expert_width = int(collector.block.gate.shape[1])
+            stream.unload(path)
+    if not layers:
+        raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
+    config = model.config
+    block = layers[0]
+    return {
+        "format": STATS_FORMAT,
+        "model": {"name_or_path": str(checkpoint.path.resolve()), "model_type": config.model_type,
+                  "num_layers": config.num_hidden_layers, "num_experts": len(block["experts"]),
+                  "top_k": adapter.spec(block["layer"]).top_k, "hidden_size": config.hidden_size,
+                  "moe_intermediate_size": expert_width},
+        "calibration": {"data": source, "samples": int(len(windows)), "seq_len": seq_len,
+                        "tokens": int(windows.size), "bits": list(bits), "group_size": group_size,
+                        "quantizer": "rtn-asymmetric", "seconds": round(time.perf_counter() - start, 2)},
+        "layers": layers,
+    }
+
+
+def _embed(stream, batches):
+    """Embed every batch and record each decoder layer's call arguments (masks, rotary, ...) by
+    running the model body with its layers replaced by pass-through recorders."""
+    import torch
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, calls, inputs=None):
+            super().__init__()
+            self.calls, self.inputs = calls, inputs
+
+        def forward(self, hidden_states, *args, **kwargs):
+            self.calls.append((args, kwargs))
+            if self.inputs is not None:
+                self.inputs.append(hidden_states)
+            return hidden_states
+
+    body = stream.model.model
+    real_layers, real_norm = body.layers, body.norm
+    calls = [[] for _ in real_layers]
+    hidden = []
+    parts = [p for p in ("model.embed_tokens", "model.rotary_emb") if _has(stream.model, p)]
+    for part in parts:
+        stream.load(part)
+    body.layers = torch.nn.ModuleList([Recorder(calls[0], hidden)] + [Recorder(c) for c in calls[1:]])
+    body.norm = torch.nn.Identity()  # still on the meta device; its output is not needed
+    try:
+        for batch in batches:
+            body(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+    finally:
+        body.layers, body.norm = real_layers, real_norm
+    for part in parts:
+        stream.unload(part)
+    return hidden, calls
+
+
+def _has(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False

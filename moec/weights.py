@@ -1,0 +1,172 @@
+"""Materialize a transformers model one part at a time, so that a model larger than memory can be
+calibrated and compiled with about one decoder layer resident.
+
+The skeleton lives on the meta device. `load(path)` picks the checkpoint tensors that transformers'
+own conversion mapping (renames such as block_sparse_moe→mlp, per-expert → fused experts) sends
+into that part, and feeds just those to `convert_and_load_state_dict_in_model`, the routine
+`from_pretrained` uses; so every family transformers can load streams the same way, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moec.checkpoint import Checkpoint
+from moec.errors import MoecError
+
+
+class StreamingModel:
+    """A transformers model whose skeleton lives on the meta device; parts are materialized on demand."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+        config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False).eval()
+        # One mapping for the model's lifetime, as in from_pretrained: some renamings keep state across keys.
+        self._weight_mapping = get_model_conversion_mapping(self.model)
+        self._shard_of = _shard_of_tensor(checkpoint.path)
+        self._target_of = self._module_key_of_tensor()
+
+    def layer_paths(self) -> list[str]:
+        prefix = self.model.base_model_prefix
+        return [f"{prefix}.layers.{i}" for i in range(len(self.model.base_model.layers))]
+
+    def load(self, path: str) -> nn.Module:
+        """Materialize the submodule at `path` (CPU, self.dtype) from the checkpoint and return it."""
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+
+        module = self.model.get_submodule(path)
+        names = [name for name, target in self._target_of.items() if _under(target, path)]
+        load_config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.model._get_dtype_plan(self.dtype),
+                                          weight_mapping=self._weight_mapping)
+        with self._open(names) as tensors:
+            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, load_config)
+        try:
+            self._check(path, module, info)
+            self._tie(path)
+        except MoecError:
+            self.unload(path)
+            raise
+        self._init_non_persistent_buffers(module)
+        return module
+
+    def unload(self, path: str) -> None:
+        """Return the submodule at `path` to meta, freeing its tensors."""
+        module = self.model.get_submodule(path)
+        module.to("meta")
+        for submodule in module.modules():  # so a later load initializes its buffers again
+            submodule.__dict__.pop("_is_hf_initialized", None)
+
+    def _module_key_of_tensor(self) -> dict[str, str]:
+        """Checkpoint tensor name -> the model state key it loads into, renamed as from_pretrained does."""
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
+                                                     rename_source_key)
+
+        renamings = [t for t in self._weight_mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in self._weight_mapping if isinstance(t, WeightConverter)]
+        model_keys = self.model.state_dict()
+        targets = {}
+        for name in sorted(self._shard_of, key=dot_natural_key):
+            target, _ = rename_source_key(name, renamings, converters, self.model.base_model_prefix, model_keys)
+            # as in convert_and_load_state_dict_in_model: a name the model already has is not renamed away
+            targets[name] = name if target not in model_keys and name in model_keys else target
+        return targets
+
+    @contextmanager
+    def _open(self, names: list[str]):
+        """Lazy slices of `names`, keyed by checkpoint name; each needed shard is open only meanwhile."""
+        with ExitStack() as stack:
+            shards, tensors = {}, {}
+            for name in names:
+                shard = self._shard_of[name]
+                if shard not in shards:
+                    shards[shard] = stack.enter_context(_safe_open(shard))
+                tensors[name] = shards[shard].get_slice(name)
+            yield tensors
+
+    def _check(self, path: str, module: nn.Module, info) -> None:
+        """Raise MoecError for the first tensor of the part that did not load cleanly."""
+        for target, error in sorted(info.conversion_errors.items()):
+            cause = error.strip().splitlines()[-2]  # the exception's message; the last line names the op
+            raise MoecError(f"cannot build {target} from {self.checkpoint.path} (a source tensor is missing "
+                            f"or misshapen): {cause}")
+        for target, got, expected in sorted(info.mismatched_keys):
+            raise MoecError(f"{target}: checkpoint gives shape {list(got)}, model expects {list(expected)}")
+        prefix = f"{path}." if path else ""
+        needed = {prefix + key for key in module.state_dict()} - self.model.all_tied_weights_keys.keys()
+        missing = sorted(needed & info.missing_keys)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise MoecError(f"checkpoint {self.checkpoint.path} has no tensor for {missing[0]}{more}")
+
+    def _tie(self, path: str) -> None:
+        """Share each tied weight of the part with its source (e.g. lm_head <- embed_tokens)."""
+        for target, source in self.model.all_tied_weights_keys.items():
+            if not _under(target, path):
+                continue
+            source_owner = source.rpartition(".")[0]
+            if self.model.get_parameter(source).is_meta:
+                self.load(source_owner)
+                weight = self.model.get_parameter(source)
+                self.unload(source_owner)
+            else:
+                weight = self.model.get_parameter(source)
+            owner, _, name = target.rpartition(".")
+            setattr(self.model.get_submodule(owner), name, weight)
+
+    def _init_non_persistent_buffers(self, module: nn.Module) -> None:
+        """Compute buffers the checkpoint does not hold (rotary inv_freq, ...) as from_pretrained does:
+        empty on CPU, then the model's own init, which skips every tensor already loaded."""
+        from transformers import initialization
+
+        for submodule in module.modules():
+            for name, buffer in submodule.named_buffers(recurse=False):
+                if buffer.is_meta:
+                    submodule._buffers[name] = torch.empty_like(buffer, device="cpu")
+        with torch.no_grad(), initialization.guard_torch_init_functions():
+            module.apply(self.model._initialize_weights)
+
+
+def _under(key: str, path: str) -> bool:
+    return not path or key == path or key.startswith(path + ".")
+
+
+def _shard_of_tensor(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it: from the index when sharded, else the file's header."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MoecError(f"{index} is not a valid safetensors index ({e})") from None
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise MoecError(f"{index} names shard {shard}, which is not in {folder}")
+        return {name: folder / shard for name, shard in weight_map.items()}
+    single = folder / "model.safetensors"
+    with _safe_open(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _safe_open(file: Path):
+    """safe_open, with a corrupt, truncated or absent file reported by name."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise MoecError(f"cannot read {file}: {e}") from None

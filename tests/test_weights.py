@@ -1,0 +1,198 @@
+"""StreamingModel: each part loads bit-identical to from_pretrained, chains to identical logits,
+frees its memory on unload, and reports broken checkpoints as MoecError."""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import weakref
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import tiny
+from moec.checkpoint import open_checkpoint
+from moec.errors import MoecError
+from moec.weights import StreamingModel
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 250, 41, 7], [88, 12, 201, 64, 9, 9, 31]])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """saved(arch) -> the family's tiny checkpoint, saved once."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            folder = tmp_path_factory.mktemp(arch)
+            tiny.save_tiny(arch, folder)
+            cache[arch] = open_checkpoint(folder)
+        return cache[arch]
+
+    return get
+
+
+def from_pretrained(checkpoint, dtype=torch.float32):
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype).eval()
+
+
+def save(model, folder, **kwargs):
+    model.save_pretrained(folder, **kwargs)
+    return open_checkpoint(folder)
+
+
+def part_paths(streaming):
+    return ["model.embed_tokens", "model.rotary_emb", *streaming.layer_paths(), "model.norm", "lm_head"]
+
+
+def tensors(module):
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
+
+
+def assert_same_part(part, expected, path):
+    got, want = tensors(part), tensors(expected)
+    assert got.keys() == want.keys(), path
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), f"{path}.{name}"
+
+
+def assert_on_meta(module):
+    assert all(t.is_meta for t in tensors(module).values())
+
+
+def parameter_bytes(module, resident_only=True):
+    return sum(p.numel() * p.element_size() for p in module.parameters() if not (resident_only and p.is_meta))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
+def test_every_part_equals_from_pretrained_and_unloads_to_meta(saved, arch, dtype):
+    checkpoint = saved(arch)
+    reference = from_pretrained(checkpoint, dtype)
+    streaming = StreamingModel(checkpoint, dtype)
+    assert not streaming.model.training
+    assert_on_meta(streaming.model)
+    for path in part_paths(streaming):
+        assert_same_part(streaming.load(path), reference.get_submodule(path), path)
+        streaming.unload(path)
+        assert_on_meta(streaming.model.get_submodule(path))
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
+def test_part_by_part_forward_gives_identical_logits(saved, arch):
+    """Layers run with the kwargs (mask, positions) the full model passes them, captured by hooks."""
+    checkpoint = saved(arch)
+    reference = from_pretrained(checkpoint)
+    layer_calls, logits = [], []
+    hooks = [layer.register_forward_pre_hook(lambda _, args, kwargs: layer_calls.append((args, kwargs)),
+                                             with_kwargs=True) for layer in reference.model.layers]
+    hooks.append(reference.lm_head.register_forward_hook(lambda _, args, out: logits.append(out)))
+    with torch.no_grad():
+        reference(input_ids=PROMPT, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+
+    streaming = StreamingModel(checkpoint)
+    with torch.no_grad():
+        embedded = streaming.load("model.embed_tokens")(PROMPT)
+        streaming.unload("model.embed_tokens")
+        assert torch.equal(embedded, reference.model.embed_tokens(PROMPT))
+        hidden = layer_calls[0][0][0]  # some families scale the embedding before layer 0
+        position_embeddings = streaming.load("model.rotary_emb")(hidden, layer_calls[0][1]["position_ids"])
+        for got, want in zip(position_embeddings, layer_calls[0][1]["position_embeddings"]):
+            assert torch.equal(got, want)
+        for path, (_, kwargs) in zip(streaming.layer_paths(), layer_calls):
+            hidden = streaming.load(path)(hidden, **{**kwargs, "position_embeddings": position_embeddings})
+            streaming.unload(path)
+        hidden = streaming.load("model.norm")(hidden)
+        assert torch.equal(streaming.load("lm_head")(hidden), logits[0])
+
+
+def test_sharded_checkpoint(saved, tmp_path):
+    reference = from_pretrained(saved("mixtral"))
+    sharded = save(reference, tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(sharded.weight_files) > 2
+    streaming = StreamingModel(sharded)
+    for path in part_paths(streaming):
+        assert_same_part(streaming.load(path), reference.get_submodule(path), path)
+
+
+def test_tied_embeddings(tmp_path):
+    config = tiny.configs()["mixtral"]
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    checkpoint = save(transformers.AutoModelForCausalLM.from_config(config), tmp_path)
+    reference = from_pretrained(checkpoint)
+    streaming = StreamingModel(checkpoint)
+    assert_same_part(streaming.load("lm_head"), reference.lm_head, "lm_head")
+    assert_on_meta(streaming.model.model.embed_tokens)  # borrowed for the tie, then given back
+    assert_same_part(streaming.load("model.embed_tokens"), reference.model.embed_tokens, "model.embed_tokens")
+    streaming.unload("lm_head")
+    assert not streaming.model.model.embed_tokens.weight.is_meta
+
+
+def test_memory_stays_at_about_one_layer(tmp_path):
+    config = transformers.MixtralConfig(**{**tiny.COMMON, "hidden_size": 256}, intermediate_size=512,
+                                        num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2)
+    checkpoint = save(transformers.AutoModelForCausalLM.from_config(config), tmp_path)
+    streaming = StreamingModel(checkpoint)
+    layer_bytes = parameter_bytes(streaming.model.model.layers[0], resident_only=False)
+    assert layer_bytes > 4e6 and parameter_bytes(streaming.model) == 0
+
+    first = [weakref.ref(p) for p in streaming.load("model.layers.0").parameters()]
+    assert parameter_bytes(streaming.model) == layer_bytes
+    streaming.unload("model.layers.0")
+    gc.collect()
+    assert all(ref() is None for ref in first), "an unloaded layer's tensors must be freed"
+    streaming.load("model.layers.1")
+    assert parameter_bytes(streaming.model) == layer_bytes
+
+
+def rewrite(file, edit):
+    """Rewrite one safetensors file after `edit(tensors)` changes its tensors in place."""
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.self_attn.q_proj.weight"),
+     "has no tensor for model.layers.1.self_attn.q_proj.weight"),
+    (lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"),
+     "cannot build model.layers.1.mlp.experts.gate_up_proj"),
+    (lambda t: t.update({"model.layers.1.self_attn.o_proj.weight": torch.zeros(64, 32)}),
+     "model.layers.1.self_attn.o_proj.weight: checkpoint gives shape [64, 32], model expects [64, 64]"),
+], ids=["missing", "missing-expert", "wrong-shape"])
+def test_broken_tensor_is_a_moec_error(saved, tmp_path, edit, message):
+    checkpoint = save(from_pretrained(saved("mixtral")), tmp_path)
+    rewrite(tmp_path / "model.safetensors", edit)
+    streaming = StreamingModel(checkpoint)
+    streaming.load("model.layers.0")  # other parts are unaffected
+    with pytest.raises(MoecError, match=re.escape(message)):
+        streaming.load("model.layers.1")
+    assert_on_meta(streaming.model.model.layers[1])
+
+
+def test_index_naming_an_absent_shard_is_a_moec_error(saved, tmp_path):
+    checkpoint = save(from_pretrained(saved("mixtral")), tmp_path, max_shard_size="200KB")
+    shard = checkpoint.weight_files[-1]
+    shard.unlink()
+    with pytest.raises(MoecError, match=f"names shard {shard.name}, which is not in"):
+        StreamingModel(checkpoint)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+def test_truncated_shard_is_a_moec_error(saved, tmp_path, sharded):
+    sharding = {"max_shard_size": "200KB"} if sharded else {}
+    checkpoint = save(from_pretrained(saved("mixtral")), tmp_path, **sharding)
+    victim = checkpoint.weight_files[0]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(MoecError, match=f"cannot read .*{victim.name}"):
+        streaming = StreamingModel(checkpoint)
+        for path in part_paths(streaming):
+            streaming.load(path)
