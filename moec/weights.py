@@ -70,6 +70,7 @@ class StreamingModel:
         module.to("meta")
         for submodule in module.modules():  # so a later load initializes its buffers again
             submodule.__dict__.pop("_is_hf_initialized", None)
+        _return_freed_memory()
 
     def _module_key_of_tensor(self) -> dict[str, str]:
         """Checkpoint tensor name -> the model state key it loads into, renamed as from_pretrained does."""
@@ -170,3 +171,16 @@ def _safe_open(file: Path):
         return safe_open(file, framework="pt")
     except (SafetensorError, OSError) as e:
         raise MoecError(f"cannot read {file}: {e}") from None
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so that streaming a
+    model layer by layer really keeps resident memory at about one layer."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
