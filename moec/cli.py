@@ -17,15 +17,17 @@ from moec.errors import MoecError
 def _compile(args) -> None:
     from moec.pipeline import compile as compile_model
 
-    record = compile_model(args.model_dir, args.out, force=args.force, target=args.target,
+    record = compile_model(args.model_dir, args.out, plan=args.plan, force=args.force, target=args.target,
                            progress=not args.quiet)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
         size = record["bytes"]["total"] / 2**20
-        diff = record["verification"]["max_abs_logit_diff"]
-        print(f"wrote {args.out}: {size:.1f} MiB, {len(record['moe_layers'])} MoE layers, "
-              f"max logit diff vs transformers {diff:.2e}")
+        check = record["verification"]
+        quantization = record["quantization"]
+        bits = f", {quantization['avg_expert_bits']:.2f} avg expert bits" if quantization else ""
+        print(f"wrote {args.out}: {size:.2f} MiB, {len(record['moe_layers'])} MoE layers{bits}, "
+              f"max logit diff vs {check['against']} {check['max_abs_logit_diff']:.2e}")
 
 
 def _run(args) -> None:
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "weights) to ONNX and write an artifact folder for onnxruntime.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
+    p.add_argument("--plan", metavar="plan.json", help="quantize to this plan's bit widths (moec plan)")
     p.add_argument("--target", default="cpu", help="execution target (default: cpu)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -19,10 +19,12 @@ import numpy as np
 import moec
 from moec.checkpoint import open_checkpoint
 from moec.errors import MoecError
-from moec.runtime import MODEL_FILE, RECORD_FILE, Artifact
+from moec.quant import QuantizedWeight
+from moec.runtime import MODEL_FILE, RECORD_FILE
 
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
-VERIFY_TOLERANCE = 1e-3  # max |logit difference| a float artifact may show against transformers
+VERIFY_TOLERANCE = 1e-3  # max |logit difference| against the reference, exact arithmetic
+QUANTIZED_TOLERANCE = 0.05  # with int8 activations (accuracy_level 4): fraction of the logit range
 
 
 @contextmanager
@@ -74,9 +76,13 @@ def verification_input(vocab_size: int, tokens: int = 8) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab_size, (1, tokens), dtype=np.int64)
 
 
-def compile(model_dir: str | Path, out: str | Path, *, force: bool = False, target: str = "cpu",
-            progress: bool = True) -> dict:
-    """Compile a Hugging Face MoE checkpoint folder into an ONNX artifact folder; returns moec.json."""
+def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None = None, force: bool = False,
+            target: str = "cpu", progress: bool = True) -> dict:
+    """Compile a Hugging Face MoE checkpoint folder into an ONNX artifact folder; returns moec.json.
+
+    With `plan` (a moec-plan/1 file) weights are quantized to the plan's widths and the artifact is
+    verified against a PyTorch model carrying the same dequantized weights.
+    """
     import onnx
     import onnx_ir as ir
     import torch
@@ -84,31 +90,41 @@ def compile(model_dir: str | Path, out: str | Path, *, force: bool = False, targ
     from moec import trace
     from moec.adapters import adapter_for
     from moec.checkpoint import load_model
+    from moec.planner import load_plan
     from moec.targets import get_target
 
     checkpoint = open_checkpoint(model_dir)
     target_module = get_target(target)
+    plan_data = load_plan(plan) if plan is not None else None
     out = Path(out)
     stage_names = ["load", "reference", "trace", "lower", "save", "check", "verify"]
     with staging_folder(out, force) as staging, _Stages(stage_names, progress) as stages:
         with stages.stage("load"):
             model = load_model(checkpoint)
             adapter = adapter_for(model.config)
-        with stages.stage("reference"), torch.no_grad():
-            probe = verification_input(model.config.vocab_size)
-            reference = model(torch.from_numpy(probe)).logits.float().numpy()
         with stages.stage("trace"):
             blocks = trace.swap_moe_blocks(model, adapter)
             if not blocks:
                 raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
+            if plan_data is not None:
+                check_plan_fits(plan_data, blocks, model.config.num_hidden_layers)
             graph = trace.trace(model)
         with stages.stage("lower"):
-            for p in target_module.passes():
+            quantized: dict[str, QuantizedWeight] = {}
+            quantize = None if plan_data is None else plan_quantizer(plan_data, quantized)
+            for p in target_module.passes(quantize):
                 p(graph)
             graph.metadata_props.update({"moec.version": moec.__version__,
                                          "moec.source_model": str(checkpoint.path),
                                          "moec.model_type": checkpoint.model_type,
                                          "moec.target": target})
+        with stages.stage("reference"), torch.no_grad():
+            set_dequantized_weights(model, blocks, quantized)
+            probe = verification_input(model.config.vocab_size)
+            reference = trace.KVCacheModel(model)(torch.from_numpy(probe), torch.ones_like(torch.from_numpy(probe)),
+                                                  torch.arange(probe.shape[1])[None],
+                                                  *[torch.zeros(s) for s in trace.kv_shapes(model, 1, 0)])
+            reference = [t.float().numpy() for t in reference]
         with stages.stage("save"):
             ir.save(graph, staging / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
             shutil.copy2(checkpoint.path / "config.json", staging / "config.json")
@@ -116,25 +132,122 @@ def compile(model_dir: str | Path, out: str | Path, *, force: bool = False, targ
                 shutil.copy2(f, staging / f.name)
         with stages.stage("check"):
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
-        record = build_record(checkpoint, blocks, graph, staging, target, model.config)
+        record = build_record(checkpoint, blocks, graph, staging, target, model.config, plan_data, quantized)
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
         with stages.stage("verify"):
-            artifact = Artifact(staging, providers=list(target_module.PROVIDERS))
-            mask = np.ones_like(probe)
-            logits, _ = artifact.forward(probe, mask, np.arange(probe.shape[1])[None],
-                                         artifact.empty_cache(1))
-            diff = float(np.abs(logits - reference).max())
-            record["verification"] = {"max_abs_logit_diff": diff, "tolerance": VERIFY_TOLERANCE,
-                                      "tokens": int(probe.size), "against": "transformers fp32"}
-            if not diff <= VERIFY_TOLERANCE:
-                raise MoecError(f"verification failed: artifact logits differ from transformers by "
-                                f"{diff:.3g} (tolerance {VERIFY_TOLERANCE})")
+            record["verification"] = verify(staging, list(target_module.PROVIDERS), probe, reference,
+                                            quantized=bool(quantized))
         record["seconds"] = stages.seconds
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
     return record
 
 
-def build_record(checkpoint, blocks, graph, folder: Path, target: str, config) -> dict:
+def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:
+    """The plan must have one row per layer: experts' widths for sparse layers, null for dense ones."""
+    rows = plan["experts"]["bits"]
+    if len(rows) != num_layers:
+        raise MoecError(f"plan.json: experts.bits has {len(rows)} layers, the model has {num_layers}")
+    sparse = {b.spec.layer: b.num_experts for b in blocks}
+    for layer, row in enumerate(rows):
+        if layer in sparse and (row is None or len(row) != sparse[layer]):
+            raise MoecError(f"plan.json: experts.bits[{layer}] must list {sparse[layer]} widths "
+                            f"(layer {layer} is a MoE layer), got {row!r}")
+        if layer not in sparse and row is not None:
+            raise MoecError(f"plan.json: experts.bits[{layer}] must be null (layer {layer} has no experts)")
+
+
+def plan_quantizer(plan: dict, quantized: dict):
+    """The MatMulNBits pass's callback: RTN at the plan's width for each weight; records each one."""
+    from moec.policy import weight_bits
+    from moec.quant import rtn
+
+    group_size = plan["quantization"]["group_size"]
+
+    def quantize(name: str, weight: np.ndarray):
+        bits = weight_bits(plan, name)
+        if bits is None:
+            return None
+        quantized[name] = rtn(weight, bits, group_size)
+        return quantized[name]
+
+    return quantize
+
+
+def set_dequantized_weights(model, blocks, quantized: dict) -> None:
+    """Give the (swapped) torch model the weights the artifact computes with."""
+    import re
+
+    import torch
+
+    from moec.ops.moe import EXPERT_WEIGHT_PATTERN
+
+    moe_modules = {b.spec.layer: model.get_submodule(b.path) for b in blocks}
+    for name, q in quantized.items():
+        weight = torch.from_numpy(q.dequantize())
+        expert = re.fullmatch(EXPERT_WEIGHT_PATTERN, name)
+        if expert:
+            getattr(moe_modules[int(expert["layer"])], expert["proj"])[int(expert["expert"])] = weight
+        else:
+            target = model.get_submodule(name.removesuffix(".weight")).weight
+            target.data.copy_(weight.reshape(target.shape))
+
+
+def _session(model_or_path, providers):
+    import onnxruntime as ort
+
+    source = str(model_or_path) if isinstance(model_or_path, Path) else model_or_path
+    return ort.InferenceSession(source, providers=providers)
+
+
+def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: list[np.ndarray],
+           quantized: bool) -> dict:
+    """Run the artifact on `probe` and compare logits (and each layer's KV cache) with the reference.
+
+    Float artifacts must match within VERIFY_TOLERANCE. Quantized ones are checked twice: with
+    MatMulNBits in exact arithmetic (accuracy_level 0, same tolerance: this catches packing and
+    kernel bugs), and as shipped (int8 activations), within QUANTIZED_TOLERANCE of the logit range.
+    """
+    import onnx
+
+    feeds = None
+    results = {}
+    variants = [("shipped", folder / MODEL_FILE)]
+    if quantized:
+        exact = onnx.load(str(folder / MODEL_FILE))
+        for node in exact.graph.node:
+            if node.op_type == "MatMulNBits":
+                for attr in node.attribute:
+                    if attr.name == "accuracy_level":
+                        attr.i = 0
+        variants.insert(0, ("exact_kernels", exact.SerializeToString()))
+    scale = float(np.abs(reference[0]).max())
+    for name, model in variants:
+        session = _session(model, providers)
+        if feeds is None:
+            inputs = {i.name: i for i in session.get_inputs()}
+            feeds = {"input_ids": probe, "attention_mask": np.ones_like(probe),
+                     "position_ids": np.arange(probe.shape[1])[None]}
+            feeds |= {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for n, i in inputs.items()
+                      if n.startswith("past_key_values.")}
+        outputs = session.run(None, feeds)
+        diff = float(np.abs(outputs[0] - reference[0]).max())
+        tolerance = VERIFY_TOLERANCE if name == "exact_kernels" or not quantized else QUANTIZED_TOLERANCE * scale
+        results[name] = {"max_abs_logit_diff": diff, "tolerance": tolerance}
+        if not diff <= tolerance:
+            layer = next((i // 2 for i, (got, want) in enumerate(zip(outputs[1:], reference[1:]))
+                          if not np.abs(got - want).max() <= tolerance), None)
+            where = (f"; the KV cache first differs at layer {layer}" if layer is not None
+                     else "; every layer's KV cache matches, so the error is in the last layer's MLP or the head")
+            raise MoecError(f"verification failed ({name}): artifact logits differ from the reference by "
+                            f"{diff:.3g} (tolerance {tolerance:.3g}){where}")
+    against = "PyTorch with the same dequantized weights" if quantized else "transformers fp32"
+    return {"max_abs_logit_diff": results["shipped"]["max_abs_logit_diff"],
+            "tolerance": results["shipped"]["tolerance"], "tokens": int(probe.size), "against": against,
+            **({"exact_kernels": results["exact_kernels"]} if quantized else {})}
+
+
+def build_record(checkpoint, blocks, graph, folder: Path, target: str, config, plan: dict | None,
+                 quantized: dict) -> dict:
     """moec.json: what was built from what, and how big it is."""
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     expert_params = sum(int(b.gate.numel() + b.up.numel() + b.down.numel()) for b in blocks)
@@ -151,11 +264,55 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, config) -
              "shared_expert": b.shared is not None}
             for b in blocks
         ],
-        "parameters": {"experts": expert_params,
-                       "total": int(sum(t.const_value.size for t in graph.graph.initializers.values()
-                                        if t.const_value is not None))},
+        "parameters": {"experts": expert_params},
+        "quantization": None if plan is None else quantization_record(plan, blocks, quantized),
         "bytes": {"model.onnx": files.get(MODEL_FILE, 0),
                   "external_data": files.get(EXTERNAL_DATA_FILE, 0),
                   "total": files.get(MODEL_FILE, 0) + files.get(EXTERNAL_DATA_FILE, 0)},
         "files": sorted(files),
     }
+
+
+def quantization_record(plan: dict, blocks, quantized: dict) -> dict:
+    """Per expert: width, the container MatMulNBits stores it in, and bytes; totals and averages."""
+    from moec.ops.moe import PROJECTIONS, expert_weight_name
+    from moec.passes.matmul_nbits import CONTAINER_BITS
+
+    def stored_bits(bits):
+        return CONTAINER_BITS.get(bits, bits)
+
+    experts, expert_bytes, weighted_bits = [], 0, 0.0
+    for b in blocks:
+        row = []
+        for e in range(b.num_experts):
+            parts = [quantized.get(expert_weight_name(b.spec.layer, e, p)) for p in PROJECTIONS]
+            if all(q is None for q in parts):
+                nbytes = 4 * sum(int(getattr(b, p)[e].numel()) for p in PROJECTIONS)
+                row.append({"bits": 16, "stored_bits": 32, "bytes": nbytes, "quantizer": None})
+            else:
+                q = parts[0]
+                nbytes = sum(_stored_bytes(p, stored_bits(p.bits)) for p in parts)
+                row.append({"bits": q.bits, "stored_bits": stored_bits(q.bits), "bytes": nbytes,
+                            "quantizer": q.method})
+            expert_bytes += row[-1]["bytes"]
+            weighted_bits += row[-1]["bits"] * sum(int(getattr(b, p)[e].numel()) for p in PROJECTIONS)
+        experts.append({"layer": b.spec.layer, "experts": row})
+    non_expert = {name: {"bits": q.bits, "stored_bits": stored_bits(q.bits), "bytes": _stored_bytes(q, stored_bits(q.bits))}
+                  for name, q in quantized.items() if ".experts." not in name}
+    params = sum(int(getattr(b, p).numel()) for b in blocks for p in PROJECTIONS)
+    repacked = sorted({q.bits for q in quantized.values() if stored_bits(q.bits) != q.bits})
+    return {
+        "method": plan["quantization"]["method"], "group_size": plan["quantization"]["group_size"],
+        "kernel": "com.microsoft.MatMulNBits",
+        "widths_in_larger_containers": {str(b): stored_bits(b) for b in repacked},
+        "expert_bytes": expert_bytes, "avg_expert_bits": weighted_bits / params,
+        "predicted_expert_bytes": (plan.get("objective") or {}).get("predicted_expert_bytes"),
+        "experts": experts, "non_expert": non_expert,
+    }
+
+
+def _stored_bytes(q: QuantizedWeight, bits: int) -> int:
+    """Bytes of MatMulNBits' packed codes, fp32 scales and packed zero points."""
+    n, _ = q.codes.shape
+    blocks = q.scales.shape[1]
+    return n * blocks * (q.group_size * bits // 8 + 4) + n * -(-blocks * bits // 8)

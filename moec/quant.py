@@ -7,7 +7,28 @@ widened to include zero, as GPTQ and MC-MoE do, so zero stays exactly representa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight [N, K] as integer codes with per-block scales and zero points along K."""
+
+    codes: np.ndarray   # uint8 [N, K]
+    scales: np.ndarray  # float32 [N, blocks]
+    zeros: np.ndarray   # uint8 [N, blocks]
+    bits: int
+    group_size: int
+    method: str = "rtn"
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.codes, self.scales, self.zeros, self.group_size)
+
+
+def rtn(weight: np.ndarray, bits: int, group_size: int = 128) -> QuantizedWeight:
+    return QuantizedWeight(*quantize_rtn(weight, bits, group_size), bits=bits, group_size=group_size)
 
 
 def quantize_rtn(weight: np.ndarray, bits: int, group_size: int = 128):
@@ -39,3 +60,30 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_siz
 def fake_quantize(weight: np.ndarray, bits: int, group_size: int = 128) -> np.ndarray:
     """The weight as the quantized artifact will compute with it."""
     return dequantize(*quantize_rtn(weight, bits, group_size), group_size=group_size)
+
+
+def pack_matmul_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int,
+                      block_size: int):
+    """onnxruntime MatMulNBits inputs (B, scales, zero_points) for codes [N, K] of `bits` bits.
+
+    B is [N, blocks, block_size * bits / 8]: element k = block * block_size + j * (8 / bits) + i
+    sits at bit i * bits of byte j, least significant first; zero points are packed the same way
+    along the blocks, each row padded to a whole byte.
+    """
+    if bits not in (2, 4, 8):
+        raise ValueError(f"MatMulNBits packs 2, 4 or 8 bits, not {bits}")
+    n, k = codes.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((n, blocks * block_size), np.uint8)
+    padded[:, :k] = codes
+    return _pack_rows(padded, bits).reshape(n, blocks, -1), scales.astype(np.float32), _pack_rows(zeros, bits)
+
+
+def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    per_byte = 8 // bits
+    rows, width = values.shape
+    padded = np.zeros((rows, -(-width // per_byte) * per_byte), np.uint8)
+    padded[:, :width] = values
+    grouped = padded.reshape(rows, -1, per_byte).astype(np.uint16)
+    shifts = (np.arange(per_byte) * bits).astype(np.uint16)
+    return (grouped << shifts).sum(-1).astype(np.uint8)

@@ -17,6 +17,7 @@ from torch import nn
 
 from moec.adapters import Adapter, MoEBlock
 from moec.ops import moe as moe_op
+from moec.passes.name_weights import NameWeightsPass
 
 
 @torch.library.custom_op("moec::moe", mutates_args=())
@@ -155,6 +156,7 @@ def trace(model: nn.Module, opset: int = 21) -> ir.Model:
         )
     model = program.model
     name_dynamic_axes(model)
+    NameWeightsPass(strip_prefix="model.")(model)  # KVCacheModel's attribute
     return model
 
 

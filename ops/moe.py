@@ -31,6 +31,13 @@ INPUT_NAMES = (
 )
 OPTIONAL_INPUTS = frozenset(INPUT_NAMES[5:])
 SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+PROJECTIONS = ("gate", "up", "down")
+EXPERT_WEIGHT_PATTERN = r"layers\.(?P<layer>\d+)\.experts\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj"
+
+
+def expert_weight_name(layer: int, expert: int, proj: str) -> str:
+    """How a lowered graph names one routed expert's projection weight."""
+    return f"layers.{layer}.experts.{expert}.{proj}_proj"
 ACTIVATIONS = ("silu", "clamped_swiglu")
 
 

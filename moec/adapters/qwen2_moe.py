@@ -12,14 +12,15 @@ from .base import Adapter
 
 
 class GatedSharedExpert(nn.Module):
-    """sigmoid(shared_expert_gate(x)) * shared_expert(x), as Qwen2-MoE adds it."""
+    """sigmoid(shared_expert_gate(x)) * shared_expert(x), as Qwen2-MoE adds it (its one-output
+    gate is a router, kept in float)."""
 
-    def __init__(self, expert: nn.Module, gate: nn.Module):
+    def __init__(self, expert: nn.Module, router: nn.Module):
         super().__init__()
-        self.expert, self.gate = expert, gate
+        self.expert, self.router = expert, router
 
     def forward(self, x):
-        return torch.sigmoid(self.gate(x)) * self.expert(x)
+        return torch.sigmoid(self.router(x)) * self.expert(x)
 
 
 class Qwen2MoeAdapter(Adapter):

@@ -1,0 +1,43 @@
+"""Which weight gets which width: the plan, plus this one function that reads it.
+
+Weights are known by name: routed experts as `layers.{l}.experts.{e}.{gate,up,down}_proj` (the
+MoE lowering's names), everything else by torch module path (passes/name_weights.py).
+Routers and anything not listed stay in float.
+"""
+
+from __future__ import annotations
+
+import re
+
+from moec.ops.moe import EXPERT_WEIGHT_PATTERN
+
+UNQUANTIZED = 16
+
+
+def weight_category(name: str) -> str | None:
+    """The plan's non-expert category of a weight name, or None for weights kept in float."""
+    if "router" in name:
+        return None
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if "embed_tokens" in name:
+        return "embedding"
+    if ".self_attn." in name:
+        return "attention"
+    if ".shared." in name:
+        return "shared_expert"
+    if name.startswith("model.layers."):
+        return "dense_mlp"
+    return None
+
+
+def weight_bits(plan: dict, name: str) -> int | None:
+    """The width the plan gives weight `name`; None keeps it in float."""
+    expert = re.fullmatch(EXPERT_WEIGHT_PATTERN, name)
+    if expert:
+        row = plan["experts"]["bits"][int(expert["layer"])]
+        bits = None if row is None else row[int(expert["expert"])]
+    else:
+        category = weight_category(name)
+        bits = None if category is None else plan["non_expert"].get(category)
+    return None if bits is None or bits >= UNQUANTIZED else int(bits)
