@@ -103,6 +103,17 @@ def _plan(args) -> None:
           + (f", experts {size / 1e9:.3f} GB" if size is not None else ""))
 
 
+def _eval(args) -> None:
+    from moec.evaluate import evaluate
+
+    result = evaluate(args.path, args.data, samples=args.samples, seq_len=args.seq_len, threads=args.threads)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+              f"({result['runtime']}, {result['data']})")
+
+
 def _inspect(args) -> None:
     from moec.inspect import describe, summary
 
@@ -180,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="with --sweep: also plot the front (needs matplotlib)")
     p.add_argument("--out", required=True, metavar="FILE", help="plan.json to write (or the table, with --sweep)")
     p.set_defaults(func=_plan)
+
+    p = commands.add_parser("eval", help="perplexity of an artifact or of the source model on text",
+                            description="Perplexity on the same token windows of FILE.txt, through onnxruntime "
+                                        "for an artifact folder or PyTorch for a model folder.")
+    p.add_argument("path", metavar="DIR", help="artifact folder, or Hugging Face model folder")
+    p.add_argument("--data", required=True, metavar="FILE.txt", help="UTF-8 evaluation text")
+    p.add_argument("--samples", type=_positive_int, default=32, metavar="N", help="windows (default 32)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, metavar="L", help="tokens per window (default 256)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, ...)")
+    p.set_defaults(func=_eval)
 
     p = commands.add_parser("inspect", help="summarise an artifact",
                             description="Architecture, layers, experts and sizes of an artifact.")

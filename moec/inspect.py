@@ -32,6 +32,9 @@ def describe(path: str | Path) -> dict:
         "nodes": sum(ops.values()),
         "op_types": dict(ops.most_common()),
         "verification": record.get("verification"),
+        "quantization": None if not record.get("quantization") else
+        {k: v for k, v in record["quantization"].items() if k not in ("experts", "non_expert")} |
+        {"bits": [[e["bits"] for e in layer["experts"]] for layer in record["quantization"]["experts"]]},
     }
 
 
@@ -52,6 +55,12 @@ def summary(info: dict) -> str:
         f"graph        {info['nodes']} nodes; "
         + ", ".join(f"{op} {n}" for op, n in list(info["op_types"].items())[:6]),
     ]
+    quantization = info["quantization"]
+    if quantization:
+        lines.append(f"quantized    {quantization['method']} group {quantization['group_size']}, "
+                     f"{quantization['avg_expert_bits']:.2f} avg expert bits, experts {mib(quantization['expert_bytes'])}")
+        lines += [f"  layer {layer:<3} bits {' '.join(f'{b:>2}' for b in row)}"
+                  for layer, row in zip(info["moe_layers"], quantization["bits"])]
     if verification:
         lines.append(f"verified     max |logit diff| {verification['max_abs_logit_diff']:.2e} "
                      f"vs {verification['against']} (tolerance {verification['tolerance']:g})")

@@ -23,8 +23,7 @@ from moec.quant import QuantizedWeight
 from moec.runtime import MODEL_FILE, RECORD_FILE
 
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
-VERIFY_TOLERANCE = 1e-3  # max |logit difference| against the reference, exact arithmetic
-QUANTIZED_TOLERANCE = 0.05  # with int8 activations (accuracy_level 4): fraction of the logit range
+VERIFY_TOLERANCE = 1e-3  # max |logit difference| against the reference, in exact arithmetic
 
 
 @contextmanager
@@ -132,7 +131,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                 shutil.copy2(f, staging / f.name)
         with stages.stage("check"):
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
-        record = build_record(checkpoint, blocks, graph, staging, target, model.config, plan_data, quantized)
+        record = build_record(checkpoint, blocks, graph, staging, target, model, plan_data, quantized)
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
         with stages.stage("verify"):
             record["verification"] = verify(staging, list(target_module.PROVIDERS), probe, reference,
@@ -192,65 +191,63 @@ def set_dequantized_weights(model, blocks, quantized: dict) -> None:
             target.data.copy_(weight.reshape(target.shape))
 
 
-def _session(model_or_path, providers):
-    import onnxruntime as ort
-
-    source = str(model_or_path) if isinstance(model_or_path, Path) else model_or_path
-    return ort.InferenceSession(source, providers=providers)
-
-
 def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: list[np.ndarray],
            quantized: bool) -> dict:
-    """Run the artifact on `probe` and compare logits (and each layer's KV cache) with the reference.
+    """Run the artifact on `probe`; compare logits (and each layer's KV cache) with the reference.
 
-    Float artifacts must match within VERIFY_TOLERANCE. Quantized ones are checked twice: with
-    MatMulNBits in exact arithmetic (accuracy_level 0, same tolerance: this catches packing and
-    kernel bugs), and as shipped (int8 activations), within QUANTIZED_TOLERANCE of the logit range.
+    The check that fails the build runs every MatMulNBits in exact arithmetic (accuracy_level 0),
+    so any packing, graph or kernel error shows up against VERIFY_TOLERANCE and is located by the
+    first layer whose KV cache differs. The artifact as shipped (int8 activations per block) is
+    measured too and recorded, not enforced: its rounding can flip a near-tied routing decision,
+    which moves logits by more than any fixed tolerance without anything being wrong.
     """
     import onnx
 
-    feeds = None
-    results = {}
-    variants = [("shipped", folder / MODEL_FILE)]
+    exact = onnx.load(str(folder / MODEL_FILE))
+    for node in exact.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 0
+    outputs = _run(exact.SerializeToString() if quantized else folder / MODEL_FILE, providers, probe)
+    diff = float(np.abs(outputs[0] - reference[0]).max())
+    if not diff <= VERIFY_TOLERANCE:
+        layer = next((i // 2 for i, (got, want) in enumerate(zip(outputs[1:], reference[1:]))
+                      if not np.abs(got - want).max() <= VERIFY_TOLERANCE), None)
+        if layer is None:
+            where = "; every KV cache matches, so the error is in the last layer's MLP/MoE or the head"
+        elif layer == 0:
+            where = "; the KV cache of layer 0 differs: the error is in layer 0's attention projections"
+        else:
+            where = (f"; the KV cache first differs at layer {layer}: the error is in layer {layer - 1}'s "
+                     f"MLP/MoE or layer {layer}'s attention projections")
+        raise MoecError(f"verification failed: artifact logits differ from the reference by {diff:.3g} "
+                        f"(tolerance {VERIFY_TOLERANCE}){where}")
+    result = {"max_abs_logit_diff": diff, "tolerance": VERIFY_TOLERANCE, "tokens": int(probe.size),
+              "against": "PyTorch with the same dequantized weights" if quantized else "transformers fp32"}
     if quantized:
-        exact = onnx.load(str(folder / MODEL_FILE))
-        for node in exact.graph.node:
-            if node.op_type == "MatMulNBits":
-                for attr in node.attribute:
-                    if attr.name == "accuracy_level":
-                        attr.i = 0
-        variants.insert(0, ("exact_kernels", exact.SerializeToString()))
-    scale = float(np.abs(reference[0]).max())
-    for name, model in variants:
-        session = _session(model, providers)
-        if feeds is None:
-            inputs = {i.name: i for i in session.get_inputs()}
-            feeds = {"input_ids": probe, "attention_mask": np.ones_like(probe),
-                     "position_ids": np.arange(probe.shape[1])[None]}
-            feeds |= {n: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for n, i in inputs.items()
-                      if n.startswith("past_key_values.")}
-        outputs = session.run(None, feeds)
-        diff = float(np.abs(outputs[0] - reference[0]).max())
-        tolerance = VERIFY_TOLERANCE if name == "exact_kernels" or not quantized else QUANTIZED_TOLERANCE * scale
-        results[name] = {"max_abs_logit_diff": diff, "tolerance": tolerance}
-        if not diff <= tolerance:
-            layer = next((i // 2 for i, (got, want) in enumerate(zip(outputs[1:], reference[1:]))
-                          if not np.abs(got - want).max() <= tolerance), None)
-            where = (f"; the KV cache first differs at layer {layer}" if layer is not None
-                     else "; every layer's KV cache matches, so the error is in the last layer's MLP or the head")
-            raise MoecError(f"verification failed ({name}): artifact logits differ from the reference by "
-                            f"{diff:.3g} (tolerance {tolerance:.3g}){where}")
-    against = "PyTorch with the same dequantized weights" if quantized else "transformers fp32"
-    return {"max_abs_logit_diff": results["shipped"]["max_abs_logit_diff"],
-            "tolerance": results["shipped"]["tolerance"], "tokens": int(probe.size), "against": against,
-            **({"exact_kernels": results["exact_kernels"]} if quantized else {})}
+        shipped = float(np.abs(_run(folder / MODEL_FILE, providers, probe)[0] - reference[0]).max())
+        result["shipped_kernels"] = {"max_abs_logit_diff": shipped,
+                                     "relative_to_logit_range": shipped / float(np.ptp(reference[0]))}
+    return result
 
 
-def build_record(checkpoint, blocks, graph, folder: Path, target: str, config, plan: dict | None,
+def _run(model, providers: list[str], probe: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, providers=providers)
+    feeds = {"input_ids": probe, "attention_mask": np.ones_like(probe), "position_ids": np.arange(probe.shape[1])[None]}
+    feeds |= {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()
+              if i.name.startswith("past_key_values.")}
+    return session.run(None, feeds)
+
+
+def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, plan: dict | None,
                  quantized: dict) -> dict:
     """moec.json: what was built from what, and how big it is."""
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     expert_params = sum(int(b.gate.numel() + b.up.numel() + b.down.numel()) for b in blocks)
+    moe_buffers = sum(int(t.numel()) for b in blocks for t in model.get_submodule(b.path).buffers(recurse=False))
+    config = model.config
     return {
         "format": "moec-artifact/1",
         "moec_version": moec.__version__,
@@ -264,7 +261,8 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, config, p
              "shared_expert": b.shared is not None}
             for b in blocks
         ],
-        "parameters": {"experts": expert_params},
+        "parameters": {"experts": expert_params,
+                       "total": sum(int(p.numel()) for p in model.parameters()) + moe_buffers},
         "quantization": None if plan is None else quantization_record(plan, blocks, quantized),
         "bytes": {"model.onnx": files.get(MODEL_FILE, 0),
                   "external_data": files.get(EXTERNAL_DATA_FILE, 0),

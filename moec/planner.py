@@ -39,6 +39,8 @@ from moec.files import write_atomic
 STATS_FORMAT = "moec-stats/1"
 PLAN_FORMAT = "moec-plan/1"
 UNQUANTIZED_BITS = 16
+FLOAT_BYTES = 4  # CPU artifacts compute in fp32: unquantized weights and MatMulNBits' scales are fp32
+SCALE_BYTES = FLOAT_BYTES
 # Widths a plan may hold: 1 and 3 are MC-MoE's own, 2/4/8 are onnxruntime's MatMulNBits widths.
 PLAN_BIT_WIDTHS = (1, 2, 3, 4, 8, UNQUANTIZED_BITS)
 SCOPES = ("global", "layer")
@@ -182,33 +184,33 @@ def expert_bytes(params: int, bits: int, group_size: int = 128) -> int:
     """Stored bytes of one expert at `bits`, so budgets count what actually ships.
 
     Asymmetric RTN with groups of `group_size` along the input dimension: packed `bits`-bit codes, plus
-    per group an fp16 scale and a `bits`-bit zero point (packed). 16 bits is plain fp16 with no overhead.
+    per group a scale of SCALE_BYTES and a `bits`-bit zero point (packed). 16 bits is unquantized, stored in fp32 like the rest of a CPU artifact.
     Assumes each matrix's input dimension is a multiple of `group_size` (true for every supported family).
     """
     _positive_int(params, "params")
     _positive_int(bits, "bits")
     _positive_int(group_size, "group_size")
     if bits == UNQUANTIZED_BITS:
-        return 2 * params
+        return FLOAT_BYTES * params
     groups = -(-params // group_size)
-    return -(-params * bits // 8) + 2 * groups + -(-groups * bits // 8)
+    return -(-params * bits // 8) + SCALE_BYTES * groups + -(-groups * bits // 8)
 
 
 def avg_bits_budget_bytes(avg_bits: float, params_per_expert: int, num_experts: int, group_size: int = 128) -> int:
     """Byte budget equivalent to `avg_bits` per weight: what all experts would take at a uniform (possibly
-    fractional) `avg_bits`, zero points included, fp16 scales added. Equals the sum of expert_bytes for
+    fractional) `avg_bits`, zero points included, scales added. Equals the sum of expert_bytes for
     integer `avg_bits`."""
     avg = _fraction(avg_bits, "avg_bits")
     _positive_int(params_per_expert, "params_per_expert")
     _positive_int(num_experts, "num_experts")
     groups = -(-params_per_expert // _positive_int(group_size, "group_size"))
-    return math.floor(num_experts * ((params_per_expert + groups) * avg / 8 + 2 * groups))
+    return math.floor(num_experts * ((params_per_expert + groups) * avg / 8 + SCALE_BYTES * groups))
 
 
 def _bytes_to_avg_bits(budget: int, params_per_expert: int, num_experts: int, group_size: int) -> float:
     """Smallest avg_bits (4 decimals, rounded up) whose byte budget covers `budget`."""
     groups = -(-params_per_expert // group_size)
-    avg = Fraction(8 * (Fraction(budget, num_experts) - 2 * groups), params_per_expert + groups)
+    avg = Fraction(8 * (Fraction(budget, num_experts) - SCALE_BYTES * groups), params_per_expert + groups)
     return math.ceil(avg * 10_000) / 10_000
 
 

@@ -26,7 +26,7 @@ def _weight_nk(node: ir.Node) -> np.ndarray | None:
     if node.op_type not in ("MatMul", "Gemm") or node.domain != "":
         return None
     weight = node.inputs[1]
-    if weight is None or weight.const_value is None or len(weight.shape or ()) != 2:
+    if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
         return None
     if node.op_type == "Gemm":
         attrs = {k: a.value for k, a in node.attributes.items()}

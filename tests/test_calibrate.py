@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from moec.calibrate import calibrate, token_windows
+from moec.calibrate import calibrate
+from moec.text import token_windows
 from moec.checkpoint import open_checkpoint
 from moec.cli import main
 from moec.planner import make_plan

@@ -360,11 +360,11 @@ def test_predicted_loss_follows_the_formula():
 
 def test_expert_bytes_counts_codes_scales_and_zero_points():
     groups = MIXTRAL_PARAMS // 128  # 1,376,256 groups of 128 inputs
-    assert expert_bytes(MIXTRAL_PARAMS, 2) == MIXTRAL_PARAMS // 4 + 2 * groups + groups // 4 == 47_136_768
-    assert expert_bytes(MIXTRAL_PARAMS, 3) == 66_060_288 + 2_752_512 + 516_096
-    assert expert_bytes(MIXTRAL_PARAMS, 16) == 2 * MIXTRAL_PARAMS
-    assert expert_bytes(MIXTRAL_PARAMS, 4, group_size=64) - expert_bytes(MIXTRAL_PARAMS, 4) == groups * (2 + 0.5)
-    assert expert_bytes(1000, 3, group_size=128) == 375 + 2 * 8 + 3  # partial bytes and groups round up
+    assert expert_bytes(MIXTRAL_PARAMS, 2) == MIXTRAL_PARAMS // 4 + 4 * groups + groups // 4 == 49_889_280
+    assert expert_bytes(MIXTRAL_PARAMS, 3) == 66_060_288 + 5_505_024 + 516_096
+    assert expert_bytes(MIXTRAL_PARAMS, 16) == 4 * MIXTRAL_PARAMS
+    assert expert_bytes(MIXTRAL_PARAMS, 4, group_size=64) - expert_bytes(MIXTRAL_PARAMS, 4) == groups * (4 + 0.5)
+    assert expert_bytes(1000, 3, group_size=128) == 375 + 4 * 8 + 3  # partial bytes and groups round up
     with pytest.raises(PlanError, match="params: expected a positive int"):
         expert_bytes(0, 2)
 

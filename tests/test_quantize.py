@@ -1,0 +1,173 @@
+"""Quantized compile: MatMulNBits packing, the plan policy, every family with a mixed plan, eval."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import moec
+from moec.cli import main
+from moec.evaluate import evaluate
+from moec.passes.matmul_nbits import MatMulNBitsPass
+from moec.planner import DEFAULT_NON_EXPERT, save_plan
+from moec.policy import weight_bits
+from moec.quant import rtn
+from moec.runtime import Artifact, generate
+from tiny import ARCHITECTURES
+
+
+def _product_graph(weight_nk: np.ndarray, gemm: bool, bias: np.ndarray | None) -> ir.Model:
+    n, k = weight_nk.shape
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["M", k]))
+    w = ir.Value(name="w", const_value=ir.tensor(weight_nk if gemm else weight_nk.T.copy(), name="w"))
+    inits = [w]
+    if gemm:
+        inputs = [x, w]
+        if bias is not None:
+            inputs.append(ir.Value(name="c", const_value=ir.tensor(bias, name="c")))
+            inits.append(inputs[-1])
+        node = ir.node("Gemm", inputs, attributes={"transB": 1})
+    else:
+        node = ir.node("MatMul", [x, w])
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=inits, opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("k, group", [(64, 32), (200, 128), (96, 16)])
+@pytest.mark.parametrize("form", ["matmul", "gemm", "gemm-bias"])
+def test_matmul_nbits_computes_with_the_dequantized_weight(bits, k, group, form):
+    rng = np.random.default_rng(bits * 1000 + k)
+    weight = rng.normal(size=(24, k)).astype(np.float32)
+    bias = rng.normal(size=24).astype(np.float32) if form == "gemm-bias" else None
+    model = _product_graph(weight, gemm=form != "matmul", bias=bias)
+    seen = {}
+
+    def quantize(name, w):
+        seen[name] = rtn(w, bits, group)
+        return seen[name]
+
+    assert MatMulNBitsPass(quantize, accuracy_level=0)(model).modified
+    assert [n.op_type for n in model.graph][0] == "MatMulNBits" and list(seen) == ["w"]
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.normal(size=(5, k)).astype(np.float32)
+    expected = x @ seen["w"].dequantize().T + (0 if bias is None else bias)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_nbits_leaves_weights_the_callback_declines():
+    model = _product_graph(np.ones((4, 32), np.float32), gemm=False, bias=None)
+    assert not MatMulNBitsPass(lambda name, w: None)(model).modified
+    assert [n.op_type for n in model.graph] == ["MatMul"]
+
+
+def make_plan(bits_rows, group_size=32, **non_expert) -> dict:
+    return {"format": "moec-plan/1", "model": "tiny", "experts": {"bits": bits_rows},
+            "non_expert": {**DEFAULT_NON_EXPERT, **non_expert},
+            "quantization": {"method": "rtn", "group_size": group_size}, "pruning": {}}
+
+
+def test_policy_reads_the_plan():
+    plan = make_plan([[2, 4], None, [8, 16]], attention=4, lm_head=8, dense_mlp=16)
+    assert weight_bits(plan, "layers.0.experts.1.up_proj") == 4
+    assert weight_bits(plan, "layers.2.experts.0.down_proj") == 8
+    assert weight_bits(plan, "layers.2.experts.1.gate_proj") is None  # 16 = float
+    assert weight_bits(plan, "model.layers.1.self_attn.o_proj.weight") == 4
+    assert weight_bits(plan, "lm_head.weight") == 8
+    assert weight_bits(plan, "model.layers.1.mlp.gate_proj.weight") is None  # dense_mlp 16
+    assert weight_bits(plan, "model.layers.0.mlp.router_weight") is None
+    assert weight_bits(plan, "model.layers.0.mlp.shared.router.weight") is None
+
+
+def _mixed_plan(record, seed=0):
+    """Widths 2/4/8/16 spread over every MoE layer's experts, seeded."""
+    rng = np.random.default_rng(seed)
+    rows = [None] * record["num_layers"]
+    for entry in record["moe_layers"]:
+        choices = [2, 4, 8, 16] * entry["num_experts"]
+        rows[entry["layer"]] = [int(b) for b in rng.permutation(choices)[: entry["num_experts"]]]
+    return make_plan(rows)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_mixed_plan_compiles_verifies_and_runs(arch, compiled, tmp_path):
+    c = compiled(arch)
+    plan_file = tmp_path / "plan.json"
+    plan = _mixed_plan(c.record)
+    save_plan(plan, plan_file)
+    record = moec.compile(c.model_dir, tmp_path / "q", plan=plan_file, progress=False)
+    check = record["verification"]
+    assert check["max_abs_logit_diff"] < 1e-3  # packing and graph exact against dequantized PyTorch
+    assert check["shipped_kernels"]["max_abs_logit_diff"] > 0  # int8 activations: measured, recorded
+    q = record["quantization"]
+    for layer in q["experts"]:
+        assert [e["bits"] for e in layer["experts"]] == plan["experts"]["bits"][layer["layer"]]
+    assert record["bytes"]["total"] < c.record["bytes"]["total"]
+    tokens = [int(t[0]) for t in generate(Artifact(tmp_path / "q"), [[3, 14, 15, 92]], 5)]
+    assert len(tokens) == 5
+
+
+def test_paper_widths_go_into_larger_containers(compiled, tmp_path):
+    c = compiled("mixtral")
+    save_plan(make_plan([[1, 3, 2, 3], [3, 1, 1, 2]]), tmp_path / "plan.json")
+    record = moec.compile(c.model_dir, tmp_path / "q", plan=tmp_path / "plan.json", progress=False)
+    q = record["quantization"]
+    assert q["widths_in_larger_containers"] == {"1": 2, "3": 4}
+    assert [e["stored_bits"] for e in q["experts"][0]["experts"]] == [2, 4, 2, 4]
+    assert record["verification"]["max_abs_logit_diff"] < 1e-3
+
+
+def test_plan_for_another_shape_is_refused(capsys, compiled, tmp_path):
+    save_plan(make_plan([[2, 4, 8, 2]]), tmp_path / "plan.json")  # one layer; the model has two
+    code = main(["compile", str(compiled("mixtral").model_dir), "--plan", str(tmp_path / "plan.json"),
+                 "--out", str(tmp_path / "q"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "experts.bits has 1 layers, the model has 2" in err and "\n" not in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_eval_artifact_matches_pytorch_and_quantization_costs_perplexity(compiled, tmp_path):
+    c = compiled("olmoe")
+    data = tmp_path / "text.txt"
+    data.write_text("Mixture of experts route each token to a few experts. " * 60)
+    float_art = evaluate(c.artifact_dir, data, samples=4, seq_len=32)
+    torch_ref = evaluate(c.model_dir, data, samples=4, seq_len=32)
+    assert float_art["tokens"] == torch_ref["tokens"] == 4 * 31
+    assert float_art["perplexity"] == pytest.approx(torch_ref["perplexity"], rel=1e-5)
+    save_plan(make_plan([[2] * 8, [2] * 8]), tmp_path / "plan.json")
+    moec.compile(c.model_dir, tmp_path / "q2", plan=tmp_path / "plan.json", progress=False)
+    assert evaluate(tmp_path / "q2", data, samples=4, seq_len=32)["perplexity"] > float_art["perplexity"]
+
+
+def test_eval_cli_json(capsys, compiled, tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text("def f(x):\n    return x\n" * 50)
+    assert main(["eval", str(compiled("mixtral").artifact_dir), "--data", str(data), "--samples", "2",
+                 "--seq-len", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == 30 and result["perplexity"] > 1 and result["runtime"] == "onnxruntime"
+
+
+def test_verification_catches_a_packing_bug_and_names_the_layer(compiled, tmp_path, monkeypatch):
+    """A wrong kernel input (here: scales off by 1% in layer 0's experts) fails the build."""
+    from moec.passes import matmul_nbits
+
+    real_pack = matmul_nbits.pack_matmul_nbits
+    calls = []
+
+    def corrupt(codes, scales, zeros, bits, block_size):
+        calls.append(1)
+        packed, s, z = real_pack(codes, scales, zeros, bits, block_size)
+        return packed, s * 1.01 if len(calls) <= 12 else s, z  # layer 0's 4 experts x 3 projections
+
+    monkeypatch.setattr(matmul_nbits, "pack_matmul_nbits", corrupt)
+    c = compiled("mixtral")
+    save_plan(make_plan([[4] * 4, [4] * 4], attention=16, lm_head=16), tmp_path / "plan.json")
+    with pytest.raises(moec.MoecError, match="verification failed.*error is in layer 0's MLP/MoE"):
+        moec.compile(c.model_dir, tmp_path / "q", plan=tmp_path / "plan.json", progress=False)
+    assert not (tmp_path / "q").exists()
