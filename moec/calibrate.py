@@ -47,7 +47,7 @@ class _LayerStats:
     def compute(self) -> dict:
         import torch
 
-        from moec.ops.moe import route
+        from moec.ops.moe import PROJECTIONS, route
         from moec.quant import fake_quantize
 
         b = self.block
@@ -67,20 +67,20 @@ class _LayerStats:
 
         outputs = [torch.zeros(x.shape[0], spec.top_k, x.shape[1]) for x, _, _ in routed]
         for e in range(experts):
-            exact = {p: getattr(b, p)[e].float() for p in ("gate", "up", "down")}
+            exact = {p: getattr(b, p)[e].float() for p in PROJECTIONS}
             biases = {p: None if getattr(b, f"{p}_bias") is None else getattr(b, f"{p}_bias")[e].float()
-                      for p in ("gate", "up", "down")}
-            quantized = [{p: torch.from_numpy(fake_quantize(w.numpy(), bits, self.group_size))
-                          for p, w in exact.items()} for bits in self.bits]
+                      for p in PROJECTIONS}
             for (x, weights, indices), out in zip(routed, outputs):
                 tokens, rank = np.nonzero(indices == e)
-                if tokens.size == 0:
-                    continue
-                xe, w = x[tokens], weights[tokens, rank][:, None]
-                y = _expert(xe, exact, biases, spec)
-                out[tokens, rank] = y
-                for j, q in enumerate(quantized):
-                    quant_loss[e, j] += torch.linalg.norm((_expert(xe, q, biases, spec) - y) * w).item()
+                out[tokens, rank] = _expert(x[tokens], exact, biases, spec)
+            for j, bits in enumerate(self.bits):  # one width at a time: a few weight copies at most
+                quantized = {p: torch.from_numpy(fake_quantize(w.numpy(), bits, self.group_size))
+                             for p, w in exact.items()}
+                for (x, weights, indices), out in zip(routed, outputs):
+                    tokens, rank = np.nonzero(indices == e)
+                    if tokens.size:
+                        error = _expert(x[tokens], quantized, biases, spec) - out[tokens, rank]
+                        quant_loss[e, j] += torch.linalg.norm(error * weights[tokens, rank][:, None]).item()
         pruning = self._pruning(routed, outputs)
         self.inputs.clear()
         return {
@@ -139,7 +139,7 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
     from moec.adapters import adapter_for
     from moec.checkpoint import open_checkpoint
     from moec.runtime import Tokenizer
-    from moec.weights import StreamingModel
+    from moec.weights import StreamingModel, storage_dtype
 
     if not bits or any(not 1 <= b <= 8 for b in bits):
         raise MoecError(f"--bits must be widths between 1 and 8, got {bits}")
@@ -147,7 +147,7 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
     checkpoint = open_checkpoint(model_dir)
     text, source = read_text(data)
     windows = token_windows(Tokenizer(checkpoint.path).encode(text), samples, seq_len)
-    stream = StreamingModel(checkpoint)
+    stream = StreamingModel(checkpoint, dtype=storage_dtype(checkpoint))
     model = stream.model
     adapter = adapter_for(model.config)
     batches = [torch.from_numpy(w) for w in np.array_split(windows, -(-len(windows) // BATCH_SEQUENCES))]
@@ -157,7 +157,7 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
         layers, expert_width = [], None
         for i, path in enumerate(tqdm(stream.layer_paths(), desc="calibrate", unit="layer",
                                       disable=not progress)):
-            layer = stream.load(path)
+            layer = stream.load(path).float()
             moe = getattr(layer, adapter.moe_attr)
             collector = None
             if adapter.is_sparse(moe):
@@ -171,6 +171,7 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
                 handle.remove()
                 layers.append({"layer": i, **collector.compute()})
                 expert_width = int(collector.block.gate.shape[1])
+            collector = layer = moe = None  # the block's views would keep the layer's tensors alive
             stream.unload(path)
     if not layers:
         raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
@@ -211,7 +212,7 @@ def _embed(stream, batches):
     hidden = []
     parts = [p for p in ("model.embed_tokens", "model.rotary_emb") if _has(stream.model, p)]
     for part in parts:
-        stream.load(part)
+        stream.load(part).float()
     body.layers = torch.nn.ModuleList([Recorder(calls[0], hidden)] + [Recorder(c) for c in calls[1:]])
     body.norm = torch.nn.Identity()  # still on the meta device; its output is not needed
     try:

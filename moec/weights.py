@@ -184,3 +184,17 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+def storage_dtype(checkpoint: Checkpoint) -> torch.dtype:
+    """The floating dtype the checkpoint's tensors are stored in (float32 when mixed): loading in it
+    and upcasting afterwards is exact and halves the loading peak of a bf16 checkpoint."""
+    from safetensors import safe_open
+
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    found = set()
+    with safe_open(str(checkpoint.weight_files[0]), "pt") as f:
+        for key in f.keys():
+            found.add(f.get_slice(key).get_dtype())
+    floats = found & set(names)
+    return names[floats.pop()] if len(floats) == 1 else torch.float32
