@@ -2,7 +2,7 @@
 
 calibrate → plan (global and per-layer, 2.5 and 3.0 average expert bits, widths 2/4/8; the paper's
 one-expert-at-each-top-width rule is off, since with 2/4/8 it alone needs 3.0 bits per layer) →
-compile → perplexity on the sample's held-out standard-library files, next to the float model,
+compile (RTN and GPTQ) → perplexity on the sample's held-out standard-library files, next to the float model,
 uniform 2/4/8-bit plans and the planned widths shuffled within each layer (same bytes).
 Run from the repository root: python bench/sample_pipeline.py [--workdir /tmp/moec-sample]
 """
@@ -75,21 +75,26 @@ def main() -> None:
     plans |= {f"uniform {b}": uniform(base, b) for b in (2, 4, 8)}
     plans["shuffled 2.5 (global)"] = shuffled(base)
 
-    rows = [("float", None, evaluate(SAMPLE, heldout)["perplexity"], None, None)]
+    rows = [("float", None, {"-": evaluate(SAMPLE, heldout)["perplexity"]}, None, None, None)]
     for name, plan in plans.items():
-        plan_file = work / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.json"
-        save_plan(plan, plan_file)
-        record = moec.compile(SAMPLE, work / plan_file.stem, plan=plan_file, force=True, progress=False)
+        perplexity = {}
+        for method in ("rtn", "gptq"):
+            plan = copy.deepcopy(plan)
+            plan["quantization"]["method"] = method
+            stem = f"{name.replace(' ', '_').replace('(', '').replace(')', '')}-{method}"
+            save_plan(plan, work / f"{stem}.json")
+            record = moec.compile(SAMPLE, work / stem, plan=work / f"{stem}.json", force=True, progress=False)
+            perplexity[method] = evaluate(work / stem, heldout)["perplexity"]
         q = record["quantization"]
         predicted = (plan.get("objective") or {}).get("predicted_expert_bytes")
-        rows.append((name, q["avg_expert_bits"], evaluate(work / plan_file.stem, heldout)["perplexity"],
-                     q["expert_bytes"], predicted))
-    print("\n| artifact | avg expert bits | perplexity (held-out) | expert bytes | predicted | error |")
-    print("|---|---|---|---|---|---|")
-    for name, bits, ppl, size, predicted in rows:
+        rows.append((name, q["avg_expert_bits"], perplexity, q["expert_bytes"], predicted, record["bytes"]["total"]))
+    print("\n| artifact | avg expert bits | perplexity RTN | perplexity GPTQ | expert bytes | predicted | error | artifact bytes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, bits, ppl, size, predicted, total in rows:
         error = f"{(size - predicted) / predicted:+.2%}" if predicted else ""
-        print(f"| {name} | {'' if bits is None else f'{bits:.2f}'} | {ppl:.3f} | {size or ''} | "
-              f"{predicted or ''} | {error} |")
+        rtn_ppl, gptq_ppl = (f"{ppl['-']:.3f}", "") if "-" in ppl else (f"{ppl['rtn']:.3f}", f"{ppl['gptq']:.3f}")
+        print(f"| {name} | {'' if bits is None else f'{bits:.2f}'} | {rtn_ppl} | {gptq_ppl} | {size or ''} | "
+              f"{predicted or ''} | {error} | {total or ''} |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Hessians for error-compensating quantization are not stored: the same streaming 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +39,11 @@ class _LayerStats:
     block: object
     bits: tuple[int, ...]
     group_size: int
-    inputs: list = field(default_factory=list)
 
-    def record(self, module, args):
-        self.inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
-
-    def compute(self) -> dict:
+    def compute(self, inputs: list) -> dict:
         import torch
 
-        from moec.ops.moe import PROJECTIONS, route
+        from moec.ops.moe import PROJECTIONS, expert_ffn, route
         from moec.quant import fake_quantize
 
         b = self.block
@@ -56,7 +52,7 @@ class _LayerStats:
         routing_weight = np.zeros(experts)
         quant_loss = np.zeros((experts, len(self.bits)))
         routed = []
-        for x in self.inputs:
+        for x in inputs:
             logits = torch.nn.functional.linear(x, b.router_weight.float(),
                                                 None if b.router_bias is None else b.router_bias.float())
             score_bias = None if b.score_bias is None else b.score_bias.float().numpy()
@@ -67,22 +63,20 @@ class _LayerStats:
 
         outputs = [torch.zeros(x.shape[0], spec.top_k, x.shape[1]) for x, _, _ in routed]
         for e in range(experts):
-            exact = {p: getattr(b, p)[e].float() for p in PROJECTIONS}
-            biases = {p: None if getattr(b, f"{p}_bias") is None else getattr(b, f"{p}_bias")[e].float()
+            exact = {p: getattr(b, p)[e].float().numpy() for p in PROJECTIONS}
+            biases = {f"{p}_bias": None if getattr(b, f"{p}_bias") is None else getattr(b, f"{p}_bias")[e].float().numpy()
                       for p in PROJECTIONS}
             for (x, weights, indices), out in zip(routed, outputs):
                 tokens, rank = np.nonzero(indices == e)
-                out[tokens, rank] = _expert(x[tokens], exact, biases, spec)
+                out[tokens, rank] = torch.from_numpy(expert_ffn(x[tokens].numpy(), **exact, spec=spec, **biases))
             for j, bits in enumerate(self.bits):  # one width at a time: a few weight copies at most
-                quantized = {p: torch.from_numpy(fake_quantize(w.numpy(), bits, self.group_size))
-                             for p, w in exact.items()}
+                quantized = {p: fake_quantize(w, bits, self.group_size) for p, w in exact.items()}
                 for (x, weights, indices), out in zip(routed, outputs):
                     tokens, rank = np.nonzero(indices == e)
                     if tokens.size:
-                        error = _expert(x[tokens], quantized, biases, spec) - out[tokens, rank]
-                        quant_loss[e, j] += torch.linalg.norm(error * weights[tokens, rank][:, None]).item()
+                        y = torch.from_numpy(expert_ffn(x[tokens].numpy(), **quantized, spec=spec, **biases))
+                        quant_loss[e, j] += torch.linalg.norm((y - out[tokens, rank]) * weights[tokens, rank][:, None]).item()
         pruning = self._pruning(routed, outputs)
-        self.inputs.clear()
         return {
             "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
                          "quant_loss": {str(bits): float(quant_loss[e, j]) for j, bits in enumerate(self.bits)}}
@@ -115,31 +109,48 @@ class _LayerStats:
                 "ratio_quantiles": {str(q): float(np.quantile(ratios, q)) for q in RATIO_QUANTILES}}
 
 
-def _expert(x, w, biases, spec):
+def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", progress: bool = True):
+    """Stream the model layer by layer over token windows.
+
+    Yields (block, inputs) for each sparse layer: its canonical MoEBlock and what its MoE block
+    received, one [tokens, H] fp32 tensor per batch of sequences. The layer stays materialized
+    until the consumer asks for the next one; then it is freed.
+    """
     import torch
+    from tqdm import tqdm
 
-    def linear(inp, proj):
-        return torch.nn.functional.linear(inp, w[proj], biases[proj])
+    from moec.adapters import adapter_for
+    from moec.weights import StreamingModel, storage_dtype
 
-    gate, up = linear(x, "gate"), linear(x, "up")
-    if spec.activation == "silu":
-        return linear(torch.nn.functional.silu(gate) * up, "down")
-    gate = gate.clamp(max=spec.swiglu_limit)
-    up = up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
-    return linear((up + 1) * gate * torch.sigmoid(gate * spec.swiglu_alpha), "down")
+    stream = StreamingModel(checkpoint, dtype=storage_dtype(checkpoint))
+    adapter = adapter_for(stream.model.config)
+    batches = [torch.from_numpy(w) for w in np.array_split(windows, -(-len(windows) // BATCH_SEQUENCES))]
+    with torch.no_grad():
+        hidden, calls = _embed(stream, batches)
+        for i, path in enumerate(tqdm(stream.layer_paths(), desc=desc, unit="layer", disable=not progress)):
+            layer = stream.load(path).float()
+            moe = getattr(layer, adapter.moe_attr)
+            inputs = []
+            handle = moe.register_forward_pre_hook(
+                lambda module, args: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+            for b, (args, kwargs) in enumerate(calls[i]):
+                out = layer(hidden[b], *args, **kwargs)
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+            handle.remove()
+            if adapter.is_sparse(moe):
+                yield adapter.block(i, moe, f"{path}.{adapter.moe_attr}"), inputs
+            layer = moe = inputs = None  # a block's views would keep the layer's tensors alive
+            stream.unload(path)
 
 
 def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples: int = 64,
               seq_len: int = 256, bits: tuple[int, ...] = DEFAULT_BITS, group_size: int = 128,
               progress: bool = True) -> dict:
     """Run the model on calibration text layer by layer; return the moec-stats/1 dict."""
-    import torch
-    from tqdm import tqdm
+    from transformers import AutoConfig
 
-    from moec.adapters import adapter_for
     from moec.checkpoint import open_checkpoint
     from moec.runtime import Tokenizer
-    from moec.weights import StreamingModel, storage_dtype
 
     if not bits or any(not 1 <= b <= 8 for b in bits):
         raise MoecError(f"--bits must be widths between 1 and 8, got {bits}")
@@ -147,42 +158,19 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
     checkpoint = open_checkpoint(model_dir)
     text, source = read_text(data)
     windows = token_windows(Tokenizer(checkpoint.path).encode(text), samples, seq_len)
-    stream = StreamingModel(checkpoint, dtype=storage_dtype(checkpoint))
-    model = stream.model
-    adapter = adapter_for(model.config)
-    batches = [torch.from_numpy(w) for w in np.array_split(windows, -(-len(windows) // BATCH_SEQUENCES))]
-
-    with torch.no_grad():
-        hidden, calls = _embed(stream, batches)
-        layers, expert_width = [], None
-        for i, path in enumerate(tqdm(stream.layer_paths(), desc="calibrate", unit="layer",
-                                      disable=not progress)):
-            layer = stream.load(path).float()
-            moe = getattr(layer, adapter.moe_attr)
-            collector = None
-            if adapter.is_sparse(moe):
-                collector = _LayerStats(adapter.block(i, moe, f"{path}.{adapter.moe_attr}"), tuple(bits),
-                                        group_size)
-                handle = moe.register_forward_pre_hook(collector.record)
-            for b, (args, kwargs) in enumerate(calls[i]):
-                out = layer(hidden[b], *args, **kwargs)
-                hidden[b] = out[0] if isinstance(out, tuple) else out
-            if collector is not None:
-                handle.remove()
-                layers.append({"layer": i, **collector.compute()})
-                expert_width = int(collector.block.gate.shape[1])
-            collector = layer = moe = None  # the block's views would keep the layer's tensors alive
-            stream.unload(path)
+    layers, shape = [], None
+    for block, inputs in moe_inputs(checkpoint, windows, progress=progress):
+        shape = shape or {"num_experts": block.num_experts, "top_k": block.spec.top_k,
+                          "moe_intermediate_size": int(block.gate.shape[1])}
+        layers.append({"layer": block.spec.layer, **_LayerStats(block, tuple(bits), group_size).compute(inputs)})
+        block = None
     if not layers:
         raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
-    config = model.config
-    block = layers[0]
+    config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     return {
         "format": STATS_FORMAT,
         "model": {"name_or_path": str(checkpoint.path.resolve()), "model_type": config.model_type,
-                  "num_layers": config.num_hidden_layers, "num_experts": len(block["experts"]),
-                  "top_k": adapter.spec(block["layer"]).top_k, "hidden_size": config.hidden_size,
-                  "moe_intermediate_size": expert_width},
+                  "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size, **shape},
         "calibration": {"data": source, "samples": int(len(windows)), "seq_len": seq_len,
                         "tokens": int(windows.size), "bits": list(bits), "group_size": group_size,
                         "quantizer": "rtn-asymmetric", "seconds": round(time.perf_counter() - start, 2)},

@@ -18,7 +18,7 @@ def _compile(args) -> None:
     from moec.pipeline import compile as compile_model
 
     record = compile_model(args.model_dir, args.out, plan=args.plan, force=args.force, target=args.target,
-                           progress=not args.quiet)
+                           data=args.data, samples=args.samples, seq_len=args.seq_len, progress=not args.quiet)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -87,7 +87,7 @@ def _plan(args) -> None:
     stats = load_stats(args.stats)
     options = dict(bits=args.bits, scope=args.scope, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                    require_top_widths=not args.no_top_widths, group_size=args.group_size,
-                   params_per_expert=args.params_per_expert, model=args.model)
+                   params_per_expert=args.params_per_expert, model=args.model, method=args.method)
     if args.sweep:
         rows = sweep(stats, *args.sweep, **options)
         write_sweep_table(rows, args.out)
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
     p.add_argument("--plan", metavar="plan.json", help="quantize to this plan's bit widths (moec plan)")
     p.add_argument("--target", default="cpu", help="execution target (default: cpu)")
+    p.add_argument("--data", metavar="FILE.txt", help="calibration text for a GPTQ plan (default: built-in corpus)")
+    p.add_argument("--samples", type=_positive_int, default=64, metavar="N", help="GPTQ calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, metavar="L", help="tokens per sequence (default 256)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the build record as JSON")
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-top-widths", action="store_true",
                    help="drop the constraint of one expert per layer at each of the two highest widths")
     p.add_argument("--group-size", type=int, default=128, metavar="N", help="quantization group size (default 128)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="expert quantizer compile uses: round-to-nearest, or GPTQ on each expert's routed "
+                        "calibration tokens (default rtn)")
     p.add_argument("--params-per-expert", type=int, metavar="N",
                    help="weights per routed expert (default: 3*hidden*intermediate from the stats or --model)")
     p.add_argument("--model", metavar="PATH", help="model the plan is for; refused if the stats are for another")

@@ -76,11 +76,13 @@ def verification_input(vocab_size: int, tokens: int = 8) -> np.ndarray:
 
 
 def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None = None, force: bool = False,
-            target: str = "cpu", progress: bool = True) -> dict:
+            target: str = "cpu", data: str | Path | None = None, samples: int = 64, seq_len: int = 256,
+            progress: bool = True) -> dict:
     """Compile a Hugging Face MoE checkpoint folder into an ONNX artifact folder; returns moec.json.
 
     With `plan` (a moec-plan/1 file) weights are quantized to the plan's widths and the artifact is
-    verified against a PyTorch model carrying the same dequantized weights.
+    verified against a PyTorch model carrying the same dequantized weights. A GPTQ plan calibrates
+    the experts on `data` (default: the built-in corpus), `samples` windows of `seq_len` tokens.
     """
     import onnx
     import onnx_ir as ir
@@ -96,8 +98,12 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     target_module = get_target(target)
     plan_data = load_plan(plan) if plan is not None else None
     out = Path(out)
-    stage_names = ["load", "reference", "trace", "lower", "save", "check", "verify"]
+    stage_names = ["gptq", "load", "reference", "trace", "lower", "save", "check", "verify"]
     with staging_folder(out, force) as staging, _Stages(stage_names, progress) as stages:
+        with stages.stage("gptq"):
+            prequantized, expert_tokens = ({}, {}) if plan_data is None or \
+                plan_data["quantization"]["method"] != "gptq" else \
+                gptq_experts(checkpoint, plan_data, data, samples, seq_len, progress)
         with stages.stage("load"):
             model = load_model(checkpoint)
             adapter = adapter_for(model.config)
@@ -110,7 +116,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             graph = trace.trace(model)
         with stages.stage("lower"):
             quantized: dict[str, QuantizedWeight] = {}
-            quantize = None if plan_data is None else plan_quantizer(plan_data, quantized)
+            quantize = None if plan_data is None else plan_quantizer(plan_data, quantized, prequantized)
             for p in target_module.passes(quantize):
                 p(graph)
             graph.metadata_props.update({"moec.version": moec.__version__,
@@ -131,7 +137,8 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                 shutil.copy2(f, staging / f.name)
         with stages.stage("check"):
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
-        record = build_record(checkpoint, blocks, graph, staging, target, model, plan_data, quantized)
+        record = build_record(checkpoint, blocks, graph, staging, target, model, plan_data, quantized,
+                              expert_tokens)
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
         with stages.stage("verify"):
             record["verification"] = verify(staging, list(target_module.PROVIDERS), probe, reference,
@@ -155,8 +162,20 @@ def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:
             raise MoecError(f"plan.json: experts.bits[{layer}] must be null (layer {layer} has no experts)")
 
 
-def plan_quantizer(plan: dict, quantized: dict):
-    """The MatMulNBits pass's callback: RTN at the plan's width for each weight; records each one."""
+def gptq_experts(checkpoint, plan: dict, data, samples: int, seq_len: int, progress: bool):
+    """GPTQ'd routed experts (and each one's calibration token count) for a GPTQ plan."""
+    from moec.gptq import quantize_experts
+    from moec.runtime import Tokenizer
+    from moec.text import read_text, token_windows
+
+    text, _ = read_text(data)
+    windows = token_windows(Tokenizer(checkpoint.path).encode(text), samples, seq_len)
+    return quantize_experts(checkpoint, plan, windows, progress=progress)
+
+
+def plan_quantizer(plan: dict, quantized: dict, prequantized: dict):
+    """The MatMulNBits pass's callback: the plan's width for each weight, GPTQ'd where `prequantized`
+    has the weight, else RTN; records each one."""
     from moec.policy import weight_bits
     from moec.quant import rtn
 
@@ -166,7 +185,7 @@ def plan_quantizer(plan: dict, quantized: dict):
         bits = weight_bits(plan, name)
         if bits is None:
             return None
-        quantized[name] = rtn(weight, bits, group_size)
+        quantized[name] = prequantized.get(name) or rtn(weight, bits, group_size)
         return quantized[name]
 
     return quantize
@@ -242,7 +261,7 @@ def _run(model, providers: list[str], probe: np.ndarray) -> list[np.ndarray]:
 
 
 def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, plan: dict | None,
-                 quantized: dict) -> dict:
+                 quantized: dict, expert_tokens: dict) -> dict:
     """moec.json: what was built from what, and how big it is."""
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     expert_params = sum(int(b.gate.numel() + b.up.numel() + b.down.numel()) for b in blocks)
@@ -263,7 +282,7 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, pl
         ],
         "parameters": {"experts": expert_params,
                        "total": sum(int(p.numel()) for p in model.parameters()) + moe_buffers},
-        "quantization": None if plan is None else quantization_record(plan, blocks, quantized),
+        "quantization": None if plan is None else quantization_record(plan, blocks, quantized, expert_tokens),
         "bytes": {"model.onnx": files.get(MODEL_FILE, 0),
                   "external_data": files.get(EXTERNAL_DATA_FILE, 0),
                   "total": files.get(MODEL_FILE, 0) + files.get(EXTERNAL_DATA_FILE, 0)},
@@ -271,8 +290,9 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, pl
     }
 
 
-def quantization_record(plan: dict, blocks, quantized: dict) -> dict:
-    """Per expert: width, the container MatMulNBits stores it in, and bytes; totals and averages."""
+def quantization_record(plan: dict, blocks, quantized: dict, expert_tokens: dict) -> dict:
+    """Per expert: width, the container MatMulNBits stores it in, bytes, quantizer and calibration
+    tokens; totals, averages, and the experts GPTQ had too few tokens for."""
     from moec.ops.moe import PROJECTIONS, expert_weight_name
     from moec.passes.matmul_nbits import CONTAINER_BITS
 
@@ -292,6 +312,8 @@ def quantization_record(plan: dict, blocks, quantized: dict) -> dict:
                 nbytes = sum(_stored_bytes(p, stored_bits(p.bits)) for p in parts)
                 row.append({"bits": q.bits, "stored_bits": stored_bits(q.bits), "bytes": nbytes,
                             "quantizer": q.method})
+            if expert_tokens:
+                row[-1]["calibration_tokens"] = expert_tokens.get(expert_weight_name(b.spec.layer, e, "gate"), 0)
             expert_bytes += row[-1]["bytes"]
             weighted_bits += row[-1]["bits"] * sum(int(getattr(b, p)[e].numel()) for p in PROJECTIONS)
         experts.append({"layer": b.spec.layer, "experts": row})
@@ -304,6 +326,8 @@ def quantization_record(plan: dict, blocks, quantized: dict) -> dict:
         "kernel": "com.microsoft.MatMulNBits",
         "widths_in_larger_containers": {str(b): stored_bits(b) for b in repacked},
         "expert_bytes": expert_bytes, "avg_expert_bits": weighted_bits / params,
+        "rtn_fallback_experts": [[layer["layer"], e] for layer in experts for e, x in enumerate(layer["experts"])
+                                 if plan["quantization"]["method"] == "gptq" and x["quantizer"] == "rtn"],
         "predicted_expert_bytes": (plan.get("objective") or {}).get("predicted_expert_bytes"),
         "experts": experts, "non_expert": non_expert,
     }

@@ -44,7 +44,7 @@ SCALE_BYTES = FLOAT_BYTES
 # Widths a plan may hold: 1 and 3 are MC-MoE's own, 2/4/8 are onnxruntime's MatMulNBits widths.
 PLAN_BIT_WIDTHS = (1, 2, 3, 4, 8, UNQUANTIZED_BITS)
 SCOPES = ("global", "layer")
-QUANT_METHODS = ("rtn",)
+QUANT_METHODS = ("rtn", "gptq")
 DEFAULT_NON_EXPERT = {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
 PLAN_KEYS = ("format", "model", "experts", "objective", "non_expert", "quantization", "pruning")
 OPTIONAL_PLAN_KEYS = ("objective",)
@@ -299,7 +299,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
               bits: Sequence[int] | None = None, scope: str = "global", alpha: float = 1.0, beta: float = 1.5,
               gamma: float | None = None, require_top_widths: bool = True, group_size: int = 128,
               params_per_expert: int | None = None, model: str | os.PathLike | None = None,
-              non_expert: Mapping[str, int] | None = None) -> dict:
+              non_expert: Mapping[str, int] | None = None, method: str = "rtn") -> dict:
     """Solve the MC-MoE bit allocation and return a validated moec-plan/1 dict.
 
     Budget: `avg_bits` (both scopes) or `size_budget` bytes for all routed experts (global scope only;
@@ -384,7 +384,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
             "predicted_expert_bytes": chosen_bytes,
         },
         "non_expert": _non_expert_widths(non_expert),
-        "quantization": {"method": "rtn", "group_size": group_size},
+        "quantization": {"method": method, "group_size": group_size},
         "pruning": {},
     }
     validate_plan(plan, parsed.num_layers, parsed.num_experts, source="plan")

@@ -31,6 +31,17 @@ def rtn(weight: np.ndarray, bits: int, group_size: int = 128) -> QuantizedWeight
     return QuantizedWeight(*quantize_rtn(weight, bits, group_size), bits=bits, group_size=group_size)
 
 
+def block_params(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each block (last axis) for asymmetric `bits`-bit codes, the range
+    widened to include zero."""
+    low = np.minimum(values.min(-1), 0.0)
+    high = np.maximum(values.max(-1), 0.0)
+    qmax = 2**bits - 1
+    scale = (high - low) / qmax
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return scale, np.clip(np.round(-low / scale), 0, qmax)
+
+
 def quantize_rtn(weight: np.ndarray, bits: int, group_size: int = 128):
     """(codes uint8 [out, in], scales float32 [out, blocks], zero points uint8 [out, blocks])."""
     if not 1 <= bits <= 8:
@@ -40,13 +51,8 @@ def quantize_rtn(weight: np.ndarray, bits: int, group_size: int = 128):
     padded = np.zeros((out_features, blocks * group_size), np.float32)
     padded[:, :in_features] = weight
     grouped = padded.reshape(out_features, blocks, group_size)  # zero padding: ranges include 0 anyway
-    low = np.minimum(grouped.min(-1), 0.0)
-    high = np.maximum(grouped.max(-1), 0.0)
-    qmax = 2**bits - 1
-    scale = (high - low) / qmax
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    zero = np.clip(np.round(-low / scale), 0, qmax)
-    codes = np.clip(np.round(grouped / scale[..., None]) + zero[..., None], 0, qmax)
+    scale, zero = block_params(grouped, bits)
+    codes = np.clip(np.round(grouped / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
     codes = codes.reshape(out_features, -1)[:, :in_features]
     return codes.astype(np.uint8), scale, zero.astype(np.uint8)
 

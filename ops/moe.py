@@ -153,17 +153,20 @@ def route(logits: np.ndarray, spec: MoESpec, score_bias: np.ndarray | None = Non
     return (weights * spec.scaling).astype(np.float32), indices
 
 
-def expert_ffn(x, gate, up, down, spec: MoESpec, gate_bias=None, up_bias=None, down_bias=None):
-    """One expert's feed-forward on its tokens x [n, H] with weights in [out, in] layout."""
+def expert_hidden(x, gate, up, spec: MoESpec, gate_bias=None, up_bias=None):
+    """An expert's activation on its tokens x [n, H] (weights in [out, in] layout): [n, I]."""
     g = x @ gate.T + (0 if gate_bias is None else gate_bias)
     u = x @ up.T + (0 if up_bias is None else up_bias)
     if spec.activation == "silu":
-        h = g / (1.0 + np.exp(-g)) * u
-    else:
-        g = np.minimum(g, spec.swiglu_limit)
-        u = np.clip(u, -spec.swiglu_limit, spec.swiglu_limit)
-        h = (u + 1.0) * (g / (1.0 + np.exp(-spec.swiglu_alpha * g)))
-    return h @ down.T + (0 if down_bias is None else down_bias)
+        return g / (1.0 + np.exp(-g)) * u
+    g = np.minimum(g, spec.swiglu_limit)
+    u = np.clip(u, -spec.swiglu_limit, spec.swiglu_limit)
+    return (u + 1.0) * (g / (1.0 + np.exp(-spec.swiglu_alpha * g)))
+
+
+def expert_ffn(x, gate, up, down, spec: MoESpec, gate_bias=None, up_bias=None, down_bias=None):
+    """One expert's feed-forward on its tokens x [n, H] with weights in [out, in] layout."""
+    return expert_hidden(x, gate, up, spec, gate_bias, up_bias) @ down.T + (0 if down_bias is None else down_bias)
 
 
 def moe_reference(hidden, router_logits, gate, up, down, gate_bias=None, up_bias=None,

@@ -496,7 +496,7 @@ def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch)
     (("non_expert", "attention"), 5, "plan.json: non_expert.attention: expected an int bit width"),
     (("non_expert", "router"), 8, "plan.json: non_expert: unknown key \"router\""),
     (("quantization", "group_size"), 100, "quantization.group_size: expected a power of two >= 16, got 100"),
-    (("quantization", "method"), "gptq", "quantization.method: expected one of rtn, got \"gptq\""),
+    (("quantization", "method"), "awq", "quantization.method: expected one of rtn, gptq, got \"awq\""),
     (("pruning",), [], "plan.json: pruning: expected an object, got []"),
     (("objective", "alpha"), float("nan"), "objective.alpha: expected a finite number >= 0, got NaN"),
     (("objective", "scope"), "model", "objective.scope: expected one of global, layer"),

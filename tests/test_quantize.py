@@ -171,3 +171,37 @@ def test_verification_catches_a_packing_bug_and_names_the_layer(compiled, tmp_pa
     with pytest.raises(moec.MoecError, match="verification failed.*error is in layer 0's MLP/MoE"):
         moec.compile(c.model_dir, tmp_path / "q", plan=tmp_path / "plan.json", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_gptq_beats_rtn_on_the_product_it_preserves():
+    from moec.gptq import gptq
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(32, 128)).astype(np.float32)
+    x = rng.normal(size=(512, 128)) @ rng.normal(size=(128, 128)) * 0.1  # correlated inputs
+    for bits in (2, 4):
+        q = gptq(weight, x.T @ x, bits, group_size=32)
+        assert q.codes.max() <= 2**bits - 1 and q.method == "gptq"
+        gptq_error = np.linalg.norm(x @ (q.dequantize() - weight).T)
+        rtn_error = np.linalg.norm(x @ (rtn(weight, bits, 32).dequantize() - weight).T)
+        assert gptq_error < 0.9 * rtn_error
+
+
+def test_gptq_plan_compiles_and_lists_rtn_fallbacks(compiled, tmp_path):
+    c = compiled("qwen3_moe")
+    plan = _mixed_plan(c.record, seed=1)
+    plan["quantization"]["method"] = "gptq"
+    save_plan(plan, tmp_path / "plan.json")
+    data = tmp_path / "text.txt"
+    data.write_text("def route(tokens, experts):\n    return sorted(experts)[:2]\n" * 80)
+    record = moec.compile(c.model_dir, tmp_path / "q", plan=tmp_path / "plan.json", data=data, samples=4,
+                          seq_len=24, progress=False)  # 96 tokens x top-3 over 8 experts: some get < 32
+    assert record["verification"]["max_abs_logit_diff"] < 1e-3
+    q = record["quantization"]
+    experts = [(layer["layer"], e, x) for layer in q["experts"] for e, x in enumerate(layer["experts"])]
+    quantized = [(layer, e, x) for layer, e, x in experts if x["bits"] < 16]
+    assert {x["quantizer"] for _, _, x in quantized} <= {"gptq", "rtn"}
+    assert any(x["quantizer"] == "gptq" for _, _, x in quantized)
+    fallback = [[layer, e] for layer, e, x in quantized if x["calibration_tokens"] < 32]
+    assert fallback and q["rtn_fallback_experts"] == fallback  # few tokens: RTN, and listed
+    assert all(x["quantizer"] == "rtn" for layer, e, x in quantized if [layer, e] in fallback)

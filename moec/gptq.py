@@ -1,0 +1,96 @@
+"""GPTQ (Frantar et al., 2022), the error-compensating quantizer MC-MoE used for its experts.
+
+Columns of W [N, K] are quantized left to right; each column's rounding error is spread onto the
+columns not yet quantized through the inverse Hessian of the inputs (H = X^T X over the tokens
+that actually reach this weight), so the product X W^T, not W itself, stays close. Every
+`group_size` columns get their scale and zero point from the error-updated weights (the same
+block layout and range rule as RTN, so the result packs into MatMulNBits unchanged).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moec.quant import QuantizedWeight, block_params
+
+DAMPING = 0.01  # of the mean Hessian diagonal, for a well-conditioned inverse
+
+
+def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int = 128) -> QuantizedWeight:
+    w = torch.tensor(weight, dtype=torch.float64)
+    h = torch.tensor(hessian, dtype=torch.float64)
+    n, k = w.shape
+    dead = torch.diag(h) == 0  # inputs never seen: any value is as good, zero is simplest
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    qmax = 2**bits - 1
+    blocks = -(-k // group_size)
+    codes = np.zeros((n, k), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zeros = np.zeros((n, blocks), np.uint8)
+    step = group_size * max(1, 128 // group_size)  # lazy-update block: whole groups
+    for start in range(0, k, step):
+        end = min(start + step, k)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            column = start + i
+            if column % group_size == 0:
+                g = column // group_size
+                scale, zero = block_params(block[:, i:i + group_size].numpy()[:, None, :], bits)
+                scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+                scale_t, zero_t = torch.tensor(scales[:, g], dtype=w.dtype), torch.tensor(zeros[:, g], dtype=w.dtype)
+            q = torch.clamp(torch.round(block[:, i] / scale_t) + zero_t, 0, qmax)
+            codes[:, column] = q.numpy().astype(np.uint8)
+            error = (block[:, i] - (q - zero_t) * scale_t) / inverse[column, column]
+            block[:, i:] -= error[:, None] * inverse[column, column:end][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ inverse[start:end, end:]
+    return QuantizedWeight(codes, scales, zeros, bits=bits, group_size=group_size, method="gptq")
+
+
+MIN_TOKENS = 32  # experts routed fewer calibration tokens than this fall back to RTN
+
+
+def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool = True):
+    """GPTQ every routed expert the plan quantizes, each with the Hessian of the calibration tokens
+    routed to it (gate/up: the layer's MoE inputs; down: the expert's own activations computed with
+    its quantized gate and up). Returns ({weight name: QuantizedWeight}, {weight name: tokens}).
+    Experts with fewer than MIN_TOKENS tokens are left out, for the caller to quantize with RTN."""
+    from moec.calibrate import moe_inputs
+    from moec.ops.moe import expert_hidden, expert_weight_name, route
+
+    group_size = plan["quantization"]["group_size"]
+    quantized, tokens_seen = {}, {}
+    for block, inputs in moe_inputs(checkpoint, windows, desc="gptq", progress=progress):
+        layer = block.spec.layer
+        x = torch.cat(inputs).double()
+        logits = x.float() @ block.router_weight.float().T
+        if block.router_bias is not None:
+            logits += block.router_bias.float()
+        score_bias = None if block.score_bias is None else block.score_bias.float().numpy()
+        _, indices = route(logits.numpy(), block.spec, score_bias)
+        for e, bits in enumerate(plan["experts"]["bits"][layer]):
+            names = {p: expert_weight_name(layer, e, p) for p in ("gate", "up", "down")}
+            tokens = np.nonzero((indices == e).any(-1))[0]
+            for name in names.values():
+                tokens_seen[name] = int(tokens.size)
+            if bits >= 16 or tokens.size < MIN_TOKENS:
+                continue
+            xe = x[tokens]
+            h_in = (xe.T @ xe).numpy()
+            weights = {p: getattr(block, p)[e].float().numpy() for p in ("gate", "up", "down")}
+            biases = {p: None if getattr(block, f"{p}_bias") is None else getattr(block, f"{p}_bias")[e].float().numpy()
+                      for p in ("gate", "up", "down")}
+            for p in ("gate", "up"):
+                quantized[names[p]] = gptq(weights[p], h_in, bits, group_size)
+            hidden = torch.from_numpy(expert_hidden(
+                xe.float().numpy(), quantized[names["gate"]].dequantize(), quantized[names["up"]].dequantize(),
+                block.spec, biases["gate"], biases["up"])).double()
+            quantized[names["down"]] = gptq(weights["down"], (hidden.T @ hidden).numpy(), bits, group_size)
+        block = inputs = x = None
+    return quantized, tokens_seen
