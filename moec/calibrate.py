@@ -57,25 +57,24 @@ class _LayerStats:
                                                 None if b.router_bias is None else b.router_bias.float())
             score_bias = None if b.score_bias is None else b.score_bias.float().numpy()
             weights, indices = route(logits.numpy(), spec, score_bias)
-            routed.append((x, torch.from_numpy(weights), indices))
+            routed.append((x.numpy(), weights, indices))
             np.add.at(frequency, indices.ravel(), 1)
             np.add.at(routing_weight, indices.ravel(), weights.ravel())
 
-        outputs = [torch.zeros(x.shape[0], spec.top_k, x.shape[1]) for x, _, _ in routed]
+        outputs = [np.zeros((x.shape[0], spec.top_k, x.shape[1]), np.float32) for x, _, _ in routed]
         for e in range(experts):
             exact = {p: getattr(b, p)[e].float().numpy() for p in PROJECTIONS}
             biases = {f"{p}_bias": None if getattr(b, f"{p}_bias") is None else getattr(b, f"{p}_bias")[e].float().numpy()
                       for p in PROJECTIONS}
-            for (x, weights, indices), out in zip(routed, outputs):
-                tokens, rank = np.nonzero(indices == e)
-                out[tokens, rank] = torch.from_numpy(expert_ffn(x[tokens].numpy(), **exact, spec=spec, **biases))
+            picks = [np.nonzero(indices == e) for _, _, indices in routed]
+            for (x, _, _), out, (tokens, rank) in zip(routed, outputs, picks):
+                out[tokens, rank] = expert_ffn(x[tokens], **exact, spec=spec, **biases)
             for j, bits in enumerate(self.bits):  # one width at a time: a few weight copies at most
                 quantized = {p: fake_quantize(w, bits, self.group_size) for p, w in exact.items()}
-                for (x, weights, indices), out in zip(routed, outputs):
-                    tokens, rank = np.nonzero(indices == e)
+                for (x, weights, _), out, (tokens, rank) in zip(routed, outputs, picks):
                     if tokens.size:
-                        y = torch.from_numpy(expert_ffn(x[tokens].numpy(), **quantized, spec=spec, **biases))
-                        quant_loss[e, j] += torch.linalg.norm((y - out[tokens, rank]) * weights[tokens, rank][:, None]).item()
+                        error = expert_ffn(x[tokens], **quantized, spec=spec, **biases) - out[tokens, rank]
+                        quant_loss[e, j] += float(np.linalg.norm(error * weights[tokens, rank][:, None]))
         pruning = self._pruning(routed, outputs)
         return {
             "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
@@ -87,8 +86,6 @@ class _LayerStats:
     def _pruning(self, routed, outputs) -> dict:
         """Error of dropping each token's lowest-weight expert (kept weights renormalized when the
         architecture renormalizes), and that expert's weight relative to the token's top-1."""
-        import torch
-
         spec = self.block.spec
         if spec.top_k < 2:
             return {"drop_last_loss": 0.0, "output_norm": 0.0, "ratio_quantiles": {}}
@@ -96,14 +93,13 @@ class _LayerStats:
         ratios = []
         for (_, weights, _), out in zip(routed, outputs):
             full = (out * weights[..., None]).sum(1)
-            drop = weights.argmin(-1)
-            kept = weights.clone()
-            kept[torch.arange(len(drop)), drop] = 0.0
+            kept = weights.copy()
+            kept[np.arange(len(kept)), weights.argmin(-1)] = 0.0
             if spec.normalize:
-                kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
-            loss += torch.linalg.norm(full - (out * kept[..., None]).sum(1)).item()
-            norm += torch.linalg.norm(full).item()
-            ratios.append((weights.min(-1).values / weights.max(-1).values).numpy())
+                kept = kept * (weights.sum(-1, keepdims=True) / kept.sum(-1, keepdims=True))
+            loss += float(np.linalg.norm(full - (out * kept[..., None]).sum(1)))
+            norm += float(np.linalg.norm(full))
+            ratios.append(weights.min(-1) / weights.max(-1))
         ratios = np.concatenate(ratios)
         return {"drop_last_loss": loss, "output_norm": norm,
                 "ratio_quantiles": {str(q): float(np.quantile(ratios, q)) for q in RATIO_QUANTILES}}

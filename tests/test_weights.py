@@ -4,7 +4,6 @@ frees its memory on unload, and reports broken checkpoints as MoecError."""
 from __future__ import annotations
 
 import gc
-import json
 import re
 import weakref
 
