@@ -86,7 +86,6 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     """
     import onnx
     import onnx_ir as ir
-    import torch
 
     from moec import trace
     from moec.adapters import adapter_for
@@ -98,7 +97,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     target_module = get_target(target)
     plan_data = load_plan(plan) if plan is not None else None
     out = Path(out)
-    stage_names = ["gptq", "load", "reference", "trace", "lower", "save", "check", "verify"]
+    stage_names = ["gptq", "load", "trace", "lower", "reference", "save", "check", "verify"]
     with staging_folder(out, force) as staging, _Stages(stage_names, progress) as stages:
         with stages.stage("gptq"):
             prequantized, expert_tokens = ({}, {}) if plan_data is None or \
@@ -107,6 +106,8 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
         with stages.stage("load"):
             model = load_model(checkpoint)
             adapter = adapter_for(model.config)
+            probe = verification_input(model.config.vocab_size)
+            reference = reference_outputs(model, probe)  # untouched transformers, for float artifacts
         with stages.stage("trace"):
             blocks = trace.swap_moe_blocks(model, adapter)
             if not blocks:
@@ -123,13 +124,10 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                                          "moec.source_model": str(checkpoint.path),
                                          "moec.model_type": checkpoint.model_type,
                                          "moec.target": target})
-        with stages.stage("reference"), torch.no_grad():
-            set_dequantized_weights(model, blocks, quantized)
-            probe = verification_input(model.config.vocab_size)
-            reference = trace.KVCacheModel(model)(torch.from_numpy(probe), torch.ones_like(torch.from_numpy(probe)),
-                                                  torch.arange(probe.shape[1])[None],
-                                                  *[torch.zeros(s) for s in trace.kv_shapes(model, 1, 0)])
-            reference = [t.float().numpy() for t in reference]
+        with stages.stage("reference"):
+            if quantized:  # the swapped model, carrying the weights the artifact computes with
+                set_dequantized_weights(model, blocks, quantized)
+                reference = reference_outputs(model, probe)
         with stages.stage("save"):
             ir.save(graph, staging / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
             shutil.copy2(checkpoint.path / "config.json", staging / "config.json")
@@ -146,6 +144,19 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
         record["seconds"] = stages.seconds
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
     return record
+
+
+def reference_outputs(model, probe: np.ndarray) -> list[np.ndarray]:
+    """Logits and every layer's KV cache of the torch model on `probe`, as the artifact returns them."""
+    import torch
+
+    from moec.trace import KVCacheModel, kv_shapes
+
+    ids = torch.from_numpy(probe)
+    with torch.no_grad():
+        outputs = KVCacheModel(model)(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None],
+                                      *[torch.zeros(shape) for shape in kv_shapes(model, 1, 0)])
+    return [t.float().numpy() for t in outputs]
 
 
 def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:
