@@ -18,7 +18,6 @@ Hessians for error-compensating quantization are not stored: the same streaming 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,77 +31,63 @@ BATCH_SEQUENCES = 8
 RATIO_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-@dataclass
-class _LayerStats:
-    """Accumulates one sparse layer's statistics from the MoE block's inputs."""
+def layer_stats(block, inputs: list, bits: tuple[int, ...], group_size: int) -> dict:
+    """One sparse layer's statistics from what its MoE block received (one [tokens, H] per batch)."""
+    from moec.ops.moe import PROJECTIONS, expert_ffn
+    from moec.quant import fake_quantize
 
-    block: object
-    bits: tuple[int, ...]
-    group_size: int
+    spec, experts = block.spec, block.num_experts
+    frequency = np.zeros(experts)
+    routing_weight = np.zeros(experts)
+    quant_loss = np.zeros((experts, len(bits)))
+    routed = []
+    for x in map(np.asarray, inputs):
+        weights, indices = block.route(x)
+        routed.append((x, weights, indices))
+        np.add.at(frequency, indices.ravel(), 1)
+        np.add.at(routing_weight, indices.ravel(), weights.ravel())
 
-    def compute(self, inputs: list) -> dict:
-        import torch
+    outputs = [np.zeros((x.shape[0], spec.top_k, x.shape[1]), np.float32) for x, _, _ in routed]
+    for e in range(experts):
+        exact = {p: getattr(block, p)[e].float().numpy() for p in PROJECTIONS}
+        biases = {f"{p}_bias": None if getattr(block, f"{p}_bias") is None
+                  else getattr(block, f"{p}_bias")[e].float().numpy() for p in PROJECTIONS}
+        picks = [np.nonzero(indices == e) for _, _, indices in routed]
+        for (x, _, _), out, (tokens, rank) in zip(routed, outputs, picks):
+            out[tokens, rank] = expert_ffn(x[tokens], **exact, spec=spec, **biases)
+        for j, width in enumerate(bits):  # one width at a time: a few weight copies at most
+            quantized = {p: fake_quantize(w, width, group_size) for p, w in exact.items()}
+            for (x, weights, _), out, (tokens, rank) in zip(routed, outputs, picks):
+                if tokens.size:
+                    error = expert_ffn(x[tokens], **quantized, spec=spec, **biases) - out[tokens, rank]
+                    quant_loss[e, j] += float(np.linalg.norm(error * weights[tokens, rank][:, None]))
+    return {
+        "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
+                     "quant_loss": {str(width): float(quant_loss[e, j]) for j, width in enumerate(bits)}}
+                    for e in range(experts)],
+        "pruning": _pruning(spec, routed, outputs),
+    }
 
-        from moec.ops.moe import PROJECTIONS, expert_ffn, route
-        from moec.quant import fake_quantize
 
-        b = self.block
-        spec, experts = b.spec, b.num_experts
-        frequency = np.zeros(experts)
-        routing_weight = np.zeros(experts)
-        quant_loss = np.zeros((experts, len(self.bits)))
-        routed = []
-        for x in inputs:
-            logits = torch.nn.functional.linear(x, b.router_weight.float(),
-                                                None if b.router_bias is None else b.router_bias.float())
-            score_bias = None if b.score_bias is None else b.score_bias.float().numpy()
-            weights, indices = route(logits.numpy(), spec, score_bias)
-            routed.append((x.numpy(), weights, indices))
-            np.add.at(frequency, indices.ravel(), 1)
-            np.add.at(routing_weight, indices.ravel(), weights.ravel())
-
-        outputs = [np.zeros((x.shape[0], spec.top_k, x.shape[1]), np.float32) for x, _, _ in routed]
-        for e in range(experts):
-            exact = {p: getattr(b, p)[e].float().numpy() for p in PROJECTIONS}
-            biases = {f"{p}_bias": None if getattr(b, f"{p}_bias") is None else getattr(b, f"{p}_bias")[e].float().numpy()
-                      for p in PROJECTIONS}
-            picks = [np.nonzero(indices == e) for _, _, indices in routed]
-            for (x, _, _), out, (tokens, rank) in zip(routed, outputs, picks):
-                out[tokens, rank] = expert_ffn(x[tokens], **exact, spec=spec, **biases)
-            for j, bits in enumerate(self.bits):  # one width at a time: a few weight copies at most
-                quantized = {p: fake_quantize(w, bits, self.group_size) for p, w in exact.items()}
-                for (x, weights, _), out, (tokens, rank) in zip(routed, outputs, picks):
-                    if tokens.size:
-                        error = expert_ffn(x[tokens], **quantized, spec=spec, **biases) - out[tokens, rank]
-                        quant_loss[e, j] += float(np.linalg.norm(error * weights[tokens, rank][:, None]))
-        pruning = self._pruning(routed, outputs)
-        return {
-            "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
-                         "quant_loss": {str(bits): float(quant_loss[e, j]) for j, bits in enumerate(self.bits)}}
-                        for e in range(experts)],
-            "pruning": pruning,
-        }
-
-    def _pruning(self, routed, outputs) -> dict:
-        """Error of dropping each token's lowest-weight expert (kept weights renormalized when the
-        architecture renormalizes), and that expert's weight relative to the token's top-1."""
-        spec = self.block.spec
-        if spec.top_k < 2:
-            return {"drop_last_loss": 0.0, "output_norm": 0.0, "ratio_quantiles": {}}
-        loss = norm = 0.0
-        ratios = []
-        for (_, weights, _), out in zip(routed, outputs):
-            full = (out * weights[..., None]).sum(1)
-            kept = weights.copy()
-            kept[np.arange(len(kept)), weights.argmin(-1)] = 0.0
-            if spec.normalize:
-                kept = kept * (weights.sum(-1, keepdims=True) / kept.sum(-1, keepdims=True))
-            loss += float(np.linalg.norm(full - (out * kept[..., None]).sum(1)))
-            norm += float(np.linalg.norm(full))
-            ratios.append(weights.min(-1) / weights.max(-1))
-        ratios = np.concatenate(ratios)
-        return {"drop_last_loss": loss, "output_norm": norm,
-                "ratio_quantiles": {str(q): float(np.quantile(ratios, q)) for q in RATIO_QUANTILES}}
+def _pruning(spec, routed, outputs) -> dict:
+    """Error of dropping each token's lowest-weight expert (kept weights renormalized when the
+    architecture renormalizes), and that expert's weight relative to the token's top-1."""
+    if spec.top_k < 2:
+        return {"drop_last_loss": 0.0, "output_norm": 0.0, "ratio_quantiles": {}}
+    loss = norm = 0.0
+    ratios = []
+    for (_, weights, _), out in zip(routed, outputs):
+        full = (out * weights[..., None]).sum(1)
+        kept = weights.copy()
+        kept[np.arange(len(kept)), weights.argmin(-1)] = 0.0
+        if spec.normalize:
+            kept = kept * (weights.sum(-1, keepdims=True) / kept.sum(-1, keepdims=True))
+        loss += float(np.linalg.norm(full - (out * kept[..., None]).sum(1)))
+        norm += float(np.linalg.norm(full))
+        ratios.append(weights.min(-1) / weights.max(-1))
+    ratios = np.concatenate(ratios)
+    return {"drop_last_loss": loss, "output_norm": norm,
+            "ratio_quantiles": {str(q): float(np.quantile(ratios, q)) for q in RATIO_QUANTILES}}
 
 
 def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", progress: bool = True):
@@ -158,7 +143,7 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
     for block, inputs in moe_inputs(checkpoint, windows, progress=progress):
         shape = shape or {"num_experts": block.num_experts, "top_k": block.spec.top_k,
                           "moe_intermediate_size": int(block.gate.shape[1])}
-        layers.append({"layer": block.spec.layer, **_LayerStats(block, tuple(bits), group_size).compute(inputs)})
+        layers.append({"layer": block.spec.layer, **layer_stats(block, inputs, tuple(bits), group_size)})
         block = None
     if not layers:
         raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")

@@ -62,18 +62,15 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
     its quantized gate and up). Returns ({weight name: QuantizedWeight}, {weight name: tokens}).
     Experts with fewer than MIN_TOKENS tokens are left out, for the caller to quantize with RTN."""
     from moec.calibrate import moe_inputs
-    from moec.ops.moe import expert_hidden, expert_weight_name, route
+    from moec.ops.moe import expert_hidden, expert_weight_name
 
     group_size = plan["quantization"]["group_size"]
     quantized, tokens_seen = {}, {}
     for block, inputs in moe_inputs(checkpoint, windows, desc="gptq", progress=progress):
         layer = block.spec.layer
-        x = torch.cat(inputs).double()
-        logits = x.float() @ block.router_weight.float().T
-        if block.router_bias is not None:
-            logits += block.router_bias.float()
-        score_bias = None if block.score_bias is None else block.score_bias.float().numpy()
-        _, indices = route(logits.numpy(), block.spec, score_bias)
+        x = torch.cat(inputs)
+        _, indices = block.route(x.numpy())
+        x = x.double()
         for e, bits in enumerate(plan["experts"]["bits"][layer]):
             names = {p: expert_weight_name(layer, e, p) for p in ("gate", "up", "down")}
             tokens = np.nonzero((indices == e).any(-1))[0]

@@ -137,7 +137,6 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
         record = build_record(checkpoint, blocks, graph, staging, target, model, plan_data, quantized,
                               expert_tokens)
-        (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
         with stages.stage("verify"):
             record["verification"] = verify(staging, list(target_module.PROVIDERS), probe, reference,
                                             quantized=bool(quantized))
@@ -231,14 +230,7 @@ def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: lis
     measured too and recorded, not enforced: its rounding can flip a near-tied routing decision,
     which moves logits by more than any fixed tolerance without anything being wrong.
     """
-    import onnx
-
-    exact = onnx.load(str(folder / MODEL_FILE))
-    for node in exact.graph.node:
-        for attr in node.attribute:
-            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
-                attr.i = 0
-    outputs = _run(exact.SerializeToString() if quantized else folder / MODEL_FILE, providers, probe)
+    outputs = _run(_exact_kernels(folder / MODEL_FILE) if quantized else folder / MODEL_FILE, providers, probe)
     diff = float(np.abs(outputs[0] - reference[0]).max())
     if not diff <= VERIFY_TOLERANCE:
         layer = next((i // 2 for i, (got, want) in enumerate(zip(outputs[1:], reference[1:]))
@@ -259,6 +251,18 @@ def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: lis
         result["shipped_kernels"] = {"max_abs_logit_diff": shipped,
                                      "relative_to_logit_range": shipped / float(np.ptp(reference[0]))}
     return result
+
+
+def _exact_kernels(model_file: Path) -> bytes:
+    """The model with every MatMulNBits set to accuracy_level 0 (fp32 activations)."""
+    import onnx
+
+    model = onnx.load(str(model_file))
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 0
+    return model.SerializeToString()
 
 
 def _run(model, providers: list[str], probe: np.ndarray) -> list[np.ndarray]:
@@ -304,11 +308,10 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, pl
 def quantization_record(plan: dict, blocks, quantized: dict, expert_tokens: dict) -> dict:
     """Per expert: width, the container MatMulNBits stores it in, bytes, quantizer and calibration
     tokens; totals, averages, and the experts GPTQ had too few tokens for."""
-    from moec.ops.moe import PROJECTIONS, expert_weight_name
-    from moec.passes.matmul_nbits import CONTAINER_BITS
+    import re
 
-    def stored_bits(bits):
-        return CONTAINER_BITS.get(bits, bits)
+    from moec.ops.moe import EXPERT_WEIGHT_PATTERN, PROJECTIONS, expert_weight_name
+    from moec.passes.matmul_nbits import CONTAINER_BITS
 
     experts, expert_bytes, weighted_bits = [], 0, 0.0
     for b in blocks:
@@ -320,22 +323,22 @@ def quantization_record(plan: dict, blocks, quantized: dict, expert_tokens: dict
                 row.append({"bits": 16, "stored_bits": 32, "bytes": nbytes, "quantizer": None})
             else:
                 q = parts[0]
-                nbytes = sum(_stored_bytes(p, stored_bits(p.bits)) for p in parts)
-                row.append({"bits": q.bits, "stored_bits": stored_bits(q.bits), "bytes": nbytes,
+                nbytes = sum(_stored_bytes(p) for p in parts)
+                row.append({"bits": q.bits, "stored_bits": CONTAINER_BITS[q.bits], "bytes": nbytes,
                             "quantizer": q.method})
             if expert_tokens:
                 row[-1]["calibration_tokens"] = expert_tokens.get(expert_weight_name(b.spec.layer, e, "gate"), 0)
             expert_bytes += row[-1]["bytes"]
             weighted_bits += row[-1]["bits"] * sum(int(getattr(b, p)[e].numel()) for p in PROJECTIONS)
         experts.append({"layer": b.spec.layer, "experts": row})
-    non_expert = {name: {"bits": q.bits, "stored_bits": stored_bits(q.bits), "bytes": _stored_bytes(q, stored_bits(q.bits))}
-                  for name, q in quantized.items() if ".experts." not in name}
+    non_expert = {name: {"bits": q.bits, "stored_bits": CONTAINER_BITS[q.bits], "bytes": _stored_bytes(q)}
+                  for name, q in quantized.items() if not re.fullmatch(EXPERT_WEIGHT_PATTERN, name)}
     params = sum(int(getattr(b, p).numel()) for b in blocks for p in PROJECTIONS)
-    repacked = sorted({q.bits for q in quantized.values() if stored_bits(q.bits) != q.bits})
+    repacked = sorted({q.bits for q in quantized.values() if CONTAINER_BITS[q.bits] != q.bits})
     return {
         "method": plan["quantization"]["method"], "group_size": plan["quantization"]["group_size"],
         "kernel": "com.microsoft.MatMulNBits",
-        "widths_in_larger_containers": {str(b): stored_bits(b) for b in repacked},
+        "widths_in_larger_containers": {str(b): CONTAINER_BITS[b] for b in repacked},
         "expert_bytes": expert_bytes, "avg_expert_bits": weighted_bits / params,
         "rtn_fallback_experts": [[layer["layer"], e] for layer in experts for e, x in enumerate(layer["experts"])
                                  if plan["quantization"]["method"] == "gptq" and x["quantizer"] == "rtn"],
@@ -344,8 +347,11 @@ def quantization_record(plan: dict, blocks, quantized: dict, expert_tokens: dict
     }
 
 
-def _stored_bytes(q: QuantizedWeight, bits: int) -> int:
-    """Bytes of MatMulNBits' packed codes, fp32 scales and packed zero points."""
+def _stored_bytes(q: QuantizedWeight) -> int:
+    """Bytes of MatMulNBits' packed codes, fp32 scales and packed zero points, in q's container."""
+    from moec.passes.matmul_nbits import CONTAINER_BITS
+
+    bits = CONTAINER_BITS[q.bits]
     n, _ = q.codes.shape
     blocks = q.scales.shape[1]
     return n * blocks * (q.group_size * bits // 8 + 4) + n * -(-blocks * bits // 8)

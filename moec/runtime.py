@@ -86,8 +86,7 @@ def positions(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
     return np.where(attention_mask == 0, 0, pos)[:, -new_tokens:]
 
 
-def generate(artifact: Artifact, sequences: list[list[int]], max_new_tokens: int,
-             stop_at_eos: bool = True) -> Iterator[np.ndarray]:
+def generate(artifact: Artifact, sequences: list[list[int]], max_new_tokens: int) -> Iterator[np.ndarray]:
     """Greedy decoding with the KV cache; yields each step's new token per sequence [B].
 
     A finished sequence (EOS) keeps yielding its EOS token until all are finished.
@@ -95,16 +94,16 @@ def generate(artifact: Artifact, sequences: list[list[int]], max_new_tokens: int
     ids, mask = left_pad(sequences)
     past = artifact.empty_cache(len(sequences))
     done = np.zeros(len(sequences), bool)
+    eos_ids = sorted(artifact.eos_token_ids)
     step_ids = ids
     for _ in range(max_new_tokens):
         logits, past = artifact.forward(step_ids, mask, positions(mask, step_ids.shape[1]), past)
         token = logits[:, -1].argmax(-1)
-        eos = next(iter(artifact.eos_token_ids), None)
-        if eos is not None:
-            token = np.where(done, eos, token)
+        if eos_ids:
+            token = np.where(done, eos_ids[0], token)
         yield token
-        done |= np.isin(token, list(artifact.eos_token_ids))
-        if stop_at_eos and done.all():
+        done |= np.isin(token, eos_ids)
+        if done.all():
             return
         step_ids = token[:, None]
         mask = np.concatenate([mask, np.ones((len(sequences), 1), np.int64)], axis=1)
@@ -118,7 +117,7 @@ class Tokenizer:
 
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
-            raise MoecError(f"{path} has no tokenizer.json; pass token ids instead of text")
+            raise MoecError(f"{path} has no tokenizer.json (the tokenizers library needs one)")
         self.tokenizer = HFTokenizer.from_file(str(file))
 
     def encode(self, text: str) -> list[int]:

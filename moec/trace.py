@@ -9,6 +9,7 @@ initializers and the routing as attributes (see moec.ops.moe).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import onnx_ir as ir
@@ -40,13 +41,17 @@ def _(hidden, *args, **kwargs):
     return torch.empty_like(hidden)
 
 
+@functools.cache
+def _moe_onnxscript_op():
+    import onnxscript
+
+    return onnxscript.values.Op(onnxscript.values.Opset(moe_op.DOMAIN, 1), moe_op.OP_TYPE, moe_op.op_schema())
+
+
 def _onnx_moe(hidden, router_logits, gate, up, down, gate_bias, up_bias, down_bias, score_bias,
               *attrs):
     """torch.onnx translation of moec::moe: one moec::MoE node."""
-    import onnxscript
-
-    op = onnxscript.values.Op(onnxscript.values.Opset(moe_op.DOMAIN, 1), moe_op.OP_TYPE,
-                              moe_op.op_schema())
+    op = _moe_onnxscript_op()
     names = [f.name for f in dataclasses.fields(moe_op.MoESpec)]
     attributes = {n: (int(v) if isinstance(v, bool) else v) for n, v in zip(names, attrs)}
     return op(hidden, router_logits, gate, up, down, gate_bias, up_bias, down_bias, score_bias,

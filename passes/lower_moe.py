@@ -161,13 +161,12 @@ def lower_moe_node(graph: ir.Graph, node: ir.Node) -> None:
     routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, ones, axis=1), perm=[1, 0])
     dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1),
                          perm=[1, 0])
-    flat, last_axis = b.const(np.array([-1], np.int64)), b.const(np.array([-1], np.int64))
+    last_axis = b.const(np.array([-1], np.int64))
     out = b.op("Mul", hidden, b.const(np.float32(0)))
     for e in range(num_experts):
-        name = f"layers.{spec.layer}.experts.{e}"
-        b.prefix = name
+        b.prefix = f"layers.{spec.layer}.experts.{e}"
         index = b.const(np.array(e, np.int64))
-        tokens = b.op("Reshape", b.op("NonZero", b.op("Gather", routed, index, axis=0)), flat)
+        tokens = b.op("Reshape", b.op("NonZero", b.op("Gather", routed, index, axis=0)), last_axis)
         x = b.op("Gather", hidden, tokens, axis=0)
         expert_arrays = {proj: arrays[proj][e] for proj in PROJECTIONS}
         expert_arrays |= {f"{proj}_bias": arrays[f"{proj}_bias"][e] for proj in PROJECTIONS

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from moec.ops.moe import MoESpec
+from moec.ops.moe import MoESpec, route
 
 
 @dataclass
@@ -34,6 +35,14 @@ class MoEBlock:
     @property
     def num_experts(self) -> int:
         return self.gate.shape[0]
+
+    def route(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(weights, expert indices) [T, k] of the layer's own routing for hidden states x [T, H]."""
+        as_np = lambda t: None if t is None else t.detach().float().numpy()  # noqa: E731
+        logits = x @ as_np(self.router_weight).T
+        if self.router_bias is not None:
+            logits = logits + as_np(self.router_bias)
+        return route(logits, self.spec, as_np(self.score_bias))
 
 
 class Adapter:
