@@ -19,7 +19,6 @@ import numpy as np
 import moec
 from moec.checkpoint import open_checkpoint
 from moec.errors import MoecError
-from moec.quant import QuantizedWeight
 from moec.runtime import MODEL_FILE, RECORD_FILE
 
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
@@ -44,6 +43,23 @@ def staging_folder(out: Path, force: bool):
             staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _checkpoint_errors_surfaced():
+    """Weights are read lazily, deep inside torch.onnx, the optimizer and the writer, which wrap
+    what they call; a MoecError from reading the checkpoint is re-raised as itself."""
+    try:
+        yield
+    except MoecError:
+        raise
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, MoecError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 class _Stages:
@@ -80,82 +96,174 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             progress: bool = True) -> dict:
     """Compile a Hugging Face MoE checkpoint folder into an ONNX artifact folder; returns moec.json.
 
-    With `plan` (a moec-plan/1 file) weights are quantized to the plan's widths and the artifact is
-    verified against a PyTorch model carrying the same dequantized weights. A GPTQ plan calibrates
-    the experts on `data` (default: the built-in corpus), `samples` windows of `seq_len` tokens.
+    The model is traced as a skeleton on the meta device; its weights are read from safetensors,
+    quantized and written one decoder layer at a time, so a compile needs about one layer of
+    memory (in fp32) plus the artifact. With `plan` (a moec-plan/1 file) weights are quantized to
+    the plan's widths and the artifact is verified against a PyTorch model carrying the same
+    dequantized weights. A GPTQ plan calibrates the experts on `data` (default: the built-in
+    corpus), `samples` windows of `seq_len` tokens.
     """
+    import copy
+
     import onnx
     import onnx_ir as ir
 
     from moec import trace
     from moec.adapters import adapter_for
-    from moec.checkpoint import load_model
     from moec.planner import load_plan
     from moec.targets import get_target
+    from moec.weights import ResidentPart, StreamingModel
 
     checkpoint = open_checkpoint(model_dir)
     target_module = get_target(target)
     plan_data = load_plan(plan) if plan is not None else None
     out = Path(out)
-    stage_names = ["gptq", "load", "trace", "lower", "reference", "save", "check", "verify"]
-    with staging_folder(out, force) as staging, _Stages(stage_names, progress) as stages:
+    stage_names = ["gptq", "trace", "lower", "save", "check", "reference", "verify"]
+    with staging_folder(out, force) as staging, _Stages(stage_names, progress) as stages, \
+            _checkpoint_errors_surfaced():
         with stages.stage("gptq"):
             prequantized, expert_tokens = ({}, {}) if plan_data is None or \
                 plan_data["quantization"]["method"] != "gptq" else \
                 gptq_experts(checkpoint, plan_data, data, samples, seq_len, progress)
-        with stages.stage("load"):
-            model = load_model(checkpoint)
-            adapter = adapter_for(model.config)
-            probe = verification_input(model.config.vocab_size)
-            reference = reference_outputs(model, probe)  # untouched transformers, for float artifacts
         with stages.stage("trace"):
-            blocks = trace.swap_moe_blocks(model, adapter)
+            stream = StreamingModel(checkpoint)
+            adapter = adapter_for(stream.model.config)
+            skeleton = copy.deepcopy(stream.model)  # swapped and traced; the stream keeps the checkpoint's layout
+            blocks, sources = trace.swap_moe_blocks(skeleton, adapter)
             if not blocks:
                 raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
             if plan_data is not None:
-                check_plan_fits(plan_data, blocks, model.config.num_hidden_layers)
-            graph = trace.trace(model)
+                check_plan_fits(plan_data, blocks, skeleton.config.num_hidden_layers)
+            resident = ResidentPart(stream)
+            layer_of = {b.path: b.spec.layer for b in blocks}
+            graph = trace.trace(skeleton, weights=lambda key: read_weight(resident, adapter, layer_of, sources[key]))
         with stages.stage("lower"):
-            quantized: dict[str, QuantizedWeight] = {}
-            quantize = None if plan_data is None else plan_quantizer(plan_data, quantized, prequantized)
-            for p in target_module.passes(quantize):
+            quantizers: dict = {}
+            choose = None if plan_data is None else plan_quantizer(plan_data, quantizers, prequantized)
+            for p in target_module.passes(choose):
                 p(graph)
             graph.metadata_props.update({"moec.version": moec.__version__,
                                          "moec.source_model": str(checkpoint.path),
                                          "moec.model_type": checkpoint.model_type,
                                          "moec.target": target})
-        with stages.stage("reference"):
-            if quantized:  # the swapped model, carrying the weights the artifact computes with
-                set_dequantized_weights(model, blocks, quantized)
-                reference = reference_outputs(model, probe)
         with stages.stage("save"):
-            ir.save(graph, staging / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
+            in_layer_order(graph.graph)
+            try:
+                ir.save(graph, staging / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
+            finally:
+                resident.release()
             shutil.copy2(checkpoint.path / "config.json", staging / "config.json")
             for f in checkpoint.tokenizer_files():
                 shutil.copy2(f, staging / f.name)
         with stages.stage("check"):
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
-        record = build_record(checkpoint, blocks, graph, staging, target, model, plan_data, quantized,
+        record = build_record(checkpoint, blocks, graph, staging, target, skeleton, plan_data, quantizers,
                               expert_tokens)
+        probe = verification_input(skeleton.config.vocab_size)
+        with stages.stage("reference"):
+            reference = streamed_reference(stream, adapter, blocks, probe, past_shapes(graph), quantizers)
         with stages.stage("verify"):
             record["verification"] = verify(staging, list(target_module.PROVIDERS), probe, reference,
-                                            quantized=bool(quantized))
+                                            quantized=bool(quantizers))
         record["seconds"] = stages.seconds
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
     return record
 
 
-def reference_outputs(model, probe: np.ndarray) -> list[np.ndarray]:
-    """Logits and every layer's KV cache of the torch model on `probe`, as the artifact returns them."""
+def read_weight(resident, adapter, layer_of: dict[str, int], source) -> np.ndarray:
+    """A weight of the traced (swapped) model, in fp32, read from the checkpoint through `resident`."""
+    if source.field is None:
+        return resident.tensor(source.key).detach().numpy()
+    block = adapter.block(layer_of[source.key], resident.module(source.key), source.key)
+    return getattr(block, source.field).detach().numpy()
+
+
+def in_layer_order(graph) -> None:
+    """Order the initializers by decoder layer, so writing them reads each layer once."""
+    import re
+
+    def layer(value) -> int:
+        found = re.search(r"(?:^|\.)layers\.(\d+)\.", value.name)
+        return int(found[1]) if found else -1
+
+    values = sorted(graph.initializers.values(), key=layer)  # stable: keeps a layer's order
+    graph.initializers.clear()
+    for value in values:
+        graph.register_initializer(value)
+
+
+def past_shapes(graph) -> list[tuple[int, ...]]:
+    """Each past_key_values input's shape for batch 1 and an empty cache."""
+    return [(1, v.shape[1], 0, v.shape[3]) for v in graph.graph.inputs if v.name.startswith("past_key_values.")]
+
+
+def streamed_reference(stream, adapter, blocks, probe: np.ndarray, pasts: list[tuple[int, ...]],
+                       quantizers: dict) -> list[np.ndarray]:
+    """Logits and every layer's KV cache of the transformers model on `probe`, as the artifact
+    returns them, materializing each decoder layer only for its own call. Where `quantizers` has
+    a weight the reference computes with it quantized and dequantized, the layer's sparse block
+    swapped for the op the artifact lowers (run by its NumPy reference)."""
     import torch
 
-    from moec.trace import KVCacheModel, kv_shapes
+    from moec.trace import KVCacheModel
+    from moec.weights import part_of
 
-    ids = torch.from_numpy(probe)
-    with torch.no_grad():
-        outputs = KVCacheModel(model)(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None],
-                                      *[torch.zeros(shape) for shape in kv_shapes(model, 1, 0)])
-    return [t.float().numpy() for t in outputs]
+    model = stream.model
+    layers = stream.layer_paths()
+    tensors = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
+    outer = sorted({part_of(name.rpartition(".")[0], layers) for name in tensors} - set(layers))
+    streamed = _LayerByLayer(stream, adapter, {b.path.rpartition(".")[0]: b for b in blocks}, quantizers)
+    handles = []
+    try:
+        for part in outer:
+            stream.load(part)
+            set_dequantized_weights(model, part, None, quantizers)
+        for path in layers:
+            handles += streamed.hook(path)
+        ids = torch.from_numpy(probe)
+        with torch.no_grad():
+            outputs = KVCacheModel(model)(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None],
+                                          *[torch.zeros(shape) for shape in pasts])
+        return [t.float().numpy() for t in outputs]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for part in outer:
+            stream.unload(part)
+
+
+class _LayerByLayer:
+    """Forward hooks that materialize a decoder layer for its call, as the artifact computes it
+    (sparse block swapped and weights dequantized when quantized), and free it afterwards."""
+
+    def __init__(self, stream, adapter, block_of_layer: dict, quantizers: dict):
+        self.stream, self.adapter, self.block_of_layer, self.quantizers = stream, adapter, block_of_layer, quantizers
+        self.swapped = None
+
+    def hook(self, path: str) -> list:
+        layer = self.stream.model.get_submodule(path)
+        return [layer.register_forward_pre_hook(lambda *_: self.load(path)),
+                layer.register_forward_hook(lambda *_: self.unload(path))]
+
+    def load(self, path: str) -> None:
+        from moec.trace import TracedMoE
+
+        self.stream.load(path)
+        block = self.block_of_layer.get(path)
+        if self.quantizers and block is not None:
+            parent, _, attr = block.path.rpartition(".")
+            original = self.stream.model.get_submodule(block.path)
+            live = self.adapter.block(block.spec.layer, original, block.path)
+            setattr(self.stream.model.get_submodule(parent), attr, TracedMoE(live, self.adapter.returns_router_scores))
+            self.swapped = (parent, attr, original)
+        set_dequantized_weights(self.stream.model, path, block, self.quantizers)
+
+    def unload(self, path: str) -> None:
+        if self.swapped is not None:
+            parent, attr, original = self.swapped
+            setattr(self.stream.model.get_submodule(parent), attr, original)
+            self.swapped = None
+        self.stream.unload(path)
 
 
 def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:
@@ -183,41 +291,46 @@ def gptq_experts(checkpoint, plan: dict, data, samples: int, seq_len: int, progr
     return quantize_experts(checkpoint, plan, windows, progress=progress)
 
 
-def plan_quantizer(plan: dict, quantized: dict, prequantized: dict):
-    """The MatMulNBits pass's callback: the plan's width for each weight, GPTQ'd where `prequantized`
-    has the weight, else RTN; records each one."""
+def plan_quantizer(plan: dict, chosen: dict, prequantized: dict):
+    """The MatMulNBits pass's callback: each weight's Quantizer from the plan's width, GPTQ's
+    result where `prequantized` has the weight, else RTN; each one is recorded in `chosen`."""
     from moec.policy import weight_bits
-    from moec.quant import rtn
+    from moec.quant import Quantizer
 
     group_size = plan["quantization"]["group_size"]
 
-    def quantize(name: str, weight: np.ndarray):
+    def choose(name: str) -> Quantizer | None:
         bits = weight_bits(plan, name)
         if bits is None:
             return None
-        quantized[name] = prequantized.get(name) or rtn(weight, bits, group_size)
-        return quantized[name]
+        result = prequantized.get(name)
+        chosen[name] = Quantizer(bits, group_size, "rtn" if result is None else result.method, result)
+        return chosen[name]
 
-    return quantize
+    return choose
 
 
-def set_dequantized_weights(model, blocks, quantized: dict) -> None:
-    """Give the (swapped) torch model the weights the artifact computes with."""
+def set_dequantized_weights(model, part: str, block, quantizers: dict) -> None:
+    """Give the part of the (swapped) torch model at `part` the weights the artifact computes
+    with: each weight `quantizers` has, quantized and dequantized. `block` is the part's sparse
+    block (already swapped for a TracedMoE), if it has one."""
     import re
 
     import torch
 
     from moec.ops.moe import EXPERT_WEIGHT_PATTERN
 
-    moe_modules = {b.spec.layer: model.get_submodule(b.path) for b in blocks}
-    for name, q in quantized.items():
-        weight = torch.from_numpy(q.dequantize())
+    for name, quantizer in quantizers.items():
         expert = re.fullmatch(EXPERT_WEIGHT_PATTERN, name)
         if expert:
-            getattr(moe_modules[int(expert["layer"])], expert["proj"])[int(expert["expert"])] = weight
-        else:
-            target = model.get_submodule(name.removesuffix(".weight")).weight
-            target.data.copy_(weight.reshape(target.shape))
+            if block is None or int(expert["layer"]) != block.spec.layer:
+                continue
+            stacked = getattr(model.get_submodule(block.path), expert["proj"])
+            e = int(expert["expert"])
+            stacked[e] = torch.from_numpy(quantizer(stacked[e].numpy()).dequantize())
+        elif name.startswith(part + "."):
+            weight = model.get_submodule(name.removesuffix(".weight")).weight
+            weight.data.copy_(torch.from_numpy(quantizer(weight.detach().numpy()).dequantize()).reshape(weight.shape))
 
 
 def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: list[np.ndarray],
@@ -230,7 +343,11 @@ def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: lis
     measured too and recorded, not enforced: its rounding can flip a near-tied routing decision,
     which moves logits by more than any fixed tolerance without anything being wrong.
     """
-    outputs = _run(_exact_kernels(folder / MODEL_FILE) if quantized else folder / MODEL_FILE, providers, probe)
+    if quantized:
+        with _exact_kernels(folder / MODEL_FILE) as exact:
+            outputs = _run(exact, providers, probe)
+    else:
+        outputs = _run(folder / MODEL_FILE, providers, probe)
     diff = float(np.abs(outputs[0] - reference[0]).max())
     if not diff <= VERIFY_TOLERANCE:
         layer = next((i // 2 for i, (got, want) in enumerate(zip(outputs[1:], reference[1:]))
@@ -253,22 +370,29 @@ def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: lis
     return result
 
 
-def _exact_kernels(model_file: Path) -> bytes:
-    """The model with every MatMulNBits set to accuracy_level 0 (fp32 activations)."""
+@contextmanager
+def _exact_kernels(model_file: Path):
+    """A copy of the model file (beside it, sharing its external data) with every MatMulNBits set
+    to accuracy_level 0 (fp32 activations)."""
     import onnx
 
-    model = onnx.load(str(model_file))
+    model = onnx.load(str(model_file), load_external_data=False)
     for node in model.graph.node:
         for attr in node.attribute:
             if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
                 attr.i = 0
-    return model.SerializeToString()
+    exact = model_file.with_name(f".exact-{model_file.name}")
+    onnx.save(model, str(exact))
+    try:
+        yield exact
+    finally:
+        exact.unlink()
 
 
-def _run(model, providers: list[str], probe: np.ndarray) -> list[np.ndarray]:
+def _run(model_file: Path, providers: list[str], probe: np.ndarray) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, providers=providers)
+    session = ort.InferenceSession(str(model_file), providers=providers)
     feeds = {"input_ids": probe, "attention_mask": np.ones_like(probe), "position_ids": np.arange(probe.shape[1])[None]}
     feeds |= {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()
               if i.name.startswith("past_key_values.")}
@@ -297,7 +421,7 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, pl
         ],
         "parameters": {"experts": expert_params,
                        "total": sum(int(p.numel()) for p in model.parameters()) + moe_buffers},
-        "quantization": None if plan is None else quantization_record(plan, blocks, quantized, expert_tokens),
+        "quantization": None if plan is None else quantization_record(plan, blocks, graph, quantized, expert_tokens),
         "bytes": {"model.onnx": files.get(MODEL_FILE, 0),
                   "external_data": files.get(EXTERNAL_DATA_FILE, 0),
                   "total": files.get(MODEL_FILE, 0) + files.get(EXTERNAL_DATA_FILE, 0)},
@@ -305,9 +429,10 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, pl
     }
 
 
-def quantization_record(plan: dict, blocks, quantized: dict, expert_tokens: dict) -> dict:
-    """Per expert: width, the container MatMulNBits stores it in, bytes, quantizer and calibration
-    tokens; totals, averages, and the experts GPTQ had too few tokens for."""
+def quantization_record(plan: dict, blocks, graph, quantized: dict, expert_tokens: dict) -> dict:
+    """Per expert: width, the container MatMulNBits stores it in, bytes (of its initializers in
+    `graph`), quantizer and calibration tokens; totals, averages, and the experts GPTQ had too
+    few tokens for."""
     import re
 
     from moec.ops.moe import EXPERT_WEIGHT_PATTERN, PROJECTIONS, expert_weight_name
@@ -323,7 +448,7 @@ def quantization_record(plan: dict, blocks, quantized: dict, expert_tokens: dict
                 row.append({"bits": 16, "stored_bits": 32, "bytes": nbytes, "quantizer": None})
             else:
                 q = parts[0]
-                nbytes = sum(_stored_bytes(p) for p in parts)
+                nbytes = sum(_stored_bytes(graph, expert_weight_name(b.spec.layer, e, p)) for p in PROJECTIONS)
                 row.append({"bits": q.bits, "stored_bits": CONTAINER_BITS[q.bits], "bytes": nbytes,
                             "quantizer": q.method})
             if expert_tokens:
@@ -331,7 +456,7 @@ def quantization_record(plan: dict, blocks, quantized: dict, expert_tokens: dict
             expert_bytes += row[-1]["bytes"]
             weighted_bits += row[-1]["bits"] * sum(int(getattr(b, p)[e].numel()) for p in PROJECTIONS)
         experts.append({"layer": b.spec.layer, "experts": row})
-    non_expert = {name: {"bits": q.bits, "stored_bits": CONTAINER_BITS[q.bits], "bytes": _stored_bytes(q)}
+    non_expert = {name: {"bits": q.bits, "stored_bits": CONTAINER_BITS[q.bits], "bytes": _stored_bytes(graph, name)}
                   for name, q in quantized.items() if not re.fullmatch(EXPERT_WEIGHT_PATTERN, name)}
     params = sum(int(getattr(b, p).numel()) for b in blocks for p in PROJECTIONS)
     repacked = sorted({q.bits for q in quantized.values() if CONTAINER_BITS[q.bits] != q.bits})
@@ -347,11 +472,7 @@ def quantization_record(plan: dict, blocks, quantized: dict, expert_tokens: dict
     }
 
 
-def _stored_bytes(q: QuantizedWeight) -> int:
-    """Bytes of MatMulNBits' packed codes, fp32 scales and packed zero points, in q's container."""
-    from moec.passes.matmul_nbits import CONTAINER_BITS
-
-    bits = CONTAINER_BITS[q.bits]
-    n, _ = q.codes.shape
-    blocks = q.scales.shape[1]
-    return n * blocks * (q.group_size * bits // 8 + 4) + n * -(-blocks * bits // 8)
+def _stored_bytes(graph, name: str) -> int:
+    """Bytes of the MatMulNBits initializers (packed codes, scales, zero points) of weight `name`."""
+    return sum(graph.graph.initializers[f"{name}.{suffix}"].const_value.nbytes
+               for suffix in ("q", "scales", "zero_points"))

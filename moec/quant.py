@@ -27,6 +27,21 @@ class QuantizedWeight:
         return dequantize(self.codes, self.scales, self.zeros, self.group_size)
 
 
+@dataclass(frozen=True, eq=False)
+class Quantizer:
+    """How one weight is to be quantized, decided up front from the plan; called with the weight
+    [N, K] only when its packed bytes are written. `result` is a quantization computed ahead
+    (GPTQ's, which needs calibration data), returned as is."""
+
+    bits: int
+    group_size: int
+    method: str = "rtn"
+    result: QuantizedWeight | None = None
+
+    def __call__(self, weight: np.ndarray) -> QuantizedWeight:
+        return self.result if self.result is not None else rtn(weight, self.bits, self.group_size)
+
+
 def rtn(weight: np.ndarray, bits: int, group_size: int = 128) -> QuantizedWeight:
     return QuantizedWeight(*quantize_rtn(weight, bits, group_size), bits=bits, group_size=group_size)
 

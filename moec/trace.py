@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -19,6 +22,7 @@ from torch import nn
 from moec.adapters import Adapter, MoEBlock
 from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
+from moec.passes.transpose_weights import TransposeWeightsPass
 
 
 @torch.library.custom_op("moec::moe", mutates_args=())
@@ -61,12 +65,14 @@ def _onnx_moe(hidden, router_logits, gate, up, down, gate_bias, up_bias, down_bi
 class TracedMoE(nn.Module):
     """A sparse block rewritten as: router linear → moec::moe → + shared experts."""
 
+    BLOCK_FIELDS = ("router_weight", "router_bias", "score_bias", "gate", "up", "down",
+                    "gate_bias", "up_bias", "down_bias")
+
     def __init__(self, block: MoEBlock, returns_router_scores: bool):
         super().__init__()
         self.spec = block.spec
         self.returns_router_scores = returns_router_scores
-        for name in ("router_weight", "router_bias", "score_bias", "gate", "up", "down",
-                     "gate_bias", "up_bias", "down_bias"):
+        for name in self.BLOCK_FIELDS:
             tensor = getattr(block, name)
             self.register_buffer(name, None if tensor is None else tensor.contiguous())
         self.shared = block.shared
@@ -86,14 +92,33 @@ class TracedMoE(nn.Module):
         return (y, None) if self.returns_router_scores else y
 
 
-def swap_moe_blocks(model: nn.Module, adapter: Adapter) -> list[MoEBlock]:
-    """Replace every sparse block of `model` in place by a TracedMoE; returns the blocks."""
+class WeightSource(NamedTuple):
+    """Where a weight of the swapped model comes from: the original model's state key `key`, or
+    (field set) that field of the MoEBlock the adapter reads from the sparse block at path `key`."""
+
+    key: str
+    field: str | None = None
+
+
+def swap_moe_blocks(model: nn.Module, adapter: Adapter) -> tuple[list[MoEBlock], dict[str, WeightSource]]:
+    """Replace every sparse block of `model` in place by a TracedMoE; returns the blocks and the
+    source of each weight of the swapped model (by its state key)."""
+    tensors = lambda m: [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]  # noqa: E731
+    original = {id(t): name for name, t in tensors(model)}
     blocks = adapter.blocks(model)
     for block in blocks:
         parent_path, _, attr = block.path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr,
                 TracedMoE(block, adapter.returns_router_scores))
-    return blocks
+    sources = {}
+    for block in blocks:
+        for field in TracedMoE.BLOCK_FIELDS:
+            if getattr(block, field) is not None:
+                sources[f"{block.path}.{field}"] = WeightSource(block.path, field)
+    for name, tensor in tensors(model):
+        if name not in sources:
+            sources[name] = WeightSource(original[id(tensor)])
+    return blocks, sources
 
 
 class KVCacheModel(nn.Module):
@@ -134,8 +159,13 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def trace(model: nn.Module, opset: int = 21) -> ir.Model:
-    """Export a swapped model with a KV cache; dynamic batch, sequence and past length."""
+def trace(model: nn.Module, weights: Callable[[str], np.ndarray] | None = None, opset: int = 21) -> ir.Model:
+    """Export a swapped model with a KV cache; dynamic batch, sequence and past length.
+
+    The model may be a skeleton on the meta device: the graph then comes from shapes alone, and
+    `weights(state key)` gives each weight's value when the artifact's bytes are written, so a
+    compile never holds more than the part of the model it is writing.
+    """
     from torch.export import Dim
 
     import logging
@@ -143,10 +173,11 @@ def trace(model: nn.Module, opset: int = 21) -> ir.Model:
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     batch, seq, past = 2, 3, 5
-    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
-    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
-    position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    pasts = [torch.zeros(s) for s in kv_shapes(model, batch, past)]
+    with torch.device(next(model.parameters()).device):
+        input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+        attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+        position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+        pasts = [torch.zeros(s) for s in kv_shapes(model, batch, past)]
     dyn = Dim.DYNAMIC
     dynamic_shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn},
                       tuple({0: dyn, 2: dyn} for _ in pasts))
@@ -156,13 +187,33 @@ def trace(model: nn.Module, opset: int = 21) -> ir.Model:
         program = torch.onnx.export(
             KVCacheModel(model).eval(), (input_ids, attention_mask, position_ids, *pasts),
             dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
-            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+            dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
             custom_translation_table={torch.ops.moec.moe.default: _onnx_moe},
         )
+        if weights is not None:
+            bind_weights(program.model, weights, strip_prefix="model.")
+        TransposeWeightsPass()(program.model)  # before the constant folder, which would materialize them
+        program.optimize()
     model = program.model
     name_dynamic_axes(model)
     NameWeightsPass(strip_prefix="model.")(model)  # KVCacheModel's attribute
     return model
+
+
+def bind_weights(model: ir.Model, weights: Callable[[str], np.ndarray], strip_prefix: str) -> None:
+    """Give every initializer exported from a meta-device tensor a lazy value read by `weights`."""
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if not getattr(getattr(tensor, "raw", None), "is_meta", False):  # torch.onnx's TorchTensor
+            continue
+        key = name.removeprefix(strip_prefix)
+        value.const_value = ir.LazyTensor(functools.partial(_read, weights, key, tensor.dtype),
+                                          dtype=tensor.dtype, shape=tensor.shape, name=name)
+
+
+def _read(weights: Callable[[str], np.ndarray], key: str, dtype: ir.DataType) -> ir.Tensor:
+    array = np.ascontiguousarray(weights(key), dtype=dtype.numpy())
+    return ir.tensor(array)
 
 
 def name_dynamic_axes(model: ir.Model) -> None:

@@ -20,6 +20,9 @@ from moec.checkpoint import Checkpoint
 from moec.errors import MoecError
 
 
+TRIM_BYTES = 64 << 20  # freeing less is not worth a garbage collection (a third of a second)
+
+
 class StreamingModel:
     """A transformers model whose skeleton lives on the meta device; parts are materialized on demand."""
 
@@ -67,10 +70,12 @@ class StreamingModel:
     def unload(self, path: str) -> None:
         """Return the submodule at `path` to meta, freeing its tensors."""
         module = self.model.get_submodule(path)
+        freed = sum(t.nbytes for t in [*module.parameters(), *module.buffers()] if not t.is_meta)
         module.to("meta")
         for submodule in module.modules():  # so a later load initializes its buffers again
             submodule.__dict__.pop("_is_hf_initialized", None)
-        _return_freed_memory()
+        if freed >= TRIM_BYTES:
+            _return_freed_memory()
 
     def _module_key_of_tensor(self) -> dict[str, str]:
         """Checkpoint tensor name -> the model state key it loads into, renamed as from_pretrained does."""
@@ -140,6 +145,38 @@ class StreamingModel:
                     submodule._buffers[name] = torch.empty_like(buffer, device="cpu")
         with torch.no_grad(), initialization.guard_torch_init_functions():
             module.apply(self.model._initialize_weights)
+
+
+class ResidentPart:
+    """Read a StreamingModel's tensors keeping one module materialized at a time: the one asked
+    for (a projection, a norm, a whole sparse block). Asking for a module outside it frees it
+    first, so a compile's lazy initializers need at most one sparse block of memory."""
+
+    def __init__(self, stream: StreamingModel):
+        self.stream = stream
+        self.part: str | None = None
+
+    def module(self, path: str) -> nn.Module:
+        """The materialized submodule at `path`."""
+        if self.part is None or not _under(path, self.part):
+            self.release()
+            self.stream.load(path)
+            self.part = path
+        return self.stream.model.get_submodule(path)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        owner, _, name = key.rpartition(".")
+        return getattr(self.module(owner), name)
+
+    def release(self) -> None:
+        if self.part is not None:
+            self.stream.unload(self.part)
+            self.part = None
+
+
+def part_of(path: str, layer_paths: list[str]) -> str:
+    """The part a module path is materialized with: its decoder layer, else the module itself."""
+    return next((layer for layer in layer_paths if _under(path, layer)), path)
 
 
 def _under(key: str, path: str) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from moec.ops.moe import DOMAIN, INPUT_NAMES, OP_TYPE, PROJECTIONS, MoESpec, expert_weight_name
+from moec.ops.moe import DOMAIN, INPUT_NAMES, OP_TYPE, MoESpec, expert_weight_name
 
 
 def is_moe_node(node: ir.Node) -> bool:
@@ -31,14 +31,27 @@ def moe_inputs(node: ir.Node) -> dict[str, ir.Value | None]:
     return dict(zip(INPUT_NAMES, inputs))
 
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The NumPy value of an initializer/constant input, None for an absent optional input."""
+def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of an initializer/constant input, None for an absent optional input."""
     if value is None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
     if tensor is None:
         raise ValueError(f"MoE input {value.name!r} must be a constant (initializer)")
-    return tensor.numpy()
+    return tensor
+
+
+def expert_slice(stacked: ir.TensorProtocol, expert: int, transpose: bool) -> ir.LazyTensor:
+    """stacked[expert] (transposed if asked), computed only when read: the expert weights of a
+    whole model never sit in memory together."""
+    dims = list(stacked.shape)[1:]
+    shape = ir.Shape(dims[::-1] if transpose else dims)
+
+    def read():
+        array = stacked.numpy()[expert]
+        return ir.tensor(np.ascontiguousarray(array.T if transpose else array))
+
+    return ir.LazyTensor(read, dtype=stacked.dtype, shape=shape)
 
 
 class _Builder:
@@ -62,8 +75,9 @@ class _Builder:
     def const(self, array, name=None):
         return self.op("Constant", value=ir.tensor(np.asarray(array)), name=name or "Constant")
 
-    def weight(self, array: np.ndarray, name: str) -> ir.Value:
-        return self.tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+    def weight(self, tensor: ir.TensorProtocol, name: str) -> ir.Value:
+        tensor.name = name
+        return self.tape.initializer(tensor, name=name)
 
 
 def _routing(b: _Builder, logits: ir.Value, score_bias: ir.Value | None, spec: MoESpec,
@@ -126,13 +140,15 @@ def _sparsemixer(b: _Builder, logits: ir.Value, jitter_eps: float):
     return b.op("Concat", *weights, axis=1), b.op("Concat", *picks, axis=1)
 
 
-def _expert(b: _Builder, x: ir.Value, weights: dict[str, np.ndarray], spec: MoESpec, expert: int):
-    """gate/up/down on the expert's tokens x [n, H]; weights given in [out, in] layout."""
+def _expert(b: _Builder, x: ir.Value, stacked: dict[str, ir.TensorProtocol | None], spec: MoESpec,
+            expert: int):
+    """gate/up/down on the expert's tokens x [n, H]; stacked weights [E, out, in], biases [E, out]."""
     def linear(inp, proj):
         name = expert_weight_name(spec.layer, expert, proj)
-        y = b.op("MatMul", inp, b.weight(weights[proj].T, name), name=f"{proj}_proj")
-        bias = weights.get(f"{proj}_bias")
-        return y if bias is None else b.op("Add", y, b.weight(bias, f"{name}.bias"))
+        weight = expert_slice(stacked[proj], expert, transpose=True)
+        y = b.op("MatMul", inp, b.weight(weight, name), name=f"{proj}_proj")
+        bias = stacked[f"{proj}_bias"]
+        return y if bias is None else b.op("Add", y, b.weight(expert_slice(bias, expert, False), f"{name}.bias"))
 
     gate, up = linear(x, "gate"), linear(x, "up")
     if spec.activation == "silu":
@@ -150,8 +166,8 @@ def lower_moe_node(graph: ir.Graph, node: ir.Node) -> None:
     """Replace one MoE node by its routed standard-op graph."""
     spec = moe_spec(node)
     inputs = moe_inputs(node)
-    arrays = {name: const_array(inputs[name]) for name in INPUT_NAMES[2:]}
-    num_experts = arrays["gate"].shape[0]
+    stacked = {name: const_tensor(inputs[name]) for name in INPUT_NAMES[2:]}
+    num_experts = stacked["gate"].shape[0]
     b = _Builder(graph, f"layers.{spec.layer}.moe")
     hidden, logits = inputs["hidden"], inputs["router_logits"]
 
@@ -168,10 +184,7 @@ def lower_moe_node(graph: ir.Graph, node: ir.Node) -> None:
         index = b.const(np.array(e, np.int64))
         tokens = b.op("Reshape", b.op("NonZero", b.op("Gather", routed, index, axis=0)), last_axis)
         x = b.op("Gather", hidden, tokens, axis=0)
-        expert_arrays = {proj: arrays[proj][e] for proj in PROJECTIONS}
-        expert_arrays |= {f"{proj}_bias": arrays[f"{proj}_bias"][e] for proj in PROJECTIONS
-                          if arrays[f"{proj}_bias"] is not None}
-        y = _expert(b, x, expert_arrays, spec, e)
+        y = _expert(b, x, stacked, spec, e)
         token_weights = b.op("Unsqueeze", b.op("Gather", b.op("Gather", dense_weights, index, axis=0),
                                                tokens, axis=0), last_axis)
         out = b.op("ScatterND", out, b.op("Unsqueeze", tokens, last_axis),

@@ -1,10 +1,11 @@
 """Replace float weight products by onnxruntime's low-bit `com.microsoft.MatMulNBits`.
 
 Matches: MatMul(x, W) with W an initializer [K, N], and Gemm(x, W, transB=1) with W [N, K]
-(alpha = beta = 1, optional bias C), for which `quantize(name, W as [N, K])` returns a
-QuantizedWeight (None leaves the node as it is).
+(alpha = beta = 1, optional bias C), for which `quantizer(name)` gives a Quantizer (None
+leaves the node as it is).
 Produces: MatMulNBits(x, B, scales, zero_points) with the packed codes as initializers named
-`<weight>.q`, `<weight>.scales`, `<weight>.zero_points`, plus an Add for a Gemm's bias.
+`<weight>.q`, `<weight>.scales`, `<weight>.zero_points`, plus an Add for a Gemm's bias. The
+codes are computed when the initializers are read (written out), one weight at a time.
 Widths MatMulNBits lacks are stored in the next container it has (1 → 2, 3 → 4 bits): the codes
 fit unchanged and dequantize to the same weights.
 """
@@ -16,13 +17,14 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from moec.quant import QuantizedWeight, pack_matmul_nbits
+from moec.quant import Quantizer, pack_matmul_nbits
 
 CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 
 
-def _weight_nk(node: ir.Node) -> np.ndarray | None:
-    """The node's constant weight as [N, K], or None if the node does not qualify."""
+def _weight(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
+    """The node's constant weight and whether it is stored as [K, N] (MatMul) rather than [N, K]
+    (Gemm with transB), or None if the node does not qualify."""
     if node.op_type not in ("MatMul", "Gemm") or node.domain != "":
         return None
     weight = node.inputs[1]
@@ -33,39 +35,73 @@ def _weight_nk(node: ir.Node) -> np.ndarray | None:
         if attrs.get("transB", 0) != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
                 or attrs.get("beta", 1.0) != 1.0:
             return None
-        return weight.const_value.numpy()
-    return weight.const_value.numpy().T
+        return weight.const_value, False
+    return weight.const_value, True
+
+
+class _Packed:
+    """A weight's three MatMulNBits inputs, computed together when the first is read and dropped
+    once all three were read (the writer reads them one after another), so no more than one
+    weight's codes are held at a time."""
+
+    def __init__(self, weight: ir.TensorProtocol, k_by_n: bool, quantizer: Quantizer):
+        self.weight, self.k_by_n, self.quantizer = weight, k_by_n, quantizer
+        self._arrays, self._unread = None, set()
+
+    def read(self, index: int) -> np.ndarray:
+        if self._arrays is None:
+            weight = self.weight.numpy()
+            q = self.quantizer(weight.T if self.k_by_n else weight)
+            self._arrays = pack_matmul_nbits(q.codes, q.scales, q.zeros, CONTAINER_BITS[q.bits], q.group_size)
+            self._unread = {0, 1, 2}
+        array = self._arrays[index]
+        self._unread.discard(index)
+        if not self._unread:
+            self._arrays = None
+        return array
+
+    def tensor(self, index: int, dtype: ir.DataType, shape: list[int]) -> ir.LazyTensor:
+        return ir.LazyTensor(lambda: ir.tensor(self.read(index)), dtype=dtype, shape=ir.Shape(shape))
 
 
 class MatMulNBitsPass(ir.passes.InPlacePass):
-    def __init__(self, quantize: Callable[[str, np.ndarray], QuantizedWeight | None], accuracy_level: int = 4):
+    """`quantizer(name)` says how the weight `name` is quantized, or None to leave it in float."""
+
+    def __init__(self, quantizer: Callable[[str], Quantizer | None], accuracy_level: int = 4):
         super().__init__()
-        self.quantize = quantize
+        self.quantizer = quantizer
         self.accuracy_level = accuracy_level
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, modified = model.graph, False
         for node in list(graph):
-            weight_nk = _weight_nk(node)
-            if weight_nk is None:
+            weight = _weight(node)
+            if weight is None:
                 continue
             name = node.inputs[1].name
-            quantized = self.quantize(name, weight_nk)
-            if quantized is None:
+            quantizer = self.quantizer(name)
+            if quantizer is None:
                 continue
-            self._replace(graph, node, name, quantized)
+            self._replace(graph, node, name, _Packed(*weight, quantizer))
             modified = True
         if modified:
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified)
 
-    def _replace(self, graph: ir.Graph, node: ir.Node, name: str, q: QuantizedWeight) -> None:
+    def _replace(self, graph: ir.Graph, node: ir.Node, name: str, packed: _Packed) -> None:
+        q = packed.quantizer
         bits = CONTAINER_BITS[q.bits]
-        packed, scales, zeros = pack_matmul_nbits(q.codes, q.scales, q.zeros, bits, q.group_size)
+        k, n = packed.weight.shape if packed.k_by_n else packed.weight.shape[::-1]
+        blocks = -(-k // q.group_size)
+        shapes = {"q": (ir.DataType.UINT8, [n, blocks, q.group_size * bits // 8]),
+                  "scales": (ir.DataType.FLOAT, [n, blocks]),
+                  "zero_points": (ir.DataType.UINT8, [n, -(-blocks * bits // 8)])}
         tape = ir.tape.Tape(graph)
-        inputs = [node.inputs[0]] + [tape.initializer(ir.tensor(a, name=f"{name}.{suffix}"), name=f"{name}.{suffix}")
-                                     for a, suffix in ((packed, "q"), (scales, "scales"), (zeros, "zero_points"))]
-        n, k = q.codes.shape
+        inputs = [node.inputs[0]]
+        for index, (suffix, (dtype, shape)) in enumerate(shapes.items()):
+            tensor = packed.tensor(index, dtype, shape)
+            tensor.name = f"{name}.{suffix}"
+            inputs.append(tape.initializer(tensor, name=tensor.name))
         out = tape.op("MatMulNBits", inputs, {"K": k, "N": n, "bits": bits, "block_size": q.group_size,
                                               "accuracy_level": self.accuracy_level},
                       domain="com.microsoft", name=f"{node.name or name}/MatMulNBits")

@@ -16,8 +16,8 @@ PROVIDERS = ("CPUExecutionProvider",)
 ACCURACY_LEVEL = 4
 
 
-def passes(quantize=None) -> list[ir.passes.PassBase]:
-    """`quantize(name, weight [N, K])` gives each weight's QuantizedWeight, or None for float."""
-    low_bit = [MatMulNBitsPass(quantize, ACCURACY_LEVEL)] if quantize else []
+def passes(quantizer=None) -> list[ir.passes.PassBase]:
+    """`quantizer(name)` gives each weight's moec.quant.Quantizer, or None to keep it in float."""
+    low_bit = [MatMulNBitsPass(quantizer, ACCURACY_LEVEL)] if quantizer else []
     return [LowerMoEPass(), *low_bit, common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(),
             common.ClearMetadataAndDocStringPass()]

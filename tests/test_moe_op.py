@@ -100,7 +100,7 @@ def test_reference_matches_transformers(arch, tmp_path):
     ids = torch.randint(0, tiny.VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(ids).logits
-        blocks = swap_moe_blocks(model, adapter_for(model.config))
+        blocks, _ = swap_moe_blocks(model, adapter_for(model.config))
         got = model(ids).logits
     assert blocks and all(type(getattr(model.get_submodule(b.path.rpartition(".")[0]),
                                        b.path.rpartition(".")[2])).__name__ == "TracedMoE" for b in blocks)

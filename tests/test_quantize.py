@@ -15,7 +15,7 @@ from moec.evaluate import evaluate
 from moec.passes.matmul_nbits import MatMulNBitsPass
 from moec.planner import DEFAULT_NON_EXPERT, save_plan
 from moec.policy import weight_bits
-from moec.quant import rtn
+from moec.quant import Quantizer, rtn
 from moec.runtime import Artifact, generate
 from tiny import ARCHITECTURES
 
@@ -46,23 +46,23 @@ def test_matmul_nbits_computes_with_the_dequantized_weight(bits, k, group, form)
     weight = rng.normal(size=(24, k)).astype(np.float32)
     bias = rng.normal(size=24).astype(np.float32) if form == "gemm-bias" else None
     model = _product_graph(weight, gemm=form != "matmul", bias=bias)
-    seen = {}
+    asked = []
 
-    def quantize(name, w):
-        seen[name] = rtn(w, bits, group)
-        return seen[name]
+    def quantizer(name):
+        asked.append(name)
+        return Quantizer(bits, group)
 
-    assert MatMulNBitsPass(quantize, accuracy_level=0)(model).modified
-    assert [n.op_type for n in model.graph][0] == "MatMulNBits" and list(seen) == ["w"]
+    assert MatMulNBitsPass(quantizer, accuracy_level=0)(model).modified
+    assert [n.op_type for n in model.graph][0] == "MatMulNBits" and asked == ["w"]
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.normal(size=(5, k)).astype(np.float32)
-    expected = x @ seen["w"].dequantize().T + (0 if bias is None else bias)
+    expected = x @ rtn(weight, bits, group).dequantize().T + (0 if bias is None else bias)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_matmul_nbits_leaves_weights_the_callback_declines():
     model = _product_graph(np.ones((4, 32), np.float32), gemm=False, bias=None)
-    assert not MatMulNBitsPass(lambda name, w: None)(model).modified
+    assert not MatMulNBitsPass(lambda name: None)(model).modified
     assert [n.op_type for n in model.graph] == ["MatMul"]
 
 

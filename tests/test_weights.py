@@ -4,6 +4,7 @@ frees its memory on unload, and reports broken checkpoints as MoecError."""
 from __future__ import annotations
 
 import gc
+import json
 import re
 import weakref
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import tiny
 from moec.checkpoint import open_checkpoint
 from moec.errors import MoecError
+from moec.planner import DEFAULT_NON_EXPERT
 from moec.weights import StreamingModel
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 250, 41, 7], [88, 12, 201, 64, 9, 9, 31]])
@@ -150,6 +152,38 @@ def test_memory_stays_at_about_one_layer(tmp_path):
     assert all(ref() is None for ref in first), "an unloaded layer's tensors must be freed"
     streaming.load("model.layers.1")
     assert parameter_bytes(streaming.model) == layer_bytes
+
+
+def test_compile_materializes_at_most_one_layer(tmp_path, monkeypatch):
+    """Tracing on the meta device, writing lazily and the streamed reference keep a compile at
+    one decoder layer (plus embeddings, final norm and head for the reference) at any time."""
+    import moec
+
+    config = transformers.MixtralConfig(**{**tiny.COMMON, "hidden_size": 256}, intermediate_size=512,
+                                        num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2)
+    checkpoint = save(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "model")
+    skeleton = StreamingModel(checkpoint).model
+    layer_bytes = parameter_bytes(skeleton.model.layers[0], resident_only=False)
+    total = parameter_bytes(skeleton, resident_only=False)
+    outer = total - 4 * layer_bytes
+    peak, loads = [0], []
+    load = StreamingModel.load
+
+    def watched_load(self, path):
+        module = load(self, path)
+        loads.append(path)
+        peak[0] = max(peak[0], parameter_bytes(self.model))
+        return module
+
+    monkeypatch.setattr(StreamingModel, "load", watched_load)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "moec-plan/1", "model": "tiny", "experts": {"bits": [[2, 4, 8, 16]] * 4},
+                                "non_expert": {**DEFAULT_NON_EXPERT, "attention": 4, "lm_head": 8},
+                                "quantization": {"method": "rtn", "group_size": 32}, "pruning": {}}))
+    record = moec.compile(checkpoint.path, tmp_path / "artifact", plan=plan, progress=False)
+    assert record["verification"]["max_abs_logit_diff"] < 1e-3
+    assert {f"model.layers.{i}" for i in range(4)} <= set(loads)
+    assert 0 < peak[0] <= layer_bytes + outer < total / 2
 
 
 def rewrite(file, edit):
