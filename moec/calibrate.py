@@ -10,8 +10,9 @@ Per sparse layer and expert it records (moec-stats/1, read by `moec plan`):
   routing_weight  sum of the expert's routing weight over those tokens
   quant_loss[b]   L2 norm of the MoE block's output error when that expert alone is RTN-quantized
                   to b bits (asymmetric, blocks of group_size along the input), summed over batches
-and per layer `pruning`: the output error when each token drops its lowest-weight expert, and
-quantiles of that expert's weight relative to the token's top-1 (what dynamic pruning thresholds).
+and per layer `pruning`: for each beta of a grid, the fraction of the layer's top-k activations
+MC-MoE's dynamic pruning rule drops and the relative error of the MoE output it causes (what
+`moec plan --prune-target` chooses layers and betas from).
 Hessians for error-compensating quantization are not stored: the same streaming recomputes them.
 """
 
@@ -28,7 +29,7 @@ from moec.text import read_text, token_windows
 STATS_FORMAT = "moec-stats/1"
 DEFAULT_BITS = (2, 4, 8)
 BATCH_SEQUENCES = 8
-RATIO_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+PRUNING_BETAS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
 
 
 def layer_stats(block, inputs: list, bits: tuple[int, ...], group_size: int) -> dict:
@@ -70,24 +71,26 @@ def layer_stats(block, inputs: list, bits: tuple[int, ...], group_size: int) -> 
 
 
 def _pruning(spec, routed, outputs) -> dict:
-    """Error of dropping each token's lowest-weight expert (kept weights renormalized when the
-    architecture renormalizes), and that expert's weight relative to the token's top-1."""
-    if spec.top_k < 2:
-        return {"drop_last_loss": 0.0, "output_norm": 0.0, "ratio_quantiles": {}}
-    loss = norm = 0.0
-    ratios = []
+    """The layer's dynamic-pruning curve: for each beta of PRUNING_BETAS, the fraction of its
+    top-k (token, expert) activations the beta rule drops and the relative L2 error of the MoE
+    output that causes (kept weights renormalized as the architecture does; no token protected)."""
+    import dataclasses
+
+    from moec.ops.dynamic_gating import prune
+
+    betas = PRUNING_BETAS if spec.top_k > 1 else ()
+    dropped, error = np.zeros(len(betas)), np.zeros(len(betas))
+    norm = activations = 0.0
     for (_, weights, _), out in zip(routed, outputs):
         full = (out * weights[..., None]).sum(1)
-        kept = weights.copy()
-        kept[np.arange(len(kept)), weights.argmin(-1)] = 0.0
-        if spec.normalize:
-            kept = kept * (weights.sum(-1, keepdims=True) / kept.sum(-1, keepdims=True))
-        loss += float(np.linalg.norm(full - (out * kept[..., None]).sum(1)))
-        norm += float(np.linalg.norm(full))
-        ratios.append(weights.min(-1) / weights.max(-1))
-    ratios = np.concatenate(ratios)
-    return {"drop_last_loss": loss, "output_norm": norm,
-            "ratio_quantiles": {str(q): float(np.quantile(ratios, q)) for q in RATIO_QUANTILES}}
+        norm += float(np.sum(full.astype(np.float64) ** 2))
+        activations += weights.size
+        for j, beta in enumerate(betas):
+            kept, keep = prune(weights, dataclasses.replace(spec, beta=beta))
+            dropped[j] += float(weights.size - keep.sum())
+            error[j] += float(np.sum(((out * kept[..., None]).sum(1) - full).astype(np.float64) ** 2))
+    return {"beta": list(betas), "pruned_fraction": [float(d / max(activations, 1)) for d in dropped],
+            "relative_error": [float(np.sqrt(e / norm)) if norm > 0 else 0.0 for e in error]}
 
 
 def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", progress: bool = True):

@@ -30,10 +30,11 @@ def moe(hidden: torch.Tensor, router_logits: torch.Tensor, gate: torch.Tensor, u
         down: torch.Tensor, gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None,
         down_bias: torch.Tensor | None, score_bias: torch.Tensor | None, layer: int, top_k: int,
         scoring: str, normalize: bool, scaling: float, n_group: int, topk_group: int,
-        jitter_eps: float, activation: str, swiglu_alpha: float, swiglu_limit: float) -> torch.Tensor:
+        jitter_eps: float, activation: str, swiglu_alpha: float, swiglu_limit: float, beta: float,
+        protect_fraction: float) -> torch.Tensor:
     """Eager body: the NumPy reference, so PyTorch and ONNX share one definition of the op."""
     spec = moe_op.MoESpec(layer, top_k, scoring, normalize, scaling, n_group, topk_group,
-                          jitter_eps, activation, swiglu_alpha, swiglu_limit)
+                          jitter_eps, activation, swiglu_alpha, swiglu_limit, beta, protect_fraction)
     as_np = lambda t: None if t is None else t.detach().float().cpu().numpy()  # noqa: E731
     out = moe_op.moe_reference(*(as_np(t) for t in (hidden, router_logits, gate, up, down, gate_bias,
                                                      up_bias, down_bias, score_bias)), spec=spec)
@@ -85,7 +86,7 @@ class TracedMoE(nn.Module):
         y = torch.ops.moec.moe(x, logits, self.gate, self.up, self.down, self.gate_bias, self.up_bias,
                                self.down_bias, self.score_bias, s.layer, s.top_k, s.scoring,
                                s.normalize, s.scaling, s.n_group, s.topk_group, s.jitter_eps,
-                               s.activation, s.swiglu_alpha, s.swiglu_limit)
+                               s.activation, s.swiglu_alpha, s.swiglu_limit, s.beta, s.protect_fraction)
         if self.shared is not None:
             y = y + self.shared(x)
         y = y.reshape(shape)

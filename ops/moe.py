@@ -5,7 +5,8 @@ Inputs (torch weight layout, [out, in]):
     optional gate_bias [E, I], up_bias [E, I], down_bias [E, H], score_bias [E].
 Output: the routed experts' weighted sum [T, H] (shared experts stay outside the node).
 
-Every supported family's routing is one point in `MoESpec`:
+Every supported family's routing is one point in `MoESpec`, and so is its dynamic pruning
+(`beta`, `protect_fraction`; see moec.ops.dynamic_gating):
     scoring="softmax"     softmax over all experts, top-k, optional renormalisation
                           (Mixtral, Qwen, OLMoE; top-k-then-softmax families such as
                           GraniteMoE and gpt-oss are softmax + normalize, which is identical)
@@ -56,6 +57,8 @@ class MoESpec:
     activation: str = "silu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    beta: float = 0.0              # dynamic pruning (moec.ops.dynamic_gating); 0 = plain top-k
+    protect_fraction: float = 0.0
 
     def __post_init__(self):
         if self.scoring not in SCORINGS:
@@ -64,6 +67,9 @@ class MoESpec:
             raise ValueError(f"MoE activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.scoring == "sparsemixer" and self.top_k != 2:
             raise ValueError("sparsemixer routing is defined for top_k = 2 only")
+        if not (0.0 <= self.beta <= 1.0 and 0.0 <= self.protect_fraction <= 1.0):
+            raise ValueError(f"pruning beta and protect_fraction must be in [0, 1], got {self.beta}, "
+                             f"{self.protect_fraction}")
 
     def attributes(self) -> dict:
         """ONNX attribute values (bools as ints, as ONNX has no bool attribute)."""
@@ -172,11 +178,13 @@ def expert_ffn(x, gate, up, down, spec: MoESpec, gate_bias=None, up_bias=None, d
 def moe_reference(hidden, router_logits, gate, up, down, gate_bias=None, up_bias=None,
                   down_bias=None, score_bias=None, *, spec: MoESpec) -> np.ndarray:
     """What a moec::MoE node computes; every lowering is tested against this."""
-    weights, indices = route(router_logits, spec, score_bias)
+    from moec.ops.dynamic_gating import gate as dynamic_gate, importance
+
+    weights, indices, keep = dynamic_gate(router_logits, spec, score_bias, importance(hidden))
     out = np.zeros_like(hidden, dtype=np.float32)
     pick = lambda b, e: None if b is None else b[e]  # noqa: E731
     for e in range(gate.shape[0]):
-        tokens, rank = np.nonzero(indices == e)
+        tokens, rank = np.nonzero((indices == e) & keep)
         if tokens.size == 0:
             continue
         y = expert_ffn(hidden[tokens], gate[e], up[e], down[e], spec,

@@ -2,8 +2,10 @@
 
 Matches: every node of domain `moec`, type `MoE` (see moec.ops.moe for its semantics).
 Produces, in its place:
-  - the routing as standard ops (Softmax/Sigmoid, TopK, ...) giving weights and indices [T, k];
-  - per expert e: the tokens routed to e (NonZero on its column of the routing mask), their
+  - the routing and its dynamic pruning as one moec.DynamicGating call (an ONNX function added
+    to the model) giving weights, indices and keep [T, k]; a layer the plan prunes (beta > 0)
+    reads the graph input `prune_experts` (default true), so pruning can be switched off at run time;
+  - per expert e: the tokens routed to and kept by e (NonZero on its column of the routing mask), their
     hidden rows gathered, gate/up/down MatMuls on just those rows with expert e's own
     initializers (`expert_weight_name`: `layers.{l}.experts.{e}.{gate,up,down}_proj`, [in, out]), scaled by the
     routing weight and scatter-added into the output.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from moec.ops.dynamic_gating import OP_TYPE as GATING_OP_TYPE
+from moec.ops.dynamic_gating import PRUNE_INPUT, PRUNE_OP_TYPE, ROUTING_ATTRIBUTES, function_protos
 from moec.ops.moe import DOMAIN, INPUT_NAMES, OP_TYPE, MoESpec, expert_weight_name
 
 
@@ -80,64 +84,36 @@ class _Builder:
         return self.tape.initializer(tensor, name=name)
 
 
-def _routing(b: _Builder, logits: ir.Value, score_bias: ir.Value | None, spec: MoESpec,
-             num_experts: int):
-    """Emit the routing of `spec`; returns (weights [T, k], indices [T, k] int64)."""
-    k = b.const(np.array([spec.top_k], np.int64))
-    if spec.scoring == "sparsemixer":
-        return _sparsemixer(b, logits, spec.jitter_eps)
-    if spec.scoring == "softmax":
-        scores = b.op("Softmax", logits, axis=-1)
-        choice = scores
-    else:
-        scores = b.op("Sigmoid", logits)
-        choice = scores if score_bias is None else b.op("Add", scores, score_bias)
-        if spec.n_group > 1:
-            per_group = num_experts // spec.n_group
-            grouped = b.op("Reshape", choice, b.const(np.array([0, spec.n_group, per_group], np.int64)))
-            top2, _ = b.op_multi("TopK", grouped, b.const(np.array([2], np.int64)), num_outputs=2, axis=-1)
-            group_scores = b.op("ReduceSum", top2, b.const(np.array([-1], np.int64)), keepdims=0)
-            _, best_groups = b.op_multi("TopK", group_scores,
-                                        b.const(np.array([spec.topk_group], np.int64)),
-                                        num_outputs=2, axis=-1)
-            ones = b.op("Expand", b.const(np.array(1.0, np.float32)), b.op("Shape", best_groups))
-            group_mask = b.op("ScatterElements", b.op("Mul", group_scores, b.const(np.float32(0))),
-                              best_groups, ones, axis=1)
-            expert_mask = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", group_mask,
-                                                               b.const(np.array([-1], np.int64))),
-                                               b.const(np.array([1, 1, per_group], np.int64))),
-                               b.const(np.array([0, num_experts], np.int64)))
-            choice = b.op("Where", b.op("Cast", expert_mask, to=ir.DataType.BOOL), choice,
-                          b.const(np.float32(-np.inf)))
-    _, indices = b.op_multi("TopK", choice, k, num_outputs=2, axis=-1)
-    weights = b.op("GatherElements", scores, indices, axis=1)
-    if spec.normalize:
-        total = b.op("ReduceSum", weights, b.const(np.array([-1], np.int64)), keepdims=1)
-        if spec.scoring == "sigmoid":
-            total = b.op("Add", total, b.const(np.float32(1e-20)))
-        weights = b.op("Div", weights, total)
-    if spec.scaling != 1.0:
-        weights = b.op("Mul", weights, b.const(np.float32(spec.scaling)))
-    return weights, indices
+def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, logits: ir.Value, score_bias: ir.Value | None,
+            spec: MoESpec, num_experts: int, hidden_size: int):
+    """A moec.DynamicGating call for the layer's routing and pruning: (weights, indices, keep) [T, k].
+    Importance is the L1 norm of each token's hidden state (as a MatMul with ones: onnxruntime's
+    reductions return wrong shapes for zero tokens). A pruned layer reads the graph's run-time
+    switch PRUNE_INPUT; an unpruned one (beta 0) is the plain routing."""
+    ones = b.const(np.ones((hidden_size, 1), np.float32))
+    importance = b.op("Squeeze", b.op("MatMul", b.op("Abs", hidden), ones), b.const(np.array([1], np.int64)))
+    enabled = _prune_switch(model.graph) if spec.beta > 0 else b.const(np.array(True))
+    inputs = [logits]
+    if spec.scoring == "sigmoid":
+        inputs.append(score_bias if score_bias is not None else b.const(np.zeros(num_experts, np.float32)))
+    inputs += [importance, enabled]
+    attributes = {name: (int(v) if isinstance(v := getattr(spec, name), bool) else v)
+                  for name in (*ROUTING_ATTRIBUTES, "beta", "protect_fraction")}
+    b.count += 1
+    return b.tape.op_multi_out(GATING_OP_TYPE, inputs, attributes, num_outputs=3, domain=DOMAIN,
+                               overload=spec.scoring, name=f"{b.prefix}/{GATING_OP_TYPE}_{b.count}")
 
 
-def _sparsemixer(b: _Builder, logits: ir.Value, jitter_eps: float):
-    """PhiMoE eval-mode routing, two picks, each a softmax over the logits near the max."""
-    minus_inf = b.const(np.float32(-np.inf))
-    threshold = b.const(np.float32(2 * jitter_eps))
-    abs_logits = b.op("Abs", logits)
-    masked, weights, picks = logits, [], []
-    for _ in range(2):
-        best = b.op("ReduceMax", masked, b.const(np.array([-1], np.int64)), keepdims=1)
-        pick = b.op("ArgMax", masked, axis=-1, keepdims=1)
-        factor = b.op("Max", abs_logits, best)
-        far = b.op("Greater", b.op("Div", b.op("Sub", best, logits), factor), threshold)
-        gates = b.op("Softmax", b.op("Where", far, minus_inf, masked), axis=-1)
-        weights.append(b.op("GatherElements", gates, pick, axis=1))
-        picks.append(pick)
-        masked = b.op("ScatterElements", masked, pick, b.op("Expand", minus_inf, b.op("Shape", pick)),
-                      axis=1)
-    return b.op("Concat", *weights, axis=1), b.op("Concat", *picks, axis=1)
+def _prune_switch(graph: ir.Graph) -> ir.Value:
+    """The graph input PRUNE_INPUT (bool scalar, default true), created on first use."""
+    for value in graph.inputs:
+        if value.name == PRUNE_INPUT:
+            return value
+    switch = ir.Value(name=PRUNE_INPUT, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]),
+                      const_value=ir.tensor(np.array(True), name=PRUNE_INPUT))
+    graph.inputs.append(switch)
+    graph.register_initializer(switch)
+    return switch
 
 
 def _expert(b: _Builder, x: ir.Value, stacked: dict[str, ir.TensorProtocol | None], spec: MoESpec,
@@ -162,19 +138,20 @@ def _expert(b: _Builder, x: ir.Value, stacked: dict[str, ir.TensorProtocol | Non
     return linear(hidden, "down")
 
 
-def lower_moe_node(graph: ir.Graph, node: ir.Node) -> None:
+def lower_moe_node(model: ir.Model, node: ir.Node) -> None:
     """Replace one MoE node by its routed standard-op graph."""
+    graph = model.graph
     spec = moe_spec(node)
     inputs = moe_inputs(node)
     stacked = {name: const_tensor(inputs[name]) for name in INPUT_NAMES[2:]}
-    num_experts = stacked["gate"].shape[0]
+    num_experts, _, hidden_size = stacked["gate"].shape
     b = _Builder(graph, f"layers.{spec.layer}.moe")
     hidden, logits = inputs["hidden"], inputs["router_logits"]
 
-    weights, indices = _routing(b, logits, inputs["score_bias"], spec, num_experts)
+    weights, indices, keep = _gating(b, model, hidden, logits, inputs["score_bias"], spec, num_experts, hidden_size)
     zeros = b.op("Mul", logits, b.const(np.float32(0)))
-    ones = b.op("Expand", b.const(np.float32(1)), b.op("Shape", weights))
-    routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, ones, axis=1), perm=[1, 0])
+    kept = b.op("Cast", keep, to=ir.DataType.FLOAT)
+    routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, kept, axis=1), perm=[1, 0])
     dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1),
                          perm=[1, 0])
     last_axis = b.const(np.array([-1], np.int64))
@@ -200,5 +177,12 @@ class LowerMoEPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes = [n for n in model.graph if is_moe_node(n)]
         for node in nodes:
-            lower_moe_node(model.graph, node)
+            lower_moe_node(model, node)
+        if nodes:
+            used = {n.overload for n in model.graph if n.domain == DOMAIN and n.op_type == GATING_OP_TYPE}
+            for proto in function_protos():
+                if proto.overload in used or proto.name == PRUNE_OP_TYPE:
+                    function = ir.serde.deserialize_function(proto)
+                    model.functions[function.identifier()] = function
+            model.opset_imports.setdefault(DOMAIN, 1)
         return ir.passes.PassResult(model, modified=bool(nodes))

@@ -44,7 +44,12 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled):
                 assert loss["8"] < loss["4"] < loss["2"], (layer["layer"], loss)
             else:
                 assert e["routing_weight"] == 0 and all(v == 0 for v in e["quant_loss"].values())
-        assert layer["pruning"]["output_norm"] > 0
+        curve = layer["pruning"]
+        assert len(curve["beta"]) == len(curve["pruned_fraction"]) == len(curve["relative_error"]) > 0
+        # a higher beta drops more; the top-1 is never dropped
+        assert np.all(np.diff(curve["pruned_fraction"]) >= 0)
+        assert 0 <= curve["pruned_fraction"][0] and curve["pruned_fraction"][-1] <= (top_k - 1) / top_k
+        assert curve["pruned_fraction"][-1] > 0 and curve["relative_error"][-1] > 0
     for scope in ("layer", "global"):
         plan = make_plan(stats, avg_bits=4.0, bits=[2, 4, 8], scope=scope)
         bits = plan["experts"]["bits"]

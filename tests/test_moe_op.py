@@ -26,6 +26,11 @@ SPECS = {
     "sigmoid-flat-raw": MoESpec(layer=0, top_k=3, scoring="sigmoid", normalize=False),
     "sparsemixer": MoESpec(layer=0, top_k=2, scoring="sparsemixer", jitter_eps=0.01),
     "clamped-swiglu": MoESpec(layer=0, top_k=2, activation="clamped_swiglu", swiglu_limit=0.5),
+    "softmax-pruned": MoESpec(layer=0, top_k=3, beta=0.5, protect_fraction=0.3),
+    "sigmoid-groups-pruned": MoESpec(layer=0, top_k=2, scoring="sigmoid", scaling=2.5, n_group=4,
+                                     topk_group=2, beta=0.9),
+    "sparsemixer-pruned": MoESpec(layer=0, top_k=2, scoring="sparsemixer", normalize=False, jitter_eps=0.5,
+                                  beta=0.6, protect_fraction=0.2),
 }
 
 
@@ -54,12 +59,13 @@ def random_weights(rng, spec: MoESpec) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-def run_lowered(spec, weights, hidden, logits):
+def run_lowered(spec, weights, hidden, logits, **feeds):
     model = moe_graph(spec, weights)
     assert LowerMoEPass()(model).modified
-    assert not [n for n in model.graph if n.domain == "moec"]
+    assert [n.op_type for n in model.graph if n.domain == "moec"] == ["DynamicGating"]
+    assert [v.name for v in model.graph.inputs][2:] == (["prune_experts"] if spec.beta > 0 else [])
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"hidden": hidden, "router_logits": logits})[0]
+    return session.run(None, {"hidden": hidden, "router_logits": logits, **feeds})[0]
 
 
 @pytest.mark.parametrize("tokens", [0, 1, 7])

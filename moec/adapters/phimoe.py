@@ -11,4 +11,4 @@ class PhimoeAdapter(Adapter):
 
     def spec(self, layer):
         return MoESpec(layer=layer, top_k=self.config.num_experts_per_tok, scoring="sparsemixer",
-                       jitter_eps=float(self.config.router_jitter_noise))
+                       normalize=False, jitter_eps=float(self.config.router_jitter_noise))
