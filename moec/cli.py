@@ -33,7 +33,7 @@ def _compile(args) -> None:
 def _run(args) -> None:
     from moec.runtime import Artifact, Tokenizer, generate, stream_text
 
-    artifact = Artifact(args.artifact, threads=args.threads)
+    artifact = Artifact(args.artifact, threads=args.threads, prune=not args.no_prune)
     tokenizer = Tokenizer(args.artifact)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -89,6 +89,8 @@ def _plan(args) -> None:
                    require_top_widths=not args.no_top_widths, group_size=args.group_size,
                    params_per_expert=args.params_per_expert, model=args.model, method=args.method)
     if args.sweep:
+        if args.prune_target is not None:
+            raise MoecError("--prune-target plans one pruning for one plan; it does not combine with --sweep")
         rows = sweep(stats, *args.sweep, **options)
         write_sweep_table(rows, args.out)
         if args.plot:
@@ -96,22 +98,32 @@ def _plan(args) -> None:
         print(f"wrote {args.out}: {len(rows)} Pareto points" + (f", plot {args.plot}" if args.plot else ""))
         return
     plan = make_plan(stats, avg_bits=args.avg_bits, size_budget=args.size_budget, **options)
+    if args.prune_target is not None:
+        from moec.pruning import plan_pruning
+
+        plan["pruning"] = plan_pruning(stats, args.prune_target, args.protect_fraction)
     save_plan(plan, args.out)
     objective = plan["objective"]
     size = objective["predicted_expert_bytes"]
+    pruning = plan["pruning"]
     print(f"wrote {args.out}: predicted loss {objective['predicted_loss']:.6g}"
-          + (f", experts {size / 1e9:.3f} GB" if size is not None else ""))
+          + (f", experts {size / 1e9:.3f} GB" if size is not None else "")
+          + (f", pruning {len(pruning['layers'])} layers (predicted {pruning['predicted_pruned_fraction']:.3f} "
+             "of expert activations)" if pruning else ""))
 
 
 def _eval(args) -> None:
     from moec.evaluate import evaluate
 
-    result = evaluate(args.path, args.data, samples=args.samples, seq_len=args.seq_len, threads=args.threads)
+    result = evaluate(args.path, args.data, samples=args.samples, seq_len=args.seq_len, threads=args.threads,
+                      prune=not args.no_prune)
     if args.json:
         print(json.dumps(result))
     else:
+        pruned = (f"; {result['expert_activations']} expert activations, {result['pruned_fraction']:.1%} "
+                  f"fewer than top-k (pruning {result['pruning']})") if "pruned_fraction" in result else ""
         print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
-              f"({result['runtime']}, {result['data']})")
+              f"({result['runtime']}, {result['data']}){pruned}")
 
 
 def _inspect(args) -> None:
@@ -148,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, metavar="TEXT")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    p.add_argument("--no-prune", action="store_true",
+                   help="run a dynamically pruned artifact with pruning off (no recompile)")
     p.add_argument("--json", action="store_true", help="print prompt/generated ids and text as JSON")
     p.set_defaults(func=_run)
 
@@ -194,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params-per-expert", type=int, metavar="N",
                    help="weights per routed expert (default: 3*hidden*intermediate from the stats or --model)")
     p.add_argument("--model", metavar="PATH", help="model the plan is for; refused if the stats are for another")
+    p.add_argument("--prune-target", type=float, metavar="F",
+                   help="also plan dynamic pruning: remove this fraction of expert activations (e.g. 0.15), "
+                        "from the least sensitive layers")
+    p.add_argument("--protect-fraction", type=float, default=0.0, metavar="P",
+                   help="with --prune-target: the most important fraction of prefill tokens keeps all its "
+                        "experts (default 0)")
     p.add_argument("--plot", metavar="FILE.png", help="with --sweep: also plot the front (needs matplotlib)")
     p.add_argument("--out", required=True, metavar="FILE", help="plan.json to write (or the table, with --sweep)")
     p.set_defaults(func=_plan)
@@ -206,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=32, metavar="N", help="windows (default 32)")
     p.add_argument("--seq-len", type=_positive_int, default=256, metavar="L", help="tokens per window (default 256)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    p.add_argument("--no-prune", action="store_true",
+                   help="run a dynamically pruned artifact with pruning off (no recompile)")
     p.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, ...)")
     p.set_defaults(func=_eval)
 

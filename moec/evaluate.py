@@ -23,9 +23,7 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
     return float((log_z - picked).sum())
 
 
-def _artifact_logits(path: Path, threads: int | None):
-    artifact = Artifact(path, threads=threads)
-
+def _artifact_logits(artifact: Artifact):
     def logits(ids: np.ndarray) -> np.ndarray:
         positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
         return artifact.forward(ids, np.ones_like(ids), positions, artifact.empty_cache(len(ids)))[0]
@@ -48,15 +46,23 @@ def _model_logits(path: Path):
 
 
 def evaluate(path: str | Path, data: str | Path, *, samples: int = 32, seq_len: int = 256,
-             batch: int = 4, threads: int | None = None) -> dict:
-    """Perplexity over up to `samples` windows of `seq_len` tokens of `data`."""
+             batch: int = 4, threads: int | None = None, prune: bool = True) -> dict:
+    """Perplexity over up to `samples` windows of `seq_len` tokens of `data`; for an artifact also
+    the (token, expert) pairs its MoE layers computed and the fraction pruning saved against
+    plain top-k (`prune=False` runs it with pruning off)."""
     path = Path(path)
     is_artifact = (path / MODEL_FILE).is_file()
     text, source = read_text(data)
     windows = token_windows(Tokenizer(path).encode(text), samples, seq_len)
-    logits = _artifact_logits(path, threads) if is_artifact else _model_logits(path)
+    artifact = Artifact(path, threads=threads, prune=prune) if is_artifact else None
+    logits = _artifact_logits(artifact) if is_artifact else _model_logits(path)
     nll = sum(_nll(logits(chunk), chunk) for chunk in np.array_split(windows, -(-len(windows) // batch)))
     tokens = int(windows.shape[0] * (windows.shape[1] - 1))
-    return {"perplexity": float(np.exp(nll / tokens)), "tokens": tokens, "nll": nll,
-            "samples": int(windows.shape[0]), "seq_len": seq_len, "data": source,
-            "runtime": "onnxruntime" if is_artifact else "pytorch", "path": str(path)}
+    result = {"perplexity": float(np.exp(nll / tokens)), "tokens": tokens, "nll": nll,
+              "samples": int(windows.shape[0]), "seq_len": seq_len, "data": source,
+              "runtime": "onnxruntime" if is_artifact else "pytorch", "path": str(path)}
+    if artifact is not None and artifact.activations["top_k"]:
+        computed, plain = artifact.activations["computed"], artifact.activations["top_k"]
+        result |= {"expert_activations": computed, "top_k_activations": plain,
+                   "pruned_fraction": 1 - computed / plain, "pruning": "on" if prune else "off"}
+    return result

@@ -7,6 +7,7 @@ interrupted compile never leaves a half-written artifact (nor removes the previo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -111,6 +112,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     from moec import trace
     from moec.adapters import adapter_for
     from moec.planner import load_plan
+    from moec.policy import layer_pruning
     from moec.targets import get_target
     from moec.weights import ResidentPart, StreamingModel
 
@@ -134,13 +136,15 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                 raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
             if plan_data is not None:
                 check_plan_fits(plan_data, blocks, skeleton.config.num_hidden_layers)
+                check_pruning_fits(plan_data, blocks)
             resident = ResidentPart(stream)
             layer_of = {b.path: b.spec.layer for b in blocks}
             graph = trace.trace(skeleton, weights=lambda key: read_weight(resident, adapter, layer_of, sources[key]))
         with stages.stage("lower"):
             quantizers: dict = {}
             choose = None if plan_data is None else plan_quantizer(plan_data, quantizers, prequantized)
-            for p in target_module.passes(choose):
+            pruning = layer_pruning(plan_data)
+            for p in target_module.passes(choose, pruning):
                 p(graph)
             graph.metadata_props.update({"moec.version": moec.__version__,
                                          "moec.source_model": str(checkpoint.path),
@@ -161,10 +165,10 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                               expert_tokens)
         probe = verification_input(skeleton.config.vocab_size)
         with stages.stage("reference"):
-            reference = streamed_reference(stream, adapter, blocks, probe, past_shapes(graph), quantizers)
+            reference = streamed_reference(stream, adapter, blocks, probe, past_shapes(graph), quantizers, pruning)
         with stages.stage("verify"):
             record["verification"] = verify(staging, list(target_module.PROVIDERS), probe, reference,
-                                            quantized=bool(quantizers))
+                                            quantized=bool(quantizers), pruned=bool(pruning))
         record["seconds"] = stages.seconds
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
     return record
@@ -198,11 +202,12 @@ def past_shapes(graph) -> list[tuple[int, ...]]:
 
 
 def streamed_reference(stream, adapter, blocks, probe: np.ndarray, pasts: list[tuple[int, ...]],
-                       quantizers: dict) -> list[np.ndarray]:
+                       quantizers: dict, pruning: dict) -> list[np.ndarray]:
     """Logits and every layer's KV cache of the transformers model on `probe`, as the artifact
     returns them, materializing each decoder layer only for its own call. Where `quantizers` has
-    a weight the reference computes with it quantized and dequantized, the layer's sparse block
-    swapped for the op the artifact lowers (run by its NumPy reference)."""
+    a weight the reference computes with it quantized and dequantized, and a layer in `pruning`
+    prunes dynamically: such a layer's sparse block is swapped for the op the artifact lowers
+    (run by its NumPy reference)."""
     import torch
 
     from moec.trace import KVCacheModel
@@ -212,7 +217,7 @@ def streamed_reference(stream, adapter, blocks, probe: np.ndarray, pasts: list[t
     layers = stream.layer_paths()
     tensors = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
     outer = sorted({part_of(name.rpartition(".")[0], layers) for name in tensors} - set(layers))
-    streamed = _LayerByLayer(stream, adapter, {b.path.rpartition(".")[0]: b for b in blocks}, quantizers)
+    streamed = _LayerByLayer(stream, adapter, {b.path.rpartition(".")[0]: b for b in blocks}, quantizers, pruning)
     handles = []
     try:
         for part in outer:
@@ -236,8 +241,9 @@ class _LayerByLayer:
     """Forward hooks that materialize a decoder layer for its call, as the artifact computes it
     (sparse block swapped and weights dequantized when quantized), and free it afterwards."""
 
-    def __init__(self, stream, adapter, block_of_layer: dict, quantizers: dict):
-        self.stream, self.adapter, self.block_of_layer, self.quantizers = stream, adapter, block_of_layer, quantizers
+    def __init__(self, stream, adapter, block_of_layer: dict, quantizers: dict, pruning: dict):
+        self.stream, self.adapter, self.block_of_layer = stream, adapter, block_of_layer
+        self.quantizers, self.pruning = quantizers, pruning
         self.swapped = None
 
     def hook(self, path: str) -> list:
@@ -250,10 +256,13 @@ class _LayerByLayer:
 
         self.stream.load(path)
         block = self.block_of_layer.get(path)
-        if self.quantizers and block is not None:
+        if block is not None and (self.quantizers or block.spec.layer in self.pruning):
             parent, _, attr = block.path.rpartition(".")
             original = self.stream.model.get_submodule(block.path)
             live = self.adapter.block(block.spec.layer, original, block.path)
+            if block.spec.layer in self.pruning:
+                beta, protect_fraction = self.pruning[block.spec.layer]
+                live.spec = dataclasses.replace(live.spec, beta=beta, protect_fraction=protect_fraction)
             setattr(self.stream.model.get_submodule(parent), attr, TracedMoE(live, self.adapter.returns_router_scores))
             self.swapped = (parent, attr, original)
         set_dequantized_weights(self.stream.model, path, block, self.quantizers)
@@ -278,6 +287,19 @@ def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:
                             f"(layer {layer} is a MoE layer), got {row!r}")
         if layer not in sparse and row is not None:
             raise MoecError(f"plan.json: experts.bits[{layer}] must be null (layer {layer} has no experts)")
+
+
+def check_pruning_fits(plan: dict, blocks) -> None:
+    """Only sparse layers with more than one routed expert per token can prune."""
+    from moec.policy import layer_pruning
+
+    top_k = {b.spec.layer: b.spec.top_k for b in blocks}
+    for layer in layer_pruning(plan):
+        if layer not in top_k:
+            raise MoecError(f"plan.json: pruning.layers names layer {layer}, which has no routed experts")
+        if top_k[layer] < 2:
+            raise MoecError(f"plan.json: pruning.layers names layer {layer}, which routes each token to one "
+                            "expert: there is nothing to prune")
 
 
 def gptq_experts(checkpoint, plan: dict, data, samples: int, seq_len: int, progress: bool):
@@ -334,7 +356,7 @@ def set_dequantized_weights(model, part: str, block, quantizers: dict) -> None:
 
 
 def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: list[np.ndarray],
-           quantized: bool) -> dict:
+           quantized: bool, pruned: bool = False) -> dict:
     """Run the artifact on `probe`; compare logits (and each layer's KV cache) with the reference.
 
     The check that fails the build runs every MatMulNBits in exact arithmetic (accuracy_level 0),
@@ -361,8 +383,10 @@ def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: lis
                      f"MLP/MoE or layer {layer}'s attention projections")
         raise MoecError(f"verification failed: artifact logits differ from the reference by {diff:.3g} "
                         f"(tolerance {VERIFY_TOLERANCE}){where}")
+    against = "PyTorch with the same dequantized weights" if quantized else \
+        "PyTorch with the MoE op's NumPy reference in the pruned layers" if pruned else "transformers fp32"
     result = {"max_abs_logit_diff": diff, "tolerance": VERIFY_TOLERANCE, "tokens": int(probe.size),
-              "against": "PyTorch with the same dequantized weights" if quantized else "transformers fp32"}
+              "against": against + (", pruning as planned" if pruned and quantized else "")}
     if quantized:
         shipped = float(np.abs(_run(folder / MODEL_FILE, providers, probe)[0] - reference[0]).max())
         result["shipped_kernels"] = {"max_abs_logit_diff": shipped,
@@ -422,6 +446,7 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, pl
         "parameters": {"experts": expert_params,
                        "total": sum(int(p.numel()) for p in model.parameters()) + moe_buffers},
         "quantization": None if plan is None else quantization_record(plan, blocks, graph, quantized, expert_tokens),
+        "pruning": pruning_record(plan),
         "bytes": {"model.onnx": files.get(MODEL_FILE, 0),
                   "external_data": files.get(EXTERNAL_DATA_FILE, 0),
                   "total": files.get(MODEL_FILE, 0) + files.get(EXTERNAL_DATA_FILE, 0)},
@@ -470,6 +495,21 @@ def quantization_record(plan: dict, blocks, graph, quantized: dict, expert_token
         "predicted_expert_bytes": (plan.get("objective") or {}).get("predicted_expert_bytes"),
         "experts": experts, "non_expert": non_expert,
     }
+
+
+def pruning_record(plan: dict | None) -> dict | None:
+    """Which layers prune with which beta, the importance the artifact uses, and its switch."""
+    from moec.ops.moe import PRUNE_SWITCH
+    from moec.policy import layer_pruning
+
+    pruning = layer_pruning(plan)
+    if not pruning:
+        return None
+    return {"layers": [{"layer": layer, "beta": beta} for layer, (beta, _) in sorted(pruning.items())],
+            "protect_fraction": next(iter(pruning.values()))[1],
+            "importance": "L1 norm of the token's hidden state at the MoE input (proxy for the paper's "
+                          "attention received x L1 norm)",
+            "switch": f"input {PRUNE_SWITCH} (bool, default true); fed false, the artifact runs plain top-k"}
 
 
 def _stored_bytes(graph, name: str) -> int:

@@ -48,6 +48,7 @@ QUANT_METHODS = ("rtn", "gptq")
 DEFAULT_NON_EXPERT = {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
 PLAN_KEYS = ("format", "model", "experts", "objective", "non_expert", "quantization", "pruning")
 OPTIONAL_PLAN_KEYS = ("objective",)
+PRUNING_KEYS = ("layers", "protect_fraction", "target", "predicted_pruned_fraction")  # the first two required
 OBJECTIVE_KEYS = ("scope", "alpha", "beta", "gamma", "candidate_bits", "require_top_widths", "budget",
                   "params_per_expert", "predicted_loss", "predicted_expert_bytes")
 # Hugging Face config keys for the routed-expert count, by family (Mixtral/PhiMoE/gpt-oss, Qwen/OLMoE, DeepSeek).
@@ -616,8 +617,7 @@ def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | N
     group_size = quantization["group_size"]
     if type(group_size) is not int or group_size < 16 or group_size & (group_size - 1):
         raise PlanError(f"{source}: quantization.group_size: expected a power of two >= 16, got {_show(group_size)}")
-    if not isinstance(plan["pruning"], dict):
-        raise PlanError(f"{source}: pruning: expected an object, got {_show(plan['pruning'])}")
+    _validate_pruning(plan["pruning"], f"{source}: pruning")
     if "objective" in plan:
         _validate_objective(plan["objective"], f"{source}: objective")
 
@@ -644,6 +644,45 @@ def _validate_expert_bits(experts: Any, num_layers: int | None, num_experts: int
             _plan_width(width, f"{where}[{expert}]")
     if num_experts is None:
         raise PlanError(f"{source}: experts.bits: no layer has experts")
+
+
+def _validate_pruning(pruning: Any, where: str) -> None:
+    """`{}`, or {"layers": [{"layer": int, "beta": (0, 1]}, ...], "protect_fraction": [0, 1), and
+    optionally "target" and "predicted_pruned_fraction" (see moec.pruning)."""
+    if not isinstance(pruning, dict):
+        raise PlanError(f"{where}: expected an object, got {_show(pruning)}")
+    if not pruning:
+        return
+    for key in pruning:
+        if key not in PRUNING_KEYS:
+            raise PlanError(f"{where}: unknown key {_show(key)} (expected {', '.join(PRUNING_KEYS)})")
+    for key in PRUNING_KEYS[:2]:
+        if key not in pruning:
+            raise PlanError(f"{where}: missing field {_show(key)}")
+    layers = pruning["layers"]
+    if not isinstance(layers, list):
+        raise PlanError(f'{where}.layers: expected a list of {{"layer": int, "beta": number}}, got {_show(layers)}')
+    seen = set()
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or set(entry) != {"layer", "beta"}:
+            raise PlanError(f'{where}.layers[{i}]: expected {{"layer": int, "beta": number}}, got {_show(entry)}')
+        if type(entry["layer"]) is not int or entry["layer"] < 0 or entry["layer"] in seen:
+            raise PlanError(f"{where}.layers[{i}].layer: expected a layer index not listed before, "
+                            f"got {_show(entry['layer'])}")
+        seen.add(entry["layer"])
+        _unit_fraction(entry["beta"], f"{where}.layers[{i}].beta", low_open=True)
+    _unit_fraction(pruning["protect_fraction"], f"{where}.protect_fraction", high_open=True)
+    for key in PRUNING_KEYS[2:]:
+        if key in pruning:
+            _unit_fraction(pruning[key], f"{where}.{key}")
+
+
+def _unit_fraction(value: Any, where: str, low_open: bool = False, high_open: bool = False) -> None:
+    ok = type(value) in (int, float) and math.isfinite(value) and \
+        (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    if not ok:
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise PlanError(f"{where}: expected a number in {interval}, got {_show(value)}")
 
 
 def _validate_objective(objective: Any, where: str) -> None:

@@ -1,4 +1,5 @@
-"""Which weight gets which width: the plan, plus this one function that reads it.
+"""Which weight gets which width, and which layer prunes with which beta: the plan, plus the
+functions here that read it.
 
 Weights are known by name: routed experts as `layers.{l}.experts.{e}.{gate,up,down}_proj` (the
 MoE lowering's names), everything else by torch module path (passes/name_weights.py).
@@ -41,3 +42,11 @@ def weight_bits(plan: dict, name: str) -> int | None:
         category = weight_category(name)
         bits = None if category is None else plan["non_expert"].get(category)
     return None if bits is None or bits >= UNQUANTIZED else int(bits)
+
+
+def layer_pruning(plan: dict | None) -> dict[int, tuple[float, float]]:
+    """(beta, protect_fraction) of each layer the plan prunes dynamically; others are absent."""
+    pruning = (plan or {}).get("pruning") or {}
+    protect = float(pruning.get("protect_fraction", 0.0))
+    return {int(entry["layer"]): (float(entry["beta"]), protect) for entry in pruning.get("layers", [])
+            if entry["beta"] > 0}

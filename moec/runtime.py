@@ -14,15 +14,21 @@ import numpy as np
 import onnxruntime as ort
 
 from moec.errors import MoecError
+from moec.ops.moe import ACTIVATIONS_OUTPUT, PRUNE_SWITCH
 
 MODEL_FILE = "model.onnx"
 RECORD_FILE = "moec.json"
 
 
 class Artifact:
-    """An onnxruntime session over an artifact folder, with the KV-cache layout read from it."""
+    """An onnxruntime session over an artifact folder, with the KV-cache layout read from it.
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    `prune=False` runs a dynamically pruned artifact with pruning off (its prune_experts input).
+    `activations` counts, over every forward, the (token, expert) pairs the MoE layers computed
+    and the pairs plain top-k routing would have computed."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 prune: bool = True):
         self.path = Path(path)
         model_file = self.path / MODEL_FILE
         if not model_file.is_file():
@@ -35,6 +41,9 @@ class Artifact:
                                             providers=providers or ["CPUExecutionProvider"])
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.switches = {PRUNE_SWITCH: np.array(False)} if not prune and self.record.get("pruning") else {}
+        self.top_k = {int(layer["layer"]): int(layer["routing"]["top_k"]) for layer in self.record.get("moe_layers", [])}
+        self.activations = {"computed": 0, "top_k": 0}
         config = json.loads((self.path / "config.json").read_text())
         self.eos_token_ids = _eos_ids(self.path, config)
 
@@ -45,11 +54,15 @@ class Artifact:
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One step: logits [B, S, V] and the next past (this step's presents)."""
-        outputs = self.session.run(None, {"input_ids": input_ids.astype(np.int64),
-                                          "attention_mask": attention_mask.astype(np.int64),
-                                          "position_ids": position_ids.astype(np.int64), **past})
-        logits, presents = outputs[0], outputs[1:]
-        return logits, {i.name: p for i, p in zip(self.past_inputs, presents)}
+        outputs = dict(zip(self.output_names, self.session.run(None, {
+            "input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+            "position_ids": position_ids.astype(np.int64), **past, **self.switches})))
+        for name, value in outputs.items():
+            if name.startswith(ACTIVATIONS_OUTPUT + "."):
+                self.activations["computed"] += int(value)
+                self.activations["top_k"] += input_ids.size * self.top_k[int(name.rpartition(".")[2])]
+        presents = {i.name: outputs["present." + i.name.removeprefix("past_key_values.")] for i in self.past_inputs}
+        return outputs["logits"], presents
 
 
 def read_record(path: Path) -> dict:

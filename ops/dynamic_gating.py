@@ -30,7 +30,6 @@ from moec.ops.moe import DOMAIN, MoESpec, route
 OP_TYPE = "DynamicGating"
 PRUNE_OP_TYPE = "PruneRouting"
 ROUTING_ATTRIBUTES = ("top_k", "normalize", "scaling", "n_group", "topk_group", "jitter_eps")
-PRUNE_INPUT = "prune_experts"  # the artifact's run-time switch (bool scalar input, default true)
 
 
 # --------------------------------------------------------------------------- NumPy reference

@@ -32,6 +32,9 @@ INPUT_NAMES = (
 )
 OPTIONAL_INPUTS = frozenset(INPUT_NAMES[5:])
 SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+# the lowered artifact's pruning interface (pure names, so the runtime can read them without onnxscript)
+PRUNE_SWITCH = "prune_experts"  # run-time switch: bool scalar graph input, default true
+ACTIVATIONS_OUTPUT = "expert_activations"  # per layer ".{layer}": (token, expert) pairs computed, int64
 PROJECTIONS = ("gate", "up", "down")
 EXPERT_WEIGHT_PATTERN = r"layers\.(?P<layer>\d+)\.experts\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj"
 

@@ -4,7 +4,8 @@ Matches: every node of domain `moec`, type `MoE` (see moec.ops.moe for its seman
 Produces, in its place:
   - the routing and its dynamic pruning as one moec.DynamicGating call (an ONNX function added
     to the model) giving weights, indices and keep [T, k]; a layer the plan prunes (beta > 0)
-    reads the graph input `prune_experts` (default true), so pruning can be switched off at run time;
+    reads the graph input `prune_experts` (bool, default true), so pruning can be switched off at run time;
+  - a graph output `expert_activations.{layer}`: the (token, expert) pairs the layer computed;
   - per expert e: the tokens routed to and kept by e (NonZero on its column of the routing mask), their
     hidden rows gathered, gate/up/down MatMuls on just those rows with expert e's own
     initializers (`expert_weight_name`: `layers.{l}.experts.{e}.{gate,up,down}_proj`, [in, out]), scaled by the
@@ -18,8 +19,9 @@ import numpy as np
 import onnx_ir as ir
 
 from moec.ops.dynamic_gating import OP_TYPE as GATING_OP_TYPE
-from moec.ops.dynamic_gating import PRUNE_INPUT, PRUNE_OP_TYPE, ROUTING_ATTRIBUTES, function_protos
-from moec.ops.moe import DOMAIN, INPUT_NAMES, OP_TYPE, MoESpec, expert_weight_name
+from moec.ops.dynamic_gating import PRUNE_OP_TYPE, ROUTING_ATTRIBUTES, function_protos
+from moec.ops.moe import (ACTIVATIONS_OUTPUT, DOMAIN, INPUT_NAMES, OP_TYPE, PRUNE_SWITCH, MoESpec,
+                          expert_weight_name)
 
 
 def is_moe_node(node: ir.Node) -> bool:
@@ -89,7 +91,7 @@ def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, logits: ir.Value, sc
     """A moec.DynamicGating call for the layer's routing and pruning: (weights, indices, keep) [T, k].
     Importance is the L1 norm of each token's hidden state (as a MatMul with ones: onnxruntime's
     reductions return wrong shapes for zero tokens). A pruned layer reads the graph's run-time
-    switch PRUNE_INPUT; an unpruned one (beta 0) is the plain routing."""
+    switch PRUNE_SWITCH; an unpruned one (beta 0) is the plain routing."""
     ones = b.const(np.ones((hidden_size, 1), np.float32))
     importance = b.op("Squeeze", b.op("MatMul", b.op("Abs", hidden), ones), b.const(np.array([1], np.int64)))
     enabled = _prune_switch(model.graph) if spec.beta > 0 else b.const(np.array(True))
@@ -105,12 +107,15 @@ def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, logits: ir.Value, sc
 
 
 def _prune_switch(graph: ir.Graph) -> ir.Value:
-    """The graph input PRUNE_INPUT (bool scalar, default true), created on first use."""
+    """The graph input PRUNE_SWITCH (bool scalar) with an initializer giving its default, true,
+    created on first use: callers that do not feed it get pruning. (onnxruntime folds an
+    initializer as a constant before SessionOptions.add_initializer can override it, so the
+    switch must be an input.)"""
     for value in graph.inputs:
-        if value.name == PRUNE_INPUT:
+        if value.name == PRUNE_SWITCH:
             return value
-    switch = ir.Value(name=PRUNE_INPUT, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]),
-                      const_value=ir.tensor(np.array(True), name=PRUNE_INPUT))
+    switch = ir.Value(name=PRUNE_SWITCH, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]),
+                      const_value=ir.tensor(np.array(True), name=PRUNE_SWITCH))
     graph.inputs.append(switch)
     graph.register_initializer(switch)
     return switch
@@ -167,7 +172,12 @@ def lower_moe_node(model: ir.Model, node: ir.Node) -> None:
         out = b.op("ScatterND", out, b.op("Unsqueeze", tokens, last_axis),
                    b.op("Mul", y, token_weights), reduction="add")
 
+    b.prefix = f"layers.{spec.layer}.moe"
+    computed = b.op("ReduceSum", b.op("Cast", keep, to=ir.DataType.INT64), keepdims=0)
+    computed.name = f"{ACTIVATIONS_OUTPUT}.{spec.layer}"
+    computed.type, computed.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([])
     ir.convenience.replace_nodes_and_values(graph, node, [node], b.tape.nodes, node.outputs, [out])
+    graph.outputs.append(computed)
 
 
 class LowerMoEPass(ir.passes.InPlacePass):

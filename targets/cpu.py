@@ -10,14 +10,16 @@ import onnx_ir.passes.common as common
 
 from moec.passes.lower_moe import LowerMoEPass
 from moec.passes.matmul_nbits import MatMulNBitsPass
+from moec.passes.prune_experts import PruneExpertsPass
 
 NAME = "cpu"
 PROVIDERS = ("CPUExecutionProvider",)
 ACCURACY_LEVEL = 4
 
 
-def passes(quantizer=None) -> list[ir.passes.PassBase]:
-    """`quantizer(name)` gives each weight's moec.quant.Quantizer, or None to keep it in float."""
+def passes(quantizer=None, pruning=None) -> list[ir.passes.PassBase]:
+    """`quantizer(name)` gives each weight's moec.quant.Quantizer, or None to keep it in float;
+    `pruning` maps each dynamically pruned layer to (beta, protect_fraction)."""
     low_bit = [MatMulNBitsPass(quantizer, ACCURACY_LEVEL)] if quantizer else []
-    return [LowerMoEPass(), *low_bit, common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(),
-            common.ClearMetadataAndDocStringPass()]
+    return [PruneExpertsPass(pruning or {}), LowerMoEPass(), *low_bit, common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]

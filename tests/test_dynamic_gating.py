@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from moec.ops.dynamic_gating import OP_TYPE, PRUNE_INPUT, ROUTING_ATTRIBUTES, function_protos, gate
+from moec.ops.dynamic_gating import OP_TYPE, ROUTING_ATTRIBUTES, function_protos, gate
 from moec.ops.moe import MoESpec, moe_reference
 from test_moe_op import random_weights, run_lowered
 
@@ -108,7 +108,8 @@ def test_the_rule_drops_below_beta_times_top1_and_protects_the_important_tokens(
 
 @pytest.mark.parametrize("routing", ["softmax-raw-k3", "sigmoid-groups", "sparsemixer"])
 def test_lowering_prunes_and_the_switch_turns_it_off(routing):
-    """The lowered graph computes the pruned MoE; fed prune_experts=false, the plain one."""
+    """The lowered graph computes the pruned MoE; with its prune_experts switch overridden to
+    false by the session, the plain one."""
     pruned = dataclasses.replace(ROUTINGS[routing], beta=0.7)
     plain = dataclasses.replace(pruned, beta=0.0)
     rng = np.random.default_rng(7)
@@ -122,5 +123,5 @@ def test_lowering_prunes_and_the_switch_turns_it_off(routing):
     without = moe_reference(hidden, logits, **weights, spec=plain)
     assert np.abs(with_pruning - without).max() > 1e-3
     np.testing.assert_allclose(run_lowered(pruned, weights, hidden, logits), with_pruning, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(run_lowered(pruned, weights, hidden, logits, **{PRUNE_INPUT: np.array(False)}),
-                               without, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_lowered(pruned, weights, hidden, logits, prune=False), without,
+                               rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moec.adapters import adapter_for
-from moec.ops.moe import INPUT_NAMES, MoESpec, moe_reference, route
+from moec.ops.moe import INPUT_NAMES, PRUNE_SWITCH, MoESpec, moe_reference, route
 from moec.passes.lower_moe import LowerMoEPass
 from moec.trace import swap_moe_blocks
 from tiny import ARCHITECTURES
@@ -59,13 +59,14 @@ def random_weights(rng, spec: MoESpec) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-def run_lowered(spec, weights, hidden, logits, **feeds):
+def run_lowered(spec, weights, hidden, logits, prune=True):
     model = moe_graph(spec, weights)
     assert LowerMoEPass()(model).modified
     assert [n.op_type for n in model.graph if n.domain == "moec"] == ["DynamicGating"]
-    assert [v.name for v in model.graph.inputs][2:] == (["prune_experts"] if spec.beta > 0 else [])
+    assert [v.name for v in model.graph.inputs][2:] == ([PRUNE_SWITCH] if spec.beta > 0 else [])
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"hidden": hidden, "router_logits": logits, **feeds})[0]
+    switch = {} if prune else {PRUNE_SWITCH: np.array(False)}
+    return session.run(None, {"hidden": hidden, "router_logits": logits, **switch})[0]
 
 
 @pytest.mark.parametrize("tokens", [0, 1, 7])

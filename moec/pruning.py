@@ -1,0 +1,69 @@
+"""Which layers prune dynamically, with which beta: the `pruning` section of plan.json
+(validated with the rest of the plan in moec.planner).
+
+    "pruning": {"layers": [{"layer": 3, "beta": 0.35}, ...], "protect_fraction": 0.0,
+                "target": 0.15, "predicted_pruned_fraction": 0.151}
+
+`{}` prunes nothing. `target` and `predicted_pruned_fraction` are what `moec plan --prune-target`
+asked and expects; hand-written plans may leave them out.
+
+`plan_pruning` chooses from calibrate's per-layer curves (for each beta on a grid: the fraction of
+the layer's top-k activations the rule drops and the relative output error that causes) one
+beta or none per layer, so that the model's activations drop by at least the target fraction
+at the least sum of squared relative errors (errors of different layers add up like independent
+noise, so pruning spreads over layers rather than piling into one): a multiple-choice knapsack,
+solved exactly with HiGHS.
+Protected tokens keep all their experts, so with protect_fraction p the prediction is (1 - p)
+times the curves (importance taken as independent of the routing weights).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moec.planner import PlanError
+
+ERROR_EXPONENT = 2  # errors of different layers add like independent noise: squared norms add
+
+
+def plan_pruning(stats: dict, target: float, protect_fraction: float = 0.0) -> dict:
+    """The plan's `pruning` section removing at least `target` of all expert activations."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    if not 0 < target < 1:
+        raise PlanError(f"--prune-target must be a fraction between 0 and 1, got {target}")
+    if not 0 <= protect_fraction < 1:
+        raise PlanError(f"--protect-fraction must be in [0, 1), got {protect_fraction}")
+    layers = [layer for layer in stats["layers"] if (layer.get("pruning") or {}).get("beta")]
+    if not layers:
+        raise PlanError("the stats hold no pruning curves (top-k is 1, or they come from a moec before "
+                           "pruning curves were recorded): run moec calibrate again")
+    # option 0 of each layer: no pruning; option j: the curve's j-th beta
+    options = [[(0.0, 0.0, 0.0)] + list(zip(layer["pruning"]["beta"],
+                                            np.asarray(layer["pruning"]["pruned_fraction"]) * (1 - protect_fraction),
+                                            layer["pruning"]["relative_error"])) for layer in layers]
+    best = sum(max(fraction for _, fraction, _ in row) for row in options) / len(stats["layers"])
+    if best < target:
+        raise PlanError(f"--prune-target {target:g} is out of reach: pruning every layer at its highest "
+                           f"beta removes {best:.3f} of the expert activations")
+    sizes = [len(row) for row in options]
+    starts = np.cumsum([0] + sizes[:-1])
+    count = sum(sizes)
+    cost = np.concatenate([[error ** ERROR_EXPONENT for _, _, error in row] for row in options])
+    removed = np.concatenate([[fraction for _, fraction, _ in row] for row in options]) / len(stats["layers"])
+    one_per_layer = np.zeros((len(layers), count))
+    for i, (start, size) in enumerate(zip(starts, sizes)):
+        one_per_layer[i, start:start + size] = 1
+    result = milp(cost, integrality=np.ones(count), bounds=Bounds(0, 1),
+                  constraints=[LinearConstraint(one_per_layer, 1, 1), LinearConstraint(removed[None], target, np.inf)],
+                  options={"mip_rel_gap": 0.0})
+    if not result.success:
+        raise PlanError(f"the pruning plan could not be solved: {result.message}")
+    chosen = [int(np.argmax(result.x[start:start + size])) for start, size in zip(starts, sizes)]
+    return {
+        "layers": [{"layer": layer["layer"], "beta": float(options[i][j][0])}
+                   for i, (layer, j) in enumerate(zip(layers, chosen)) if j > 0],
+        "protect_fraction": float(protect_fraction),
+        "target": float(target),
+        "predicted_pruned_fraction": float(sum(removed[start + j] for start, j in zip(starts, chosen))),
+    }

@@ -1,0 +1,30 @@
+"""Set each pruned layer's dynamic-pruning parameters on its MoE node, from the plan.
+
+Matches: `moec::MoE` nodes of the layers in `pruning` ({layer: (beta, protect_fraction)}).
+Produces: the same nodes with their `beta` and `protect_fraction` attributes set; the MoE
+lowering turns them into the layer's moec.DynamicGating, so a dropped (token, expert) pair
+costs no expert compute. Layers not listed keep plain top-k routing (beta 0).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from moec.passes.lower_moe import is_moe_node, moe_spec
+
+
+class PruneExpertsPass(ir.passes.InPlacePass):
+    def __init__(self, pruning: dict[int, tuple[float, float]]):
+        super().__init__()
+        self.pruning = pruning
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in model.graph:
+            if not is_moe_node(node) or moe_spec(node).layer not in self.pruning:
+                continue
+            beta, protect_fraction = self.pruning[moe_spec(node).layer]
+            node.attributes["beta"] = ir.AttrFloat32("beta", beta)
+            node.attributes["protect_fraction"] = ir.AttrFloat32("protect_fraction", protect_fraction)
+            modified = True
+        return ir.passes.PassResult(model, modified)
