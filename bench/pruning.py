@@ -5,12 +5,19 @@ with pruning on and off on the Mixtral-proportioned random model.
    --targets value plan the pruning (`moec plan --prune-target`), compile, and evaluate on the
    sample's held-out standard-library files: pruned fraction (counted by the artifact) and
    perplexity next to the unpruned model.
+   Then the importance study: at the 0.15 target, perplexity (PyTorch, the op's NumPy
+   reference in the pruned layers) with no token protected, with the 10% / 20% most important
+   tokens protected by the artifact's proxy (L1 norm of the MoE input), and by the paper's score
+   (attention the token receives, mean over heads and queries, times the L1 norm of the layer's
+   input), the betas re-planned for each so the pruned fraction stays at the target.
 2. The 8-layer Mixtral-proportioned checkpoint of bench/memory.py (built if absent): calibrate,
    plan 2.5 average expert bits with --decode-target pruning, compile, then greedy decoding of
    --decode-tokens tokens after a short prompt, with the artifact's pruning on and off (the same
-   file, its prune_experts switch), best of --repeats, one thread and two.
+   file, its prune_experts switch), one thread and two, off and on alternating over --rounds
+   rounds (each the best of --repeats); the median per setting is reported.
 
-Run from the repository root: python bench/pruning.py [--workdir /tmp/moec-pruning] [--skip-sample]
+Run from the repository root:
+    python bench/pruning.py [--workdir /tmp/moec-pruning] [--skip-sample] [--reuse-artifact]
 """
 
 import argparse
@@ -51,6 +58,7 @@ def sample_curve(work: Path, targets: list[float]) -> list[dict]:
     heldout = work / "heldout.txt"
     heldout.write_text("\n".join(stdlib_sources(3_000_000)[1]))
     stats = calibrate(SAMPLE, progress=False)
+    (work / "sample-stats.json").write_text(json.dumps(stats))
     rows = [{"target": 0.0, "layers": [], **_eval(SAMPLE, heldout)}]
     for target in targets:
         plan = float_plan(stats, plan_pruning(stats, target))
@@ -59,6 +67,57 @@ def sample_curve(work: Path, targets: list[float]) -> list[dict]:
         moec.compile(SAMPLE, artifact, plan=work / f"plan-{target}.json", force=True, progress=False)
         rows.append({"target": target, "layers": [(e["layer"], e["beta"]) for e in plan["pruning"]["layers"]],
                      "predicted": plan["pruning"]["predicted_pruned_fraction"], **_eval(artifact, heldout)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def importance_study(stats: dict, heldout: Path, target: float = 0.15) -> list[dict]:
+    import dataclasses
+
+    import torch
+    import transformers
+
+    import moec.ops.dynamic_gating as gating
+    from moec.adapters import adapter_for
+    from moec.evaluate import _nll
+    from moec.runtime import Tokenizer
+    from moec.text import read_text, token_windows
+    from moec.trace import swap_moe_blocks
+
+    windows = token_windows(Tokenizer(SAMPLE).encode(read_text(heldout)[0]), 32, 256)
+    proxy, rows = gating.importance, []
+    for protect, score in ((0.0, "none"), (0.1, "proxy"), (0.2, "proxy"), (0.1, "attention"), (0.2, "attention")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(SAMPLE, dtype=torch.float32,
+                                                                  attn_implementation="eager").eval()
+        pruning = plan_pruning(stats, target, protect)
+        betas = {entry["layer"]: entry["beta"] for entry in pruning["layers"]}
+        blocks, _ = swap_moe_blocks(model, adapter_for(model.config))
+        for block in blocks:
+            moe = model.get_submodule(block.path)
+            moe.spec = dataclasses.replace(moe.spec, beta=betas.get(block.spec.layer, 0.0),
+                                           protect_fraction=protect if block.spec.layer in betas else 0.0)
+        attention_score = {}
+
+        def remember_input(module, args, kwargs):
+            attention_score["input"] = kwargs["hidden_states"]
+
+        def score_tokens(module, args, kwargs, output):
+            received = output[1].mean(dim=(1, 2))  # attention probabilities [B, heads, Tq, Tk]
+            attention_score["value"] = (received * attention_score["input"].abs().sum(-1)).reshape(-1).numpy()
+
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_pre_hook(remember_input, with_kwargs=True)
+            layer.self_attn.register_forward_hook(score_tokens, with_kwargs=True)
+        gating.importance = (lambda hidden: attention_score["value"]) if score == "attention" else proxy
+        try:
+            with torch.no_grad():
+                nll = sum(_nll(model(torch.from_numpy(chunk), output_attentions=True).logits.numpy(), chunk)
+                          for chunk in np.array_split(windows, 8))
+        finally:
+            gating.importance = proxy
+        rows.append({"protect_fraction": protect, "importance": score,
+                     "predicted_pruned_fraction": pruning["predicted_pruned_fraction"],
+                     "perplexity": float(np.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))))})
         print(rows[-1], flush=True)
     return rows
 
@@ -83,26 +142,8 @@ def decode_speed(artifact: Path, tokens: int, repeats: int, threads: int, prune:
     return {"tokens_per_second": 1.0 / best, "pruned_fraction": 1 - activations["computed"] / activations["top_k"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/moec-pruning", type=Path)
-    parser.add_argument("--targets", default="0.05,0.1,0.13,0.15,0.2,0.3")
-    parser.add_argument("--skip-sample", action="store_true")
-    parser.add_argument("--big", default="/tmp/moec-bench/mixtral-8L-h1024", type=Path)
-    parser.add_argument("--decode-target", default=0.2, type=float)
-    parser.add_argument("--decode-tokens", default=64, type=int)
-    parser.add_argument("--repeats", default=3, type=int)
-    args = parser.parse_args()
-    work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    result = {}
-    if not args.skip_sample:
-        result["sample"] = sample_curve(work, [float(t) for t in args.targets.split(",")])
-        base = result["sample"][0]["perplexity"]
-        print("\n| target | layers (beta) | pruned fraction | perplexity | change |\n|---|---|---|---|---|")
-        for row in result["sample"]:
-            print(f"| {row['target']:g} | {row['layers']} | {row['pruned_fraction']:.4f} | {row['perplexity']:.3f} | "
-                  f"{(row['perplexity'] / base - 1) * 100:+.2f}% |")
+def build_big(args, work: Path, artifact: Path) -> None:
+    """Calibrate (once), plan 2.5 bits with pruning, and compile the Mixtral-proportioned model."""
     if not (args.big / "config.json").is_file():
         import subprocess
 
@@ -114,15 +155,58 @@ def main() -> None:
     plan = make_plan(stats, avg_bits=2.5, bits=[2, 4, 8], require_top_widths=False, model=str(args.big))
     plan["pruning"] = plan_pruning(stats, args.decode_target)
     save_plan(plan, work / "big-plan.json")
-    artifact = work / "big-artifact"
     moec.compile(args.big, artifact, plan=work / "big-plan.json", force=True, progress=False)
-    result["decode"] = {"plan_pruning": plan["pruning"], "runs": []}
-    for threads in (1, 2):
-        for prune in (False, True):
-            run = {"threads": threads, "prune": prune,
-                   **decode_speed(artifact, args.decode_tokens, args.repeats, threads, prune)}
-            result["decode"]["runs"].append(run)
-            print(run, flush=True)
+
+
+def decode_rounds(artifact: Path, args) -> list[dict]:
+    """Decode speed with pruning off and on, alternating over rounds (so drifting machine load
+    hits both), for one thread and two; the median of the rounds is printed."""
+    import statistics
+
+    speeds: dict = {}
+    for _ in range(args.rounds):
+        for threads in (1, 2):
+            for prune in (False, True):
+                run = decode_speed(artifact, args.decode_tokens, args.repeats, threads, prune)
+                speeds.setdefault((threads, prune), []).append(run)
+    rows = []
+    for (threads, prune), runs in speeds.items():
+        rows.append({"threads": threads, "prune": prune, "pruned_fraction": runs[0]["pruned_fraction"],
+                     "median_tokens_per_second": statistics.median(r["tokens_per_second"] for r in runs),
+                     "tokens_per_second": [r["tokens_per_second"] for r in runs]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/moec-pruning", type=Path)
+    parser.add_argument("--targets", default="0.05,0.1,0.13,0.15,0.2,0.3")
+    parser.add_argument("--skip-sample", action="store_true")
+    parser.add_argument("--big", default="/tmp/moec-bench/mixtral-8L-h1024", type=Path)
+    parser.add_argument("--decode-target", default=0.2, type=float)
+    parser.add_argument("--decode-tokens", default=256, type=int)
+    parser.add_argument("--repeats", default=2, type=int, help="best of this many per round")
+    parser.add_argument("--rounds", default=4, type=int)
+    parser.add_argument("--reuse-artifact", action="store_true", help="decode with WORKDIR/big-artifact as it is")
+    args = parser.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    result = {}
+    if not args.skip_sample:
+        result["sample"] = sample_curve(work, [float(t) for t in args.targets.split(",")])
+        base = result["sample"][0]["perplexity"]
+        print("\n| target | layers (beta) | pruned fraction | perplexity | change |\n|---|---|---|---|---|")
+        for row in result["sample"]:
+            print(f"| {row['target']:g} | {row['layers']} | {row['pruned_fraction']:.4f} | {row['perplexity']:.3f} | "
+                  f"{(row['perplexity'] / base - 1) * 100:+.2f}% |")
+        result["importance"] = importance_study(json.loads((work / "sample-stats.json").read_text()),
+                                                work / "heldout.txt")
+    artifact = work / "big-artifact"
+    if not (args.reuse_artifact and (artifact / "moec.json").is_file()):
+        build_big(args, work, artifact)
+    plan = json.loads((work / "big-plan.json").read_text())
+    result["decode"] = {"plan_pruning": plan["pruning"], "runs": decode_rounds(artifact, args)}
     (work / "result.json").write_text(json.dumps(result, indent=1))
 
 

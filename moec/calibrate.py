@@ -29,7 +29,7 @@ from moec.text import read_text, token_windows
 STATS_FORMAT = "moec-stats/1"
 DEFAULT_BITS = (2, 4, 8)
 BATCH_SEQUENCES = 8
-PRUNING_BETAS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
+PRUNING_BETAS = tuple(round(0.025 * i, 3) for i in range(1, 40))  # 0.025 ... 0.975
 
 
 def layer_stats(block, inputs: list, bits: tuple[int, ...], group_size: int) -> dict:
