@@ -98,6 +98,8 @@ def _plan(args) -> None:
         print(f"wrote {args.out}: {len(rows)} Pareto points" + (f", plot {args.plot}" if args.plot else ""))
         return
     plan = make_plan(stats, avg_bits=args.avg_bits, size_budget=args.size_budget, **options)
+    if args.protect_fraction and args.prune_target is None:
+        raise MoecError("--protect-fraction needs --prune-target")
     if args.prune_target is not None:
         from moec.pruning import plan_pruning
 
@@ -121,7 +123,7 @@ def _eval(args) -> None:
         print(json.dumps(result))
     else:
         pruned = (f"; {result['expert_activations']} expert activations, {result['pruned_fraction']:.1%} "
-                  f"fewer than top-k (pruning {result['pruning']})") if "pruned_fraction" in result else ""
+                  f"fewer than top-k (pruning: {result['pruning']})") if "pruned_fraction" in result else ""
         print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
               f"({result['runtime']}, {result['data']}){pruned}")
 

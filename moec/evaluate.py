@@ -64,5 +64,6 @@ def evaluate(path: str | Path, data: str | Path, *, samples: int = 32, seq_len: 
     if artifact is not None and artifact.activations["top_k"]:
         computed, plain = artifact.activations["computed"], artifact.activations["top_k"]
         result |= {"expert_activations": computed, "top_k_activations": plain,
-                   "pruned_fraction": 1 - computed / plain, "pruning": "on" if prune else "off"}
+                   "pruned_fraction": 1 - computed / plain,
+                   "pruning": "off" if not prune else "on" if artifact.record.get("pruning") else "none"}
     return result

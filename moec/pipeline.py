@@ -8,11 +8,12 @@ interrupted compile never leaves a half-written artifact (nor removes the previo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     out = Path(out)
     stage_names = ["gptq", "trace", "lower", "save", "check", "reference", "verify"]
     with staging_folder(out, force) as staging, _Stages(stage_names, progress) as stages, \
-            _checkpoint_errors_surfaced():
+            _checkpoint_errors_surfaced(), ExitStack() as cleanup:
         with stages.stage("gptq"):
             prequantized, expert_tokens = ({}, {}) if plan_data is None or \
                 plan_data["quantization"]["method"] != "gptq" else \
@@ -137,9 +138,10 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             if plan_data is not None:
                 check_plan_fits(plan_data, blocks, skeleton.config.num_hidden_layers)
                 check_pruning_fits(plan_data, blocks)
-            resident = ResidentPart(stream)
-            layer_of = {b.path: b.spec.layer for b in blocks}
-            graph = trace.trace(skeleton, weights=lambda key: read_weight(resident, adapter, layer_of, sources[key]))
+            reader = CheckpointReader(ResidentPart(stream), adapter, {b.path: b.spec.layer for b in blocks})
+            cleanup.callback(reader.release)  # also when a later stage fails
+            graph = trace.trace(skeleton, {key: functools.partial(reader.read, source)
+                                           for key, source in sources.items()})
         with stages.stage("lower"):
             quantizers: dict = {}
             choose = None if plan_data is None else plan_quantizer(plan_data, quantizers, prequantized)
@@ -151,11 +153,9 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                                          "moec.model_type": checkpoint.model_type,
                                          "moec.target": target})
         with stages.stage("save"):
-            in_layer_order(graph.graph)
-            try:
-                ir.save(graph, staging / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
-            finally:
-                resident.release()
+            in_layer_order(graph.graph, [b.path for b in blocks])
+            ir.save(graph, staging / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
+            reader.release()
             shutil.copy2(checkpoint.path / "config.json", staging / "config.json")
             for f in checkpoint.tokenizer_files():
                 shutil.copy2(f, staging / f.name)
@@ -174,23 +174,43 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     return record
 
 
-def read_weight(resident, adapter, layer_of: dict[str, int], source) -> np.ndarray:
-    """A weight of the traced (swapped) model, in fp32, read from the checkpoint through `resident`."""
-    if source.field is None:
-        return resident.tensor(source.key).detach().numpy()
-    block = adapter.block(layer_of[source.key], resident.module(source.key), source.key)
-    return getattr(block, source.field).detach().numpy()
+class CheckpointReader:
+    """Reads the traced (swapped) model's weights from the checkpoint, in fp32, through a
+    ResidentPart. A sparse block's canonical MoEBlock is built once while the block is resident,
+    and its stacked expert tensors are handed out as views, so slicing one expert copies only
+    that expert."""
+
+    def __init__(self, resident, adapter, layer_of: dict[str, int]):
+        self.resident, self.adapter, self.layer_of = resident, adapter, layer_of
+
+    def read(self, source) -> np.ndarray:
+        if source.field is None:
+            return self.resident.tensor(source.key).detach().numpy()
+        module = self.resident.module(source.key)
+        block = self.resident.cache.get(source.key)
+        if block is None:
+            block = self.resident.cache[source.key] = self.adapter.block(self.layer_of[source.key], module,
+                                                                         source.key)
+        return getattr(block, source.field).detach().numpy()
+
+    def release(self) -> None:
+        self.resident.release()
 
 
-def in_layer_order(graph) -> None:
-    """Order the initializers by decoder layer, so writing them reads each layer once."""
+def in_layer_order(graph, block_paths: list[str]) -> None:
+    """Order the initializers by decoder layer, a layer's sparse-block weights (router, shared and
+    routed experts) after the rest, so writing them materializes each block once."""
     import re
 
-    def layer(value) -> int:
-        found = re.search(r"(?:^|\.)layers\.(\d+)\.", value.name)
-        return int(found[1]) if found else -1
+    from moec.ops.moe import EXPERT_WEIGHT_PATTERN
 
-    values = sorted(graph.initializers.values(), key=layer)  # stable: keeps a layer's order
+    def key(value) -> tuple[int, bool]:
+        found = re.search(r"(?:^|\.)layers\.(\d+)\.", value.name)
+        in_block = bool(re.match(EXPERT_WEIGHT_PATTERN, value.name)) or \
+            any(value.name.startswith(path + ".") for path in block_paths)
+        return (int(found[1]) if found else -1, in_block)
+
+    values = sorted(graph.initializers.values(), key=key)  # stable: keeps the order within a group
     graph.initializers.clear()
     for value in values:
         graph.register_initializer(value)
@@ -233,6 +253,7 @@ def streamed_reference(stream, adapter, blocks, probe: np.ndarray, pasts: list[t
     finally:
         for handle in handles:
             handle.remove()
+        streamed.close()
         for part in outer:
             stream.unload(part)
 
@@ -244,7 +265,7 @@ class _LayerByLayer:
     def __init__(self, stream, adapter, block_of_layer: dict, quantizers: dict, pruning: dict):
         self.stream, self.adapter, self.block_of_layer = stream, adapter, block_of_layer
         self.quantizers, self.pruning = quantizers, pruning
-        self.swapped = None
+        self.swapped = self.current = None
 
     def hook(self, path: str) -> list:
         layer = self.stream.model.get_submodule(path)
@@ -255,6 +276,7 @@ class _LayerByLayer:
         from moec.trace import TracedMoE
 
         self.stream.load(path)
+        self.current = path
         block = self.block_of_layer.get(path)
         if block is not None and (self.quantizers or block.spec.layer in self.pruning):
             parent, _, attr = block.path.rpartition(".")
@@ -273,6 +295,12 @@ class _LayerByLayer:
             setattr(self.stream.model.get_submodule(parent), attr, original)
             self.swapped = None
         self.stream.unload(path)
+        self.current = None
+
+    def close(self) -> None:
+        """Undo what a layer whose forward raised left behind."""
+        if self.current is not None:
+            self.unload(self.current)
 
 
 def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:

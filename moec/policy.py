@@ -48,5 +48,4 @@ def layer_pruning(plan: dict | None) -> dict[int, tuple[float, float]]:
     """(beta, protect_fraction) of each layer the plan prunes dynamically; others are absent."""
     pruning = (plan or {}).get("pruning") or {}
     protect = float(pruning.get("protect_fraction", 0.0))
-    return {int(entry["layer"]): (float(entry["beta"]), protect) for entry in pruning.get("layers", [])
-            if entry["beta"] > 0}
+    return {int(entry["layer"]): (float(entry["beta"]), protect) for entry in pruning.get("layers", [])}

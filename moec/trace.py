@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moec.adapters import Adapter, MoEBlock
+from moec.errors import MoecError
 from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
 from moec.passes.transpose_weights import TransposeWeightsPass
@@ -160,11 +161,11 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def trace(model: nn.Module, weights: Callable[[str], np.ndarray] | None = None, opset: int = 21) -> ir.Model:
+def trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], opset: int = 21) -> ir.Model:
     """Export a swapped model with a KV cache; dynamic batch, sequence and past length.
 
-    The model may be a skeleton on the meta device: the graph then comes from shapes alone, and
-    `weights(state key)` gives each weight's value when the artifact's bytes are written, so a
+    The model is a skeleton on the meta device: the graph comes from shapes alone, and
+    `weights[state key]()` gives each weight's value when the artifact's bytes are written, so a
     compile never holds more than the part of the model it is writing.
     """
     from torch.export import Dim
@@ -191,8 +192,7 @@ def trace(model: nn.Module, weights: Callable[[str], np.ndarray] | None = None, 
             dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
             custom_translation_table={torch.ops.moec.moe.default: _onnx_moe},
         )
-        if weights is not None:
-            bind_weights(program.model, weights, strip_prefix="model.")
+        bind_weights(program.model, weights, strip_prefix="model.")
         TransposeWeightsPass()(program.model)  # before the constant folder, which would materialize them
         program.optimize()
     model = program.model
@@ -201,20 +201,21 @@ def trace(model: nn.Module, weights: Callable[[str], np.ndarray] | None = None, 
     return model
 
 
-def bind_weights(model: ir.Model, weights: Callable[[str], np.ndarray], strip_prefix: str) -> None:
+def bind_weights(model: ir.Model, weights: Mapping[str, Callable[[], np.ndarray]], strip_prefix: str) -> None:
     """Give every initializer exported from a meta-device tensor a lazy value read by `weights`."""
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if not getattr(getattr(tensor, "raw", None), "is_meta", False):  # torch.onnx's TorchTensor
             continue
         key = name.removeprefix(strip_prefix)
-        value.const_value = ir.LazyTensor(functools.partial(_read, weights, key, tensor.dtype),
+        if key not in weights:
+            raise MoecError(f"the traced graph has a weight {key!r} that no module of the model holds")
+        value.const_value = ir.LazyTensor(functools.partial(_read, weights[key], tensor.dtype),
                                           dtype=tensor.dtype, shape=tensor.shape, name=name)
 
 
-def _read(weights: Callable[[str], np.ndarray], key: str, dtype: ir.DataType) -> ir.Tensor:
-    array = np.ascontiguousarray(weights(key), dtype=dtype.numpy())
-    return ir.tensor(array)
+def _read(read: Callable[[], np.ndarray], dtype: ir.DataType) -> ir.Tensor:
+    return ir.tensor(np.asarray(read(), dtype=dtype.numpy()))  # a view when it can be: no stack copies
 
 
 def name_dynamic_axes(model: ir.Model) -> None:

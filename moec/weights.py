@@ -150,11 +150,12 @@ class StreamingModel:
 class ResidentPart:
     """Read a StreamingModel's tensors keeping one module materialized at a time: the one asked
     for (a projection, a norm, a whole sparse block). Asking for a module outside it frees it
-    first, so a compile's lazy initializers need at most one sparse block of memory."""
+    first, so a compile's lazy initializers need about one sparse block of memory."""
 
     def __init__(self, stream: StreamingModel):
         self.stream = stream
         self.part: str | None = None
+        self.cache: dict = {}  # what readers derive from the resident part; emptied when it goes
 
     def module(self, path: str) -> nn.Module:
         """The materialized submodule at `path`."""
@@ -169,6 +170,7 @@ class ResidentPart:
         return getattr(self.module(owner), name)
 
     def release(self) -> None:
+        self.cache.clear()
         if self.part is not None:
             self.stream.unload(self.part)
             self.part = None

@@ -11,7 +11,9 @@ subgraphs consume; a dropped (token, expert) pair has keep false and weight 0.
 Rule (arXiv 2410.06270): after top-k, a token drops each expert whose weight is below beta times
 the token's top-1 weight; the kept weights are renormalized when the architecture normalizes.
 The floor(protect_fraction * T) tokens of highest importance keep all their experts, so a single
-decode token is pruned by the beta rule alone. beta = 0 is the plain routing, bit for bit.
+decode token is pruned by the beta rule alone. T counts every token of the call (batch x
+sequence, left padding included), so which tokens are protected depends on the batch. beta = 0
+is the plain routing, bit for bit.
 
 Each overload is an ONNX function authored with onnxscript: any onnxruntime runs it without a
 custom library, and netron shows it as one node that opens into its body. `gate` is the NumPy
@@ -28,7 +30,7 @@ from onnxscript.values import Opset
 from moec.ops.moe import DOMAIN, MoESpec, route
 
 OP_TYPE = "DynamicGating"
-PRUNE_OP_TYPE = "PruneRouting"
+SHARED_OP_TYPE = "WeighAndPrune"  # the overloads' common tail: normalize, scale, prune
 ROUTING_ATTRIBUTES = ("top_k", "normalize", "scaling", "n_group", "topk_group", "jitter_eps")
 
 
@@ -59,7 +61,9 @@ def prune(weights: np.ndarray, spec: MoESpec, token_importance: np.ndarray | Non
         keep |= protected_tokens(token_importance, spec.protect_fraction)[:, None]
     kept = np.where(keep, weights, np.float32(0))
     if spec.normalize:
-        kept = kept * (weights.sum(-1, keepdims=True) / kept.sum(-1, keepdims=True))
+        kept_total = kept.sum(-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            kept = kept * np.where(kept_total > 0, weights.sum(-1, keepdims=True) / kept_total, np.float32(1))
     return kept.astype(np.float32), keep
 
 
@@ -74,11 +78,11 @@ def gate(logits: np.ndarray, spec: MoESpec, score_bias: np.ndarray | None = None
 # --------------------------------------------------------------------------- ONNX functions
 
 def function_protos() -> list:
-    """FunctionProtos for a model: DynamicGating, one overload per scoring, and PruneRouting."""
+    """FunctionProtos for a model: DynamicGating, one overload per scoring, and WeighAndPrune."""
     protos = []
     for overload, function in _functions().items():
         proto = function.to_function_proto()
-        if overload != PRUNE_OP_TYPE:
+        if overload != SHARED_OP_TYPE:
             proto.name, proto.overload = OP_TYPE, overload
         protos.append(proto)
     return protos
@@ -86,12 +90,18 @@ def function_protos() -> list:
 
 @functools.cache
 def _functions() -> dict[str, object]:
-    """The onnxscript functions: PruneRouting, and DynamicGating per scoring (its overload)."""
+    """The onnxscript functions: WeighAndPrune, and DynamicGating per scoring (its overload)."""
     moec = Opset(DOMAIN, 1)
 
     @script(moec, default_opset=op)
-    def PruneRouting(weights: FLOAT, importance: FLOAT, enabled: BOOL,
-                     normalize: int, beta: float, protect_fraction: float):
+    def WeighAndPrune(picked: FLOAT, importance: FLOAT, enabled: BOOL, normalize: int, epsilon: float,
+                      scaling: float, beta: float, protect_fraction: float):
+        # the family's weights: the picked scores, normalized (sum + epsilon) if it normalizes, scaled
+        normalizing = op.Cast(op.Constant(value_int=normalize), to=9)
+        sums = op.Add(op.ReduceSum(picked, op.Constant(value_ints=[-1]), keepdims=1), op.Constant(value_float=epsilon))
+        weights = op.Mul(op.Div(picked, op.Where(normalizing, sums, op.Constant(value_float=1.0))),
+                         op.Constant(value_float=scaling))
+        # the pruning rule: drop what is below beta x top-1, unless the token is protected
         top1, _ = op.TopK(weights, op.Constant(value_ints=[1]), axis=-1)
         beta_now = op.Where(enabled, op.Constant(value_float=beta), op.Constant(value_float=0.0))
         keep_by_weight = op.GreaterOrEqual(weights, op.Mul(top1, beta_now))  # top-1 itself: beta <= 1
@@ -104,8 +114,8 @@ def _functions() -> dict[str, object]:
         kept = op.Where(keep, weights, op.Constant(value_float=0.0))
         total = op.ReduceSum(weights, op.Constant(value_ints=[-1]), keepdims=1)
         kept_total = op.ReduceSum(kept, op.Constant(value_ints=[-1]), keepdims=1)
-        factor = op.Where(op.Cast(op.Constant(value_int=normalize), to=9), op.Div(total, kept_total),
-                          op.Constant(value_float=1.0))
+        renormalize = op.And(normalizing, op.Greater(kept_total, op.Constant(value_float=0.0)))  # 0/0: all zero
+        factor = op.Where(renormalize, op.Div(total, kept_total), op.Constant(value_float=1.0))
         return op.Mul(kept, factor), keep
 
     @script(moec, default_opset=op)
@@ -114,13 +124,9 @@ def _functions() -> dict[str, object]:
                              jitter_eps: float, beta: float, protect_fraction: float):
         scores = op.Softmax(router_logits, axis=-1)
         _, indices = op.TopK(scores, op.Reshape(op.Constant(value_int=top_k), op.Constant(value_ints=[1])), axis=-1)
-        weights = op.GatherElements(scores, indices, axis=1)
-        total = op.ReduceSum(weights, op.Constant(value_ints=[-1]), keepdims=1)
-        weights = op.Div(weights, op.Where(op.Cast(op.Constant(value_int=normalize), to=9), total,
-                                           op.Constant(value_float=1.0)))
-        weights = op.Mul(weights, op.Constant(value_float=scaling))
-        pruned, keep = PruneRouting(weights, importance, enabled, normalize=normalize, beta=beta,
-                                    protect_fraction=protect_fraction)
+        pruned, keep = WeighAndPrune(op.GatherElements(scores, indices, axis=1), importance, enabled,
+                                     normalize=normalize, epsilon=0.0, scaling=scaling, beta=beta,
+                                     protect_fraction=protect_fraction)
         return pruned, indices, keep
 
     @script(moec, default_opset=op)
@@ -144,13 +150,9 @@ def _functions() -> dict[str, object]:
                                  op.Shape(choice))
         choice = op.Where(op.Cast(expert_mask, to=9), choice, op.Constant(value_float=float("-inf")))
         _, indices = op.TopK(choice, op.Reshape(op.Constant(value_int=top_k), op.Constant(value_ints=[1])), axis=-1)
-        weights = op.GatherElements(scores, indices, axis=1)
-        total = op.Add(op.ReduceSum(weights, op.Constant(value_ints=[-1]), keepdims=1), op.Constant(value_float=1e-20))
-        weights = op.Div(weights, op.Where(op.Cast(op.Constant(value_int=normalize), to=9), total,
-                                           op.Constant(value_float=1.0)))
-        weights = op.Mul(weights, op.Constant(value_float=scaling))
-        pruned, keep = PruneRouting(weights, importance, enabled, normalize=normalize, beta=beta,
-                                    protect_fraction=protect_fraction)
+        pruned, keep = WeighAndPrune(op.GatherElements(scores, indices, axis=1), importance, enabled,
+                                     normalize=normalize, epsilon=1e-20, scaling=scaling, beta=beta,
+                                     protect_fraction=protect_fraction)
         return pruned, indices, keep
 
     @script(moec, default_opset=op)
@@ -169,11 +171,11 @@ def _functions() -> dict[str, object]:
         best, second = op.TopK(masked, one, axis=-1)
         far = op.Greater(op.Div(op.Sub(best, router_logits), op.Max(magnitude, best)), threshold)
         second_weight = op.GatherElements(op.Softmax(op.Where(far, minus_inf, masked), axis=-1), second, axis=1)
-        weights = op.Mul(op.Concat(first_weight, second_weight, axis=1), op.Constant(value_float=scaling))
         indices = op.Concat(first, second, axis=1)
-        pruned, keep = PruneRouting(weights, importance, enabled, normalize=normalize, beta=beta,
-                                    protect_fraction=protect_fraction)
+        pruned, keep = WeighAndPrune(op.Concat(first_weight, second_weight, axis=1), importance, enabled,
+                                     normalize=normalize, epsilon=0.0, scaling=scaling, beta=beta,
+                                     protect_fraction=protect_fraction)
         return pruned, indices, keep
 
-    return {PRUNE_OP_TYPE: PruneRouting, "softmax": DynamicGatingSoftmax, "sigmoid": DynamicGatingSigmoid,
+    return {SHARED_OP_TYPE: WeighAndPrune, "softmax": DynamicGatingSoftmax, "sigmoid": DynamicGatingSigmoid,
             "sparsemixer": DynamicGatingSparsemixer}

@@ -13,7 +13,7 @@ Every supported family's routing is one point in `MoESpec`, and so is its dynami
     scoring="sigmoid"     sigmoid scores; selection on score + score_bias, restricted to the
                           best `topk_group` of `n_group` groups; weights from the plain scores,
                           optional renormalisation, times `scaling` (DeepSeek-V3)
-    scoring="sparsemixer" PhiMoE's two-step masked softmax (top-2 only)
+    scoring="sparsemixer" PhiMoE's two-step masked softmax (top-2, no normalization)
 and the expert's activation is "silu" (act(gate) * up) or "clamped_swiglu" (gpt-oss).
 """
 
@@ -68,8 +68,8 @@ class MoESpec:
             raise ValueError(f"MoE scoring {self.scoring!r} is not one of {SCORINGS}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MoE activation {self.activation!r} is not one of {ACTIVATIONS}")
-        if self.scoring == "sparsemixer" and self.top_k != 2:
-            raise ValueError("sparsemixer routing is defined for top_k = 2 only")
+        if self.scoring == "sparsemixer" and (self.top_k != 2 or self.normalize):
+            raise ValueError("sparsemixer routing is defined for top_k = 2 without normalization only")
         if not (0.0 <= self.beta <= 1.0 and 0.0 <= self.protect_fraction <= 1.0):
             raise ValueError(f"pruning beta and protect_fraction must be in [0, 1], got {self.beta}, "
                              f"{self.protect_fraction}")
@@ -141,7 +141,8 @@ def route(logits: np.ndarray, spec: MoESpec, score_bias: np.ndarray | None = Non
     """Routing reference: (weights [T, k], expert indices [T, k])."""
     logits = logits.astype(np.float32)
     if spec.scoring == "sparsemixer":
-        return _sparsemixer(logits, spec.jitter_eps)
+        weights, indices = _sparsemixer(logits, spec.jitter_eps)
+        return (weights * np.float32(spec.scaling)).astype(np.float32), indices
     if spec.scoring == "softmax":
         scores = _softmax(logits)
         choice = scores

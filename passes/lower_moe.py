@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from moec.ops.dynamic_gating import OP_TYPE as GATING_OP_TYPE
-from moec.ops.dynamic_gating import PRUNE_OP_TYPE, ROUTING_ATTRIBUTES, function_protos
+from moec.ops.dynamic_gating import SHARED_OP_TYPE, ROUTING_ATTRIBUTES, function_protos
 from moec.ops.moe import (ACTIVATIONS_OUTPUT, DOMAIN, INPUT_NAMES, OP_TYPE, PRUNE_SWITCH, MoESpec,
                           expert_weight_name)
 
@@ -191,7 +191,7 @@ class LowerMoEPass(ir.passes.InPlacePass):
         if nodes:
             used = {n.overload for n in model.graph if n.domain == DOMAIN and n.op_type == GATING_OP_TYPE}
             for proto in function_protos():
-                if proto.overload in used or proto.name == PRUNE_OP_TYPE:
+                if proto.overload in used or proto.name == SHARED_OP_TYPE:
                     function = ir.serde.deserialize_function(proto)
                     model.functions[function.identifier()] = function
             model.opset_imports.setdefault(DOMAIN, 1)

@@ -50,8 +50,10 @@ class _Packed:
 
     def read(self, index: int) -> np.ndarray:
         if self._arrays is None:
-            weight = self.weight.numpy()
-            q = self.quantizer(weight.T if self.k_by_n else weight)
+            q = self.quantizer.result  # computed ahead (GPTQ): the float weight need not be read
+            if q is None:
+                weight = self.weight.numpy()
+                q = self.quantizer(weight.T if self.k_by_n else weight)
             self._arrays = pack_matmul_nbits(q.codes, q.scales, q.zeros, CONTAINER_BITS[q.bits], q.group_size)
             self._unread = {0, 1, 2}
         array = self._arrays[index]

@@ -3,8 +3,10 @@
 Matches: MatMul / Gemm (weight = input 1) and Gather (weight = input 0) nodes whose weight is an
 initializer and that carry torch.onnx's `pkg.torch.onnx.name_scopes` metadata.
 Produces: the initializer named by its module path, e.g. `model.layers.0.self_attn.q_proj.weight`
-(torch.onnx keeps parameter names except for weights it constant-folds, e.g. transposes, which
-come out as `val_134`), and the node named `<module path>/<op type>`. The quantization policy and
+(torch.onnx keeps parameter names, but folded weights come out as `val_134`, and a weight tied
+across modules carries one module's name, e.g. the embedding as `lm_head.weight`): a name not
+under the consuming module becomes `<module path>.weight`. The node is named
+`<module path>/<op type>`. The quantization policy and
 people reading the graph in netron then see module paths. Run it before metadata is cleared.
 """
 
@@ -47,7 +49,8 @@ class NameWeightsPass(ir.passes.InPlacePass):
             modified = True
             if weight.name in renamed:
                 continue
-            name = f"{module}.weight" if weight.name.startswith("val_") else self._strip(weight.name)
+            current = self._strip(weight.name)
+            name = current if current.startswith(module + ".") else f"{module}.weight"
             if name != weight.name and name not in taken:
                 graph.initializers.pop(weight.name)
                 taken.discard(weight.name)

@@ -24,7 +24,7 @@ SPECS = {
     "softmax-k1": MoESpec(layer=0, top_k=1),
     "sigmoid-groups": MoESpec(layer=0, top_k=2, scoring="sigmoid", scaling=2.5, n_group=4, topk_group=2),
     "sigmoid-flat-raw": MoESpec(layer=0, top_k=3, scoring="sigmoid", normalize=False),
-    "sparsemixer": MoESpec(layer=0, top_k=2, scoring="sparsemixer", jitter_eps=0.01),
+    "sparsemixer": MoESpec(layer=0, top_k=2, scoring="sparsemixer", normalize=False, jitter_eps=0.01),
     "clamped-swiglu": MoESpec(layer=0, top_k=2, activation="clamped_swiglu", swiglu_limit=0.5),
     "softmax-pruned": MoESpec(layer=0, top_k=3, beta=0.5, protect_fraction=0.3),
     "sigmoid-groups-pruned": MoESpec(layer=0, top_k=2, scoring="sigmoid", scaling=2.5, n_group=4,

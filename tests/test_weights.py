@@ -186,6 +186,27 @@ def test_compile_materializes_at_most_one_layer(tmp_path, monkeypatch):
     assert 0 < peak[0] <= layer_bytes + outer < total / 2
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
+def test_compile_with_tied_embeddings(tmp_path, quantized):
+    """The head shares the embedding's weight: traced from the meta skeleton, written lazily,
+    named lm_head (so the plan's lm_head width applies) and verified."""
+    import moec
+
+    config = transformers.MixtralConfig(**{**tiny.COMMON, "tie_word_embeddings": True}, intermediate_size=96,
+                                        num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
+    checkpoint = save(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "model")
+    plan = None
+    if quantized:
+        plan = tmp_path / "plan.json"
+        plan.write_text(json.dumps({"format": "moec-plan/1", "model": "tiny", "experts": {"bits": [[4] * 4] * 2},
+                                    "non_expert": {**DEFAULT_NON_EXPERT, "lm_head": 8},
+                                    "quantization": {"method": "rtn", "group_size": 32}, "pruning": {}}))
+    record = moec.compile(checkpoint.path, tmp_path / "artifact", plan=plan, progress=False)
+    assert record["verification"]["max_abs_logit_diff"] < (1e-3 if quantized else 1e-4)
+    if quantized:
+        assert record["quantization"]["non_expert"]["lm_head.weight"]["bits"] == 8
+
+
 def rewrite(file, edit):
     """Rewrite one safetensors file after `edit(tensors)` changes its tensors in place."""
     tensors = load_file(file)
