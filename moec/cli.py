@@ -133,6 +133,17 @@ def _inspect(args) -> None:
 
     info = describe(args.artifact)
     print(json.dumps(info, indent=2) if args.json else summary(info))
+    if args.plot:
+        from moec.inspect import plot
+
+        plot(info, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    if args.netron:
+        from moec.inspect import serve_netron
+
+        host, port = serve_netron(args.artifact, args.port)
+        print(f"netron serves {args.artifact} at http://{host}:{port} (Ctrl-C to stop)", file=sys.stderr)
+        __import__("netron").wait()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Architecture, layers, experts and sizes of an artifact.")
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the bits per expert and the size breakdown (matplotlib)")
+    p.add_argument("--netron", action="store_true", help="serve the graph in netron on localhost (the netron extra)")
+    p.add_argument("--port", type=_positive_int, default=8080, help="port for --netron (default 8080)")
     p.set_defaults(func=_inspect)
     return parser
 

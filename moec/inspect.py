@@ -1,11 +1,19 @@
-"""`moec inspect`: what an artifact holds, from its build record and graph (weights not loaded)."""
+"""`moec inspect`: what an artifact holds, from its build record and graph (weights not loaded);
+`plot` draws the bits grid and size breakdown, `serve_netron` shows the graph in netron."""
 
 from __future__ import annotations
 
+import io
+import math
+import re
 from collections import Counter
 from pathlib import Path
 
+from moec.ops.moe import EXPERT_WEIGHT_PATTERN
+from moec.policy import weight_category
 from moec.runtime import MODEL_FILE, read_record
+
+PACKED_SUFFIXES = (".q", ".scales", ".zero_points", ".bias")
 
 
 def describe(path: str | Path) -> dict:
@@ -31,11 +39,42 @@ def describe(path: str | Path) -> dict:
         "source_weight_bytes": record["source_model"]["weight_bytes"],
         "nodes": sum(ops.values()),
         "op_types": dict(ops.most_common()),
+        "size_breakdown": size_breakdown(graph),
+        "pruning": record.get("pruning"),
         "verification": record.get("verification"),
         "quantization": None if not record.get("quantization") else
         {k: v for k, v in record["quantization"].items() if k not in ("experts", "non_expert")} |
         {"bits": [[e["bits"] for e in layer["experts"]] for layer in record["quantization"]["experts"]]},
     }
+
+
+def size_breakdown(graph) -> dict[str, int]:
+    """Stored bytes per component, from each initializer's recorded length (no data is read)."""
+    import onnx
+
+    sizes: Counter = Counter()
+    for tensor in graph.initializer:
+        external = {entry.key: entry.value for entry in tensor.external_data}
+        if "length" in external:
+            nbytes = int(external["length"])
+        elif tensor.raw_data:
+            nbytes = len(tensor.raw_data)
+        else:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            nbytes = itemsize * math.prod(tensor.dims)
+        sizes[_component(tensor.name)] += nbytes
+    return dict(sizes.most_common())
+
+
+def _component(name: str) -> str:
+    for suffix in PACKED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if re.fullmatch(EXPERT_WEIGHT_PATTERN, name):
+        return "routed experts"
+    if "router" in name:
+        return "routers"
+    return {"attention": "attention", "lm_head": "lm_head", "embedding": "embeddings",
+            "shared_expert": "shared experts", "dense_mlp": "dense MLPs"}.get(weight_category(name), "other")
 
 
 def summary(info: dict) -> str:
@@ -61,6 +100,11 @@ def summary(info: dict) -> str:
                      f"{quantization['avg_expert_bits']:.2f} avg expert bits, experts {mib(quantization['expert_bytes'])}")
         lines += [f"  layer {layer:<3} bits {' '.join(f'{b:>2}' for b in row)}"
                   for layer, row in zip(info["moe_layers"], quantization["bits"])]
+    lines.append("size by part " + ", ".join(f"{part} {mib(n)}" for part, n in info["size_breakdown"].items()))
+    pruning = info["pruning"]
+    lines.append("pruning      " + ("none" if not pruning else
+                                    ", ".join(f"layer {e['layer']} beta {e['beta']:g}" for e in pruning["layers"])
+                                    + f"; protect {pruning['protect_fraction']:g} (switch: prune_experts)"))
     if verification:
         lines.append(f"verified     max |logit diff| {verification['max_abs_logit_diff']:.2e} "
                      f"vs {verification['against']} (tolerance {verification['tolerance']:g})")
@@ -77,3 +121,53 @@ def _ranges(values: list[int]) -> str:
             parts.append(str(start) if start == v else f"{start}-{v}")
             start = None
     return ", ".join(parts)
+
+
+def plot(info: dict, path: str | Path) -> None:
+    """The bits per expert as a layers x experts heatmap, with the size breakdown beside it."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    from moec.files import write_atomic
+
+    figure = Figure(figsize=(11, 4.5), dpi=120)
+    FigureCanvasAgg(figure)
+    grid_axes, size_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    quantization = info["quantization"]
+    if quantization:
+        bits = np.array(quantization["bits"], float)
+        image = grid_axes.imshow(bits, cmap="viridis_r", aspect="auto", norm=LogNorm(1, 16))
+        for (row, col), value in np.ndenumerate(bits):
+            grid_axes.text(col, row, f"{value:g}", ha="center", va="center", fontsize=8,
+                           color="black" if value <= 4 else "white")
+        figure.colorbar(image, ax=grid_axes, label="bits", ticks=[1, 2, 4, 8, 16], format="%g")
+        grid_axes.set_yticks(range(len(bits)), [str(layer) for layer in info["moe_layers"]])
+        grid_axes.set_title(f"bits per expert ({quantization['avg_expert_bits']:.2f} average)")
+    else:
+        grid_axes.text(0.5, 0.5, "not quantized (fp32)", ha="center", va="center")
+        grid_axes.set_title("bits per expert")
+    grid_axes.set_xlabel("expert")
+    grid_axes.set_ylabel("layer")
+    parts = list(info["size_breakdown"].items())
+    size_axes.barh([part for part, _ in parts], [n / 2**20 for _, n in parts], color="tab:blue")
+    size_axes.invert_yaxis()
+    size_axes.set_xlabel("MiB")
+    size_axes.set_title(f"size: {info['bytes']['total'] / 2**20:.1f} MiB")
+    figure.suptitle(f"{info['model_type']} — {info['path']}", fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png")
+    write_atomic(Path(path), buffer.getvalue())
+
+
+def serve_netron(path: str | Path, port: int = 8080) -> tuple[str, int]:
+    """Serve the artifact's graph with netron on localhost (the `netron` extra); returns the address."""
+    try:
+        import netron
+    except ImportError:
+        from moec.errors import MoecError
+
+        raise MoecError("--netron needs the netron package (pip install netron)") from None
+    return netron.start(str(Path(path) / MODEL_FILE), address=("localhost", port), browse=False)

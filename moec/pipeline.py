@@ -148,10 +148,6 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             pruning = layer_pruning(plan_data)
             for p in target_module.passes(choose, pruning):
                 p(graph)
-            graph.metadata_props.update({"moec.version": moec.__version__,
-                                         "moec.source_model": str(checkpoint.path),
-                                         "moec.model_type": checkpoint.model_type,
-                                         "moec.target": target})
         with stages.stage("save"):
             in_layer_order(graph.graph, [b.path for b in blocks])
             ir.save(graph, staging / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
@@ -163,6 +159,8 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
         record = build_record(checkpoint, blocks, graph, staging, target, skeleton, plan_data, quantizers,
                               expert_tokens)
+        stamp_metadata(staging / MODEL_FILE, record)
+        record |= artifact_files(staging)  # the stamped graph file's size
         probe = verification_input(skeleton.config.vocab_size)
         with stages.stage("reference"):
             reference = streamed_reference(stream, adapter, blocks, probe, past_shapes(graph), quantizers, pruning)
@@ -301,6 +299,24 @@ class _LayerByLayer:
         """Undo what a layer whose forward raised left behind."""
         if self.current is not None:
             self.unload(self.current)
+
+
+def stamp_metadata(model_file: Path, record: dict) -> None:
+    """Write what the build record says of the model into its metadata_props, for people and tools
+    that open only model.onnx (netron, onnxruntime's ModelMetadata). Rewrites just the graph file."""
+    import onnx
+
+    quantization = record["quantization"] or {}
+    props = {"moec.version": record["moec_version"], "moec.source_model": record["source_model"]["path"],
+             "moec.model_type": record["source_model"]["model_type"], "moec.target": record["target"],
+             "moec.avg_expert_bits": f"{quantization['avg_expert_bits']:.4f}" if quantization else "32 (float)",
+             "moec.quantizer": quantization.get("method", "none"),
+             "moec.pruning": json.dumps(record["pruning"]) if record["pruning"] else "none"}
+    model = onnx.load(str(model_file), load_external_data=False)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(model_file))
 
 
 def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:
@@ -454,7 +470,6 @@ def _run(model_file: Path, providers: list[str], probe: np.ndarray) -> list[np.n
 def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, plan: dict | None,
                  quantized: dict, expert_tokens: dict) -> dict:
     """moec.json: what was built from what, and how big it is."""
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     expert_params = sum(int(b.gate.numel() + b.up.numel() + b.down.numel()) for b in blocks)
     moe_buffers = sum(int(t.numel()) for b in blocks for t in model.get_submodule(b.path).buffers(recurse=False))
     config = model.config
@@ -475,11 +490,16 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, pl
                        "total": sum(int(p.numel()) for p in model.parameters()) + moe_buffers},
         "quantization": None if plan is None else quantization_record(plan, blocks, graph, quantized, expert_tokens),
         "pruning": pruning_record(plan),
-        "bytes": {"model.onnx": files.get(MODEL_FILE, 0),
-                  "external_data": files.get(EXTERNAL_DATA_FILE, 0),
-                  "total": files.get(MODEL_FILE, 0) + files.get(EXTERNAL_DATA_FILE, 0)},
-        "files": sorted(files),
+        **artifact_files(folder),
     }
+
+
+def artifact_files(folder: Path) -> dict:
+    """The record's `bytes` (graph file, external data, total) and `files` of an artifact folder."""
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"bytes": {"model.onnx": files.get(MODEL_FILE, 0), "external_data": files.get(EXTERNAL_DATA_FILE, 0),
+                      "total": files.get(MODEL_FILE, 0) + files.get(EXTERNAL_DATA_FILE, 0)},
+            "files": sorted(files)}
 
 
 def quantization_record(plan: dict, blocks, graph, quantized: dict, expert_tokens: dict) -> dict:

@@ -106,7 +106,7 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
             inputs.append(tape.initializer(tensor, name=tensor.name))
         out = tape.op("MatMulNBits", inputs, {"K": k, "N": n, "bits": bits, "block_size": q.group_size,
                                               "accuracy_level": self.accuracy_level},
-                      domain="com.microsoft", name=f"{node.name or name}/MatMulNBits")
+                      domain="com.microsoft", name=f"{node.name or name} ({q.bits}-bit)")
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             out = tape.op("Add", [out, node.inputs[2]], name=f"{node.name or name}/bias")
         ir.convenience.replace_nodes_and_values(graph, node, [node], tape.nodes, node.outputs, [out])

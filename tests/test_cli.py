@@ -122,6 +122,48 @@ def test_inspect(capsys, compiled):
     info = json.loads(out)
     assert info["moe_layers"] == [0, 2] and info["experts_per_layer"] == [6]
     assert info["bytes"]["total"] == c.record["bytes"]["total"]
+    # every stored byte is in some part: the initializers' lengths add up to the external data (plus the
+    # few inline constants, which live in model.onnx)
+    parts = info["size_breakdown"]
+    assert {"routed experts", "attention", "shared experts", "dense MLPs", "embeddings", "lm_head"} <= set(parts)
+    assert info["bytes"]["external_data"] <= sum(parts.values()) <= info["bytes"]["total"]
+
+
+def test_inspect_plots_bits_and_sizes(capsys, compiled, tmp_path):
+    import matplotlib.image
+
+    code, out, _ = run_cli(capsys, "inspect", compiled("mixtral").artifact_dir, "--plot", tmp_path / "bits.png")
+    assert code == 0 and "size by part" in out and "pruning      none" in out
+    assert matplotlib.image.imread(tmp_path / "bits.png").shape[:2] == (540, 1320)
+
+
+def test_inspect_serves_the_graph_in_netron(compiled):
+    import socket
+    import urllib.request
+
+    import netron
+
+    from moec.inspect import serve_netron
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    address = serve_netron(compiled("mixtral").artifact_dir, port)
+    try:
+        with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/", timeout=10) as response:
+            assert response.status == 200 and b"netron" in response.read().lower()
+    finally:
+        netron.stop(address)
+
+
+def test_artifact_metadata_says_what_was_built(compiled):
+    import onnx
+
+    c = compiled("mixtral")
+    props = {p.key: p.value for p in onnx.load(str(c.artifact_dir / "model.onnx"), load_external_data=False)
+             .metadata_props}
+    assert props["moec.model_type"] == "mixtral" and props["moec.avg_expert_bits"] == "32 (float)"
+    assert props["moec.pruning"] == "none" and props["moec.version"] == c.record["moec_version"]
 
 
 @pytest.mark.parametrize("command", ["compile", "run", "inspect", "plan"])

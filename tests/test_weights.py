@@ -184,6 +184,15 @@ def test_compile_materializes_at_most_one_layer(tmp_path, monkeypatch):
     assert record["verification"]["max_abs_logit_diff"] < 1e-3
     assert {f"model.layers.{i}" for i in range(4)} <= set(loads)
     assert 0 < peak[0] <= layer_bytes + outer < total / 2
+    # netron readers see each expert's nodes by name with their width; the graph file says the average
+    import onnx
+
+    model = onnx.load(str(tmp_path / "artifact" / "model.onnx"), load_external_data=False)
+    names = [n.name for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert any(n.startswith("layers.0.experts.0/") and n.endswith("(2-bit)") for n in names)
+    assert any(n.startswith("layers.3.experts.2/") and n.endswith("(8-bit)") for n in names)
+    assert {p.key: p.value for p in model.metadata_props}["moec.avg_expert_bits"] == \
+        f"{record['quantization']['avg_expert_bits']:.4f}"
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])

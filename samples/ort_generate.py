@@ -1,0 +1,66 @@
+"""Greedy generation from a moec artifact with plain onnxruntime, tokenizers and numpy.
+
+No moec import: this is the template to copy into an application. The artifact's model.onnx
+takes input_ids, attention_mask, position_ids and past_key_values.{i}.key|value, and returns
+logits and present.{i}.key|value; each step feeds the previous step's presents back as the past.
+
+    python samples/ort_generate.py out/tiny-mixtral --prompt "def main(" --max-new-tokens 48
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+
+def eos_token_ids(artifact: Path) -> set[int]:
+    """End-of-sequence ids: generation_config.json's if it has them, else config.json's."""
+    eos = json.loads((artifact / "config.json").read_text()).get("eos_token_id")
+    generation = artifact / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id", eos)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def generate(artifact: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding of one sequence with the KV cache; stops at an end-of-sequence token."""
+    session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    output_names = [o.name for o in session.get_outputs()]
+    # an empty cache: [batch, kv heads, 0 past tokens, head size] per layer, as the model declares it
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    stop = eos_token_ids(artifact)
+    step = np.array([prompt_ids], np.int64)
+    seen, generated = 0, []
+    for _ in range(max_new_tokens):
+        total = seen + step.shape[1]
+        outputs = dict(zip(output_names, session.run(None, {
+            "input_ids": step,
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(seen, total, dtype=np.int64)[None],
+            **past})))
+        past = {name: outputs[name.replace("past_key_values.", "present.")] for name in past}
+        token = int(outputs["logits"][0, -1].argmax())
+        generated.append(token)
+        if token in stop:
+            break
+        seen, step = total, np.array([[token]], np.int64)
+    return generated
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path, help="a moec artifact folder")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    tokenizer = Tokenizer.from_file(str(args.artifact / "tokenizer.json"))
+    ids = generate(args.artifact, tokenizer.encode(args.prompt).ids, args.max_new_tokens)
+    print(args.prompt + tokenizer.decode(ids, skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    main()
