@@ -112,6 +112,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
 
     from moec import trace
     from moec.adapters import adapter_for
+    from moec.genai import GENAI_CONFIG_FILE, GENAI_MODEL_TYPE, genai_config
     from moec.planner import load_plan
     from moec.policy import layer_pruning
     from moec.targets import get_target
@@ -155,10 +156,15 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             shutil.copy2(checkpoint.path / "config.json", staging / "config.json")
             for f in checkpoint.tokenizer_files():
                 shutil.copy2(f, staging / f.name)
+            genai, genai_unsupported = genai_config(checkpoint.config, past_shapes(graph))
+            if genai is not None:
+                (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2))
         with stages.stage("check"):
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
         record = build_record(checkpoint, blocks, graph, staging, target, skeleton, plan_data, quantizers,
                               expert_tokens)
+        record["onnxruntime_genai"] = {"config": GENAI_CONFIG_FILE, "model_type": GENAI_MODEL_TYPE} \
+            if genai is not None else {"unsupported": genai_unsupported}
         stamp_metadata(staging / MODEL_FILE, record)
         record |= artifact_files(staging)  # the stamped graph file's size
         probe = verification_input(skeleton.config.vocab_size)

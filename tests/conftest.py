@@ -38,3 +38,13 @@ def compiled(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def sample_artifact(tmp_path_factory):
+    """The bundled sample checkpoint (samples/tiny-mixtral) compiled in float, once per session."""
+    import moec
+
+    out = tmp_path_factory.mktemp("sample") / "artifact"
+    moec.compile(Path(__file__).resolve().parents[1] / "samples" / "tiny-mixtral", out, progress=False)
+    return out

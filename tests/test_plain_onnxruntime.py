@@ -28,15 +28,6 @@ def moec_tokens(artifact: Path, prompt: list[int], count: int) -> list[int]:
     return [int(step[0]) for step in generate(Artifact(artifact), [prompt], count)]
 
 
-@pytest.fixture(scope="module")
-def sample_artifact(tmp_path_factory):
-    import moec
-
-    out = tmp_path_factory.mktemp("sample") / "artifact"
-    moec.compile(ROOT / "samples" / "tiny-mixtral", out, progress=False)
-    return out
-
-
 def test_template_imports_no_moec():
     source = SCRIPT.read_text()
     assert "import moec" not in source and "from moec" not in source

@@ -1,0 +1,67 @@
+"""onnxruntime-genai loads artifact folders as they are (genai_config.json written by compile)
+and generates the same greedy tokens as `moec run`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moec.runtime import Artifact, Tokenizer, generate
+
+og = pytest.importorskip("onnxruntime_genai", reason="the test extra installs onnxruntime-genai")
+
+
+def genai_tokens(artifact, prompt: list[int], count: int) -> list[int]:
+    model = og.Model(str(artifact))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + count, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def moec_tokens(artifact, prompt: list[int], count: int) -> list[int]:
+    return [int(step[0]) for step in generate(Artifact(artifact), [prompt], count)]
+
+
+def test_sample_generates_the_same_text_in_genai(sample_artifact):
+    model = og.Model(str(sample_artifact))
+    prompt = [int(t) for t in og.Tokenizer(model).encode("def main(")]
+    assert prompt == Tokenizer(sample_artifact).encode("def main(")
+    assert genai_tokens(sample_artifact, prompt, 24) == moec_tokens(sample_artifact, prompt, 24)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "phimoe"])
+def test_other_families_generate_the_same_tokens_in_genai(compiled, arch):
+    artifact = compiled(arch).artifact_dir
+    assert compiled(arch).record["onnxruntime_genai"]["config"] == "genai_config.json"
+    prompt = [5, 17, 99, 3, 250, 41]
+    expected = moec_tokens(artifact, prompt, 16)
+    assert genai_tokens(artifact, prompt, 16) == expected and len(set(expected)) > 1
+
+
+def test_a_pruned_artifact_runs_in_genai_with_pruning_on(tmp_path, compiled):
+    import moec
+    from moec.planner import DEFAULT_NON_EXPERT, save_plan
+
+    plan = tmp_path / "plan.json"
+    save_plan({"format": "moec-plan/1", "model": None, "experts": {"bits": [[16] * 4] * 2},
+               "non_expert": {key: 16 for key in DEFAULT_NON_EXPERT},
+               "quantization": {"method": "rtn", "group_size": 32},
+               "pruning": {"layers": [{"layer": 0, "beta": 0.9}, {"layer": 1, "beta": 0.9}], "protect_fraction": 0.0}},
+              plan)
+    moec.compile(compiled("mixtral").model_dir, tmp_path / "artifact", plan=plan, progress=False)
+    prompt = [5, 17, 99, 3, 250, 41]
+    assert genai_tokens(tmp_path / "artifact", prompt, 16) == moec_tokens(tmp_path / "artifact", prompt, 16)
+
+
+def test_deepseek_mla_cache_is_declared_unsupported(compiled):
+    c = compiled("deepseek_v3")
+    assert "one KV-cache layout" in c.record["onnxruntime_genai"]["unsupported"]
+    assert not (c.artifact_dir / "genai_config.json").exists()
+    json.loads((c.artifact_dir / "moec.json").read_text())  # the record on disk says so too
