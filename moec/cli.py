@@ -14,9 +14,18 @@ import moec
 from moec.errors import MoecError
 
 
+def _quiet_onnxruntime() -> None:
+    """onnxruntime's warnings are hints for graph authors (e.g. that a pruned artifact's optional
+    prune_experts input is not constant-folded), noise for someone running a command."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+
+
 def _compile(args) -> None:
     from moec.pipeline import compile as compile_model
 
+    _quiet_onnxruntime()
     record = compile_model(args.model_dir, args.out, plan=args.plan, force=args.force, target=args.target,
                            data=args.data, samples=args.samples, seq_len=args.seq_len, progress=not args.quiet)
     if args.json:
@@ -33,6 +42,7 @@ def _compile(args) -> None:
 def _run(args) -> None:
     from moec.runtime import Artifact, Tokenizer, generate, stream_text
 
+    _quiet_onnxruntime()
     artifact = Artifact(args.artifact, threads=args.threads, prune=not args.no_prune)
     tokenizer = Tokenizer(args.artifact)
     prompt = tokenizer.encode(args.prompt)
@@ -117,6 +127,7 @@ def _plan(args) -> None:
 def _eval(args) -> None:
     from moec.evaluate import evaluate
 
+    _quiet_onnxruntime()
     result = evaluate(args.path, args.data, samples=args.samples, seq_len=args.seq_len, threads=args.threads,
                       prune=not args.no_prune)
     if args.json:

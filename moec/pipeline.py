@@ -1,8 +1,8 @@
 """compile(): checkpoint → adapter → traced graph → passes → target lowering → artifact.
 
-The artifact is built in a staging folder beside the output and moved into place only after
-it passed onnx.checker and the numeric check against transformers, so a failed or
-interrupted compile never leaves a half-written artifact (nor removes the previous one).
+The artifact is built in a staging folder beside the output and swapped into place only after
+it passed onnx.checker and the numeric check, so a failed or interrupted compile never leaves a
+half-written artifact (nor removes the previous one); see moec.files.staging_folder.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import shutil
-import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -21,30 +20,11 @@ import numpy as np
 import moec
 from moec.checkpoint import open_checkpoint
 from moec.errors import MoecError
+from moec.files import staging_folder
 from moec.runtime import MODEL_FILE, RECORD_FILE
 
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
 VERIFY_TOLERANCE = 1e-3  # max |logit difference| against the reference, in exact arithmetic
-
-
-@contextmanager
-def staging_folder(out: Path, force: bool):
-    """Yield a fresh folder beside `out`; on success it replaces `out`, on failure it is removed."""
-    if out.exists() and not force:
-        raise MoecError(f"output folder {out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            staging.rename(out)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager
