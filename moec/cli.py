@@ -58,6 +58,21 @@ def _run(args) -> None:
     sys.stdout.write("\n")
 
 
+def _bench(args) -> None:
+    from moec.bench import bench
+
+    _quiet_onnxruntime()
+    result = bench(args.artifact, prompt_len=args.prompt_len, gen_len=args.gen_len, threads=args.threads,
+                   repeats=args.repeats, warmup=args.warmup, prune=not args.no_prune)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        pruned = f", {result['pruned_fraction']:.1%} expert activations pruned" if "pruned_fraction" in result else ""
+        print(f"prefill {result['prefill_tok_s']:.1f} tok/s ({result['prompt_len']} tokens, first token after "
+              f"{result['ttft_ms']:.1f} ms), decode {result['decode_tok_s']:.1f} tok/s ({result['gen_len']} tokens), "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB; median of {result['repeats']}{pruned}")
+
+
 def _calibrate(args) -> None:
     from moec.calibrate import calibrate
     from moec.files import write_atomic
@@ -188,6 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a dynamically pruned artifact with pruning off (no recompile)")
     p.add_argument("--json", action="store_true", help="print prompt/generated ids and text as JSON")
     p.set_defaults(func=_run)
+
+    p = commands.add_parser("bench", help="measure an artifact's prefill and decode speed and memory",
+                            description="Prefill tokens/s, decode tokens/s, time to first token and peak RSS "
+                                        "of an artifact in onnxruntime: warm-up, then the median of repeats.")
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--prompt-len", type=_positive_int, default=128, metavar="N", help="prompt tokens (default 128)")
+    p.add_argument("--gen-len", type=_positive_int, default=64, metavar="N", help="decoded tokens (default 64)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    p.add_argument("--repeats", type=_positive_int, default=5, metavar="N", help="timed runs (default 5)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs first (default 1)")
+    p.add_argument("--no-prune", action="store_true", help="run a dynamically pruned artifact with pruning off")
+    p.add_argument("--json", action="store_true", help="print one JSON object (prefill_tok_s, decode_tok_s, ...)")
+    p.set_defaults(func=_bench)
 
     p = commands.add_parser("calibrate", help="measure each expert's importance on calibration text",
                             description="Stream MODEL_DIR layer by layer over calibration text and record, "

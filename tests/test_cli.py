@@ -166,17 +166,31 @@ def test_artifact_metadata_says_what_was_built(compiled):
     assert props["moec.pruning"] == "none" and props["moec.version"] == c.record["moec_version"]
 
 
-@pytest.mark.parametrize("command", ["compile", "run", "inspect", "plan"])
+@pytest.mark.parametrize("command", ["compile", "run", "inspect", "plan", "bench", "eval", "calibrate"])
 def test_help(command):
     result = subprocess.run([sys.executable, "-m", "moec", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: moec " + command in result.stdout
 
 
+def test_bench_reports_speed_and_memory(capsys, compiled):
+    code, out, _ = run_cli(capsys, "bench", compiled("mixtral").artifact_dir, "--prompt-len", 8, "--gen-len", 4,
+                           "--repeats", 2, "--warmup", 0, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["prompt_len"] == 8 and result["gen_len"] == 4 and result["pruning"] == "none"
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0 and result["ttft_ms"] > 0
+    assert result["peak_rss_mb"] > 10 and "pruned_fraction" not in result
+    code, out, _ = run_cli(capsys, "bench", compiled("mixtral").artifact_dir, "--prompt-len", 8, "--gen-len", 2,
+                           "--repeats", 1)
+    assert code == 0 and "decode" in out and "peak RSS" in out
+
+
 def test_runtime_does_not_import_torch(compiled):
-    """`moec run` (the deployment side) must work without PyTorch or transformers."""
+    """`moec run` and `moec bench` (the deployment side) must work without PyTorch or transformers."""
     artifact_dir = compiled("mixtral").artifact_dir
     script = ("import sys; from moec.cli import main; "
               f"code = main(['run', {str(artifact_dir)!r}, '--prompt', 'ab', '--max-new-tokens', '3']); "
+              "assert code == 0; "
+              f"code = main(['bench', {str(artifact_dir)!r}, '--prompt-len', '4', '--gen-len', '2', '--repeats', '1']); "
               "assert code == 0; "
               "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
               "assert not bad, bad")
