@@ -194,6 +194,9 @@ def _shard_of_tensor(folder: Path) -> dict[str, Path]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise MoecError(f"{index} is not a valid safetensors index ({e})") from None
         for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard or shard in (".", ".."):
+                raise MoecError(f"{index} names shard {shard!r}, which is not a file name in {folder}: "
+                                "moec reads weights only from the model folder")
             if not (folder / shard).is_file():
                 raise MoecError(f"{index} names shard {shard}, which is not in {folder}")
         return {name: folder / shard for name, shard in weight_map.items()}

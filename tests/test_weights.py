@@ -249,6 +249,18 @@ def test_index_naming_an_absent_shard_is_a_moec_error(saved, tmp_path):
         StreamingModel(checkpoint)
 
 
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/dir.safetensors"])
+def test_index_naming_a_shard_outside_the_folder_is_refused(saved, tmp_path, name):
+    checkpoint = save(from_pretrained(saved("mixtral")), tmp_path / "model", max_shard_size="200KB")
+    index = checkpoint.path / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    first = next(iter(content["weight_map"]))
+    content["weight_map"][first] = name
+    index.write_text(json.dumps(content))
+    with pytest.raises(MoecError, match="which is not a file name in"):
+        StreamingModel(checkpoint)
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
 def test_truncated_shard_is_a_moec_error(saved, tmp_path, sharded):
     sharding = {"max_shard_size": "200KB"} if sharded else {}

@@ -1,0 +1,56 @@
+"""A 128-expert, top-8 Qwen3-MoE-proportioned random model (small hidden size): compile time,
+node count, session-creation time and a short greedy run of the artifact.
+
+Run from the repository root: python bench/many_experts.py [--workdir /tmp/moec-many] [--layers 4]
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/moec-many", type=Path)
+    parser.add_argument("--layers", default=4, type=int)
+    args = parser.parse_args()
+    import onnx
+    import torch
+    import transformers
+
+    import moec
+    from moec.runtime import Artifact, generate
+
+    model_dir, artifact = args.workdir / "qwen3-moe-128", args.workdir / "artifact"
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024,
+                                         moe_intermediate_size=128, num_hidden_layers=args.layers,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                                         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(ROOT / "samples" / "tiny-mixtral" / name, model_dir / name)
+    start = time.perf_counter()
+    record = moec.compile(model_dir, artifact, force=True, progress=False)
+    compile_s = time.perf_counter() - start
+    nodes = len(onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph.node)
+    start = time.perf_counter()
+    session = Artifact(artifact)
+    session_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = [int(step[0]) for step in generate(session, [[11, 22, 33, 44]], 32)]
+    decode_s = (time.perf_counter() - start) / len(tokens)
+    result = {"layers": args.layers, "experts": 128, "top_k": 8, "parameters": record["parameters"]["total"],
+              "compile_s": round(compile_s, 1), "nodes": nodes, "session_create_s": round(session_s, 2),
+              "seconds_per_token": round(decode_s, 4), "verification": record["verification"]["max_abs_logit_diff"],
+              "generated": len(tokens)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
