@@ -45,7 +45,7 @@ def bench(path: str | Path, *, prompt_len: int = 128, gen_len: int = 64, threads
         "decode_tok_s": gen_len / statistics.median(decode),
         "ttft_ms": 1000 * statistics.median(prefill),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-        "pruning": "off" if not prune else "on" if artifact.record.get("pruning") else "none",
+        "pruning": artifact.pruning,
     }
     if activations["top_k"] and result["pruning"] != "none":
         result["pruned_fraction"] = 1 - activations["computed"] / activations["top_k"]

@@ -167,9 +167,11 @@ def _inspect(args) -> None:
     if args.netron:
         from moec.inspect import serve_netron
 
-        host, port = serve_netron(args.artifact, args.port)
+        host, port = serve_netron(args.artifact, args.port)  # a MoecError if netron is not installed
+        import netron
+
         print(f"netron serves {args.artifact} at http://{host}:{port} (Ctrl-C to stop)", file=sys.stderr)
-        __import__("netron").wait()
+        netron.wait()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,5 +65,5 @@ def evaluate(path: str | Path, data: str | Path, *, samples: int = 32, seq_len: 
         computed, plain = artifact.activations["computed"], artifact.activations["top_k"]
         result |= {"expert_activations": computed, "top_k_activations": plain,
                    "pruned_fraction": 1 - computed / plain,
-                   "pruning": "off" if not prune else "on" if artifact.record.get("pruning") else "none"}
+                   "pruning": artifact.pruning}
     return result

@@ -116,9 +116,10 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             blocks, sources = trace.swap_moe_blocks(skeleton, adapter)
             if not blocks:
                 raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
+            pruning = layer_pruning(plan_data)
             if plan_data is not None:
                 check_plan_fits(plan_data, blocks, skeleton.config.num_hidden_layers)
-                check_pruning_fits(plan_data, blocks)
+                check_pruning_fits(pruning, blocks)
             reader = CheckpointReader(ResidentPart(stream), adapter, {b.path: b.spec.layer for b in blocks})
             cleanup.callback(reader.release)  # also when a later stage fails
             graph = trace.trace(skeleton, {key: functools.partial(reader.read, source)
@@ -126,7 +127,6 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
         with stages.stage("lower"):
             quantizers: dict = {}
             choose = None if plan_data is None else plan_quantizer(plan_data, quantizers, prequantized)
-            pruning = layer_pruning(plan_data)
             for p in target_module.passes(choose, pruning):
                 p(graph)
         with stages.stage("save"):
@@ -141,12 +141,12 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                 (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2))
         with stages.stage("check"):
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
-        record = build_record(checkpoint, blocks, graph, staging, target, skeleton, plan_data, quantizers,
+        record = build_record(checkpoint, blocks, graph, target, skeleton, plan_data, pruning, quantizers,
                               expert_tokens)
         record["onnxruntime_genai"] = {"config": GENAI_CONFIG_FILE, "model_type": GENAI_MODEL_TYPE} \
             if genai is not None else {"unsupported": genai_unsupported}
         stamp_metadata(staging / MODEL_FILE, record)
-        record |= artifact_files(staging)  # the stamped graph file's size
+        record |= artifact_files(staging)  # sizes after stamping
         probe = verification_input(skeleton.config.vocab_size)
         with stages.stage("reference"):
             reference = streamed_reference(stream, adapter, blocks, probe, past_shapes(graph), quantizers, pruning)
@@ -319,12 +319,10 @@ def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:
             raise MoecError(f"plan.json: experts.bits[{layer}] must be null (layer {layer} has no experts)")
 
 
-def check_pruning_fits(plan: dict, blocks) -> None:
+def check_pruning_fits(pruning: dict, blocks) -> None:
     """Only sparse layers with more than one routed expert per token can prune."""
-    from moec.policy import layer_pruning
-
     top_k = {b.spec.layer: b.spec.top_k for b in blocks}
-    for layer in layer_pruning(plan):
+    for layer in pruning:
         if layer not in top_k:
             raise MoecError(f"plan.json: pruning.layers names layer {layer}, which has no routed experts")
         if top_k[layer] < 2:
@@ -453,9 +451,9 @@ def _run(model_file: Path, providers: list[str], probe: np.ndarray) -> list[np.n
     return session.run(None, feeds)
 
 
-def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, plan: dict | None,
+def build_record(checkpoint, blocks, graph, target: str, model, plan: dict | None, pruning: dict,
                  quantized: dict, expert_tokens: dict) -> dict:
-    """moec.json: what was built from what, and how big it is."""
+    """moec.json: what was built from what (the artifact's file sizes are added once it is final)."""
     expert_params = sum(int(b.gate.numel() + b.up.numel() + b.down.numel()) for b in blocks)
     moe_buffers = sum(int(t.numel()) for b in blocks for t in model.get_submodule(b.path).buffers(recurse=False))
     config = model.config
@@ -475,8 +473,7 @@ def build_record(checkpoint, blocks, graph, folder: Path, target: str, model, pl
         "parameters": {"experts": expert_params,
                        "total": sum(int(p.numel()) for p in model.parameters()) + moe_buffers},
         "quantization": None if plan is None else quantization_record(plan, blocks, graph, quantized, expert_tokens),
-        "pruning": pruning_record(plan),
-        **artifact_files(folder),
+        "pruning": pruning_record(pruning),
     }
 
 
@@ -531,12 +528,10 @@ def quantization_record(plan: dict, blocks, graph, quantized: dict, expert_token
     }
 
 
-def pruning_record(plan: dict | None) -> dict | None:
+def pruning_record(pruning: dict) -> dict | None:
     """Which layers prune with which beta, the importance the artifact uses, and its switch."""
     from moec.ops.moe import PRUNE_SWITCH
-    from moec.policy import layer_pruning
 
-    pruning = layer_pruning(plan)
     if not pruning:
         return None
     return {"layers": [{"layer": layer, "beta": beta} for layer, (beta, _) in sorted(pruning.items())],

@@ -41,8 +41,12 @@ class Artifact:
                                             providers=providers or ["CPUExecutionProvider"])
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.switches = {PRUNE_SWITCH: np.array(False)} if not prune and self.record.get("pruning") else {}
-        self.top_k = {int(layer["layer"]): int(layer["routing"]["top_k"]) for layer in self.record.get("moe_layers", [])}
+        self.pruning = "off" if not prune else "on" if self.record.get("pruning") else "none"
+        self.switches = {PRUNE_SWITCH: np.array(False)} if self.pruning == "off" and self.record.get("pruning") else {}
+        self.present_of = {i.name: "present." + i.name.removeprefix("past_key_values.") for i in self.past_inputs}
+        top_k = {int(layer["layer"]): int(layer["routing"]["top_k"]) for layer in self.record.get("moe_layers", [])}
+        self.top_k_of = {name: top_k[int(name.rpartition(".")[2])] for name in self.output_names
+                         if name.startswith(ACTIVATIONS_OUTPUT + ".")}  # each MoE layer's count output
         self.activations = {"computed": 0, "top_k": 0}
         config = json.loads((self.path / "config.json").read_text())
         self.eos_token_ids = _eos_ids(self.path, config)
@@ -57,12 +61,10 @@ class Artifact:
         outputs = dict(zip(self.output_names, self.session.run(None, {
             "input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
             "position_ids": position_ids.astype(np.int64), **past, **self.switches})))
-        for name, value in outputs.items():
-            if name.startswith(ACTIVATIONS_OUTPUT + "."):
-                self.activations["computed"] += int(value)
-                self.activations["top_k"] += input_ids.size * self.top_k[int(name.rpartition(".")[2])]
-        presents = {i.name: outputs["present." + i.name.removeprefix("past_key_values.")] for i in self.past_inputs}
-        return outputs["logits"], presents
+        for name, top_k in self.top_k_of.items():
+            self.activations["computed"] += int(outputs[name])
+            self.activations["top_k"] += input_ids.size * top_k
+        return outputs["logits"], {past: outputs[present] for past, present in self.present_of.items()}
 
 
 def read_record(path: Path) -> dict:

@@ -99,8 +99,8 @@ def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, logits: ir.Value, sc
     if spec.scoring == "sigmoid":
         inputs.append(score_bias if score_bias is not None else b.const(np.zeros(num_experts, np.float32)))
     inputs += [importance, enabled]
-    attributes = {name: (int(v) if isinstance(v := getattr(spec, name), bool) else v)
-                  for name in (*ROUTING_ATTRIBUTES, "beta", "protect_fraction")}
+    attributes = {name: value for name, value in spec.attributes().items()
+                  if name in (*ROUTING_ATTRIBUTES, "beta", "protect_fraction")}
     b.count += 1
     return b.tape.op_multi_out(GATING_OP_TYPE, inputs, attributes, num_outputs=3, domain=DOMAIN,
                                overload=spec.scoring, name=f"{b.prefix}/{GATING_OP_TYPE}_{b.count}")
