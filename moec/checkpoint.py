@@ -54,6 +54,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(config, dict):
         raise MoecError(f"{config_file} must hold a JSON object")
     checkpoint = Checkpoint(path, config)
+    for file in [config_file, *path.glob("*.safetensors"), *path.glob("*.json"), *checkpoint.tokenizer_files()]:
+        _check_inside(file, path)
     if checkpoint.model_type not in ADAPTERS:
         raise MoecError(f"unsupported model_type {checkpoint.model_type!r} in {config_file}; "
                         f"supported: {', '.join(SUPPORTED)}")
@@ -82,3 +84,13 @@ def load_model(checkpoint: Checkpoint):
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoecError(f"cannot load {checkpoint.path}: {first_line}") from None
     return model.eval()
+
+
+def _check_inside(file: Path, folder: Path) -> None:
+    """A file moec reads must resolve inside the model folder; a symlink out of it is refused,
+    except Hugging Face's cache layout (snapshots/<revision>/ linking into the repository's blobs/)."""
+    target, root = file.resolve(), folder.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(place) for place in allowed):
+        raise MoecError(f"{file} links to {target}, outside the model folder {folder}: "
+                        "moec reads only files inside it")

@@ -7,7 +7,6 @@ half-written artifact (nor removes the previous one); see moec.files.staging_fol
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import shutil
@@ -95,6 +94,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     from moec.genai import GENAI_CONFIG_FILE, GENAI_MODEL_TYPE, genai_config
     from moec.planner import load_plan
     from moec.policy import layer_pruning
+    from moec.reference import streamed_reference
     from moec.targets import get_target
     from moec.weights import ResidentPart, StreamingModel
 
@@ -112,6 +112,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
         with stages.stage("trace"):
             stream = StreamingModel(checkpoint)
             adapter = adapter_for(stream.model.config)
+            stream.keep_stored(adapter.routed_experts(stream.model))  # so the traced experts keep it too
             skeleton = copy.deepcopy(stream.model)  # swapped and traced; the stream keeps the checkpoint's layout
             blocks, sources = trace.swap_moe_blocks(skeleton, adapter)
             if not blocks:
@@ -159,23 +160,25 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
 
 
 class CheckpointReader:
-    """Reads the traced (swapped) model's weights from the checkpoint, in fp32, through a
-    ResidentPart. A sparse block's canonical MoEBlock is built once while the block is resident,
-    and its stacked expert tensors are handed out as views, so slicing one expert copies only
-    that expert."""
+    """Reads the traced (swapped) model's weights from the checkpoint through a ResidentPart, in
+    the dtype the stream loads them in (fp32; routed experts in the checkpoint's dtype). A sparse
+    block's canonical MoEBlock is built once while the block is resident, and its stacked expert
+    tensors are handed out as views, so slicing one expert copies only that expert."""
 
     def __init__(self, resident, adapter, layer_of: dict[str, int]):
         self.resident, self.adapter, self.layer_of = resident, adapter, layer_of
 
     def read(self, source) -> np.ndarray:
+        from moec.weights import as_numpy
+
         if source.field is None:
-            return self.resident.tensor(source.key).detach().numpy()
+            return as_numpy(self.resident.tensor(source.key))
         module = self.resident.module(source.key)
         block = self.resident.cache.get(source.key)
         if block is None:
             block = self.resident.cache[source.key] = self.adapter.block(self.layer_of[source.key], module,
                                                                          source.key)
-        return getattr(block, source.field).detach().numpy()
+        return as_numpy(getattr(block, source.field))
 
     def release(self) -> None:
         self.resident.release()
@@ -203,88 +206,6 @@ def in_layer_order(graph, block_paths: list[str]) -> None:
 def past_shapes(graph) -> list[tuple[int, ...]]:
     """Each past_key_values input's shape for batch 1 and an empty cache."""
     return [(1, v.shape[1], 0, v.shape[3]) for v in graph.graph.inputs if v.name.startswith("past_key_values.")]
-
-
-def streamed_reference(stream, adapter, blocks, probe: np.ndarray, pasts: list[tuple[int, ...]],
-                       quantizers: dict, pruning: dict) -> list[np.ndarray]:
-    """Logits and every layer's KV cache of the transformers model on `probe`, as the artifact
-    returns them, materializing each decoder layer only for its own call. Where `quantizers` has
-    a weight the reference computes with it quantized and dequantized, and a layer in `pruning`
-    prunes dynamically: such a layer's sparse block is swapped for the op the artifact lowers
-    (run by its NumPy reference)."""
-    import torch
-
-    from moec.trace import KVCacheModel
-    from moec.weights import part_of
-
-    model = stream.model
-    layers = stream.layer_paths()
-    tensors = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
-    outer = sorted({part_of(name.rpartition(".")[0], layers) for name in tensors} - set(layers))
-    streamed = _LayerByLayer(stream, adapter, {b.path.rpartition(".")[0]: b for b in blocks}, quantizers, pruning)
-    handles = []
-    try:
-        for part in outer:
-            stream.load(part)
-            set_dequantized_weights(model, part, None, quantizers)
-        for path in layers:
-            handles += streamed.hook(path)
-        ids = torch.from_numpy(probe)
-        with torch.no_grad():
-            outputs = KVCacheModel(model)(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None],
-                                          *[torch.zeros(shape) for shape in pasts])
-        return [t.float().numpy() for t in outputs]
-    finally:
-        for handle in handles:
-            handle.remove()
-        streamed.close()
-        for part in outer:
-            stream.unload(part)
-
-
-class _LayerByLayer:
-    """Forward hooks that materialize a decoder layer for its call, as the artifact computes it
-    (sparse block swapped and weights dequantized when quantized), and free it afterwards."""
-
-    def __init__(self, stream, adapter, block_of_layer: dict, quantizers: dict, pruning: dict):
-        self.stream, self.adapter, self.block_of_layer = stream, adapter, block_of_layer
-        self.quantizers, self.pruning = quantizers, pruning
-        self.swapped = self.current = None
-
-    def hook(self, path: str) -> list:
-        layer = self.stream.model.get_submodule(path)
-        return [layer.register_forward_pre_hook(lambda *_: self.load(path)),
-                layer.register_forward_hook(lambda *_: self.unload(path))]
-
-    def load(self, path: str) -> None:
-        from moec.trace import TracedMoE
-
-        self.stream.load(path)
-        self.current = path
-        block = self.block_of_layer.get(path)
-        if block is not None and (self.quantizers or block.spec.layer in self.pruning):
-            parent, _, attr = block.path.rpartition(".")
-            original = self.stream.model.get_submodule(block.path)
-            live = self.adapter.block(block.spec.layer, original, block.path)
-            if block.spec.layer in self.pruning:
-                beta, protect_fraction = self.pruning[block.spec.layer]
-                live.spec = dataclasses.replace(live.spec, beta=beta, protect_fraction=protect_fraction)
-            setattr(self.stream.model.get_submodule(parent), attr, TracedMoE(live, self.adapter.returns_router_scores))
-            self.swapped = (parent, attr, original)
-        set_dequantized_weights(self.stream.model, path, block, self.quantizers)
-
-    def unload(self, path: str) -> None:
-        if self.swapped is not None:
-            parent, attr, original = self.swapped
-            setattr(self.stream.model.get_submodule(parent), attr, original)
-            self.swapped = None
-        self.stream.unload(path)
-        self.current = None
-
-    def close(self) -> None:
-        """Undo what a layer whose forward raised left behind."""
-        if self.current is not None:
-            self.unload(self.current)
 
 
 def stamp_metadata(model_file: Path, record: dict) -> None:
@@ -358,29 +279,6 @@ def plan_quantizer(plan: dict, chosen: dict, prequantized: dict):
         return chosen[name]
 
     return choose
-
-
-def set_dequantized_weights(model, part: str, block, quantizers: dict) -> None:
-    """Give the part of the (swapped) torch model at `part` the weights the artifact computes
-    with: each weight `quantizers` has, quantized and dequantized. `block` is the part's sparse
-    block (already swapped for a TracedMoE), if it has one."""
-    import re
-
-    import torch
-
-    from moec.ops.moe import EXPERT_WEIGHT_PATTERN
-
-    for name, quantizer in quantizers.items():
-        expert = re.fullmatch(EXPERT_WEIGHT_PATTERN, name)
-        if expert:
-            if block is None or int(expert["layer"]) != block.spec.layer:
-                continue
-            stacked = getattr(model.get_submodule(block.path), expert["proj"])
-            e = int(expert["expert"])
-            stacked[e] = torch.from_numpy(quantizer(stacked[e].numpy()).dequantize())
-        elif name.startswith(part + "."):
-            weight = model.get_submodule(name.removesuffix(".weight")).weight
-            weight.data.copy_(torch.from_numpy(quantizer(weight.detach().numpy()).dequantize()).reshape(weight.shape))
 
 
 def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: list[np.ndarray],

@@ -2,7 +2,8 @@
 
 Inputs (torch weight layout, [out, in]):
     hidden [T, H], router_logits [T, E], gate [E, I, H], up [E, I, H], down [E, H, I],
-    optional gate_bias [E, I], up_bias [E, I], down_bias [E, H], score_bias [E].
+    optional gate_bias [E, I], up_bias [E, I], down_bias [E, H], score_bias [E];
+    the expert weights and biases may have a dtype of their own (the checkpoint's).
 Output: the routed experts' weighted sum [T, H] (shared experts stay outside the node).
 
 Every supported family's routing is one point in `MoESpec`, and so is its dynamic pruning
@@ -31,6 +32,10 @@ INPUT_NAMES = (
     "gate_bias", "up_bias", "down_bias", "score_bias",
 )
 OPTIONAL_INPUTS = frozenset(INPUT_NAMES[5:])
+# the routed experts' weights may be stored in another dtype than the activations (a bf16 checkpoint's);
+# the lowering casts one expert's slice at a time
+EXPERT_INPUTS = frozenset(("gate", "up", "down", "gate_bias", "up_bias", "down_bias"))
+FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 # the lowered artifact's pruning interface (pure names, so the runtime can read them without onnxscript)
 PRUNE_SWITCH = "prune_experts"  # run-time switch: bool scalar graph input, default true
@@ -92,7 +97,7 @@ def op_schema():
     def formal(name):
         option = OpSchema.FormalParameterOption.Optional if name in OPTIONAL_INPUTS else \
             OpSchema.FormalParameterOption.Single
-        return OpSchema.FormalParameter(name, "T", param_option=option)
+        return OpSchema.FormalParameter(name, "W" if name in EXPERT_INPUTS else "T", param_option=option)
 
     attr_types = {int: OpSchema.AttrType.INT, bool: OpSchema.AttrType.INT,
                   float: OpSchema.AttrType.FLOAT, str: OpSchema.AttrType.STRING}
@@ -102,7 +107,7 @@ def op_schema():
         doc=__doc__,
         inputs=[formal(n) for n in INPUT_NAMES],
         outputs=[OpSchema.FormalParameter("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float")],
+        type_constraints=[("T", FLOATS, "activations"), ("W", FLOATS, "routed expert weights")],
         attributes=[OpSchema.Attribute(f.name, attr_types[hints[f.type]], f.name)
                     for f in dataclasses.fields(MoESpec)],
     )
@@ -191,7 +196,8 @@ def moe_reference(hidden, router_logits, gate, up, down, gate_bias=None, up_bias
         tokens, rank = np.nonzero((indices == e) & keep)
         if tokens.size == 0:
             continue
-        y = expert_ffn(hidden[tokens], gate[e], up[e], down[e], spec,
-                       pick(gate_bias, e), pick(up_bias, e), pick(down_bias, e))
+        # down is fetched after gate and up are released: weights may be made on demand (see moec.reference)
+        h = expert_hidden(hidden[tokens], gate[e], up[e], spec, pick(gate_bias, e), pick(up_bias, e))
+        y = h @ down[e].T + (0 if down_bias is None else down_bias[e])
         np.add.at(out, tokens, y * weights[tokens, rank][:, None])
     return out.astype(hidden.dtype)

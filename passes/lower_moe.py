@@ -47,17 +47,17 @@ def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     return tensor
 
 
-def expert_slice(stacked: ir.TensorProtocol, expert: int, transpose: bool) -> ir.LazyTensor:
-    """stacked[expert] (transposed if asked), computed only when read: the expert weights of a
-    whole model never sit in memory together."""
+def expert_slice(stacked: ir.TensorProtocol, expert: int, transpose: bool, dtype: ir.DataType) -> ir.LazyTensor:
+    """stacked[expert] (transposed if asked) in `dtype`, computed only when read: the expert weights
+    of a whole model never sit in memory together, nor one layer's in a wider dtype than stored."""
     dims = list(stacked.shape)[1:]
     shape = ir.Shape(dims[::-1] if transpose else dims)
 
-    def read():
-        array = stacked.numpy()[expert]
-        return ir.tensor(np.ascontiguousarray(array.T if transpose else array))
+    def read():  # a transpose stays a view: MatMulNBits reads it back as [out, in], the writer copies it once
+        array = stacked.numpy()[expert].astype(dtype.numpy(), copy=False)
+        return ir.tensor(array.T if transpose else array)
 
-    return ir.LazyTensor(read, dtype=stacked.dtype, shape=shape)
+    return ir.LazyTensor(read, dtype=dtype, shape=shape)
 
 
 class _Builder:
@@ -122,14 +122,14 @@ def _prune_switch(graph: ir.Graph) -> ir.Value:
 
 
 def _expert(b: _Builder, x: ir.Value, stacked: dict[str, ir.TensorProtocol | None], spec: MoESpec,
-            expert: int):
-    """gate/up/down on the expert's tokens x [n, H]; stacked weights [E, out, in], biases [E, out]."""
+            expert: int, dtype: ir.DataType):
+    """gate/up/down on the expert's tokens x [n, H] of `dtype`; stacked weights [E, out, in], biases [E, out]."""
     def linear(inp, proj):
         name = expert_weight_name(spec.layer, expert, proj)
-        weight = expert_slice(stacked[proj], expert, transpose=True)
+        weight = expert_slice(stacked[proj], expert, transpose=True, dtype=dtype)
         y = b.op("MatMul", inp, b.weight(weight, name), name=f"{proj}_proj")
         bias = stacked[f"{proj}_bias"]
-        return y if bias is None else b.op("Add", y, b.weight(expert_slice(bias, expert, False), f"{name}.bias"))
+        return y if bias is None else b.op("Add", y, b.weight(expert_slice(bias, expert, False, dtype), f"{name}.bias"))
 
     gate, up = linear(x, "gate"), linear(x, "up")
     if spec.activation == "silu":
@@ -166,7 +166,7 @@ def lower_moe_node(model: ir.Model, node: ir.Node) -> None:
         index = b.const(np.array(e, np.int64))
         tokens = b.op("Reshape", b.op("NonZero", b.op("Gather", routed, index, axis=0)), last_axis)
         x = b.op("Gather", hidden, tokens, axis=0)
-        y = _expert(b, x, stacked, spec, e)
+        y = _expert(b, x, stacked, spec, e, hidden.dtype or ir.DataType.FLOAT)
         token_weights = b.op("Unsqueeze", b.op("Gather", b.op("Gather", dense_weights, index, axis=0),
                                                tokens, axis=0), last_axis)
         out = b.op("ScatterND", out, b.op("Unsqueeze", tokens, last_axis),

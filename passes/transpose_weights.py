@@ -11,16 +11,15 @@ whole model's linear weights in memory; this pass keeps a compile at one weight 
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 
 def transposed(tensor: ir.TensorProtocol, perm: list[int] | None) -> ir.LazyTensor:
-    """`tensor` transposed by `perm` (reversed axes when None), computed when read."""
+    """`tensor` transposed by `perm` (reversed axes when None), computed when read, as a view:
+    MatMulNBits reads a transposed weight back in its original layout, the writer copies it once."""
     axes = list(perm) if perm is not None else list(range(len(tensor.shape)))[::-1]
     shape = ir.Shape([tensor.shape[a] for a in axes])
-    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().transpose(axes))),
-                         dtype=tensor.dtype, shape=shape)
+    return ir.LazyTensor(lambda: ir.tensor(tensor.numpy().transpose(axes)), dtype=tensor.dtype, shape=shape)
 
 
 class TransposeWeightsPass(ir.passes.InPlacePass):

@@ -69,6 +69,56 @@ def test_corrupt_config(capsys, tmp_path, model_dir):
     assert_one_line_error(code, err, "config.json", "not valid JSON")
 
 
+@pytest.mark.parametrize("linked", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_symlink_out_of_the_model_folder_is_refused(capsys, tmp_path, model_dir, linked):
+    model = copy_model(model_dir, tmp_path)
+    outside = tmp_path / "elsewhere" / linked
+    outside.parent.mkdir()
+    (model / linked).rename(outside)
+    (model / linked).symlink_to(outside)
+    code, _, err = run_cli(capsys, "compile", model, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, linked, "outside the model folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hugging_face_cache_layout_is_accepted(capsys, tmp_path, model_dir):
+    """The hub cache links each snapshot file into the repository's blobs/: that stays allowed."""
+    repo = tmp_path / "models--tiny--mixtral"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in model_dir.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy2(f, blob)
+        (snapshot / f.name).symlink_to(blob)
+    code, _, err = run_cli(capsys, "compile", snapshot, "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_code_in_a_model_folder_is_never_run(capsys, tmp_path, model_dir):
+    """A config whose auto_map points at Python files in the folder: the file is not imported."""
+    model = copy_model(model_dir, tmp_path)
+    marker = tmp_path / "executed"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}
+    (model / "config.json").write_text(json.dumps(config))
+    run_cli(capsys, "compile", model, "--out", tmp_path / "out", "--quiet")
+    run_cli(capsys, "calibrate", model, "--samples", "2", "--seq-len", "16", "--out", tmp_path / "stats.json", "--quiet")
+    assert not marker.exists()
+
+
+def test_malformed_plan_stops_the_compile_before_anything_is_written(capsys, tmp_path, model_dir):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "moec-plan/1", "model": None, "experts": {"bits": [[2, "x"]]},
+                                "non_expert": {}, "quantization": {"method": "rtn", "group_size": 32},
+                                "pruning": {}}))
+    code, _, err = run_cli(capsys, "compile", model_dir, "--plan", plan, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "experts.bits[0][1]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
 def test_existing_output_needs_force(capsys, tmp_path, model_dir):
     out = tmp_path / "out"
     out.mkdir()

@@ -112,3 +112,49 @@ def test_reference_matches_transformers(arch, tmp_path):
     assert blocks and all(type(getattr(model.get_submodule(b.path.rpartition(".")[0]),
                                        b.path.rpartition(".")[2])).__name__ == "TracedMoE" for b in blocks)
     assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_lowering_upcasts_experts_stored_in_bf16():
+    """Expert weights held in the checkpoint's bf16 are lowered to fp32 initializers, one expert at
+    a time, computing exactly what the fp32 upcast weights compute."""
+    import ml_dtypes
+
+    spec = SPECS["clamped-swiglu"]
+    rng = np.random.default_rng(5)
+    weights = random_weights(rng, spec)
+    stored = {k: v.astype(ml_dtypes.bfloat16) if k != "score_bias" else v for k, v in weights.items()}
+    upcast = {k: v.astype(np.float32) for k, v in stored.items()}
+    model = moe_graph(spec, stored)
+    assert LowerMoEPass()(model).modified
+    experts = [v for v in model.graph.initializers.values() if ".experts." in v.name]
+    assert experts and all(v.const_value.dtype == ir.DataType.FLOAT for v in experts)
+    hidden = rng.normal(size=(6, H)).astype(np.float32)
+    logits = rng.normal(size=(6, E)).astype(np.float32)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"hidden": hidden, "router_logits": logits})[0]
+    np.testing.assert_allclose(got, moe_reference(hidden, logits, **upcast, spec=spec), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_reference_moe_with_experts_in_bf16_matches_transformers(arch, tmp_path):
+    """ReferenceMoE (what verification and calibration run) computes a block whose routed experts
+    stay in bf16 as transformers computes it with those weights in fp32."""
+    import tiny
+    from moec.reference import swap_block
+
+    model = tiny.save_tiny(arch, tmp_path)
+    adapter = adapter_for(model.config)
+    ids = torch.randint(0, tiny.VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for experts in adapter.routed_experts(model):
+            experts.to(torch.bfloat16).float()  # round the experts to bf16, computing in fp32
+        expected = model(ids).logits
+        for experts in adapter.routed_experts(model):
+            experts.to(torch.bfloat16)
+        blocks = adapter.blocks(model)
+        assert blocks and all(b.gate.dtype == torch.bfloat16 for b in blocks)
+        for block in blocks:
+            swap_block(model, block, adapter)
+        got = model(ids).logits
+    assert (got - expected).abs().max().item() < 1e-5

@@ -562,6 +562,52 @@ def test_any_unknown_top_level_key_is_refused(plan, key):
         validate_plan(bad)
 
 
+json_junk = st.recursive(
+    st.none() | st.booleans() | st.text(max_size=8) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(min_value=-(10**30), max_value=10**30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=40)  # deeply nested lists and objects of anything JSON can hold, huge numbers included
+
+
+def plan_paths(tree, prefix=()):
+    """Every path into a plan: object keys and list indices."""
+    yield prefix
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else []
+    for key, child in items:
+        yield from plan_paths(child, prefix + (key,))
+
+
+@pytest.fixture
+def pruned_plan(plan) -> dict:
+    return {**plan, "pruning": {"layers": [{"layer": 1, "beta": 0.4}, {"layer": 2, "beta": 0.6}],
+                                "protect_fraction": 0.1, "target": 0.15}}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), junk=json_junk, action=st.sampled_from(["replace", "delete", "add key"]))
+def test_any_corruption_of_a_plan_is_a_one_line_error_naming_the_field(pruned_plan, data, junk, action):
+    """Anywhere in a plan (pruning included): a value replaced by junk, a field deleted or an
+    unknown key added is either still a valid plan or a PlanError naming the top-level field
+    in one line; never another exception."""
+    bad = copy.deepcopy(pruned_plan)
+    path = data.draw(st.sampled_from(list(plan_paths(bad))[1:]))
+    parent = bad
+    for key in path[:-1]:
+        parent = parent[key]
+    if action == "delete" and isinstance(parent, dict):
+        del parent[path[-1]]
+    elif action == "add key" and isinstance(parent[path[-1]], dict):
+        parent[path[-1]]["zz-unknown"] = junk
+    else:
+        parent[path[-1]] = junk
+    try:
+        validate_plan(bad)
+    except PlanError as error:
+        message = str(error)
+        assert "\n" not in message and message.startswith("plan.json")
+        assert str(path[0]) in message, (path, message)
+
+
 def test_non_expert_widths_can_be_overridden(mixtral_stats):
     plan = make_plan(mixtral_stats, avg_bits=2.5, scope="layer", non_expert={"attention": 8})
     assert plan["non_expert"]["attention"] == 8 and plan["non_expert"]["lm_head"] == 8

@@ -60,6 +60,21 @@ def test_matmul_nbits_computes_with_the_dequantized_weight(bits, k, group, form)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_row_blocks_in_parallel_give_the_same_codes(bits, monkeypatch):
+    """Quantizing and dequantizing by row blocks on several threads is bit-identical to one pass."""
+    from moec import quant
+
+    weight = np.random.default_rng(bits).normal(size=(203, 150)).astype(np.float32)
+    monkeypatch.setattr(quant, "ROWS_PER_TASK", 10**9)
+    whole = quant.quantize_rtn(weight, bits, 32)
+    whole_weight = quant.dequantize(*whole, 32)
+    monkeypatch.setattr(quant, "ROWS_PER_TASK", 16)
+    blocked = quant.quantize_rtn(weight, bits, 32)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, blocked))
+    assert np.array_equal(quant.dequantize(*blocked, 32), whole_weight)
+
+
 def test_matmul_nbits_leaves_weights_the_callback_declines():
     model = _product_graph(np.ones((4, 32), np.float32), gemm=False, bias=None)
     assert not MatMulNBitsPass(lambda name: None)(model).modified

@@ -195,6 +195,67 @@ def test_compile_materializes_at_most_one_layer(tmp_path, monkeypatch):
         f"{record['quantization']['avg_expert_bits']:.4f}"
 
 
+def test_routed_experts_of_a_bf16_checkpoint_stay_bf16_through_a_compile(tmp_path, monkeypatch):
+    """A bf16 checkpoint's routed experts are loaded, traced and read in bf16 and upcast one expert
+    at a time, so a sparse block is never held in fp32 (a Mixtral-8x7B block: 2.8 GB, not 5.6);
+    everything else computes in fp32, and the quantized artifact still verifies."""
+    import moec
+
+    config = transformers.MixtralConfig(**{**tiny.COMMON, "hidden_size": 256}, intermediate_size=512,
+                                        num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    checkpoint = save(model, tmp_path / "model")
+    loaded = []
+    load = StreamingModel.load
+
+    def watched_load(self, path):
+        module = load(self, path)
+        loaded.append({name: p.dtype for name, p in module.named_parameters()})
+        return module
+
+    monkeypatch.setattr(StreamingModel, "load", watched_load)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "moec-plan/1", "model": "tiny", "experts": {"bits": [[2, 4, 8, 16]] * 2},
+                                "non_expert": {**DEFAULT_NON_EXPERT, "attention": 8},
+                                "quantization": {"method": "rtn", "group_size": 32}, "pruning": {}}))
+    record = moec.compile(checkpoint.path, tmp_path / "artifact", plan=plan, progress=False)
+    assert record["verification"]["max_abs_logit_diff"] < 1e-3
+    layers = [dtypes for dtypes in loaded if "mlp.experts.gate_up_proj" in dtypes]
+    assert layers, "no decoder layer was loaded"
+    for dtypes in layers:
+        assert {dtype for name, dtype in dtypes.items() if ".experts." in name} == {torch.bfloat16}
+        assert {dtype for name, dtype in dtypes.items() if ".experts." not in name} == {torch.float32}
+
+
+def test_no_shard_stays_mapped_while_a_part_converts(saved, tmp_path, monkeypatch):
+    """Each checkpoint tensor is read by mapping its shard for that read only (the mapping lives as
+    long as the tensor read from it): mapped shard pages count as resident memory, and a part's
+    shards mapped for its whole conversion doubled a bf16 sparse block's footprint while it loaded."""
+    from transformers import core_model_loading
+
+    checkpoint = save(from_pretrained(saved("mixtral")), tmp_path, max_shard_size="200KB")
+    shards = {str(f.resolve()) for f in checkpoint.weight_files}
+
+    def mapped() -> set[str]:
+        return {line.split()[-1] for line in open("/proc/self/maps") if line.split()[-1] in shards}
+
+    at_conversion = []
+    convert = core_model_loading.convert_and_load_state_dict_in_model
+
+    def watched_convert(*args, **kwargs):
+        at_conversion.append(mapped())
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(core_model_loading, "convert_and_load_state_dict_in_model", watched_convert)
+    streaming = StreamingModel(checkpoint)
+    for path in part_paths(streaming):
+        streaming.load(path)
+        streaming.unload(path)
+        gc.collect()
+        assert not mapped(), f"{path}: a shard is still mapped after its part was unloaded"
+    assert len(at_conversion) == len(part_paths(streaming)) and all(not m for m in at_conversion)
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
 def test_compile_with_tied_embeddings(tmp_path, quantized):
     """The head shares the embedding's weight: traced from the meta skeleton, written lazily,
@@ -230,7 +291,9 @@ def rewrite(file, edit):
      "cannot build model.layers.1.mlp.experts.gate_up_proj"),
     (lambda t: t.update({"model.layers.1.self_attn.o_proj.weight": torch.zeros(64, 32)}),
      "model.layers.1.self_attn.o_proj.weight: checkpoint gives shape [64, 32], model expects [64, 64]"),
-], ids=["missing", "missing-expert", "wrong-shape"])
+    (lambda t: t.update({"model.layers.1.self_attn.o_proj.weight": torch.zeros(64, 64, dtype=torch.int32)}),
+     "tensor model.layers.1.self_attn.o_proj.weight is stored as I32; moec reads floating-point weights"),
+], ids=["missing", "missing-expert", "wrong-shape", "wrong-dtype"])
 def test_broken_tensor_is_a_moec_error(saved, tmp_path, edit, message):
     checkpoint = save(from_pretrained(saved("mixtral")), tmp_path)
     rewrite(tmp_path / "model.safetensors", edit)

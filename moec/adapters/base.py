@@ -68,6 +68,11 @@ class Adapter:
     def is_sparse(self, module: nn.Module) -> bool:
         return hasattr(module, "experts")
 
+    def routed_experts(self, model) -> list[nn.Module]:
+        """The modules holding the routed experts' weights, one per sparse layer."""
+        return [getattr(layer, self.moe_attr).experts for layer in self.layer_modules(model)
+                if self.is_sparse(getattr(layer, self.moe_attr))]
+
     def blocks(self, model) -> list[MoEBlock]:
         """The model's sparse layers, in layer order, in canonical form."""
         blocks = []
