@@ -326,8 +326,15 @@ def _exact_kernels(model_file: Path):
     to accuracy_level 0 (fp32 activations)."""
     import onnx
 
+    def nodes(graph):  # and those of subgraphs (If branches)
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from nodes(attr.g)
+
     model = onnx.load(str(model_file), load_external_data=False)
-    for node in model.graph.node:
+    for node in nodes(model.graph):
         for attr in node.attribute:
             if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
                 attr.i = 0

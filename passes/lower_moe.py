@@ -69,14 +69,18 @@ class _Builder:
         self.count = 0
 
     def op(self, op_type, *inputs, name=None, **attrs):
-        self.count += 1
-        return self.tape.op(op_type, list(inputs), attrs or None,
-                            name=f"{self.prefix}/{name or op_type}_{self.count}")
+        return self.op_multi(op_type, *inputs, num_outputs=1, name=name, **attrs)[0]
 
-    def op_multi(self, op_type, *inputs, num_outputs, **attrs):
+    def op_multi(self, op_type, *inputs, num_outputs, name=None, domain="", overload="", **attrs):
+        """Nodes and their outputs are named uniquely (`prefix/op_n`, `:i` for the i-th output): an
+        If subgraph shares one namespace with the graph around it."""
         self.count += 1
-        return self.tape.op_multi_out(op_type, list(inputs), attrs or None, num_outputs=num_outputs,
-                                      name=f"{self.prefix}/{op_type}_{self.count}")
+        node_name = f"{self.prefix}/{name or op_type}_{self.count}"
+        outputs = self.tape.op_multi_out(op_type, list(inputs), attrs or None, num_outputs=num_outputs,
+                                         domain=domain, overload=overload, name=node_name)
+        for i, value in enumerate(outputs):
+            value.name = node_name if num_outputs == 1 else f"{node_name}:{i}"
+        return outputs
 
     def const(self, array, name=None):
         return self.op("Constant", value=ir.tensor(np.asarray(array)), name=name or "Constant")
@@ -101,9 +105,7 @@ def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, logits: ir.Value, sc
     inputs += [importance, enabled]
     attributes = {name: value for name, value in spec.attributes().items()
                   if name in (*ROUTING_ATTRIBUTES, "beta", "protect_fraction")}
-    b.count += 1
-    return b.tape.op_multi_out(GATING_OP_TYPE, inputs, attributes, num_outputs=3, domain=DOMAIN,
-                               overload=spec.scoring, name=f"{b.prefix}/{GATING_OP_TYPE}_{b.count}")
+    return b.op_multi(GATING_OP_TYPE, *inputs, num_outputs=3, domain=DOMAIN, overload=spec.scoring, **attributes)
 
 
 def _prune_switch(graph: ir.Graph) -> ir.Value:
@@ -143,8 +145,55 @@ def _expert(b: _Builder, x: ir.Value, stacked: dict[str, ir.TensorProtocol | Non
     return linear(hidden, "down")
 
 
-def lower_moe_node(model: ir.Model, node: ir.Node) -> None:
-    """Replace one MoE node by its routed standard-op graph."""
+def _routed_experts(b: _Builder, out: ir.Value, experts: range, hidden: ir.Value, routed: ir.Value,
+                    dense_weights: ir.Value, stacked: dict, spec: MoESpec) -> ir.Value:
+    """`out` plus each expert's weighted output on the tokens routed to and kept by it."""
+    last_axis = b.const(np.array([-1], np.int64))
+    for e in experts:
+        b.prefix = f"layers.{spec.layer}.experts.{e}"
+        index = b.const(np.array(e, np.int64))
+        tokens = b.op("Reshape", b.op("NonZero", b.op("Gather", routed, index, axis=0)), last_axis)
+        x = b.op("Gather", hidden, tokens, axis=0)
+        y = _expert(b, x, stacked, spec, e, hidden.dtype or ir.DataType.FLOAT)
+        token_weights = b.op("Unsqueeze", b.op("Gather", b.op("Gather", dense_weights, index, axis=0),
+                                               tokens, axis=0), last_axis)
+        out = b.op("ScatterND", out, b.op("Unsqueeze", tokens, last_axis),
+                   b.op("Mul", y, token_weights), reduction="add")
+    return out
+
+
+def _routed_experts_subgraph(b: _Builder, out: ir.Value, experts: range, hidden: ir.Value, routed: ir.Value,
+                             dense_weights: ir.Value, stacked: dict, spec: MoESpec) -> ir.Value:
+    """The same, as the then-branch of an If that runs only when some token is routed to one of
+    these experts. Why: onnxruntime's session creation grows about quadratically with the nodes
+    of one graph (128 experts x 8 layers: 46 s flat, 8 s with a subgraph per layer), while a
+    subgraph is planned on its own."""
+    inner = _Builder(None, b.prefix)
+    inner.count = b.count
+    result = _routed_experts(inner, out, experts, hidden, routed, dense_weights, stacked, spec)
+    b.count, b.prefix = inner.count, f"layers.{spec.layer}.experts.{experts.start}-{experts.stop - 1}"
+    for value in inner.tape.initializers:  # weights live in the main graph, where they are written and packed
+        b.tape.graph_like.register_initializer(value)
+    passed = ir.Value(name=None)
+    for value in (result, passed):  # branch outputs must be typed
+        value.type, value.shape = hidden.type, hidden.shape
+    else_branch = ir.Graph([], [passed], nodes=[ir.node("Identity", [out], outputs=[passed])],
+                           name=f"{b.prefix}/idle")
+    then_branch = ir.Graph([], [result], nodes=inner.tape.nodes, name=f"{b.prefix}/routed")
+    # any token routed here: the max of the experts' routing rows, with a zero column so that
+    # zero tokens still reduce to a scalar (onnxruntime keeps the input shape for empty reductions)
+    rows = b.op("Slice", routed, b.const(np.array([experts.start], np.int64)),
+                b.const(np.array([experts.stop], np.int64)), b.const(np.array([0], np.int64)))
+    padded = b.op("Concat", rows, b.const(np.zeros((len(experts), 1), np.float32)), axis=1)
+    busy = b.op("Greater", b.op("ReduceMax", padded, keepdims=0), b.const(np.float32(0.5)))
+    result = b.op("If", busy, then_branch=then_branch, else_branch=else_branch)
+    result.type, result.shape = hidden.type, hidden.shape
+    return result
+
+
+def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | None = None) -> None:
+    """Replace one MoE node by its routed standard-op graph; a layer with more experts than
+    `experts_per_subgraph` computes them in If subgraphs of that many."""
     graph = model.graph
     spec = moe_spec(node)
     inputs = moe_inputs(node)
@@ -159,18 +208,14 @@ def lower_moe_node(model: ir.Model, node: ir.Node) -> None:
     routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, kept, axis=1), perm=[1, 0])
     dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1),
                          perm=[1, 0])
-    last_axis = b.const(np.array([-1], np.int64))
     out = b.op("Mul", hidden, b.const(np.float32(0)))
-    for e in range(num_experts):
-        b.prefix = f"layers.{spec.layer}.experts.{e}"
-        index = b.const(np.array(e, np.int64))
-        tokens = b.op("Reshape", b.op("NonZero", b.op("Gather", routed, index, axis=0)), last_axis)
-        x = b.op("Gather", hidden, tokens, axis=0)
-        y = _expert(b, x, stacked, spec, e, hidden.dtype or ir.DataType.FLOAT)
-        token_weights = b.op("Unsqueeze", b.op("Gather", b.op("Gather", dense_weights, index, axis=0),
-                                               tokens, axis=0), last_axis)
-        out = b.op("ScatterND", out, b.op("Unsqueeze", tokens, last_axis),
-                   b.op("Mul", y, token_weights), reduction="add")
+    chunk = experts_per_subgraph or num_experts
+    for first in range(0, num_experts, chunk):
+        experts = range(first, min(first + chunk, num_experts))
+        if num_experts <= chunk:
+            out = _routed_experts(b, out, experts, hidden, routed, dense_weights, stacked, spec)
+        else:
+            out = _routed_experts_subgraph(b, out, experts, hidden, routed, dense_weights, stacked, spec)
 
     b.prefix = f"layers.{spec.layer}.moe"
     computed = b.op("ReduceSum", b.op("Cast", keep, to=ir.DataType.INT64), keepdims=0)
@@ -182,12 +227,17 @@ def lower_moe_node(model: ir.Model, node: ir.Node) -> None:
 
 class LowerMoEPass(ir.passes.InPlacePass):
     """Lower every moec::MoE node (the 3-D expert initializers it leaves unused are for
-    RemoveUnusedNodesPass to drop)."""
+    RemoveUnusedNodesPass to drop). Layers with more than `experts_per_subgraph` experts compute
+    them in If subgraphs of that many (the default: never)."""
+
+    def __init__(self, experts_per_subgraph: int | None = None):
+        super().__init__()
+        self.experts_per_subgraph = experts_per_subgraph
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes = [n for n in model.graph if is_moe_node(n)]
         for node in nodes:
-            lower_moe_node(model, node)
+            lower_moe_node(model, node, self.experts_per_subgraph)
         if nodes:
             used = {n.overload for n in model.graph if n.domain == DOMAIN and n.op_type == GATING_OP_TYPE}
             for proto in function_protos():

@@ -75,8 +75,8 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
         self.accuracy_level = accuracy_level
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph, modified = model.graph, False
-        for node in list(graph):
+        modified = False
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):  # subgraphs too (see lower_moe)
             weight = _weight(node)
             if weight is None:
                 continue
@@ -84,13 +84,14 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
             quantizer = self.quantizer(name)
             if quantizer is None:
                 continue
-            self._replace(graph, node, name, _Packed(*weight, quantizer))
+            self._replace(model.graph, node, name, _Packed(*weight, quantizer))
             modified = True
         if modified:
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified)
 
-    def _replace(self, graph: ir.Graph, node: ir.Node, name: str, packed: _Packed) -> None:
+    def _replace(self, root: ir.Graph, node: ir.Node, name: str, packed: _Packed) -> None:
+        """Put MatMulNBits in the node's place (in whichever graph holds it), its initializers in `root`."""
         q = packed.quantizer
         bits = CONTAINER_BITS[q.bits]
         k, n = packed.weight.shape if packed.k_by_n else packed.weight.shape[::-1]
@@ -98,15 +99,17 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
         shapes = {"q": (ir.DataType.UINT8, [n, blocks, q.group_size * bits // 8]),
                   "scales": (ir.DataType.FLOAT, [n, blocks]),
                   "zero_points": (ir.DataType.UINT8, [n, -(-blocks * bits // 8)])}
-        tape = ir.tape.Tape(graph)
+        tape = ir.tape.Tape()
         inputs = [node.inputs[0]]
         for index, (suffix, (dtype, shape)) in enumerate(shapes.items()):
             tensor = packed.tensor(index, dtype, shape)
             tensor.name = f"{name}.{suffix}"
-            inputs.append(tape.initializer(tensor, name=tensor.name))
+            initializer = ir.Value(name=tensor.name, type=ir.TensorType(dtype), shape=tensor.shape, const_value=tensor)
+            root.register_initializer(initializer)
+            inputs.append(initializer)
         out = tape.op("MatMulNBits", inputs, {"K": k, "N": n, "bits": bits, "block_size": q.group_size,
                                               "accuracy_level": self.accuracy_level},
                       domain="com.microsoft", name=f"{node.name or name} ({q.bits}-bit)")
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             out = tape.op("Add", [out, node.inputs[2]], name=f"{node.name or name}/bias")
-        ir.convenience.replace_nodes_and_values(graph, node, [node], tape.nodes, node.outputs, [out])
+        ir.convenience.replace_nodes_and_values(node.graph, node, [node], tape.nodes, node.outputs, [out])

@@ -59,9 +59,9 @@ def random_weights(rng, spec: MoESpec) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-def run_lowered(spec, weights, hidden, logits, prune=True):
+def run_lowered(spec, weights, hidden, logits, prune=True, experts_per_subgraph=None):
     model = moe_graph(spec, weights)
-    assert LowerMoEPass()(model).modified
+    assert LowerMoEPass(experts_per_subgraph)(model).modified
     assert [n.op_type for n in model.graph if n.domain == "moec"] == ["DynamicGating"]
     assert [v.name for v in model.graph.inputs][2:] == ([PRUNE_SWITCH] if spec.beta > 0 else [])
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
@@ -81,6 +81,28 @@ def test_lowering_matches_reference(name, tokens):
     got = run_lowered(spec, weights, hidden, logits)
     assert got.shape == (tokens, H)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 7])
+@pytest.mark.parametrize("name", ["softmax-normalized", "sigmoid-groups-pruned", "clamped-swiglu"])
+def test_lowering_in_expert_subgraphs_matches_reference(name, tokens):
+    """Experts computed in If subgraphs of 3 (8 experts: chunks 0-2, 3-5, 6-7), a chunk no token is
+    routed to skipped, give what the flat lowering gives."""
+    import onnx
+
+    spec = SPECS[name]
+    rng = np.random.default_rng(zlib.crc32(f"sub/{name}/{tokens}".encode()))
+    weights = random_weights(rng, spec)
+    hidden = rng.normal(size=(tokens, H)).astype(np.float32)
+    logits = (rng.normal(size=(tokens, E)) * 2).astype(np.float32)
+    logits[:, 6:] -= 100  # nothing routed to the last chunk
+    model = moe_graph(spec, weights)
+    LowerMoEPass(3)(model)
+    model.graph.name = "moe"
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    assert [n.op_type for n in model.graph].count("If") == 3
+    got = run_lowered(spec, weights, hidden, logits, experts_per_subgraph=3)
+    np.testing.assert_allclose(got, moe_reference(hidden, logits, **weights, spec=spec), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", SPECS)

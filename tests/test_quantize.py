@@ -220,3 +220,33 @@ def test_gptq_plan_compiles_and_lists_rtn_fallbacks(compiled, tmp_path):
     fallback = [[layer, e] for layer, e, x in quantized if x["calibration_tokens"] < 32]
     assert fallback and q["rtn_fallback_experts"] == fallback  # few tokens: RTN, and listed
     assert all(x["quantizer"] == "rtn" for layer, e, x in quantized if [layer, e] in fallback)
+
+
+def test_many_experts_compute_in_subgraphs_quantized_and_verified(tmp_path):
+    """A layer with more experts than the CPU target's EXPERTS_PER_SUBGRAPH computes them in If
+    subgraphs; their MatMulNBits weights live in the main graph, the exact-kernel check reaches
+    into the subgraphs, and the artifact verifies and generates."""
+    import onnx
+    import transformers
+
+    import tiny
+    from moec.targets.cpu import EXPERTS_PER_SUBGRAPH
+
+    experts = EXPERTS_PER_SUBGRAPH + 4
+    config = transformers.MixtralConfig(**tiny.COMMON, intermediate_size=64, num_hidden_layers=2,
+                                        num_local_experts=experts, num_experts_per_tok=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "moec-plan/1", "model": "tiny",
+                                "experts": {"bits": [[(2, 4, 8)[e % 3] for e in range(experts)]] * 2},
+                                "non_expert": DEFAULT_NON_EXPERT, "quantization": {"method": "rtn", "group_size": 32},
+                                "pruning": {}}))
+    record = moec.compile(tmp_path / "model", tmp_path / "artifact", plan=plan, progress=False)
+    assert record["verification"]["max_abs_logit_diff"] < 1e-3
+    graph = onnx.load(str(tmp_path / "artifact" / "model.onnx"), load_external_data=False).graph
+    ifs = [n for n in graph.node if n.op_type == "If"]
+    assert len(ifs) == 2 * 2  # two chunks per layer
+    inside = [m for n in ifs for a in n.attribute if a.name == "then_branch" for m in a.g.node]
+    assert sum(m.op_type == "MatMulNBits" for m in inside) == 2 * experts * 3
+    assert all(not a.g.initializer for n in ifs for a in n.attribute)
+    assert len(list(generate(Artifact(tmp_path / "artifact"), [[5, 17, 99]], max_new_tokens=4))) == 4
