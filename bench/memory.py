@@ -33,15 +33,17 @@ def build(folder: Path) -> None:
         shutil.copy2(ROOT / "samples" / "tiny-mixtral" / name, folder / name)
 
 
-def measured(argv: list[str]) -> tuple[float, int]:
-    """(seconds, peak RSS bytes) of `moec ARGV` in a fresh process."""
+def measured(argv: list[str]) -> dict:
+    """Seconds, peak RSS and stdout of `moec ARGV` in a fresh process."""
     probe = (f"import resource, sys; from moec.cli import main; code = main({argv!r}); "
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     if run.returncode:
-        sys.exit(f"moec {' '.join(argv)} failed:\n{run.stderr}")
-    return time.perf_counter() - start, int(run.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB
+        sys.exit(f"moec {' '.join(argv)} failed:\n{run.stderr[-3000:]}")
+    return {"seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_bytes": int(run.stdout.split()[-1]) * 1024,  # ru_maxrss is in KiB
+            "stdout": run.stdout.rsplit("\n", 2)[0]}
 
 
 def main() -> None:
@@ -60,16 +62,17 @@ def main() -> None:
     stats, plan, artifact = args.workdir / "stats.json", args.workdir / "plan.json", args.workdir / "artifact"
     result = {"parameters": params, "safetensors_bytes": weights, "fp32_model_bytes": params * 4}
     if not args.skip_calibrate:
-        seconds, peak = measured(["calibrate", str(model_dir), "--samples", str(args.samples),
-                                  "--seq-len", str(args.seq_len), "--out", str(stats), "--quiet"])
-        result["calibrate"] = {"seconds": round(seconds, 1), "peak_rss_bytes": peak,
+        calibrate = measured(["calibrate", str(model_dir), "--samples", str(args.samples),
+                              "--seq-len", str(args.seq_len), "--out", str(stats), "--quiet"])
+        result["calibrate"] = {"seconds": calibrate["seconds"], "peak_rss_bytes": calibrate["peak_rss_bytes"],
                                "samples": args.samples, "seq_len": args.seq_len}
     subprocess.run([sys.executable, "-m", "moec", "plan", "--stats", str(stats), "--avg-bits", str(args.avg_bits),
                     "--no-top-widths", "--out", str(plan)], check=True, capture_output=True)
-    seconds, peak = measured(["compile", str(model_dir), "--out", str(artifact), "--plan", str(plan),
-                              "--force", "--quiet"])
+    compile_run = measured(["compile", str(model_dir), "--out", str(artifact), "--plan", str(plan),
+                            "--force", "--quiet"])
     record = json.loads((artifact / "moec.json").read_text())
-    result["compile"] = {"seconds": round(seconds, 1), "peak_rss_bytes": peak, "avg_bits": args.avg_bits,
+    result["compile"] = {"seconds": compile_run["seconds"], "peak_rss_bytes": compile_run["peak_rss_bytes"],
+                         "avg_bits": args.avg_bits,
                          "artifact_bytes": record["bytes"]["total"], "stages_seconds": record["seconds"],
                          "verification": record["verification"]}
     print(json.dumps(result, indent=1))

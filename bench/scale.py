@@ -14,10 +14,10 @@ import argparse
 import functools
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from memory import measured  # bench/memory.py: seconds and peak RSS of a moec command
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
@@ -73,19 +73,6 @@ def build(folder: Path) -> None:
     (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
-
-
-def measured(argv: list[str]) -> dict:
-    """Seconds and peak RSS of `moec ARGV` in a fresh process."""
-    probe = (f"import resource, sys; from moec.cli import main; code = main({argv!r}); "
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
-    start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    if run.returncode:
-        sys.exit(f"moec {' '.join(argv)} failed:\n{run.stderr[-3000:]}")
-    return {"seconds": round(time.perf_counter() - start, 1),
-            "peak_rss_bytes": int(run.stdout.split()[-1]) * 1024,  # ru_maxrss is in KiB
-            "stdout": run.stdout.rsplit("\n", 2)[0]}
 
 
 def main() -> None:

@@ -169,16 +169,17 @@ class CheckpointReader:
         self.resident, self.adapter, self.layer_of = resident, adapter, layer_of
 
     def read(self, source) -> np.ndarray:
-        from moec.weights import as_numpy
+        """A NumPy view (bf16 as ml_dtypes.bfloat16, through onnx-ir's own torch adapter)."""
+        from onnx_ir.tensor_adapters import TorchTensor
 
         if source.field is None:
-            return as_numpy(self.resident.tensor(source.key))
+            return TorchTensor(self.resident.tensor(source.key)).numpy()
         module = self.resident.module(source.key)
         block = self.resident.cache.get(source.key)
         if block is None:
             block = self.resident.cache[source.key] = self.adapter.block(self.layer_of[source.key], module,
                                                                          source.key)
-        return as_numpy(getattr(block, source.field))
+        return TorchTensor(getattr(block, source.field)).numpy()
 
     def release(self) -> None:
         self.resident.release()
@@ -310,7 +311,8 @@ def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: lis
         raise MoecError(f"verification failed: artifact logits differ from the reference by {diff:.3g} "
                         f"(tolerance {VERIFY_TOLERANCE}){where}")
     against = "PyTorch with the same dequantized weights" if quantized else \
-        "PyTorch with the MoE op's NumPy reference in the pruned layers" if pruned else "transformers fp32"
+        "PyTorch with the MoE op's NumPy reference in the pruned layers" if pruned else \
+        "transformers fp32, sparse blocks by the MoE op's NumPy reference"
     result = {"max_abs_logit_diff": diff, "tolerance": VERIFY_TOLERANCE, "tokens": int(probe.size),
               "against": against + (", pruning as planned" if pruned and quantized else "")}
     if quantized:

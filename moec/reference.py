@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moec.adapters import MoEBlock
-from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name, moe_reference
+from moec.ops.moe import EXPERT_WEIGHT_PATTERN, PROJECTIONS, expert_weight_name, moe_reference
 
 
 class ReferenceMoE(nn.Module):
@@ -37,9 +37,9 @@ class ReferenceMoE(nn.Module):
         logits = x.numpy() @ as_np(b.router_weight).T
         if b.router_bias is not None:
             logits = logits + as_np(b.router_bias)
-        experts = [_ExpertWeights(getattr(b, p), b.spec.layer, p, self.quantizers) for p in ("gate", "up", "down")]
+        experts = [_ExpertWeights(getattr(b, p), b.spec.layer, p, self.quantizers) for p in PROJECTIONS]
         y = torch.from_numpy(moe_reference(x.numpy(), logits.astype(np.float32), *experts,
-                                           *(as_np(getattr(b, f"{p}_bias")) for p in ("gate", "up", "down")),
+                                           *(as_np(getattr(b, f"{p}_bias")) for p in PROJECTIONS),
                                            as_np(b.score_bias), spec=b.spec))
         if self.shared is not None:
             y = y + self.shared(x)
@@ -65,9 +65,8 @@ def streamed_reference(stream, adapter, blocks, probe: np.ndarray, pasts: list[t
                        quantizers: dict, pruning: dict) -> list[np.ndarray]:
     """Logits and every layer's KV cache of the transformers model on `probe`, as the artifact
     returns them, materializing each part (decoder layer, embeddings, head, ...) only for its own
-    call. Where `quantizers` has
-    a weight the reference computes with it quantized and dequantized, and a layer in `pruning`
-    prunes dynamically as planned."""
+    call. Where `quantizers` has a weight the reference computes with it quantized and
+    dequantized, and a layer in `pruning` prunes dynamically as planned."""
     from moec.trace import KVCacheModel
     from moec.weights import part_of
 

@@ -10,7 +10,6 @@ into that part, and feeds just those to `convert_and_load_state_dict_in_model`, 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,8 +67,7 @@ class StreamingModel:
         names = [name for name, target in self._target_of.items() if _under(target, path)]
         load_config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.model._get_dtype_plan(self.dtype),
                                           weight_mapping=self._weight_mapping)
-        with self._open(names) as tensors:
-            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, load_config)
+        info, _ = convert_and_load_state_dict_in_model(self.model, self._readers(names), load_config)
         try:
             self._check(path, module, info)
             self._tie(path)
@@ -104,8 +102,7 @@ class StreamingModel:
             targets[name] = name if target not in model_keys and name in model_keys else target
         return targets
 
-    @contextmanager
-    def _open(self, names: list[str]):
+    def _readers(self, names: list[str]) -> dict:
         """Lazy readers of `names`, keyed by checkpoint name, each needed shard checked first."""
         by_shard: dict[Path, list[str]] = {}
         for name in names:
@@ -117,7 +114,7 @@ class StreamingModel:
                     if dtype not in FLOAT_DTYPES:
                         raise MoecError(f"{shard.name}: tensor {name} is stored as {dtype}; moec reads "
                                         f"floating-point weights ({', '.join(FLOAT_DTYPES)})")
-        yield {name: _ShardTensor(self._shard_of[name], name) for name in names}
+        return {name: _ShardTensor(self._shard_of[name], name) for name in names}
 
     def _check(self, path: str, module: nn.Module, info) -> None:
         """Raise MoecError for the first tensor of the part that did not load cleanly."""
@@ -266,11 +263,3 @@ def storage_dtype(checkpoint: Checkpoint) -> torch.dtype:
     floats = found & set(names)
     return names[floats.pop()] if len(floats) == 1 else torch.float32
 
-
-def as_numpy(tensor: torch.Tensor):
-    """A NumPy view of a CPU tensor; bfloat16 (which NumPy lacks) as ml_dtypes.bfloat16, as onnx-ir reads it."""
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return tensor.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.detach().numpy()

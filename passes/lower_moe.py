@@ -162,7 +162,7 @@ def _routed_experts(b: _Builder, out: ir.Value, experts: range, hidden: ir.Value
     return out
 
 
-def _routed_experts_subgraph(b: _Builder, out: ir.Value, experts: range, hidden: ir.Value, routed: ir.Value,
+def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, out: ir.Value, experts: range, hidden: ir.Value, routed: ir.Value,
                              dense_weights: ir.Value, stacked: dict, spec: MoESpec) -> ir.Value:
     """The same, as the then-branch of an If that runs only when some token is routed to one of
     these experts. Why: onnxruntime's session creation grows about quadratically with the nodes
@@ -173,7 +173,7 @@ def _routed_experts_subgraph(b: _Builder, out: ir.Value, experts: range, hidden:
     result = _routed_experts(inner, out, experts, hidden, routed, dense_weights, stacked, spec)
     b.count, b.prefix = inner.count, f"layers.{spec.layer}.experts.{experts.start}-{experts.stop - 1}"
     for value in inner.tape.initializers:  # weights live in the main graph, where they are written and packed
-        b.tape.graph_like.register_initializer(value)
+        graph.register_initializer(value)
     passed = ir.Value(name=None)
     for value in (result, passed):  # branch outputs must be typed
         value.type, value.shape = hidden.type, hidden.shape
@@ -209,13 +209,12 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1),
                          perm=[1, 0])
     out = b.op("Mul", hidden, b.const(np.float32(0)))
-    chunk = experts_per_subgraph or num_experts
-    for first in range(0, num_experts, chunk):
-        experts = range(first, min(first + chunk, num_experts))
-        if num_experts <= chunk:
-            out = _routed_experts(b, out, experts, hidden, routed, dense_weights, stacked, spec)
-        else:
-            out = _routed_experts_subgraph(b, out, experts, hidden, routed, dense_weights, stacked, spec)
+    if experts_per_subgraph is None or num_experts <= experts_per_subgraph:
+        out = _routed_experts(b, out, range(num_experts), hidden, routed, dense_weights, stacked, spec)
+    else:
+        for first in range(0, num_experts, experts_per_subgraph):
+            experts = range(first, min(first + experts_per_subgraph, num_experts))
+            out = _routed_experts_subgraph(b, graph, out, experts, hidden, routed, dense_weights, stacked, spec)
 
     b.prefix = f"layers.{spec.layer}.moe"
     computed = b.op("ReduceSum", b.op("Cast", keep, to=ir.DataType.INT64), keepdims=0)

@@ -31,8 +31,8 @@ PRUNINGS = {"plain": (0.0, 0.0), "beta": (0.6, 0.0), "beta-protect": (0.6, 0.3),
 def gating_session(spec: MoESpec) -> ort.InferenceSession:
     sigmoid = spec.scoring == "sigmoid"
     inputs = ["logits", *(["score_bias"] if sigmoid else []), "importance", "enabled"]
-    attributes = {name: (int(v) if isinstance(v := getattr(spec, name), bool) else v)
-                  for name in (*ROUTING_ATTRIBUTES, "beta", "protect_fraction")}
+    attributes = {name: value for name, value in spec.attributes().items()
+                  if name in (*ROUTING_ATTRIBUTES, "beta", "protect_fraction")}
     node = helper.make_node(OP_TYPE, inputs, ["weights", "indices", "keep"], domain="moec",
                             overload=spec.scoring, **attributes)
     info = helper.make_tensor_value_info
