@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
     p.add_argument("--plan", metavar="plan.json", help="quantize to this plan's bit widths (moec plan)")
-    p.add_argument("--target", default="cpu", help="execution target (default: cpu)")
+    p.add_argument("--target", default="cpu", help="execution target: cpu, or cuda for onnxruntime-gpu (default: cpu)")
     p.add_argument("--data", metavar="FILE.txt", help="calibration text for a GPTQ plan (default: built-in corpus)")
     p.add_argument("--samples", type=_positive_int, default=64, metavar="N", help="GPTQ calibration sequences (default 64)")
     p.add_argument("--seq-len", type=_positive_int, default=256, metavar="L", help="tokens per sequence (default 256)")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 GENAI_CONFIG_FILE = "genai_config.json"
 GENAI_MODEL_TYPE = "llama"
+GENAI_SESSION_OPTIONS = ("intra_op_num_threads", "graph_optimization_level", "enable_cpu_mem_arena")
 
 
-def genai_config(config: dict, past_shapes: list[tuple]) -> tuple[dict | None, str | None]:
+def genai_config(config: dict, past_shapes: list[tuple], session_options: dict) -> tuple[dict | None, str | None]:
     """(genai_config.json content, None), or (None, why the artifact cannot fit onnxruntime-genai).
 
-    `past_shapes` are the past_key_values inputs' shapes [batch, kv heads, past, head size]."""
+    `past_shapes` are the past_key_values inputs' shapes [batch, kv heads, past, head size];
+    `session_options` the target's (the ones genai's decoder session takes are passed on)."""
     layouts = {(shape[1], shape[3]) for shape in past_shapes}
     if len(layouts) != 1:
         return None, ("onnxruntime-genai takes one KV-cache layout (num_key_value_heads, head_size) for every "
@@ -36,7 +38,8 @@ def genai_config(config: dict, past_shapes: list[tuple]) -> tuple[dict | None, s
             "pad_token_id": pad if pad is not None else first_eos,
             "decoder": {
                 "filename": "model.onnx",
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
+                                    **{key: session_options[key] for key in GENAI_SESSION_OPTIONS}},
                 "hidden_size": config["hidden_size"],
                 "num_attention_heads": config["num_attention_heads"],
                 "num_key_value_heads": kv_heads,

@@ -23,7 +23,6 @@ from moec.files import staging_folder
 from moec.runtime import MODEL_FILE, RECORD_FILE
 
 EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
-VERIFY_TOLERANCE = 1e-3  # max |logit difference| against the reference, in exact arithmetic
 
 
 @contextmanager
@@ -129,7 +128,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             quantizers: dict = {}
             choose = None if plan_data is None else plan_quantizer(plan_data, quantizers, prequantized)
             for p in target_module.passes(choose, pruning):
-                p(graph)
+                graph = p(graph).model
         with stages.stage("save"):
             in_layer_order(graph.graph, [b.path for b in blocks])
             ir.save(graph, staging / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
@@ -137,12 +136,13 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             shutil.copy2(checkpoint.path / "config.json", staging / "config.json")
             for f in checkpoint.tokenizer_files():
                 shutil.copy2(f, staging / f.name)
-            genai, genai_unsupported = genai_config(checkpoint.config, past_shapes(graph))
+            genai, genai_unsupported = genai_config(checkpoint.config, past_shapes(graph),
+                                                    target_module.SESSION_OPTIONS)
             if genai is not None:
                 (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2))
         with stages.stage("check"):
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
-        record = build_record(checkpoint, blocks, graph, target, skeleton, plan_data, pruning, quantizers,
+        record = build_record(checkpoint, blocks, graph, target_module, skeleton, plan_data, pruning, quantizers,
                               expert_tokens)
         record["onnxruntime_genai"] = {"config": GENAI_CONFIG_FILE, "model_type": GENAI_MODEL_TYPE} \
             if genai is not None else {"unsupported": genai_unsupported}
@@ -152,7 +152,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
         with stages.stage("reference"):
             reference = streamed_reference(stream, adapter, blocks, probe, past_shapes(graph), quantizers, pruning)
         with stages.stage("verify"):
-            record["verification"] = verify(staging, list(target_module.PROVIDERS), probe, reference,
+            record["verification"] = verify(staging, target_module, probe, reference,
                                             quantized=bool(quantizers), pruned=bool(pruning))
         record["seconds"] = stages.seconds
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
@@ -213,6 +213,7 @@ def stamp_metadata(model_file: Path, record: dict) -> None:
     """Write what the build record says of the model into its metadata_props, for people and tools
     that open only model.onnx (netron, onnxruntime's ModelMetadata). Rewrites just the graph file."""
     import onnx
+    import onnxruntime as ort
 
     quantization = record["quantization"] or {}
     props = {"moec.version": record["moec_version"], "moec.source_model": record["source_model"]["path"],
@@ -222,6 +223,11 @@ def stamp_metadata(model_file: Path, record: dict) -> None:
              "moec.pruning": json.dumps(record["pruning"]) if record["pruning"] else "none"}
     model = onnx.load(str(model_file), load_external_data=False)
     del model.metadata_props[:]
+    # plain onnxruntime reads these session options when ORT_LOAD_CONFIG_FROM_MODEL=1
+    tuned = record["session_options"]
+    props["ort_config"] = json.dumps({"session_options": {
+        "intra_op_num_threads": tuned["intra_op_num_threads"],
+        "graph_optimization_level": int(getattr(ort.GraphOptimizationLevel, tuned["graph_optimization_level"]))}})
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(model_file))
@@ -282,25 +288,30 @@ def plan_quantizer(plan: dict, chosen: dict, prequantized: dict):
     return choose
 
 
-def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: list[np.ndarray],
-           quantized: bool, pruned: bool = False) -> dict:
+def verify(folder: Path, target, probe: np.ndarray, reference: list[np.ndarray], quantized: bool,
+           pruned: bool = False) -> dict:
     """Run the artifact on `probe`; compare logits (and each layer's KV cache) with the reference.
 
     The check that fails the build runs every MatMulNBits in exact arithmetic (accuracy_level 0),
-    so any packing, graph or kernel error shows up against VERIFY_TOLERANCE and is located by the
-    first layer whose KV cache differs. The artifact as shipped (int8 activations per block) is
+    so any packing, graph or kernel error shows up against the target's tolerance (absolute, plus a
+    fraction of the reference's logit range for float16 targets) and is located by the first layer
+    whose KV cache differs. The artifact as shipped (int8 activations per block on CPU) is
     measured too and recorded, not enforced: its rounding can flip a near-tied routing decision,
     which moves logits by more than any fixed tolerance without anything being wrong.
     """
+    from moec.runtime import default_providers
+
+    providers = default_providers({"providers": list(target.PROVIDERS)})
     if quantized:
         with _exact_kernels(folder / MODEL_FILE) as exact:
             outputs = _run(exact, providers, probe)
     else:
         outputs = _run(folder / MODEL_FILE, providers, probe)
     diff = float(np.abs(outputs[0] - reference[0]).max())
-    if not diff <= VERIFY_TOLERANCE:
+    tolerance = target.VERIFY_TOLERANCE + target.VERIFY_RELATIVE_TOLERANCE * float(np.ptp(reference[0]))
+    if not diff <= tolerance:
         layer = next((i // 2 for i, (got, want) in enumerate(zip(outputs[1:], reference[1:]))
-                      if not np.abs(got - want).max() <= VERIFY_TOLERANCE), None)
+                      if not np.abs(got - want).max() <= tolerance), None)
         if layer is None:
             where = "; every KV cache matches, so the error is in the last layer's MLP/MoE or the head"
         elif layer == 0:
@@ -309,11 +320,11 @@ def verify(folder: Path, providers: list[str], probe: np.ndarray, reference: lis
             where = (f"; the KV cache first differs at layer {layer}: the error is in layer {layer - 1}'s "
                      f"MLP/MoE or layer {layer}'s attention projections")
         raise MoecError(f"verification failed: artifact logits differ from the reference by {diff:.3g} "
-                        f"(tolerance {VERIFY_TOLERANCE}){where}")
+                        f"(tolerance {tolerance:.3g}){where}")
     against = "PyTorch with the same dequantized weights" if quantized else \
         "PyTorch with the MoE op's NumPy reference in the pruned layers" if pruned else \
         "transformers fp32, sparse blocks by the MoE op's NumPy reference"
-    result = {"max_abs_logit_diff": diff, "tolerance": VERIFY_TOLERANCE, "tokens": int(probe.size),
+    result = {"max_abs_logit_diff": diff, "tolerance": tolerance, "tokens": int(probe.size),
               "against": against + (", pruning as planned" if pruned and quantized else "")}
     if quantized:
         shipped = float(np.abs(_run(folder / MODEL_FILE, providers, probe)[0] - reference[0]).max())
@@ -353,12 +364,12 @@ def _run(model_file: Path, providers: list[str], probe: np.ndarray) -> list[np.n
 
     session = ort.InferenceSession(str(model_file), providers=providers)
     feeds = {"input_ids": probe, "attention_mask": np.ones_like(probe), "position_ids": np.arange(probe.shape[1])[None]}
-    feeds |= {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()
-              if i.name.startswith("past_key_values.")}
-    return session.run(None, feeds)
+    feeds |= {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float16 if i.type == "tensor(float16)" else
+                               np.float32) for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    return [o.astype(np.float32) if o.dtype == np.float16 else o for o in session.run(None, feeds)]
 
 
-def build_record(checkpoint, blocks, graph, target: str, model, plan: dict | None, pruning: dict,
+def build_record(checkpoint, blocks, graph, target, model, plan: dict | None, pruning: dict,
                  quantized: dict, expert_tokens: dict) -> dict:
     """moec.json: what was built from what (the artifact's file sizes are added once it is final)."""
     expert_params = sum(int(b.gate.numel() + b.up.numel() + b.down.numel()) for b in blocks)
@@ -369,7 +380,9 @@ def build_record(checkpoint, blocks, graph, target: str, model, plan: dict | Non
         "moec_version": moec.__version__,
         "source_model": {"path": str(checkpoint.path.resolve()), "model_type": checkpoint.model_type,
                          "weight_bytes": checkpoint.weight_bytes},
-        "target": target,
+        "target": target.NAME,
+        "providers": list(target.PROVIDERS),
+        "session_options": target.SESSION_OPTIONS,
         "opset": graph.opset_imports.get("", None),
         "num_layers": config.num_hidden_layers,
         "moe_layers": [
@@ -379,7 +392,8 @@ def build_record(checkpoint, blocks, graph, target: str, model, plan: dict | Non
         ],
         "parameters": {"experts": expert_params,
                        "total": sum(int(p.numel()) for p in model.parameters()) + moe_buffers},
-        "quantization": None if plan is None else quantization_record(plan, blocks, graph, quantized, expert_tokens),
+        "quantization": None if plan is None else quantization_record(plan, blocks, graph, quantized, expert_tokens,
+                                                                      target.CONTAINER_BITS),
         "pruning": pruning_record(pruning),
     }
 
@@ -392,14 +406,14 @@ def artifact_files(folder: Path) -> dict:
             "files": sorted(files)}
 
 
-def quantization_record(plan: dict, blocks, graph, quantized: dict, expert_tokens: dict) -> dict:
+def quantization_record(plan: dict, blocks, graph, quantized: dict, expert_tokens: dict,
+                        container_bits: dict[int, int]) -> dict:
     """Per expert: width, the container MatMulNBits stores it in, bytes (of its initializers in
     `graph`), quantizer and calibration tokens; totals, averages, and the experts GPTQ had too
     few tokens for."""
     import re
 
     from moec.ops.moe import EXPERT_WEIGHT_PATTERN, PROJECTIONS, expert_weight_name
-    from moec.passes.matmul_nbits import CONTAINER_BITS
 
     experts, expert_bytes, weighted_bits = [], 0, 0.0
     for b in blocks:
@@ -412,21 +426,21 @@ def quantization_record(plan: dict, blocks, graph, quantized: dict, expert_token
             else:
                 q = parts[0]
                 nbytes = sum(_stored_bytes(graph, expert_weight_name(b.spec.layer, e, p)) for p in PROJECTIONS)
-                row.append({"bits": q.bits, "stored_bits": CONTAINER_BITS[q.bits], "bytes": nbytes,
+                row.append({"bits": q.bits, "stored_bits": container_bits[q.bits], "bytes": nbytes,
                             "quantizer": q.method})
             if expert_tokens:
                 row[-1]["calibration_tokens"] = expert_tokens.get(expert_weight_name(b.spec.layer, e, "gate"), 0)
             expert_bytes += row[-1]["bytes"]
             weighted_bits += row[-1]["bits"] * sum(int(getattr(b, p)[e].numel()) for p in PROJECTIONS)
         experts.append({"layer": b.spec.layer, "experts": row})
-    non_expert = {name: {"bits": q.bits, "stored_bits": CONTAINER_BITS[q.bits], "bytes": _stored_bytes(graph, name)}
+    non_expert = {name: {"bits": q.bits, "stored_bits": container_bits[q.bits], "bytes": _stored_bytes(graph, name)}
                   for name, q in quantized.items() if not re.fullmatch(EXPERT_WEIGHT_PATTERN, name)}
     params = sum(int(getattr(b, p).numel()) for b in blocks for p in PROJECTIONS)
-    repacked = sorted({q.bits for q in quantized.values() if CONTAINER_BITS[q.bits] != q.bits})
+    repacked = sorted({q.bits for q in quantized.values() if container_bits[q.bits] != q.bits})
     return {
         "method": plan["quantization"]["method"], "group_size": plan["quantization"]["group_size"],
         "kernel": "com.microsoft.MatMulNBits",
-        "widths_in_larger_containers": {str(b): CONTAINER_BITS[b] for b in repacked},
+        "widths_in_larger_containers": {str(b): container_bits[b] for b in repacked},
         "expert_bytes": expert_bytes, "avg_expert_bits": weighted_bits / params,
         "rtn_fallback_experts": [[layer["layer"], e] for layer in experts for e, x in enumerate(layer["experts"])
                                  if plan["quantization"]["method"] == "gptq" and x["quantizer"] == "rtn"],

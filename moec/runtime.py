@@ -34,11 +34,11 @@ class Artifact:
         if not model_file.is_file():
             raise MoecError(f"{self.path} is not a moec artifact (no {MODEL_FILE})")
         self.record = read_record(self.path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_file), options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(model_file), session_options(self.record, threads),
+                                            providers=providers or default_providers(self.record))
+        # the KV cache lives where the model runs: present outputs are bound there and fed back as the
+        # next step's past without a copy through NumPy
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.pruning = "off" if not prune else "on" if self.record.get("pruning") else "none"
@@ -51,20 +51,55 @@ class Artifact:
         config = json.loads((self.path / "config.json").read_text())
         self.eos_token_ids = _eos_ids(self.path, config)
 
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        """Zero-length past keys/values for a fresh sequence."""
-        return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past_inputs}
+    def empty_cache(self, batch: int) -> dict[str, ort.OrtValue]:
+        """Zero-length past keys/values for a fresh sequence, on the session's device."""
+        return {i.name: ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((batch, i.shape[1], 0, i.shape[3]), _NUMPY_TYPES[i.type]), self.device)
+            for i in self.past_inputs}
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One step: logits [B, S, V] and the next past (this step's presents)."""
-        outputs = dict(zip(self.output_names, self.session.run(None, {
-            "input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-            "position_ids": position_ids.astype(np.int64), **past, **self.switches})))
+                past: dict[str, ort.OrtValue]) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
+        """One step: logits [B, S, V] and the next past (this step's presents, left on the device)."""
+        binding = self.session.io_binding()
+        host = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "position_ids": position_ids.astype(np.int64), **self.switches}
+        for name, value in host.items():  # as OrtValues: the switch is an initializer-backed input
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+        for name, value in past.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu" if name == "logits" or name in self.top_k_of else self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(self.output_names, binding.get_outputs()))
         for name, top_k in self.top_k_of.items():
-            self.activations["computed"] += int(outputs[name])
+            self.activations["computed"] += int(outputs[name].numpy())
             self.activations["top_k"] += input_ids.size * top_k
-        return outputs["logits"], {past: outputs[present] for past, present in self.present_of.items()}
+        logits = outputs["logits"].numpy().astype(np.float32, copy=False)  # float16 on CUDA targets
+        return logits, {past: outputs[present] for past, present in self.present_of.items()}
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def session_options(record: dict, threads: int | None = None) -> ort.SessionOptions:
+    """The session options the artifact's target tuned (moec.json's `session_options`, the same ones
+    its model metadata gives plain onnxruntime apps); `threads` overrides the intra-op thread count."""
+    tuned = record.get("session_options", {})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or tuned.get("intra_op_num_threads", 0)
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                               tuned.get("graph_optimization_level", "ORT_ENABLE_ALL"))
+    options.enable_cpu_mem_arena = tuned.get("enable_cpu_mem_arena", True)
+    for key, value in tuned.get("config_entries", {}).items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
+def default_providers(record: dict) -> list[str]:
+    """The target's execution providers that this onnxruntime has, in the target's order (a CUDA
+    artifact runs on the CPU provider where there is no GPU)."""
+    available = set(ort.get_available_providers())
+    return [p for p in record.get("providers", ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
 
 
 def read_record(path: Path) -> dict:

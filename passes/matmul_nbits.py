@@ -6,8 +6,9 @@ leaves the node as it is).
 Produces: MatMulNBits(x, B, scales, zero_points) with the packed codes as initializers named
 `<weight>.q`, `<weight>.scales`, `<weight>.zero_points`, plus an Add for a Gemm's bias. The
 codes are computed when the initializers are read (written out), one weight at a time.
-Widths MatMulNBits lacks are stored in the next container it has (1 → 2, 3 → 4 bits): the codes
-fit unchanged and dequantize to the same weights.
+Each width is stored in the container the target maps it to (`container_bits`; onnxruntime's CPU
+kernels have 2, 4 and 8 bits, so 1 → 2 and 3 → 4): the codes fit unchanged and dequantize to the
+same weights. The scales take the replaced weight's dtype, which is the activations' (float16 on CUDA).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import onnx_ir as ir
 
 from moec.quant import Quantizer, pack_matmul_nbits
 
-CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # the CPU kernels' widths
 
 
 def _weight(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
@@ -44,8 +45,8 @@ class _Packed:
     once all three were read (the writer reads them one after another), so no more than one
     weight's codes are held at a time."""
 
-    def __init__(self, weight: ir.TensorProtocol, k_by_n: bool, quantizer: Quantizer):
-        self.weight, self.k_by_n, self.quantizer = weight, k_by_n, quantizer
+    def __init__(self, weight: ir.TensorProtocol, k_by_n: bool, quantizer: Quantizer, container_bits: int):
+        self.weight, self.k_by_n, self.quantizer, self.container_bits = weight, k_by_n, quantizer, container_bits
         self._arrays, self._unread = None, set()
 
     def read(self, index: int) -> np.ndarray:
@@ -54,7 +55,8 @@ class _Packed:
             if q is None:
                 weight = self.weight.numpy()
                 q = self.quantizer(weight.T if self.k_by_n else weight)
-            self._arrays = pack_matmul_nbits(q.codes, q.scales, q.zeros, CONTAINER_BITS[q.bits], q.group_size)
+            codes, scales, zeros = pack_matmul_nbits(q.codes, q.scales, q.zeros, self.container_bits, q.group_size)
+            self._arrays = codes, scales.astype(self.weight.dtype.numpy(), copy=False), zeros
             self._unread = {0, 1, 2}
         array = self._arrays[index]
         self._unread.discard(index)
@@ -69,10 +71,12 @@ class _Packed:
 class MatMulNBitsPass(ir.passes.InPlacePass):
     """`quantizer(name)` says how the weight `name` is quantized, or None to leave it in float."""
 
-    def __init__(self, quantizer: Callable[[str], Quantizer | None], accuracy_level: int = 4):
+    def __init__(self, quantizer: Callable[[str], Quantizer | None], accuracy_level: int = 4,
+                 container_bits: dict[int, int] = CONTAINER_BITS):
         super().__init__()
         self.quantizer = quantizer
         self.accuracy_level = accuracy_level
+        self.container_bits = container_bits
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
@@ -84,7 +88,7 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
             quantizer = self.quantizer(name)
             if quantizer is None:
                 continue
-            self._replace(model.graph, node, name, _Packed(*weight, quantizer))
+            self._replace(model.graph, node, name, _Packed(*weight, quantizer, self.container_bits[quantizer.bits]))
             modified = True
         if modified:
             model.opset_imports.setdefault("com.microsoft", 1)
@@ -93,11 +97,11 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
     def _replace(self, root: ir.Graph, node: ir.Node, name: str, packed: _Packed) -> None:
         """Put MatMulNBits in the node's place (in whichever graph holds it), its initializers in `root`."""
         q = packed.quantizer
-        bits = CONTAINER_BITS[q.bits]
+        bits = packed.container_bits
         k, n = packed.weight.shape if packed.k_by_n else packed.weight.shape[::-1]
         blocks = -(-k // q.group_size)
         shapes = {"q": (ir.DataType.UINT8, [n, blocks, q.group_size * bits // 8]),
-                  "scales": (ir.DataType.FLOAT, [n, blocks]),
+                  "scales": (packed.weight.dtype, [n, blocks]),
                   "zero_points": (ir.DataType.UINT8, [n, -(-blocks * bits // 8)])}
         tape = ir.tape.Tape()
         inputs = [node.inputs[0]]

@@ -9,11 +9,15 @@ logits and present.{i}.key|value; each step feeds the previous step's presents b
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
+
+# take the session options moec tuned for the artifact's target from model.onnx's metadata (ort_config)
+os.environ.setdefault("ORT_LOAD_CONFIG_FROM_MODEL", "1")
 
 
 def eos_token_ids(artifact: Path) -> set[int]:

@@ -4,9 +4,9 @@ from types import ModuleType
 
 from moec.errors import MoecError
 
-from . import cpu
+from . import cpu, cuda
 
-TARGETS: dict[str, ModuleType] = {cpu.NAME: cpu}
+TARGETS: dict[str, ModuleType] = {cpu.NAME: cpu, cuda.NAME: cuda}
 
 
 def get_target(name: str) -> ModuleType:
