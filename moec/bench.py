@@ -44,9 +44,20 @@ def bench(path: str | Path, *, prompt_len: int = 128, gen_len: int = 64, threads
         "prefill_tok_s": prompt_len / statistics.median(prefill),
         "decode_tok_s": gen_len / statistics.median(decode),
         "ttft_ms": 1000 * statistics.median(prefill),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mb": peak_rss_mb(),
         "pruning": artifact.pruning,
     }
     if activations["top_k"] and result["pruning"] != "none":
         result["pruned_fraction"] = 1 - activations["computed"] / activations["top_k"]
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MiB: Linux's VmHWM, which starts afresh at exec (ru_maxrss
+    keeps the peak of the process that forked it), else ru_maxrss."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
