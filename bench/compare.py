@@ -131,23 +131,27 @@ def fresh_process(code: str) -> dict:
     return json.loads(lines[-2]) | {"peak_rss_mb": float(lines[-1])}
 
 
-def transformers_speed(model_dir: Path, dtype: str, args) -> dict:
+def transformers_speed(model_dir: Path, dtype: str, args, device: str = "cpu") -> dict:
+    sync = "torch.cuda.synchronize()" if device == "cuda" else "pass"  # wait for the GPU before reading the clock
     code = f"""
 import json, statistics, time, numpy as np, torch
 from transformers import AutoModelForCausalLM
 torch.set_num_threads({args.threads})
-model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.{dtype}).eval()
-prompt = torch.from_numpy(np.random.default_rng(0).integers(0, 2048, (1, {args.prompt_len})))
+model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.{dtype}).to({device!r}).eval()
+prompt = torch.from_numpy(np.random.default_rng(0).integers(0, 2048, (1, {args.prompt_len}))).to({device!r})
 prefill, decode = [], []
 with torch.inference_mode():
     for run in range({1 + args.repeats}):
+        {sync}
         start = time.perf_counter()
         out = model(prompt, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+        {sync}
         prefilled = time.perf_counter()
         for _ in range({args.gen_len}):
             out = model(token, past_key_values=out.past_key_values, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
+        {sync}
         if run:
             prefill.append(prefilled - start)
             decode.append(time.perf_counter() - prefilled)
@@ -195,15 +199,14 @@ def runtime_unchanged(artifact: Path, tokens: int = 32) -> dict:
     session fed NumPy caches: greedy tokens and the largest logit difference over the same steps."""
     import onnxruntime as ort
 
-    from moec.runtime import Artifact, generate
+    from moec.runtime import Artifact, empty_past, generate
 
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, 2048, 16)]
     runtime = Artifact(artifact)
     generated = [int(t[0]) for t in generate(runtime, [prompt], tokens)]
     plain = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [o.name for o in plain.get_outputs()]
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-            for i in plain.get_inputs() if i.name.startswith("past_key_values.")}
+    past = empty_past(plain, 1)
     bound = runtime.empty_cache(1)
     step, seen, reference, logits_diff = np.array([prompt]), 0, [], 0.0
     for _ in range(tokens):

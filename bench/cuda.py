@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,17 +35,17 @@ def node_placement(artifact: Path) -> dict:
     """Providers that ran the artifact's nodes in one profiled forward: {provider: {op_type: count}}."""
     import onnxruntime as ort
 
-    from moec.runtime import Artifact, default_providers, read_record, session_options
+    from moec.runtime import available_providers, empty_past, read_record, session_options
 
     record = read_record(artifact)
     options = session_options(record)
     options.enable_profiling = True
-    runner = Artifact(artifact)
-    runner.session = ort.InferenceSession(str(artifact / "model.onnx"), options,
-                                          providers=default_providers(record))
+    session = ort.InferenceSession(str(artifact / "model.onnx"), options,
+                                   providers=available_providers(record["providers"]))
     prompt = np.arange(1, 17)[None]
-    runner.forward(prompt, np.ones_like(prompt), np.arange(16)[None], runner.empty_cache(1))
-    profile = Path(runner.session.end_profiling())
+    session.run(None, {"input_ids": prompt, "attention_mask": np.ones_like(prompt),
+                       "position_ids": np.arange(16)[None]} | empty_past(session, 1))
+    profile = Path(session.end_profiling())
     placed: dict = collections.defaultdict(collections.Counter)
     for event in json.loads(profile.read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
@@ -62,30 +61,11 @@ def greedy(artifact: Path, prompt: list[int], tokens: int = 32) -> list[int]:
 
 
 def torch_fp16_speed(model_dir: Path, args) -> dict | None:
-    code = f"""
-import json, statistics, time, numpy as np, torch
-from transformers import AutoModelForCausalLM
-if not torch.cuda.is_available():
-    print(json.dumps(None)); raise SystemExit
-model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.float16).cuda().eval()
-prompt = torch.from_numpy(np.random.default_rng(0).integers(0, 2048, (1, {args.prompt_len}))).cuda()
-prefill, decode = [], []
-with torch.inference_mode():
-    for run in range({1 + args.repeats}):
-        torch.cuda.synchronize(); start = time.perf_counter()
-        out = model(prompt, use_cache=True); token = out.logits[:, -1].argmax(-1, keepdim=True)
-        torch.cuda.synchronize(); prefilled = time.perf_counter()
-        for _ in range({args.gen_len}):
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
-        if run:
-            prefill.append(prefilled - start); decode.append(time.perf_counter() - prefilled)
-print(json.dumps({{"prefill_tok_s": {args.prompt_len} / statistics.median(prefill),
-                  "decode_tok_s": {args.gen_len} / statistics.median(decode)}}))
-"""
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    """transformers fp16 on the GPU, as bench/compare.py times it; None where torch sees no GPU."""
+    import torch
+
+    return compare.transformers_speed(model_dir, "float16", args, device="cuda") if torch.cuda.is_available() \
+        else None
 
 
 def main() -> None:
@@ -96,6 +76,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", default=128, type=int)
     parser.add_argument("--gen-len", default=64, type=int)
     parser.add_argument("--repeats", default=3, type=int)
+    parser.add_argument("--threads", default=2, type=int, help="PyTorch's CPU threads")
     parser.add_argument("--samples", default=16, type=int)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -299,9 +299,9 @@ def verify(folder: Path, target, probe: np.ndarray, reference: list[np.ndarray],
     measured too and recorded, not enforced: its rounding can flip a near-tied routing decision,
     which moves logits by more than any fixed tolerance without anything being wrong.
     """
-    from moec.runtime import default_providers
+    from moec.runtime import available_providers
 
-    providers = default_providers({"providers": list(target.PROVIDERS)})
+    providers = available_providers(list(target.PROVIDERS))
     if quantized:
         with _exact_kernels(folder / MODEL_FILE) as exact:
             outputs = _run(exact, providers, probe)
@@ -362,11 +362,12 @@ def _exact_kernels(model_file: Path):
 def _run(model_file: Path, providers: list[str], probe: np.ndarray) -> list[np.ndarray]:
     import onnxruntime as ort
 
+    from moec.runtime import empty_past
+
     session = ort.InferenceSession(str(model_file), providers=providers)
     feeds = {"input_ids": probe, "attention_mask": np.ones_like(probe), "position_ids": np.arange(probe.shape[1])[None]}
-    feeds |= {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float16 if i.type == "tensor(float16)" else
-                               np.float32) for i in session.get_inputs() if i.name.startswith("past_key_values.")}
-    return [o.astype(np.float32) if o.dtype == np.float16 else o for o in session.run(None, feeds)]
+    outputs = session.run(None, feeds | empty_past(session, 1))
+    return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outputs]
 
 
 def build_record(checkpoint, blocks, graph, target, model, plan: dict | None, pruning: dict,

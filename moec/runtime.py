@@ -35,7 +35,7 @@ class Artifact:
             raise MoecError(f"{self.path} is not a moec artifact (no {MODEL_FILE})")
         self.record = read_record(self.path)
         self.session = ort.InferenceSession(str(model_file), session_options(self.record, threads),
-                                            providers=providers or default_providers(self.record))
+                                            providers=providers or available_providers(self.record.get("providers")))
         # the KV cache lives where the model runs: present outputs are bound there and fed back as the
         # next step's past without a copy through NumPy
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -53,9 +53,8 @@ class Artifact:
 
     def empty_cache(self, batch: int) -> dict[str, ort.OrtValue]:
         """Zero-length past keys/values for a fresh sequence, on the session's device."""
-        return {i.name: ort.OrtValue.ortvalue_from_numpy(
-            np.zeros((batch, i.shape[1], 0, i.shape[3]), _NUMPY_TYPES[i.type]), self.device)
-            for i in self.past_inputs}
+        return {name: ort.OrtValue.ortvalue_from_numpy(array, self.device)
+                for name, array in empty_past(self.session, batch).items()}
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: dict[str, ort.OrtValue]) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
@@ -78,7 +77,12 @@ class Artifact:
         return logits, {past: outputs[present] for past, present in self.present_of.items()}
 
 
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past_key_values inputs [batch, kv heads, 0, head size] in the session's dtype
+    (float16 for CUDA artifacts)."""
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtypes[i.type]) for i in session.get_inputs()
+            if i.name.startswith("past_key_values.")}
 
 
 def session_options(record: dict, threads: int | None = None) -> ort.SessionOptions:
@@ -95,11 +99,11 @@ def session_options(record: dict, threads: int | None = None) -> ort.SessionOpti
     return options
 
 
-def default_providers(record: dict) -> list[str]:
-    """The target's execution providers that this onnxruntime has, in the target's order (a CUDA
-    artifact runs on the CPU provider where there is no GPU)."""
+def available_providers(wanted: list[str] | None) -> list[str]:
+    """The wanted execution providers (a target's, in its order) that this onnxruntime has; a CUDA
+    artifact runs on the CPU provider where there is no GPU."""
     available = set(ort.get_available_providers())
-    return [p for p in record.get("providers", ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
+    return [p for p in wanted or [] if p in available] or ["CPUExecutionProvider"]
 
 
 def read_record(path: Path) -> dict:
