@@ -18,6 +18,7 @@ Hessians for error-compensating quantization are not stored: the same streaming 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -32,69 +33,66 @@ BATCH_SEQUENCES = 8
 PRUNING_BETAS = tuple(round(0.025 * i, 3) for i in range(1, 40))  # 0.025 ... 0.975
 
 
-def layer_stats(block, inputs: list, bits: tuple[int, ...], group_size: int) -> dict:
-    """One sparse layer's statistics from what its MoE block received (one [tokens, H] per batch)."""
-    from moec.ops.moe import PROJECTIONS, expert_ffn, expert_hidden
+def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: int) -> dict:
+    """One sparse layer's statistics from what its experts module received (hidden [tokens, H],
+    top_k_index and top_k_weights [tokens, k], one triple per batch); `module` holds its weights."""
+    from moec.experts import float32_views
+    from moec.ops.moe import expert_ffn, expert_hidden, expert_weights
     from moec.quant import fake_quantize
 
-    spec, experts = block.spec, block.num_experts
+    spec, experts = layer.spec, layer.num_experts
     frequency = np.zeros(experts)
     routing_weight = np.zeros(experts)
     quant_loss = np.zeros((experts, len(bits)))
-    routed = []
-    for x in map(np.asarray, inputs):
-        weights, indices = block.route(x)
-        routed.append((x, weights, indices))
+    for _, indices, weights in calls:
         np.add.at(frequency, indices.ravel(), 1)
         np.add.at(routing_weight, indices.ravel(), weights.ravel())
 
-    outputs = [np.zeros((x.shape[0], spec.top_k, x.shape[1]), np.float32) for x, _, _ in routed]
+    stacked = float32_views(module)
+    outputs = [np.zeros((x.shape[0], indices.shape[1], x.shape[1]), np.float32) for x, indices, _ in calls]
     for e in range(experts):
-        picks = [np.nonzero(indices == e) for _, _, indices in routed]
+        picks = [np.nonzero(indices == e) for _, indices, _ in calls]
         if not any(tokens.size for tokens, _ in picks):
             continue
         # the expert's tokens of every batch in one matrix; its weights upcast from the stored dtype
-        # (and quantized) one projection at a time, so a Mixtral-8x7B expert adds ~0.7 GB, not 1.4
-        x = np.concatenate([x[tokens] for (x, _, _), (tokens, _) in zip(routed, picks)])
+        # (and quantized) one expert at a time
+        x = np.concatenate([x[tokens] for (x, _, _), (tokens, _) in zip(calls, picks)])
         bounds = np.cumsum([tokens.size for tokens, _ in picks])[:-1]
-        weight = lambda p: getattr(block, p)[e].float().numpy()  # noqa: B023
-        bias = {p: None if getattr(block, f"{p}_bias") is None else getattr(block, f"{p}_bias")[e].float().numpy()
-                for p in PROJECTIONS}
-        exact = expert_ffn(x, weight("gate"), weight("up"), weight("down"), spec, *bias.values())
+        expert = expert_weights(stacked, e, spec)
+        exact = expert_ffn(x, expert, spec)
         for out, (tokens, rank), rows in zip(outputs, picks, np.split(exact, bounds)):
             out[tokens, rank] = rows
         for j, width in enumerate(bits):
-            quantized = lambda p: fake_quantize(weight(p), width, group_size)  # noqa: B023
-            hidden = expert_hidden(x, quantized("gate"), quantized("up"), spec, bias["gate"], bias["up"])
-            error = hidden @ quantized("down").T + (0 if bias["down"] is None else bias["down"]) - exact
-            for (_, weights, _), (tokens, rank), rows in zip(routed, picks, np.split(error, bounds)):
+            quantized = dataclasses.replace(expert, **{p: fake_quantize(getattr(expert, p), width, group_size)
+                                                       for p in spec.projections})
+            error = expert_ffn(x, quantized, spec) - exact
+            for (_, _, weights), (tokens, rank), rows in zip(calls, picks, np.split(error, bounds)):
                 if tokens.size:
                     quant_loss[e, j] += float(np.linalg.norm(rows * weights[tokens, rank][:, None]))
     return {
         "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
                      "quant_loss": {str(width): float(quant_loss[e, j]) for j, width in enumerate(bits)}}
                     for e in range(experts)],
-        "pruning": _pruning(spec, routed, outputs),
+        "pruning": _pruning(spec, [weights for _, _, weights in calls], outputs),
     }
 
 
-def _pruning(spec, routed, outputs) -> dict:
+def _pruning(spec, routing_weights: list, outputs: list) -> dict:
     """The layer's dynamic-pruning curve: for each beta of PRUNING_BETAS, the fraction of its
     top-k (token, expert) activations the beta rule drops and the relative L2 error of the MoE
-    output that causes (kept weights renormalized as the architecture does; no token protected)."""
-    import dataclasses
-
+    output that causes (no token protected)."""
     from moec.ops.dynamic_gating import prune
 
-    betas = PRUNING_BETAS if spec.top_k > 1 else ()
+    top_k = routing_weights[0].shape[1] if routing_weights else 1
+    betas = PRUNING_BETAS if top_k > 1 else ()
     dropped, error = np.zeros(len(betas)), np.zeros(len(betas))
     norm = activations = 0.0
-    for (_, weights, _), out in zip(routed, outputs):
+    for weights, out in zip(routing_weights, outputs):
         full = (out * weights[..., None]).sum(1)
         norm += float(np.sum(full.astype(np.float64) ** 2))
         activations += weights.size
         for j, beta in enumerate(betas):
-            kept, keep = prune(weights, dataclasses.replace(spec, beta=beta))
+            kept, keep = prune(weights, dataclasses.replace(spec, beta=beta, protect_fraction=0.0))
             dropped[j] += float(weights.size - keep.sum())
             error[j] += float(np.sum(((out * kept[..., None]).sum(1) - full).astype(np.float64) ** 2))
     return {"beta": list(betas), "pruned_fraction": [float(d / max(activations, 1)) for d in dropped],
@@ -104,42 +102,51 @@ def _pruning(spec, routed, outputs) -> dict:
 def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", progress: bool = True):
     """Stream the model layer by layer over token windows.
 
-    Yields (block, inputs) for each sparse layer: its canonical MoEBlock and what its MoE block
-    received, one [tokens, H] fp32 tensor per batch of sequences. The layer computes in fp32 with
-    its sparse block run by the MoE op's reference, which upcasts one expert at a time (the routed
-    experts stay in the checkpoint's dtype). The layer stays materialized until the consumer asks
-    for the next one; then it is freed.
+    Yields (layer, module, calls) for each sparse layer: its moec.experts.ExpertsLayer, its
+    materialized experts module, and what that module received from the family's own router, one
+    (hidden [tokens, H] fp32, top_k_index, top_k_weights fp32) triple of NumPy arrays per batch of
+    sequences. The layer computes in fp32 with its experts run by the Experts op's reference, which
+    upcasts one expert at a time (the routed experts stay in the checkpoint's dtype). The layer
+    stays materialized until the consumer asks for the next one; then it is freed.
     """
     import torch
     from tqdm import tqdm
 
-    from moec.adapters import adapter_for
-    from moec.reference import swap_block
+    from moec.experts import REFERENCE_IMPLEMENTATION, experts_layers, set_implementation
     from moec.weights import StreamingModel
 
     stream = StreamingModel(checkpoint)
-    adapter = adapter_for(stream.model.config)
-    stream.keep_stored(adapter.routed_experts(stream.model))
+    layers = experts_layers(stream.model)
+    stream.keep_stored(stream.model.get_submodule(layer.path) for layer in layers)
+    set_implementation(stream.model, REFERENCE_IMPLEMENTATION)
     batches = [torch.from_numpy(w) for w in np.array_split(windows, -(-len(windows) // BATCH_SEQUENCES))]
     with torch.no_grad():
         hidden, calls = _embed(stream, batches)
         for i, path in enumerate(tqdm(stream.layer_paths(), desc=desc, unit="layer", disable=not progress)):
-            layer = stream.load(path)
-            moe = getattr(layer, adapter.moe_attr)
-            block = adapter.block(i, moe, f"{path}.{adapter.moe_attr}") if adapter.is_sparse(moe) else None
-            restore = swap_block(stream.model, block, adapter) if block is not None else None
-            inputs = []
-            handle = getattr(layer, adapter.moe_attr).register_forward_pre_hook(
-                lambda module, args: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+            decoder_layer = stream.load(path)
+            here = [layer for layer in layers if layer.layer == i]
+            received = {layer.path: [] for layer in here}
+            handles = [stream.model.get_submodule(layer.path).register_forward_pre_hook(
+                _recorder(received[layer.path]), with_kwargs=True) for layer in here]
             for b, (args, kwargs) in enumerate(calls[i]):
-                out = layer(hidden[b], *args, **kwargs)
+                out = decoder_layer(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
-            handle.remove()
-            if block is not None:
-                restore()
-                yield block, inputs
-            layer = moe = block = inputs = None  # a block's views would keep the layer's tensors alive
+            for handle in handles:
+                handle.remove()
+            for layer in here:
+                yield layer, stream.model.get_submodule(layer.path), received[layer.path]
+            decoder_layer = received = None
             stream.unload(path)
+
+
+def _recorder(calls: list):
+    """A forward pre-hook noting an experts call's (hidden, top_k_index, top_k_weights) as NumPy."""
+    def hook(module, args, kwargs):
+        values = [*args, *(kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights")[len(args):])]
+        hidden, index, weights = values[:3]
+        calls.append((hidden.detach().reshape(-1, hidden.shape[-1]).float().numpy(), index.numpy(),
+                      weights.detach().float().numpy()))
+    return hook
 
 
 def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples: int = 64,
@@ -158,11 +165,11 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
     text, source = read_text(data)
     windows = token_windows(Tokenizer(checkpoint.path).encode(text), samples, seq_len)
     layers, shape = [], None
-    for block, inputs in moe_inputs(checkpoint, windows, progress=progress):
-        shape = shape or {"num_experts": block.num_experts, "top_k": block.spec.top_k,
-                          "moe_intermediate_size": int(block.gate.shape[1])}
-        layers.append({"layer": block.spec.layer, **layer_stats(block, inputs, tuple(bits), group_size)})
-        block = None
+    for layer, module, calls in moe_inputs(checkpoint, windows, progress=progress):
+        shape = shape or {"num_experts": layer.num_experts, "top_k": int(calls[0][1].shape[1]),
+                          "moe_intermediate_size": layer.intermediate_size}
+        layers.append({"layer": layer.layer, **layer_stats(layer, module, calls, tuple(bits), group_size)})
+        module = calls = None
     if not layers:
         raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
     config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)

@@ -39,7 +39,7 @@ class Checkpoint:
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Check the folder, its config.json and its weights; raise MoecError naming the problem."""
-    from moec.adapters import ADAPTERS, SUPPORTED
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     path = Path(path)
     if not path.is_dir():
@@ -56,9 +56,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     checkpoint = Checkpoint(path, config)
     for file in [config_file, *path.glob("*.safetensors"), *path.glob("*.json"), *checkpoint.tokenizer_files()]:
         _check_inside(file, path)
-    if checkpoint.model_type not in ADAPTERS:
-        raise MoecError(f"unsupported model_type {checkpoint.model_type!r} in {config_file}; "
-                        f"supported: {', '.join(SUPPORTED)}")
+    if checkpoint.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise MoecError(f"unsupported model_type {checkpoint.model_type!r} in {config_file}: transformers has no "
+                        "causal language model of that type")
     if not checkpoint.weight_files:
         pickled = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
         hint = (f" (found {', '.join(sorted(pickled))}: moec never loads pickle files; "

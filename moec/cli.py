@@ -26,7 +26,7 @@ def _compile(args) -> None:
     from moec.pipeline import compile as compile_model
 
     _quiet_onnxruntime()
-    record = compile_model(args.model_dir, args.out, plan=args.plan, force=args.force, target=args.target,
+    record = compile_model(_model_to_compile(args.model_dir, args.plan), args.out, plan=args.plan, force=args.force, target=args.target,
                            data=args.data, samples=args.samples, seq_len=args.seq_len, progress=not args.quiet)
     if args.json:
         print(json.dumps(record, indent=2))
@@ -37,6 +37,26 @@ def _compile(args) -> None:
         bits = f", {quantization['avg_expert_bits']:.2f} avg expert bits" if quantization else ""
         print(f"wrote {args.out}: {size:.2f} MiB, {len(record['moe_layers'])} MoE layers{bits}, "
               f"max logit diff vs {check['against']} {check['max_abs_logit_diff']:.2e}")
+
+
+def _model_to_compile(model_dir: str | None, plan: str | None) -> str:
+    """MODEL_DIR, or the model the plan names (its `model` field); both given must agree."""
+    from pathlib import Path
+
+    from moec.planner import load_plan
+
+    if plan is None:
+        if model_dir is None:
+            raise MoecError("compile needs MODEL_DIR, or --plan plan.json naming its model")
+        return model_dir
+    named = load_plan(plan)["model"]
+    if model_dir is None:
+        if named is None:
+            raise MoecError(f"{plan} names no model (its \"model\" field is null): give MODEL_DIR")
+        return named
+    if named is not None and Path(named).resolve() != Path(model_dir).resolve():
+        raise MoecError(f"{plan} was made for {named}, not {model_dir}: give the plan's model or a plan made for it")
+    return model_dir
 
 
 def _run(args) -> None:
@@ -182,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("compile", help="compile a Hugging Face MoE checkpoint to an ONNX artifact",
                             description="Trace MODEL_DIR (a local Hugging Face folder with safetensors "
-                                        "weights) to ONNX and write an artifact folder for onnxruntime.")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+                                        "weights) to ONNX and write an artifact folder for onnxruntime. With "
+                                        "--plan, MODEL_DIR defaults to the model the plan names.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="the model folder (default: the plan's model)")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
     p.add_argument("--plan", metavar="plan.json", help="quantize to this plan's bit widths (moec plan)")
     p.add_argument("--target", default="cpu", help="execution target: cpu, or cuda for onnxruntime-gpu (default: cpu)")

@@ -9,6 +9,8 @@ block layout and range rule as RTN, so the result packs into MatMulNBits unchang
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -62,17 +64,18 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
     its quantized gate and up). Returns ({weight name: QuantizedWeight}, {weight name: tokens}).
     Experts with fewer than MIN_TOKENS tokens are left out, for the caller to quantize with RTN."""
     from moec.calibrate import moe_inputs
-    from moec.ops.moe import expert_hidden, expert_weight_name
+    from moec.experts import float32_views
+    from moec.ops.moe import expert_hidden, expert_weight_name, expert_weights
 
     group_size = plan["quantization"]["group_size"]
     quantized, tokens_seen = {}, {}
-    for block, inputs in moe_inputs(checkpoint, windows, desc="gptq", progress=progress):
-        layer = block.spec.layer
-        x = torch.cat(inputs)
-        _, indices = block.route(x.numpy())
-        x = x.double()
-        for e, bits in enumerate(plan["experts"]["bits"][layer]):
-            names = {p: expert_weight_name(layer, e, p) for p in ("gate", "up", "down")}
+    for layer, module, calls in moe_inputs(checkpoint, windows, desc="gptq", progress=progress):
+        spec = layer.spec
+        x = torch.from_numpy(np.concatenate([hidden for hidden, _, _ in calls])).double()
+        indices = np.concatenate([index for _, index, _ in calls])
+        stacked = float32_views(module)
+        for e, bits in enumerate(plan["experts"]["bits"][layer.layer]):
+            names = {p: expert_weight_name(layer.layer, e, p) for p in spec.projections}
             tokens = np.nonzero((indices == e).any(-1))[0]
             for name in names.values():
                 tokens_seen[name] = int(tokens.size)
@@ -80,14 +83,12 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
                 continue
             xe = x[tokens]
             h_in = (xe.T @ xe).numpy()
-            weights = {p: getattr(block, p)[e].float().numpy() for p in ("gate", "up", "down")}
-            biases = {p: None if getattr(block, f"{p}_bias") is None else getattr(block, f"{p}_bias")[e].float().numpy()
-                      for p in ("gate", "up", "down")}
-            for p in ("gate", "up"):
-                quantized[names[p]] = gptq(weights[p], h_in, bits, group_size)
-            hidden = torch.from_numpy(expert_hidden(
-                xe.float().numpy(), quantized[names["gate"]].dequantize(), quantized[names["up"]].dequantize(),
-                block.spec, biases["gate"], biases["up"])).double()
-            quantized[names["down"]] = gptq(weights["down"], (hidden.T @ hidden).numpy(), bits, group_size)
-        block = inputs = x = None
+            expert = expert_weights(stacked, e, spec)
+            first = [p for p in spec.projections if p != "down"]
+            for p in first:
+                quantized[names[p]] = gptq(getattr(expert, p), h_in, bits, group_size)
+            dequantized = dataclasses.replace(expert, **{p: quantized[names[p]].dequantize() for p in first})
+            hidden = torch.from_numpy(expert_hidden(xe.float().numpy(), dequantized, spec)).double()
+            quantized[names["down"]] = gptq(expert.down, (hidden.T @ hidden).numpy(), bits, group_size)
+        module = calls = x = None
     return quantized, tokens_seen

@@ -32,14 +32,14 @@ def describe(path: str | Path) -> dict:
         "num_layers": record["num_layers"],
         "moe_layers": [entry["layer"] for entry in layers],
         "experts_per_layer": sorted({entry["num_experts"] for entry in layers}),
-        "top_k": sorted({entry["routing"]["top_k"] for entry in layers}),
-        "scoring": sorted({entry["routing"]["scoring"] for entry in layers}),
+        "top_k": sorted({entry["top_k"] for entry in layers}),
+        "activation": sorted({entry["experts"]["activation"] for entry in layers}),
         "parameters": record["parameters"],
         "bytes": record["bytes"],
         "source_weight_bytes": record["source_model"]["weight_bytes"],
         "nodes": sum(ops.values()),
         "op_types": dict(ops.most_common()),
-        "size_breakdown": size_breakdown(graph),
+        "size_breakdown": size_breakdown(graph, [entry["experts_module"].rpartition(".")[0] for entry in layers]),
         "pruning": record.get("pruning"),
         "verification": record.get("verification"),
         "quantization": None if not record.get("quantization") else
@@ -48,7 +48,7 @@ def describe(path: str | Path) -> dict:
     }
 
 
-def size_breakdown(graph) -> dict[str, int]:
+def size_breakdown(graph, moe_blocks: list[str]) -> dict[str, int]:
     """Stored bytes per component, from each initializer's recorded length (no data is read)."""
     import onnx
 
@@ -62,19 +62,20 @@ def size_breakdown(graph) -> dict[str, int]:
         else:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
             nbytes = itemsize * math.prod(tensor.dims)
-        sizes[_component(tensor.name)] += nbytes
+        sizes[_component(tensor.name, moe_blocks)] += nbytes
     return dict(sizes.most_common())
 
 
-def _component(name: str) -> str:
+def _component(name: str, moe_blocks: list[str]) -> str:
     for suffix in PACKED_SUFFIXES:
         name = name.removesuffix(suffix)
     if re.fullmatch(EXPERT_WEIGHT_PATTERN, name):
         return "routed experts"
-    if "router" in name:
+    category = weight_category(name, moe_blocks)
+    if category is None and ("router" in name or any(name.startswith(block + ".") for block in moe_blocks)):
         return "routers"
     return {"attention": "attention", "lm_head": "lm_head", "embedding": "embeddings",
-            "shared_expert": "shared experts", "dense_mlp": "dense MLPs"}.get(weight_category(name), "other")
+            "shared_expert": "shared experts", "dense_mlp": "dense MLPs"}.get(category, "other")
 
 
 def summary(info: dict) -> str:
@@ -87,7 +88,7 @@ def summary(info: dict) -> str:
         f"target       {info['target']}",
         f"layers       {info['num_layers']} ({len(info['moe_layers'])} MoE: {_ranges(info['moe_layers'])})",
         f"experts      {', '.join(map(str, info['experts_per_layer']))} per layer, "
-        f"top-{'/'.join(map(str, info['top_k']))}, {'/'.join(info['scoring'])} routing",
+        f"top-{'/'.join(map(str, info['top_k']))}, {'/'.join(info['activation'])} experts",
         f"parameters   {params['total']:,} ({params['experts']:,} in experts, "
         f"{params['experts'] / max(params['total'], 1):.0%})",
         f"size         {mib(info['bytes']['total'])} (source safetensors {mib(info['source_weight_bytes'])})",

@@ -1,4 +1,4 @@
-"""compile(): checkpoint → adapter → traced graph → passes → target lowering → artifact.
+"""compile(): checkpoint → traced graph (transformers' code, experts as one node) → passes → target lowering → artifact.
 
 The artifact is built in a staging folder beside the output and swapped into place only after
 it passed onnx.checker and the numeric check, so a failed or interrupted compile never leaves a
@@ -88,8 +88,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     import onnx
     import onnx_ir as ir
 
-    from moec import trace
-    from moec.adapters import adapter_for
+    from moec.experts import experts_layers
     from moec.genai import GENAI_CONFIG_FILE, GENAI_MODEL_TYPE, genai_config
     from moec.planner import load_plan
     from moec.policy import layer_pruning
@@ -110,27 +109,27 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                 gptq_experts(checkpoint, plan_data, data, samples, seq_len, progress)
         with stages.stage("trace"):
             stream = StreamingModel(checkpoint)
-            adapter = adapter_for(stream.model.config)
-            stream.keep_stored(adapter.routed_experts(stream.model))  # so the traced experts keep it too
-            skeleton = copy.deepcopy(stream.model)  # swapped and traced; the stream keeps the checkpoint's layout
-            blocks, sources = trace.swap_moe_blocks(skeleton, adapter)
-            if not blocks:
+            layers = experts_layers(stream.model)
+            if not layers:
                 raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
+            # the traced experts keep the checkpoint's dtype too
+            stream.keep_stored(stream.model.get_submodule(layer.path) for layer in layers)
+            skeleton = copy.deepcopy(stream.model)  # traced; the stream keeps running the family's own experts
             pruning = layer_pruning(plan_data)
             if plan_data is not None:
-                check_plan_fits(plan_data, blocks, skeleton.config.num_hidden_layers)
-                check_pruning_fits(pruning, blocks)
-            reader = CheckpointReader(ResidentPart(stream), adapter, {b.path: b.spec.layer for b in blocks})
+                check_plan_fits(plan_data, layers, skeleton.config.num_hidden_layers)
+            graph, reader = traced(checkpoint, skeleton, layers, ResidentPart(stream))
             cleanup.callback(reader.release)  # also when a later stage fails
-            graph = trace.trace(skeleton, {key: functools.partial(reader.read, source)
-                                           for key, source in sources.items()})
+            if plan_data is not None:
+                check_pruning_fits(pruning, layers)
         with stages.stage("lower"):
             quantizers: dict = {}
-            choose = None if plan_data is None else plan_quantizer(plan_data, quantizers, prequantized)
+            choose = None if plan_data is None else plan_quantizer(plan_data, quantizers, prequantized,
+                                                                   [layer.block_path for layer in layers])
             for p in target_module.passes(choose, pruning):
                 graph = p(graph).model
         with stages.stage("save"):
-            in_layer_order(graph.graph, [b.path for b in blocks])
+            in_layer_order(graph.graph, [layer.path for layer in layers])
             ir.save(graph, staging / MODEL_FILE, external_data=EXTERNAL_DATA_FILE)
             reader.release()
             shutil.copy2(checkpoint.path / "config.json", staging / "config.json")
@@ -142,7 +141,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                 (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2))
         with stages.stage("check"):
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
-        record = build_record(checkpoint, blocks, graph, target_module, skeleton, plan_data, pruning, quantizers,
+        record = build_record(checkpoint, layers, graph, target_module, skeleton, plan_data, pruning, quantizers,
                               expert_tokens)
         record["onnxruntime_genai"] = {"config": GENAI_CONFIG_FILE, "model_type": GENAI_MODEL_TYPE} \
             if genai is not None else {"unsupported": genai_unsupported}
@@ -150,7 +149,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
         record |= artifact_files(staging)  # sizes after stamping
         probe = verification_input(skeleton.config.vocab_size)
         with stages.stage("reference"):
-            reference = streamed_reference(stream, adapter, blocks, probe, past_shapes(graph), quantizers, pruning)
+            reference = streamed_reference(stream, layers, probe, past_shapes(graph), quantizers, pruning)
         with stages.stage("verify"):
             record["verification"] = verify(staging, target_module, probe, reference,
                                             quantized=bool(quantizers), pruned=bool(pruning))
@@ -159,35 +158,63 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     return record
 
 
+_TRACES: dict = {}  # checkpoint identity -> (traced graph, its CheckpointReader, each layer's top_k)
+TRACES_KEPT = 4
+
+
+def traced(checkpoint, skeleton, layers, resident):
+    """The traced graph of the checkpoint (a copy of it: the passes change it in place) and the
+    CheckpointReader its weights read through, reading from `resident` (the caller's stream). The
+    trace (torch.onnx export: most of a small model's compile) is kept per process for the same
+    checkpoint files, so compiling several plans of one model (a sweep, the benchmarks, the test
+    suite) traces it once."""
+    from moec import trace
+    from moec.experts import probe_top_k
+
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in checkpoint.weight_files)
+    key = (str(checkpoint.path.resolve()), json.dumps(checkpoint.config, sort_keys=True), tuple(files))
+    if key not in _TRACES:
+        reader = CheckpointReader()
+        reader.resident = resident
+        probes = probe_top_k(skeleton, layers)
+        tensors = [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers(remove_duplicate=False)]
+        try:
+            graph = trace.trace(skeleton, {key: functools.partial(reader.read, key) for key, _ in tensors})
+        finally:
+            for handle in probes:
+                handle.remove()
+        _TRACES[key] = graph, reader, {layer.layer: layer.top_k for layer in layers}
+        while len(_TRACES) > TRACES_KEPT:
+            _TRACES.pop(next(iter(_TRACES)))
+    graph, reader, top_k = _TRACES[key]
+    reader.resident = resident
+    for layer in layers:
+        layer.top_k = top_k[layer.layer]
+    return graph.clone(), reader
+
+
 class CheckpointReader:
-    """Reads the traced (swapped) model's weights from the checkpoint through a ResidentPart, in
-    the dtype the stream loads them in (fp32; routed experts in the checkpoint's dtype). A sparse
-    block's canonical MoEBlock is built once while the block is resident, and its stacked expert
-    tensors are handed out as views, so slicing one expert copies only that expert."""
+    """Reads the traced model's weights (by state key) from the checkpoint through a ResidentPart
+    (set by the compile that reads them), in the dtype the stream loads them in (fp32; routed
+    experts in the checkpoint's dtype), as views, so slicing one expert of a stacked tensor copies
+    only that expert."""
 
-    def __init__(self, resident, adapter, layer_of: dict[str, int]):
-        self.resident, self.adapter, self.layer_of = resident, adapter, layer_of
+    resident = None  # the ResidentPart of the compile reading
 
-    def read(self, source) -> np.ndarray:
+    def read(self, key: str) -> np.ndarray:
         """A NumPy view (bf16 as ml_dtypes.bfloat16, through onnx-ir's own torch adapter)."""
         from onnx_ir.tensor_adapters import TorchTensor
 
-        if source.field is None:
-            return TorchTensor(self.resident.tensor(source.key)).numpy()
-        module = self.resident.module(source.key)
-        block = self.resident.cache.get(source.key)
-        if block is None:
-            block = self.resident.cache[source.key] = self.adapter.block(self.layer_of[source.key], module,
-                                                                         source.key)
-        return TorchTensor(getattr(block, source.field)).numpy()
+        return TorchTensor(self.resident.tensor(key)).numpy()
 
     def release(self) -> None:
-        self.resident.release()
+        if self.resident is not None:
+            self.resident.release()
 
 
-def in_layer_order(graph, block_paths: list[str]) -> None:
-    """Order the initializers by decoder layer, a layer's sparse-block weights (router, shared and
-    routed experts) after the rest, so writing them materializes each block once."""
+def in_layer_order(graph, experts_paths: list[str]) -> None:
+    """Order the initializers by decoder layer, a layer's routed experts after the rest, so writing
+    them materializes each experts module once."""
     import re
 
     from moec.ops.moe import EXPERT_WEIGHT_PATTERN
@@ -195,7 +222,7 @@ def in_layer_order(graph, block_paths: list[str]) -> None:
     def key(value) -> tuple[int, bool]:
         found = re.search(r"(?:^|\.)layers\.(\d+)\.", value.name)
         in_block = bool(re.match(EXPERT_WEIGHT_PATTERN, value.name)) or \
-            any(value.name.startswith(path + ".") for path in block_paths)
+            any(value.name.startswith(path + ".") for path in experts_paths)
         return (int(found[1]) if found else -1, in_block)
 
     values = sorted(graph.initializers.values(), key=key)  # stable: keeps the order within a group
@@ -233,12 +260,12 @@ def stamp_metadata(model_file: Path, record: dict) -> None:
     onnx.save(model, str(model_file))
 
 
-def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:
+def check_plan_fits(plan: dict, layers, num_layers: int) -> None:
     """The plan must have one row per layer: experts' widths for sparse layers, null for dense ones."""
     rows = plan["experts"]["bits"]
     if len(rows) != num_layers:
         raise MoecError(f"plan.json: experts.bits has {len(rows)} layers, the model has {num_layers}")
-    sparse = {b.spec.layer: b.num_experts for b in blocks}
+    sparse = {layer.layer: layer.num_experts for layer in layers}
     for layer, row in enumerate(rows):
         if layer in sparse and (row is None or len(row) != sparse[layer]):
             raise MoecError(f"plan.json: experts.bits[{layer}] must list {sparse[layer]} widths "
@@ -247,9 +274,9 @@ def check_plan_fits(plan: dict, blocks, num_layers: int) -> None:
             raise MoecError(f"plan.json: experts.bits[{layer}] must be null (layer {layer} has no experts)")
 
 
-def check_pruning_fits(pruning: dict, blocks) -> None:
+def check_pruning_fits(pruning: dict, layers) -> None:
     """Only sparse layers with more than one routed expert per token can prune."""
-    top_k = {b.spec.layer: b.spec.top_k for b in blocks}
+    top_k = {layer.layer: layer.top_k for layer in layers}
     for layer in pruning:
         if layer not in top_k:
             raise MoecError(f"plan.json: pruning.layers names layer {layer}, which has no routed experts")
@@ -269,16 +296,17 @@ def gptq_experts(checkpoint, plan: dict, data, samples: int, seq_len: int, progr
     return quantize_experts(checkpoint, plan, windows, progress=progress)
 
 
-def plan_quantizer(plan: dict, chosen: dict, prequantized: dict):
+def plan_quantizer(plan: dict, chosen: dict, prequantized: dict, moe_blocks: list[str]):
     """The MatMulNBits pass's callback: each weight's Quantizer from the plan's width, GPTQ's
-    result where `prequantized` has the weight, else RTN; each one is recorded in `chosen`."""
+    result where `prequantized` has the weight, else RTN; each one is recorded in `chosen`.
+    `moe_blocks` are the module paths of the MoE blocks (their routers stay in float)."""
     from moec.policy import weight_bits
     from moec.quant import Quantizer
 
     group_size = plan["quantization"]["group_size"]
 
     def choose(name: str) -> Quantizer | None:
-        bits = weight_bits(plan, name)
+        bits = weight_bits(plan, name, moe_blocks)
         if bits is None:
             return None
         result = prequantized.get(name)
@@ -323,7 +351,7 @@ def verify(folder: Path, target, probe: np.ndarray, reference: list[np.ndarray],
                         f"(tolerance {tolerance:.3g}){where}")
     against = "PyTorch with the same dequantized weights" if quantized else \
         "PyTorch with the MoE op's NumPy reference in the pruned layers" if pruned else \
-        "transformers fp32, sparse blocks by the MoE op's NumPy reference"
+        "transformers fp32, routed experts by the Experts op's NumPy reference"
     result = {"max_abs_logit_diff": diff, "tolerance": tolerance, "tokens": int(probe.size),
               "against": against + (", pruning as planned" if pruned and quantized else "")}
     if quantized:
@@ -370,11 +398,9 @@ def _run(model_file: Path, providers: list[str], probe: np.ndarray) -> list[np.n
     return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outputs]
 
 
-def build_record(checkpoint, blocks, graph, target, model, plan: dict | None, pruning: dict,
+def build_record(checkpoint, layers, graph, target, model, plan: dict | None, pruning: dict,
                  quantized: dict, expert_tokens: dict) -> dict:
     """moec.json: what was built from what (the artifact's file sizes are added once it is final)."""
-    expert_params = sum(int(b.gate.numel() + b.up.numel() + b.down.numel()) for b in blocks)
-    moe_buffers = sum(int(t.numel()) for b in blocks for t in model.get_submodule(b.path).buffers(recurse=False))
     config = model.config
     return {
         "format": "moec-artifact/1",
@@ -387,13 +413,14 @@ def build_record(checkpoint, blocks, graph, target, model, plan: dict | None, pr
         "opset": graph.opset_imports.get("", None),
         "num_layers": config.num_hidden_layers,
         "moe_layers": [
-            {"layer": b.spec.layer, "num_experts": b.num_experts, "routing": b.spec.attributes(),
-             "shared_expert": b.shared is not None}
-            for b in blocks
+            {"layer": layer.layer, "num_experts": layer.num_experts, "top_k": layer.top_k,
+             "experts_module": layer.path, "experts": layer.spec.attributes(), "shared_expert": layer.shared_expert}
+            for layer in layers
         ],
-        "parameters": {"experts": expert_params,
-                       "total": sum(int(p.numel()) for p in model.parameters()) + moe_buffers},
-        "quantization": None if plan is None else quantization_record(plan, blocks, graph, quantized, expert_tokens,
+        "parameters": {"experts": sum(layer.num_experts * layer.expert_parameters() for layer in layers),
+                       "total": sum(int(t.numel()) for t in model.parameters()) +
+                       sum(int(t.numel()) for layer in layers for t in model.get_submodule(layer.block_path).buffers())},
+        "quantization": None if plan is None else quantization_record(plan, layers, graph, quantized, expert_tokens,
                                                                       target.CONTAINER_BITS),
         "pruning": pruning_record(pruning),
     }
@@ -407,36 +434,36 @@ def artifact_files(folder: Path) -> dict:
             "files": sorted(files)}
 
 
-def quantization_record(plan: dict, blocks, graph, quantized: dict, expert_tokens: dict,
+def quantization_record(plan: dict, layers, graph, quantized: dict, expert_tokens: dict,
                         container_bits: dict[int, int]) -> dict:
     """Per expert: width, the container MatMulNBits stores it in, bytes (of its initializers in
     `graph`), quantizer and calibration tokens; totals, averages, and the experts GPTQ had too
     few tokens for."""
     import re
 
-    from moec.ops.moe import EXPERT_WEIGHT_PATTERN, PROJECTIONS, expert_weight_name
+    from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
 
     experts, expert_bytes, weighted_bits = [], 0, 0.0
-    for b in blocks:
+    for layer in layers:
         row = []
-        for e in range(b.num_experts):
-            parts = [quantized.get(expert_weight_name(b.spec.layer, e, p)) for p in PROJECTIONS]
+        projections = layer.spec.projections
+        for e in range(layer.num_experts):
+            parts = [quantized.get(expert_weight_name(layer.layer, e, p)) for p in projections]
             if all(q is None for q in parts):
-                nbytes = 4 * sum(int(getattr(b, p)[e].numel()) for p in PROJECTIONS)
-                row.append({"bits": 16, "stored_bits": 32, "bytes": nbytes, "quantizer": None})
+                row.append({"bits": 16, "stored_bits": 32, "bytes": 4 * layer.expert_parameters(), "quantizer": None})
             else:
                 q = parts[0]
-                nbytes = sum(_stored_bytes(graph, expert_weight_name(b.spec.layer, e, p)) for p in PROJECTIONS)
+                nbytes = sum(_stored_bytes(graph, expert_weight_name(layer.layer, e, p)) for p in projections)
                 row.append({"bits": q.bits, "stored_bits": container_bits[q.bits], "bytes": nbytes,
                             "quantizer": q.method})
             if expert_tokens:
-                row[-1]["calibration_tokens"] = expert_tokens.get(expert_weight_name(b.spec.layer, e, "gate"), 0)
+                row[-1]["calibration_tokens"] = expert_tokens.get(expert_weight_name(layer.layer, e, "up"), 0)
             expert_bytes += row[-1]["bytes"]
-            weighted_bits += row[-1]["bits"] * sum(int(getattr(b, p)[e].numel()) for p in PROJECTIONS)
-        experts.append({"layer": b.spec.layer, "experts": row})
+            weighted_bits += row[-1]["bits"] * layer.expert_parameters()
+        experts.append({"layer": layer.layer, "experts": row})
     non_expert = {name: {"bits": q.bits, "stored_bits": container_bits[q.bits], "bytes": _stored_bytes(graph, name)}
                   for name, q in quantized.items() if not re.fullmatch(EXPERT_WEIGHT_PATTERN, name)}
-    params = sum(int(getattr(b, p).numel()) for b in blocks for p in PROJECTIONS)
+    params = sum(layer.num_experts * layer.expert_parameters() for layer in layers)
     repacked = sorted({q.bits for q in quantized.values() if container_bits[q.bits] != q.bits})
     return {
         "method": plan["quantization"]["method"], "group_size": plan["quantization"]["group_size"],

@@ -758,7 +758,8 @@ def _widths_text(widths: Sequence[int]) -> str:
 def _required_text(widths: Sequence[int], required: tuple[int, ...]) -> str:
     if not required:
         return ""
-    return " and one expert per layer at each of " + " and ".join(f"{widths[j]} bits" for j in reversed(required))
+    return (" and one expert per layer at each of " + " and ".join(f"{widths[j]} bits" for j in reversed(required))
+            + " (--no-top-widths drops that requirement)")
 
 
 def _positive_int(value: Any, where: str) -> int:

@@ -44,7 +44,7 @@ class Artifact:
         self.pruning = "off" if not prune else "on" if self.record.get("pruning") else "none"
         self.switches = {PRUNE_SWITCH: np.array(False)} if self.pruning == "off" and self.record.get("pruning") else {}
         self.present_of = {i.name: "present." + i.name.removeprefix("past_key_values.") for i in self.past_inputs}
-        top_k = {int(layer["layer"]): int(layer["routing"]["top_k"]) for layer in self.record.get("moe_layers", [])}
+        top_k = {int(layer["layer"]): int(layer["top_k"]) for layer in self.record.get("moe_layers", [])}
         self.top_k_of = {name: top_k[int(name.rpartition(".")[2])] for name in self.output_names
                          if name.startswith(ACTIVATIONS_OUTPUT + ".")}  # each MoE layer's count output
         self.activations = {"computed": 0, "top_k": 0}

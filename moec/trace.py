@@ -1,126 +1,43 @@
-"""Trace a transformers MoE model to ONNX with one `moec::MoE` node per sparse layer.
+"""Trace a transformers MoE model to ONNX with one `moec::Experts` node per sparse layer.
 
-Each sparse block is swapped for `TracedMoE`, which computes the router logits and shared
-experts with ordinary torch code and hands the routed experts to the `moec::moe` custom op;
-torch.onnx translates that op into a single `moec::MoE` node carrying the expert weights as
-initializers and the routing as attributes (see moec.ops.moe).
+The model runs its experts through moec's "moec" implementation of transformers' experts
+interface (moec.experts): the family's own code computes the router, shared experts, attention
+and norms, and torch.onnx turns each `moec::experts` call into a single `moec::Experts` node
+carrying the experts' stacked weights as initializers and their layout as attributes (see
+moec.ops.moe).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
-
 import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
 
-from moec.adapters import Adapter, MoEBlock
 from moec.errors import MoecError
 from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
 from moec.passes.transpose_weights import TransposeWeightsPass
 
 
-@torch.library.custom_op("moec::moe", mutates_args=())
-def moe(hidden: torch.Tensor, router_logits: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-        down: torch.Tensor, gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None,
-        down_bias: torch.Tensor | None, score_bias: torch.Tensor | None, layer: int, top_k: int,
-        scoring: str, normalize: bool, scaling: float, n_group: int, topk_group: int,
-        jitter_eps: float, activation: str, swiglu_alpha: float, swiglu_limit: float, beta: float,
-        protect_fraction: float) -> torch.Tensor:
-    """Eager body: the NumPy reference, so PyTorch and ONNX share one definition of the op."""
-    spec = moe_op.MoESpec(layer, top_k, scoring, normalize, scaling, n_group, topk_group,
-                          jitter_eps, activation, swiglu_alpha, swiglu_limit, beta, protect_fraction)
-    as_np = lambda t: None if t is None else t.detach().float().cpu().numpy()  # noqa: E731
-    out = moe_op.moe_reference(*(as_np(t) for t in (hidden, router_logits, gate, up, down, gate_bias,
-                                                     up_bias, down_bias, score_bias)), spec=spec)
-    return torch.from_numpy(out).to(hidden.dtype)
-
-
-@moe.register_fake
-def _(hidden, *args, **kwargs):
-    return torch.empty_like(hidden)
-
-
 @functools.cache
-def _moe_onnxscript_op():
+def _experts_onnxscript_op():
     import onnxscript
 
     return onnxscript.values.Op(onnxscript.values.Opset(moe_op.DOMAIN, 1), moe_op.OP_TYPE, moe_op.op_schema())
 
 
-def _onnx_moe(hidden, router_logits, gate, up, down, gate_bias, up_bias, down_bias, score_bias,
-              *attrs):
-    """torch.onnx translation of moec::moe: one moec::MoE node."""
-    op = _moe_onnxscript_op()
-    names = [f.name for f in dataclasses.fields(moe_op.MoESpec)]
+def _onnx_experts(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, *attrs):
+    """torch.onnx translation of moec::experts: one moec::Experts node."""
+    names = [f.name for f in dataclasses.fields(moe_op.ExpertsSpec)]
     attributes = {n: (int(v) if isinstance(v, bool) else v) for n, v in zip(names, attrs)}
-    return op(hidden, router_logits, gate, up, down, gate_bias, up_bias, down_bias, score_bias,
-              **attributes)
-
-
-class TracedMoE(nn.Module):
-    """A sparse block rewritten as: router linear → moec::moe → + shared experts."""
-
-    BLOCK_FIELDS = ("router_weight", "router_bias", "score_bias", "gate", "up", "down",
-                    "gate_bias", "up_bias", "down_bias")
-
-    def __init__(self, block: MoEBlock, returns_router_scores: bool):
-        super().__init__()
-        self.spec = block.spec
-        self.returns_router_scores = returns_router_scores
-        for name in self.BLOCK_FIELDS:
-            tensor = getattr(block, name)
-            self.register_buffer(name, None if tensor is None else tensor.contiguous())
-        self.shared = block.shared
-
-    def forward(self, hidden_states):
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        logits = nn.functional.linear(x, self.router_weight, self.router_bias)
-        s = self.spec
-        y = torch.ops.moec.moe(x, logits, self.gate, self.up, self.down, self.gate_bias, self.up_bias,
-                               self.down_bias, self.score_bias, s.layer, s.top_k, s.scoring,
-                               s.normalize, s.scaling, s.n_group, s.topk_group, s.jitter_eps,
-                               s.activation, s.swiglu_alpha, s.swiglu_limit, s.beta, s.protect_fraction)
-        if self.shared is not None:
-            y = y + self.shared(x)
-        y = y.reshape(shape)
-        return (y, None) if self.returns_router_scores else y
-
-
-class WeightSource(NamedTuple):
-    """Where a weight of the swapped model comes from: the original model's state key `key`, or
-    (field set) that field of the MoEBlock the adapter reads from the sparse block at path `key`."""
-
-    key: str
-    field: str | None = None
-
-
-def swap_moe_blocks(model: nn.Module, adapter: Adapter) -> tuple[list[MoEBlock], dict[str, WeightSource]]:
-    """Replace every sparse block of `model` in place by a TracedMoE; returns the blocks and the
-    source of each weight of the swapped model (by its state key)."""
-    tensors = lambda m: [*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False)]  # noqa: E731
-    original = {id(t): name for name, t in tensors(model)}
-    blocks = adapter.blocks(model)
-    for block in blocks:
-        parent_path, _, attr = block.path.rpartition(".")
-        setattr(model.get_submodule(parent_path), attr,
-                TracedMoE(block, adapter.returns_router_scores))
-    sources = {}
-    for block in blocks:
-        for field in TracedMoE.BLOCK_FIELDS:
-            if getattr(block, field) is not None:
-                sources[f"{block.path}.{field}"] = WeightSource(block.path, field)
-    for name, tensor in tensors(model):
-        if name not in sources:
-            sources[name] = WeightSource(original[id(tensor)])
-    return blocks, sources
+    return _experts_onnxscript_op()(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias,
+                                    **attributes)
 
 
 class KVCacheModel(nn.Module):
@@ -136,23 +53,31 @@ class KVCacheModel(nn.Module):
 
         cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=cache, use_cache=True)
+                         position_ids=position_ids, cache=cache, use_cache=True)
         presents = []
-        for layer in out.past_key_values.layers:
+        for layer in out.cache.layers:
             presents += [layer.keys, layer.values]
         return (out.logits, *presents)
 
 
 def kv_shapes(model: nn.Module, batch: int, past: int) -> list[tuple[int, ...]]:
-    """Each layer's cached key and value shapes, probed by running one token: the layout is the
-    model's own (DeepSeek-V3 caches its compressed MLA latent, not per-head keys and values)."""
-    from transformers import DynamicCache
+    """Each layer's cached key and value shapes, probed by running one token with the cache the
+    family builds for itself: the layout is the model's own (DeepSeek-V3 caches its compressed MLA
+    latent, not per-head keys and values). A layer whose cache holds more than keys and values
+    (linear-attention or SSM state, an indexer's keys, compressed blocks) is refused by name."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), past_key_values=DynamicCache(),
-                    use_cache=True)
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
+    if type(out.cache) is not DynamicCache:
+        raise MoecError(f"{model.config.model_type}: the model keeps its own cache class {type(out.cache).__name__}, "
+                        "which moec does not export yet")
+    for i, layer in enumerate(out.cache.layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise MoecError(f"{model.config.model_type}: decoder layer {i} keeps a {type(layer).__name__} cache "
+                            "(state beyond keys and values), which moec does not export yet")
     return [(batch, t.shape[1], past, t.shape[3])
-            for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            for layer in out.cache.layers for t in (layer.keys, layer.values)]
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -161,19 +86,88 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
+@contextlib.contextmanager
+def _real_valued_rotary(module_name: str, rotary_class: str):
+    """While exporting, compute a family's complex-number rotary embedding (torch.polar and
+    view_as_complex, which torch.onnx cannot translate) as the same products in real pairs:
+    the embedding gives [..., dim / 2, (cos, sin)] and apply_rotary_emb rotates (x0, x1) pairs."""
+    import importlib
+
+    modeling = importlib.import_module(module_name)
+    rotary = getattr(modeling, rotary_class)
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
+
+    def apply_rotary_emb(xq, xk, freqs):
+        cos, sin = freqs.unsqueeze(1).unbind(-1)
+
+        def rotate(x):
+            pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+            real, imag = pairs[..., 0], pairs[..., 1]
+            return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(3).type_as(x)
+
+        return rotate(xq), rotate(xk)
+
+    saved = rotary.forward, modeling.apply_rotary_emb
+    rotary.forward, modeling.apply_rotary_emb = forward, apply_rotary_emb
+    try:
+        yield
+    finally:
+        rotary.forward, modeling.apply_rotary_emb = saved
+
+
+# what transformers' modeling code says in a way torch.onnx cannot export, by model_type: the same
+# computation written exportably, in force while tracing
+EXPORT_REWRITES = {
+    "deepseek_v2": functools.partial(_real_valued_rotary, "transformers.models.deepseek_v2.modeling_deepseek_v2",
+                                     "DeepseekV2RotaryEmbedding"),
+}
+
+
 def trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], opset: int = 21) -> ir.Model:
-    """Export a swapped model with a KV cache; dynamic batch, sequence and past length.
+    """Export a model with a KV cache, its experts as moec::Experts nodes (the model's experts
+    modules tagged by moec.experts.experts_layers); dynamic batch, sequence and past length.
 
     The model is a skeleton on the meta device: the graph comes from shapes alone, and
     `weights[state key]()` gives each weight's value when the artifact's bytes are written, so a
     compile never holds more than the part of the model it is writing.
     """
-    from torch.export import Dim
-
     import logging
-    import warnings
+
+    from moec.experts import TRACE_IMPLEMENTATION, set_implementation
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    set_implementation(model, TRACE_IMPLEMENTATION)
+    with _export_errors(model.config.model_type):
+        return _trace(model, weights, opset)
+
+
+@contextlib.contextmanager
+def _export_errors(model_type: str):
+    """A model torch.onnx cannot export (or run on the meta device) is refused in one line naming the
+    cause; a MoecError (a checkpoint read while exporting) stays itself."""
+    try:
+        yield
+    except MoecError:
+        raise
+    except Exception as e:
+        cause = e
+        while not isinstance(cause, MoecError) and (cause.__cause__ or cause.__context__) is not None:
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, MoecError):
+            raise cause from None
+        text = str(cause).strip()
+        first = text.splitlines()[0][:200] if text else ""
+        raise MoecError(f"{model_type}: torch.onnx cannot export it ({type(cause).__name__}: {first})") from None
+
+
+def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], opset: int) -> ir.Model:
+    import warnings
+
+    from torch.export import Dim
+
     batch, seq, past = 2, 3, 5
     with torch.device(next(model.parameters()).device):
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
@@ -184,13 +178,14 @@ def trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], ops
     dynamic_shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn},
                       tuple({0: dyn, 2: dyn} for _ in pasts))
     inputs, outputs = io_names(model.config.num_hidden_layers)
-    with warnings.catch_warnings():
+    rewrite = EXPORT_REWRITES.get(model.config.model_type, contextlib.nullcontext)
+    with warnings.catch_warnings(), rewrite():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             KVCacheModel(model).eval(), (input_ids, attention_mask, position_ids, *pasts),
             dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
-            custom_translation_table={torch.ops.moec.moe.default: _onnx_moe},
+            custom_translation_table={torch.ops.moec.experts.default: _onnx_experts},
         )
         bind_weights(program.model, weights, strip_prefix="model.")
         TransposeWeightsPass()(program.model)  # before the constant folder, which would materialize them

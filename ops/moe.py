@@ -1,83 +1,89 @@
-"""The `moec::MoE` op: one node per sparse layer, the compiler's high-level IR.
+"""The `moec::Experts` op: one node per sparse layer, the compiler's high-level IR.
 
-Inputs (torch weight layout, [out, in]):
-    hidden [T, H], router_logits [T, E], gate [E, I, H], up [E, I, H], down [E, H, I],
-    optional gate_bias [E, I], up_bias [E, I], down_bias [E, H], score_bias [E];
-    the expert weights and biases may have a dtype of their own (the checkpoint's).
-Output: the routed experts' weighted sum [T, H] (shared experts stay outside the node).
+The family's own router, traced from transformers' modeling code, decides which experts each
+token uses; this node computes them. It is what `transformers.integrations.moe`'s experts
+interface calls (`experts(hidden_states, top_k_index, top_k_weights)`), as one node.
 
-Every supported family's routing is one point in `MoESpec`, and so is its dynamic pruning
-(`beta`, `protect_fraction`; see moec.ops.dynamic_gating):
-    scoring="softmax"     softmax over all experts, top-k, optional renormalisation
-                          (Mixtral, Qwen, OLMoE; top-k-then-softmax families such as
-                          GraniteMoE and gpt-oss are softmax + normalize, which is identical)
-    scoring="sigmoid"     sigmoid scores; selection on score + score_bias, restricted to the
-                          best `topk_group` of `n_group` groups; weights from the plain scores,
-                          optional renormalisation, times `scaling` (DeepSeek-V3)
-    scoring="sparsemixer" PhiMoE's two-step masked softmax (top-2, no normalization)
-and the expert's activation is "silu" (act(gate) * up) or "clamped_swiglu" (gpt-oss).
+Inputs:
+    hidden [T, H]; top_k_index [T, k] (int64); top_k_weights [T, k];
+    gate_up: the experts' stacked first projection, as the family stores it: [E, 2I, H] (gate and
+        up stacked on the output axis), [E, H, 2I] when `transposed`; when `gate` is "none" it is
+        the up projection alone ([E, I, H] or [E, H, I]);
+    down: [E, H, I] ([E, I, H] when `transposed`);
+    optional gate_up_bias [E, 2I] (or [E, I]) and down_bias [E, H].
+    The expert weights and biases may have a dtype of their own (the checkpoint's).
+Attributes (`ExpertsSpec`): the layer, the weights' layout (`transposed`; `gate`: "concatenated"
+(gate rows, then up rows), "interleaved" (gate, up, gate, up, ...) or "none"), the activation,
+and the layer's dynamic pruning (`beta`, `protect_fraction`; see moec.ops.dynamic_gating).
+Activations, with g = gate and u = up (gate-less experts: act(u)):
+    silu, gelu, gelu_tanh, relu, relu2   act(g) * u
+    clamped_swiglu   (gpt-oss)           g' = min(g, limit), u' = clip(u, ±limit): (u' + 1) g' sigmoid(alpha g')
+    clamped_silu     (DeepSeek-V4)       silu(min(g, limit)) * clip(u, ±limit)
+    softcapped_swiglu (Inkling2)         cap_g(g) sigmoid(g) cap_u(u), cap(x) = c tanh(x / c)
+Output: sum over the token's experts of weight x expert(hidden) [T, H].
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 DOMAIN = "moec"
-OP_TYPE = "MoE"
-INPUT_NAMES = (
-    "hidden", "router_logits", "gate", "up", "down",
-    "gate_bias", "up_bias", "down_bias", "score_bias",
-)
-OPTIONAL_INPUTS = frozenset(INPUT_NAMES[5:])
+OP_TYPE = "Experts"
+INPUT_NAMES = ("hidden", "top_k_index", "top_k_weights", "gate_up", "down", "gate_up_bias", "down_bias")
+OPTIONAL_INPUTS = frozenset(("gate_up_bias", "down_bias"))
 # the routed experts' weights may be stored in another dtype than the activations (a bf16 checkpoint's);
 # the lowering casts one expert's slice at a time
-EXPERT_INPUTS = frozenset(("gate", "up", "down", "gate_bias", "up_bias", "down_bias"))
+EXPERT_INPUTS = frozenset(INPUT_NAMES[3:])
 FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 # the lowered artifact's pruning interface (pure names, so the runtime can read them without onnxscript)
 PRUNE_SWITCH = "prune_experts"  # run-time switch: bool scalar graph input, default true
 ACTIVATIONS_OUTPUT = "expert_activations"  # per layer ".{layer}": (token, expert) pairs computed, int64
 PROJECTIONS = ("gate", "up", "down")
 EXPERT_WEIGHT_PATTERN = r"layers\.(?P<layer>\d+)\.experts\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj"
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu", "softcapped_swiglu")
+GATED_ONLY = frozenset(("clamped_swiglu", "clamped_silu", "softcapped_swiglu"))
+GATE_LAYOUTS = ("concatenated", "interleaved", "none")
 
 
 def expert_weight_name(layer: int, expert: int, proj: str) -> str:
     """How a lowered graph names one routed expert's projection weight."""
     return f"layers.{layer}.experts.{expert}.{proj}_proj"
-ACTIVATIONS = ("silu", "clamped_swiglu")
 
 
 @dataclass(frozen=True)
-class MoESpec:
-    """Routing and expert semantics of one sparse layer; stored as the node's attributes."""
+class ExpertsSpec:
+    """Layout, activation and pruning of one sparse layer's experts; stored as the node's attributes."""
 
     layer: int
-    top_k: int
-    scoring: str = "softmax"
-    normalize: bool = True
-    scaling: float = 1.0
-    n_group: int = 1
-    topk_group: int = 1
-    jitter_eps: float = 0.0
     activation: str = "silu"
+    gate: str = "concatenated"
+    transposed: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    gate_softcap: float = 1.0
+    up_softcap: float = 1.0
     beta: float = 0.0              # dynamic pruning (moec.ops.dynamic_gating); 0 = plain top-k
     protect_fraction: float = 0.0
 
     def __post_init__(self):
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"MoE scoring {self.scoring!r} is not one of {SCORINGS}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"MoE activation {self.activation!r} is not one of {ACTIVATIONS}")
-        if self.scoring == "sparsemixer" and (self.top_k != 2 or self.normalize):
-            raise ValueError("sparsemixer routing is defined for top_k = 2 without normalization only")
+            raise ValueError(f"experts activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.gate not in GATE_LAYOUTS:
+            raise ValueError(f"experts gate layout {self.gate!r} is not one of {GATE_LAYOUTS}")
+        if self.activation in GATED_ONLY and self.gate == "none":
+            raise ValueError(f"{self.activation} needs a gate projection")
         if not (0.0 <= self.beta <= 1.0 and 0.0 <= self.protect_fraction <= 1.0):
             raise ValueError(f"pruning beta and protect_fraction must be in [0, 1], got {self.beta}, "
                              f"{self.protect_fraction}")
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The expert's projections: gate, up, down, or just up and down when it has no gate."""
+        return PROJECTIONS if self.gate != "none" else PROJECTIONS[1:]
 
     def attributes(self) -> dict:
         """ONNX attribute values (bools as ints, as ONNX has no bool attribute)."""
@@ -85,119 +91,151 @@ class MoESpec:
                 for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_attributes(cls, attrs: dict) -> "MoESpec":
+    def from_attributes(cls, attrs: dict) -> "ExpertsSpec":
         kinds = {f.name: f.type for f in dataclasses.fields(cls)}
         return cls(**{k: (bool(v) if kinds[k] == "bool" else v) for k, v in attrs.items() if k in kinds})
 
 
 def op_schema():
-    """An `onnx.defs.OpSchema` for moec::MoE, which onnxscript needs to emit the node."""
+    """An `onnx.defs.OpSchema` for moec::Experts, which onnxscript needs to emit the node."""
     from onnx.defs import OpSchema
 
     def formal(name):
         option = OpSchema.FormalParameterOption.Optional if name in OPTIONAL_INPUTS else \
             OpSchema.FormalParameterOption.Single
-        return OpSchema.FormalParameter(name, "W" if name in EXPERT_INPUTS else "T", param_option=option)
+        kind = "W" if name in EXPERT_INPUTS else "I" if name == "top_k_index" else "T"
+        return OpSchema.FormalParameter(name, kind, param_option=option)
 
-    attr_types = {int: OpSchema.AttrType.INT, bool: OpSchema.AttrType.INT,
-                  float: OpSchema.AttrType.FLOAT, str: OpSchema.AttrType.STRING}
-    hints = {"int": int, "bool": bool, "float": float, "str": str}
+    attr_types = {"int": OpSchema.AttrType.INT, "bool": OpSchema.AttrType.INT,
+                  "float": OpSchema.AttrType.FLOAT, "str": OpSchema.AttrType.STRING}
     return OpSchema(
         OP_TYPE, DOMAIN, 1,
         doc=__doc__,
         inputs=[formal(n) for n in INPUT_NAMES],
         outputs=[OpSchema.FormalParameter("output", "T")],
-        type_constraints=[("T", FLOATS, "activations"), ("W", FLOATS, "routed expert weights")],
-        attributes=[OpSchema.Attribute(f.name, attr_types[hints[f.type]], f.name)
-                    for f in dataclasses.fields(MoESpec)],
+        type_constraints=[("T", FLOATS, "activations"), ("W", FLOATS, "routed expert weights"),
+                          ("I", ["tensor(int64)"], "expert indices")],
+        attributes=[OpSchema.Attribute(f.name, attr_types[f.type], f.name) for f in dataclasses.fields(ExpertsSpec)],
     )
 
 
 # --------------------------------------------------------------------------- NumPy reference
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
+@dataclass
+class Expert:
+    """One expert's weights in [out, in] layout (gate None for gate-less experts), float32."""
+
+    up: np.ndarray
+    down: np.ndarray
+    gate: np.ndarray | None = None
+    up_bias: np.ndarray | None = None
+    down_bias: np.ndarray | None = None
+    gate_bias: np.ndarray | None = None
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores per row, ties to the lower index (ONNX TopK's rule)."""
-    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+def split_gate_up(stacked, spec: ExpertsSpec, axis: int) -> tuple:
+    """(gate, up) of a gate_up slice along its output `axis`, by the layout; gate None without one."""
+    if spec.gate == "none":
+        return None, stacked
+    index = [slice(None)] * stacked.ndim
+    if spec.gate == "interleaved":
+        gate, up = list(index), list(index)
+        gate[axis], up[axis] = slice(0, None, 2), slice(1, None, 2)
+        return stacked[tuple(gate)], stacked[tuple(up)]
+    half = stacked.shape[axis] // 2
+    gate, up = list(index), list(index)
+    gate[axis], up[axis] = slice(0, half), slice(half, None)
+    return stacked[tuple(gate)], stacked[tuple(up)]
 
 
-def _sparsemixer(logits: np.ndarray, jitter_eps: float):
-    """PhiMoE eval-mode routing: each pick is a softmax over the logits near the current max."""
-    weights, picks = [], []
-    masked = logits.copy()
-    for _ in range(2):
-        best = np.max(masked, axis=-1, keepdims=True)
-        pick = np.argmax(masked, axis=-1)[:, None]
-        factor = np.maximum(np.abs(logits), best)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            far = (best - logits) / factor > 2 * jitter_eps
-        gates = _softmax(np.where(far, -np.inf, masked))
-        weights.append(np.take_along_axis(gates, pick, axis=-1))
-        picks.append(pick)
-        np.put_along_axis(masked, pick, -np.inf, axis=-1)
-    return np.concatenate(weights, axis=-1), np.concatenate(picks, axis=-1)
-
-
-def route(logits: np.ndarray, spec: MoESpec, score_bias: np.ndarray | None = None):
-    """Routing reference: (weights [T, k], expert indices [T, k])."""
-    logits = logits.astype(np.float32)
-    if spec.scoring == "sparsemixer":
-        weights, indices = _sparsemixer(logits, spec.jitter_eps)
-        return (weights * np.float32(spec.scaling)).astype(np.float32), indices
-    if spec.scoring == "softmax":
-        scores = _softmax(logits)
-        choice = scores
+def expert_projection(stacked: dict, expert: int, proj: str, spec: ExpertsSpec):
+    """Expert `expert`'s `proj` weight [out, in] (a view in the stored dtype) from the node's stacked
+    inputs (`stacked["gate_up"]`, `stacked["down"]`, arrays indexable by expert)."""
+    if proj == "down":
+        weight = stacked["down"][expert]
     else:
-        scores = 1.0 / (1.0 + np.exp(-logits))
-        choice = scores + (0.0 if score_bias is None else score_bias)
-        if spec.n_group > 1:
-            tokens, experts = choice.shape
-            grouped = choice.reshape(tokens, spec.n_group, experts // spec.n_group)
-            group_scores = -np.sort(-grouped, axis=-1)[..., :2].sum(-1)
-            keep = np.zeros((tokens, spec.n_group), bool)
-            np.put_along_axis(keep, _top_k(group_scores, spec.topk_group), True, axis=-1)
-            choice = np.where(np.repeat(keep, experts // spec.n_group, axis=-1), choice, -np.inf)
-    indices = _top_k(choice, spec.top_k)
-    weights = np.take_along_axis(scores, indices, axis=-1)
-    if spec.normalize:
-        weights = weights / (weights.sum(-1, keepdims=True) + (1e-20 if spec.scoring == "sigmoid" else 0.0))
-    return (weights * spec.scaling).astype(np.float32), indices
+        weight = split_gate_up(stacked["gate_up"][expert], spec, axis=1 if spec.transposed else 0)[proj == "up"]
+    return weight.T if spec.transposed else weight
 
 
-def expert_hidden(x, gate, up, spec: MoESpec, gate_bias=None, up_bias=None):
-    """An expert's activation on its tokens x [n, H] (weights in [out, in] layout): [n, I]."""
-    g = x @ gate.T + (0 if gate_bias is None else gate_bias)
-    u = x @ up.T + (0 if up_bias is None else up_bias)
-    if spec.activation == "silu":
-        return g / (1.0 + np.exp(-g)) * u
-    g = np.minimum(g, spec.swiglu_limit)
-    u = np.clip(u, -spec.swiglu_limit, spec.swiglu_limit)
-    return (u + 1.0) * (g / (1.0 + np.exp(-spec.swiglu_alpha * g)))
+def expert_bias(stacked: dict, expert: int, proj: str, spec: ExpertsSpec):
+    """Expert `expert`'s `proj` bias [out], or None."""
+    if proj == "down":
+        bias = stacked.get("down_bias")
+        return None if bias is None else bias[expert]
+    bias = stacked.get("gate_up_bias")
+    return None if bias is None else split_gate_up(bias[expert], spec, axis=0)[proj == "up"]
 
 
-def expert_ffn(x, gate, up, down, spec: MoESpec, gate_bias=None, up_bias=None, down_bias=None):
-    """One expert's feed-forward on its tokens x [n, H] with weights in [out, in] layout."""
-    return expert_hidden(x, gate, up, spec, gate_bias, up_bias) @ down.T + (0 if down_bias is None else down_bias)
+def expert_weights(stacked: dict, expert: int, spec: ExpertsSpec) -> Expert:
+    """Expert `expert` of the node's stacked inputs, upcast to float32."""
+    f32 = lambda a: None if a is None else np.asarray(a, dtype=np.float32)  # noqa: E731
+    parts = {p: f32(expert_projection(stacked, expert, p, spec)) for p in spec.projections}
+    biases = {f"{p}_bias": f32(expert_bias(stacked, expert, p, spec)) for p in spec.projections}
+    return Expert(**parts, **biases)
 
 
-def moe_reference(hidden, router_logits, gate, up, down, gate_bias=None, up_bias=None,
-                  down_bias=None, score_bias=None, *, spec: MoESpec) -> np.ndarray:
-    """What a moec::MoE node computes; every lowering is tested against this."""
-    from moec.ops.dynamic_gating import gate as dynamic_gate, importance
+def activation(x: np.ndarray, name: str) -> np.ndarray:
+    if name == "silu":
+        return x / (1.0 + np.exp(-x))
+    if name == "gelu":
+        from scipy.special import erf
 
-    weights, indices, keep = dynamic_gate(router_logits, spec, score_bias, importance(hidden))
-    out = np.zeros_like(hidden, dtype=np.float32)
-    pick = lambda b, e: None if b is None else b[e]  # noqa: E731
-    for e in range(gate.shape[0]):
-        tokens, rank = np.nonzero((indices == e) & keep)
+        return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+    relu = np.maximum(x, 0)
+    return relu * relu if name == "relu2" else relu
+
+
+def expert_hidden(x: np.ndarray, expert: Expert, spec: ExpertsSpec) -> np.ndarray:
+    """An expert's activation on its tokens x [n, H]: [n, I]."""
+    def linear(w, b):
+        return x @ w.T + (0 if b is None else b)
+
+    up = linear(expert.up, expert.up_bias)
+    if expert.gate is None:
+        return activation(up, spec.activation).astype(np.float32)
+    gate = linear(expert.gate, expert.gate_bias)
+    sigmoid = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
+    if spec.activation == "softcapped_swiglu":
+        cap = lambda v, c: c * np.tanh(v / c)  # noqa: E731
+        return (cap(gate, spec.gate_softcap) * sigmoid(gate) * cap(up, spec.up_softcap)).astype(np.float32)
+    if spec.activation in ("clamped_swiglu", "clamped_silu"):
+        gate = np.minimum(gate, spec.swiglu_limit)
+        up = np.clip(up, -spec.swiglu_limit, spec.swiglu_limit)
+        if spec.activation == "clamped_swiglu":
+            return ((up + 1.0) * gate * sigmoid(spec.swiglu_alpha * gate)).astype(np.float32)
+        return (activation(gate, "silu") * up).astype(np.float32)
+    return (activation(gate, spec.activation) * up).astype(np.float32)
+
+
+def expert_ffn(x: np.ndarray, expert: Expert, spec: ExpertsSpec) -> np.ndarray:
+    """One expert's feed-forward on its tokens x [n, H]."""
+    return expert_hidden(x, expert, spec) @ expert.down.T + (0 if expert.down_bias is None else expert.down_bias)
+
+
+def experts_reference(hidden, top_k_index, top_k_weights, experts: Callable[[int], Expert], num_experts: int, *,
+                      spec: ExpertsSpec) -> np.ndarray:
+    """What a moec::Experts node computes; every lowering is tested against this. `experts(e)` gives
+    expert e's weights, made only while it runs (see moec.reference for quantized ones)."""
+    from moec.ops.dynamic_gating import importance, prune
+
+    hidden = np.asarray(hidden, np.float32)
+    weights, keep = prune(np.asarray(top_k_weights, np.float32), spec, importance(hidden))
+    out = np.zeros_like(hidden)
+    for e in range(num_experts):
+        tokens, rank = np.nonzero((top_k_index == e) & keep)
         if tokens.size == 0:
             continue
-        # down is fetched after gate and up are released: weights may be made on demand (see moec.reference)
-        h = expert_hidden(hidden[tokens], gate[e], up[e], spec, pick(gate_bias, e), pick(up_bias, e))
-        y = h @ down[e].T + (0 if down_bias is None else down_bias[e])
+        y = expert_ffn(hidden[tokens], experts(e), spec)
         np.add.at(out, tokens, y * weights[tokens, rank][:, None])
-    return out.astype(hidden.dtype)
+    return out
+
+
+def stacked_reference(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias=None, down_bias=None, *,
+                      spec: ExpertsSpec) -> np.ndarray:
+    """The reference on the node's own inputs (stacked weights as stored)."""
+    stacked = {"gate_up": gate_up, "down": down, "gate_up_bias": gate_up_bias, "down_bias": down_bias}
+    return experts_reference(hidden, top_k_index, top_k_weights, lambda e: expert_weights(stacked, e, spec),
+                             len(down), spec=spec)

@@ -1,10 +1,10 @@
-"""Lower each `moec::MoE` node to standard ONNX ops that compute only the routed experts.
+"""Lower each `moec::Experts` node to standard ONNX ops that compute only the routed experts.
 
-Matches: every node of domain `moec`, type `MoE` (see moec.ops.moe for its semantics).
+Matches: every node of domain `moec`, type `Experts` (see moec.ops.moe for its semantics).
 Produces, in its place:
-  - the routing and its dynamic pruning as one moec.DynamicGating call (an ONNX function added
-    to the model) giving weights, indices and keep [T, k]; a layer the plan prunes (beta > 0)
-    reads the graph input `prune_experts` (bool, default true), so pruning can be switched off at run time;
+  - in a layer the plan prunes (beta > 0), its dynamic pruning as one moec.DynamicGating call (an
+    ONNX function added to the model) giving the kept weights and keep [T, k]; it reads the graph
+    input `prune_experts` (bool, default true), so pruning can be switched off at run time;
   - a graph output `expert_activations.{layer}`: the (token, expert) pairs the layer computed;
   - the (expert, token) pairs routed and kept, expert-major (one NonZero on the routing mask), their
     hidden rows gathered once and Split by expert (sizes known only at run time);
@@ -24,17 +24,17 @@ import numpy as np
 import onnx_ir as ir
 
 from moec.ops.dynamic_gating import OP_TYPE as GATING_OP_TYPE
-from moec.ops.dynamic_gating import ROUTING_ATTRIBUTES, SHARED_OP_TYPE, function_protos
-from moec.ops.moe import (ACTIVATIONS_OUTPUT, DOMAIN, INPUT_NAMES, OP_TYPE, PRUNE_SWITCH, MoESpec,
-                          expert_weight_name)
+from moec.ops.dynamic_gating import function_proto
+from moec.ops.moe import (ACTIVATIONS_OUTPUT, DOMAIN, INPUT_NAMES, OP_TYPE, PRUNE_SWITCH, ExpertsSpec,
+                          expert_bias, expert_projection, expert_weight_name)
 
 
 def is_moe_node(node: ir.Node) -> bool:
     return node.domain == DOMAIN and node.op_type == OP_TYPE
 
 
-def moe_spec(node: ir.Node) -> MoESpec:
-    return MoESpec.from_attributes({name: attr.value for name, attr in node.attributes.items()})
+def moe_spec(node: ir.Node) -> ExpertsSpec:
+    return ExpertsSpec.from_attributes({name: attr.value for name, attr in node.attributes.items()})
 
 
 def moe_inputs(node: ir.Node) -> dict[str, ir.Value | None]:
@@ -48,21 +48,40 @@ def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
     if tensor is None:
-        raise ValueError(f"MoE input {value.name!r} must be a constant (initializer)")
+        raise ValueError(f"Experts input {value.name!r} must be a constant (initializer)")
     return tensor
 
 
-def expert_slice(stacked: ir.TensorProtocol, expert: int, transpose: bool, dtype: ir.DataType) -> ir.LazyTensor:
-    """stacked[expert] (transposed if asked) in `dtype`, computed only when read: the expert weights
-    of a whole model never sit in memory together, nor one layer's in a wider dtype than stored."""
-    dims = list(stacked.shape)[1:]
-    shape = ir.Shape(dims[::-1] if transpose else dims)
+class _StackedArrays(dict):
+    """The node's stacked weight tensors, read as NumPy arrays when an expert's slice is read."""
 
-    def read():  # a transpose stays a view: MatMulNBits reads it back as [out, in], the writer copies it once
-        array = stacked.numpy()[expert].astype(dtype.numpy(), copy=False)
-        return ir.tensor(array.T if transpose else array)
+    def __getitem__(self, name):
+        tensor = super().__getitem__(name)
+        return None if tensor is None else tensor.numpy()
 
-    return ir.LazyTensor(read, dtype=dtype, shape=shape)
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def dims(self, spec: ExpertsSpec) -> tuple[int, int, int]:
+        """(experts, hidden, intermediate), from the stored down projection's shape."""
+        experts, *rest = dict.__getitem__(self, "down").shape
+        return (experts, *(rest[::-1] if spec.transposed else rest))
+
+
+def expert_slice(stacked: _StackedArrays, expert: int, proj: str, spec: ExpertsSpec, dtype: ir.DataType,
+                 bias: bool = False) -> ir.LazyTensor:
+    """Expert `expert`'s `proj` weight as MatMul wants it ([in, out]; or its bias [out]) in `dtype`,
+    computed only when read: the expert weights of a whole model never sit in memory together, nor
+    one layer's in a wider dtype than stored."""
+    def array():  # a view of the stored tensor: MatMulNBits reads a weight back as [out, in], the writer copies it once
+        if bias:
+            return expert_bias(stacked, expert, proj, spec)
+        return expert_projection(stacked, expert, proj, spec).T
+
+    _, hidden, intermediate = stacked.dims(spec)
+    out = hidden if proj == "down" else intermediate
+    shape = ir.Shape([out] if bias else [intermediate if proj == "down" else hidden, out])
+    return ir.LazyTensor(lambda: ir.tensor(array().astype(dtype.numpy(), copy=False)), dtype=dtype, shape=shape)
 
 
 class _Builder:
@@ -95,22 +114,15 @@ class _Builder:
         return self.tape.initializer(tensor, name=name)
 
 
-def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, logits: ir.Value, score_bias: ir.Value | None,
-            spec: MoESpec, num_experts: int, hidden_size: int):
-    """A moec.DynamicGating call for the layer's routing and pruning: (weights, indices, keep) [T, k].
-    Importance is the L1 norm of each token's hidden state (as a MatMul with ones: onnxruntime's
-    reductions return wrong shapes for zero tokens). A pruned layer reads the graph's run-time
-    switch PRUNE_SWITCH; an unpruned one (beta 0) is the plain routing."""
+def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, weights: ir.Value, spec: ExpertsSpec,
+            hidden_size: int) -> tuple[ir.Value, ir.Value]:
+    """A moec.DynamicGating call for the layer's pruning: (kept weights, keep) [T, k]. Importance is
+    the L1 norm of each token's hidden state (as a MatMul with ones: onnxruntime's reductions return
+    wrong shapes for zero tokens). It reads the graph's run-time switch PRUNE_SWITCH."""
     ones = b.const(np.ones((hidden_size, 1), np.float32))
     importance = b.op("Squeeze", b.op("MatMul", b.op("Abs", hidden), ones), b.const(np.array([1], np.int64)))
-    enabled = _prune_switch(model.graph) if spec.beta > 0 else b.const(np.array(True))
-    inputs = [logits]
-    if spec.scoring == "sigmoid":
-        inputs.append(score_bias if score_bias is not None else b.const(np.zeros(num_experts, np.float32)))
-    inputs += [importance, enabled]
-    attributes = {name: value for name, value in spec.attributes().items()
-                  if name in (*ROUTING_ATTRIBUTES, "beta", "protect_fraction")}
-    return b.op_multi(GATING_OP_TYPE, *inputs, num_outputs=3, domain=DOMAIN, overload=spec.scoring, **attributes)
+    return b.op_multi(GATING_OP_TYPE, weights, importance, _prune_switch(model.graph), num_outputs=2, domain=DOMAIN,
+                      beta=spec.beta, protect_fraction=spec.protect_fraction)
 
 
 def _prune_switch(graph: ir.Graph) -> ir.Value:
@@ -128,28 +140,46 @@ def _prune_switch(graph: ir.Graph) -> ir.Value:
     return switch
 
 
-def _expert(b: _Builder, x: ir.Value, stacked: dict[str, ir.TensorProtocol | None], spec: MoESpec,
-            expert: int, dtype: ir.DataType):
-    """gate/up/down on the expert's tokens x [n, H] of `dtype`; stacked weights [E, out, in], biases [E, out]."""
+def _expert(b: _Builder, x: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec, expert: int, dtype: ir.DataType):
+    """The expert's projections and activation on its tokens x [n, H] of `dtype`."""
     def linear(inp, proj):
         name = expert_weight_name(spec.layer, expert, proj)
-        weight = expert_slice(stacked[proj], expert, transpose=True, dtype=dtype)
-        y = b.op("MatMul", inp, b.weight(weight, name), name=f"{proj}_proj")
-        bias = stacked[f"{proj}_bias"]
-        return y if bias is None else b.op("Add", y, b.weight(expert_slice(bias, expert, False, dtype), f"{name}.bias"))
+        y = b.op("MatMul", inp, b.weight(expert_slice(stacked, expert, proj, spec, dtype), name), name=f"{proj}_proj")
+        if dict.get(stacked, "down_bias" if proj == "down" else "gate_up_bias") is None:
+            return y
+        return b.op("Add", y, b.weight(expert_slice(stacked, expert, proj, spec, dtype, bias=True), f"{name}.bias"))
 
-    gate, up = linear(x, "gate"), linear(x, "up")
-    if spec.activation == "silu":
-        hidden = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
-    else:
-        def scalar(value):  # in the activations' dtype
-            return b.const(np.array(value, dtype.numpy()))
+    def scalar(value):  # in the activations' dtype
+        return b.const(np.array(value, dtype.numpy()))
 
+    def act(v):
+        if spec.activation in ("silu", "clamped_silu"):
+            return b.op("Mul", v, b.op("Sigmoid", v))
+        if spec.activation in ("gelu", "gelu_tanh"):
+            return b.op("Gelu", v, approximate="tanh" if spec.activation == "gelu_tanh" else "none")
+        relu = b.op("Relu", v)
+        return b.op("Mul", relu, relu) if spec.activation == "relu2" else relu
+
+    up = linear(x, "up")
+    if spec.gate == "none":
+        hidden = act(up)
+    elif spec.activation == "softcapped_swiglu":
+        def cap(v, c):
+            return b.op("Mul", b.op("Tanh", b.op("Div", v, scalar(c))), scalar(c))
+
+        gate = linear(x, "gate")
+        hidden = b.op("Mul", b.op("Mul", cap(gate, spec.gate_softcap), b.op("Sigmoid", gate)), cap(up, spec.up_softcap))
+    elif spec.activation in ("clamped_swiglu", "clamped_silu"):
         limit = spec.swiglu_limit
-        gate = b.op("Clip", gate, None, scalar(limit))
+        gate = b.op("Clip", linear(x, "gate"), None, scalar(limit))
         up = b.op("Clip", up, scalar(-limit), scalar(limit))
-        glu = b.op("Mul", gate, b.op("Sigmoid", b.op("Mul", gate, scalar(spec.swiglu_alpha))))
-        hidden = b.op("Mul", b.op("Add", up, scalar(1.0)), glu)
+        if spec.activation == "clamped_silu":
+            hidden = b.op("Mul", act(gate), up)
+        else:
+            glu = b.op("Mul", gate, b.op("Sigmoid", b.op("Mul", gate, scalar(spec.swiglu_alpha))))
+            hidden = b.op("Mul", b.op("Add", up, scalar(1.0)), glu)
+    else:
+        hidden = b.op("Mul", act(linear(x, "gate")), up)
     return linear(hidden, "down")
 
 
@@ -169,7 +199,7 @@ def _sorted_by_expert(b: _Builder, hidden: ir.Value, routed: ir.Value, dense_wei
     return tokens, rows, weights, counts
 
 
-def _routed_experts(b: _Builder, experts: range, rows: list[ir.Value], stacked: dict, spec: MoESpec,
+def _routed_experts(b: _Builder, experts: range, rows: list[ir.Value], stacked: _StackedArrays, spec: ExpertsSpec,
                     dtype: ir.DataType) -> list[ir.Value]:
     """Each expert's output on its own rows (one Split output each)."""
     outputs = []
@@ -180,7 +210,7 @@ def _routed_experts(b: _Builder, experts: range, rows: list[ir.Value], stacked: 
 
 
 def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, experts: range, rows: list[ir.Value], counts: ir.Value,
-                             stacked: dict, spec: MoESpec, dtype: ir.DataType) -> ir.Value:
+                             stacked: _StackedArrays, spec: ExpertsSpec, dtype: ir.DataType) -> ir.Value:
     """The experts' outputs, concatenated, as the then-branch of an If that runs only when some token
     is routed to one of these experts (else all their rows are empty, and so is the output). Why:
     onnxruntime's session creation grows about quadratically with the nodes of one graph (128
@@ -193,7 +223,7 @@ def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, experts: range, rows:
     for value in inner.tape.initializers:  # weights live in the main graph, where they are written and packed
         graph.register_initializer(value)
     empty = ir.Value(name=None)
-    hidden_size = stacked["down"].shape[1]
+    hidden_size = stacked.dims(spec)[1]
     for value in (result, empty):  # branch outputs must be typed; their rows are the chunk's pairs
         value.type, value.shape = ir.TensorType(dtype), ir.Shape([None, hidden_size])
     else_branch = ir.Graph([], [empty], nodes=[ir.node("Identity", [rows[0]], outputs=[empty])],
@@ -213,24 +243,27 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     graph = model.graph
     spec = moe_spec(node)
     inputs = moe_inputs(node)
-    stacked = {name: const_tensor(inputs[name]) for name in INPUT_NAMES[2:]}
-    num_experts, _, hidden_size = stacked["gate"].shape
+    stacked = _StackedArrays({name: const_tensor(inputs[name]) for name in INPUT_NAMES[3:]})
+    num_experts, hidden_size, _ = stacked.dims(spec)
     b = _Builder(graph, f"layers.{spec.layer}.moe")
-    hidden, logits = inputs["hidden"], inputs["router_logits"]
+    hidden, indices = inputs["hidden"], inputs["top_k_index"]
     dtype = hidden.dtype or ir.DataType.FLOAT
 
-    # routing, and the sum over experts, in float32 whatever the activations' dtype
+    # the pruning, and the sum over experts, in float32 whatever the activations' dtype
     def float32(value):
-        return value if value is None or dtype == ir.DataType.FLOAT else b.op("Cast", value, to=ir.DataType.FLOAT)
+        return value if dtype == ir.DataType.FLOAT else b.op("Cast", value, to=ir.DataType.FLOAT)
 
-    hidden32, logits32 = float32(hidden), float32(logits)
-    weights, indices, keep = _gating(b, model, hidden32, logits32, float32(inputs["score_bias"]), spec,
-                                     num_experts, hidden_size)
-    zeros = b.op("Mul", logits32, b.const(np.float32(0)))
-    kept = b.op("Cast", keep, to=ir.DataType.FLOAT)
-    routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, kept, axis=1), perm=[1, 0])
-    dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1),
-                         perm=[1, 0])
+    hidden32, weights = float32(hidden), b.op("Cast", inputs["top_k_weights"], to=ir.DataType.FLOAT)
+    keep = None
+    if spec.beta > 0:
+        weights, keep = _gating(b, model, hidden32, weights, spec, hidden_size)
+    tokens_by_experts = b.op("Concat", b.op("Shape", hidden, end=1), b.const(np.array([num_experts], np.int64)),
+                             axis=0)
+    zeros = b.op("ConstantOfShape", tokens_by_experts, value=ir.tensor(np.zeros(1, np.float32)))
+    selected = b.op("Expand", b.const(np.float32(1)), b.op("Shape", indices)) if keep is None else \
+        b.op("Cast", keep, to=ir.DataType.FLOAT)
+    routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, selected, axis=1), perm=[1, 0])
+    dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1), perm=[1, 0])
     tokens, rows, pair_weights, counts = _sorted_by_expert(b, hidden, routed, dense_weights, num_experts)
     pieces = b.op_multi("Split", rows, counts, axis=0, num_outputs=num_experts)
     for piece in pieces:  # typed: If subgraphs read them from the graph around them
@@ -256,7 +289,8 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     if dtype != ir.DataType.FLOAT:
         out = b.op("Cast", out, to=dtype)
     out.type, out.shape = hidden.type, hidden.shape
-    computed = b.op("ReduceSum", b.op("Cast", keep, to=ir.DataType.INT64), keepdims=0)
+    computed = b.op("Size", indices) if keep is None else \
+        b.op("ReduceSum", b.op("Cast", keep, to=ir.DataType.INT64), keepdims=0)
     computed.name = f"{ACTIVATIONS_OUTPUT}.{spec.layer}"
     computed.type, computed.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([])
     ir.convenience.replace_nodes_and_values(graph, node, [node], b.tape.nodes, node.outputs, [out])
@@ -264,7 +298,7 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
 
 
 class LowerMoEPass(ir.passes.InPlacePass):
-    """Lower every moec::MoE node (the 3-D expert initializers it leaves unused are for
+    """Lower every moec::Experts node (the 3-D expert initializers it leaves unused are for
     RemoveUnusedNodesPass to drop). Layers with more than `experts_per_subgraph` experts compute
     them in If subgraphs of that many (the default: never)."""
 
@@ -277,10 +311,8 @@ class LowerMoEPass(ir.passes.InPlacePass):
         for node in nodes:
             lower_moe_node(model, node, self.experts_per_subgraph)
         if nodes:
-            used = {n.overload for n in model.graph if n.domain == DOMAIN and n.op_type == GATING_OP_TYPE}
-            for proto in function_protos():
-                if proto.overload in used or proto.name == SHARED_OP_TYPE:
-                    function = ir.serde.deserialize_function(proto)
-                    model.functions[function.identifier()] = function
+            if any(n.domain == DOMAIN and n.op_type == GATING_OP_TYPE for n in model.graph):
+                function = ir.serde.deserialize_function(function_proto())
+                model.functions[function.identifier()] = function
             model.opset_imports.setdefault(DOMAIN, 1)
         return ir.passes.PassResult(model, modified=bool(nodes))

@@ -1,7 +1,7 @@
-"""Set each pruned layer's dynamic-pruning parameters on its MoE node, from the plan.
+"""Set each pruned layer's dynamic-pruning parameters on its Experts node, from the plan.
 
-Matches: `moec::MoE` nodes of the layers in `pruning` ({layer: (beta, protect_fraction)}).
-Produces: the same nodes with their `beta` and `protect_fraction` attributes set; the MoE
+Matches: `moec::Experts` nodes of the layers in `pruning` ({layer: (beta, protect_fraction)}).
+Produces: the same nodes with their `beta` and `protect_fraction` attributes set; the experts
 lowering turns them into the layer's moec.DynamicGating, so a dropped (token, expert) pair
 costs no expert compute. Layers not listed keep plain top-k routing (beta 0).
 """

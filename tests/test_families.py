@@ -27,7 +27,7 @@ def test_prefill_and_decode_logits_match_transformers(compiled, arch, batch):
         pos = positions(mask, step.shape[1])
         with torch.no_grad():
             expected = c.model(input_ids=torch.from_numpy(step), attention_mask=torch.from_numpy(mask),
-                               position_ids=torch.from_numpy(pos), past_key_values=cache,
+                               position_ids=torch.from_numpy(pos), cache=cache,
                                use_cache=True).logits.numpy()
         logits, past = artifact.forward(step, mask, pos, past)
         real = mask[:, -step.shape[1]:].astype(bool)  # padded positions carry no meaning

@@ -95,8 +95,14 @@ def test_policy_reads_the_plan():
     assert weight_bits(plan, "model.layers.1.self_attn.o_proj.weight") == 4
     assert weight_bits(plan, "lm_head.weight") == 8
     assert weight_bits(plan, "model.layers.1.mlp.gate_proj.weight") is None  # dense_mlp 16
-    assert weight_bits(plan, "model.layers.0.mlp.router_weight") is None
-    assert weight_bits(plan, "model.layers.0.mlp.shared.router.weight") is None
+    # what a MoE block holds besides experts and shared experts is routing: kept in float
+    blocks = ["model.layers.0.mlp", "model.layers.2.mlp"]
+    assert weight_bits(plan, "model.layers.0.mlp.gate.weight", blocks) is None
+    assert weight_bits(plan, "model.layers.2.mlp.router.bias", blocks) is None
+    assert weight_bits(plan, "model.layers.0.mlp.shared_expert_gate.weight", blocks) is None
+    assert weight_bits(plan, "model.layers.0.mlp.shared_expert.up_proj.weight", blocks) == 4
+    assert weight_bits(plan, "model.layers.2.mlp.shared_experts.down_proj.weight", blocks) == 4
+    assert weight_bits(plan, "model.layers.1.mlp.gate_proj.weight", blocks) is None  # dense, not a block
 
 
 def _mixed_plan(record, seed=0):

@@ -47,7 +47,216 @@ def configs() -> dict:
                                          residual_multiplier=0.7, attention_multiplier=0.2),
         "gpt_oss": t.GptOssConfig(**COMMON, head_dim=16, intermediate_size=48, num_hidden_layers=2,
                                   num_local_experts=4, num_experts_per_tok=2, sliding_window=16),
+        **_more_configs(),
     }
+
+
+def _cfg(model_type: str, **kwargs):
+    """Config of `model_type` from COMMON overridden by `kwargs`."""
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type](**{**COMMON, **kwargs})
+
+
+# Multi-head latent attention (DeepSeek-style) sizes shared by the MLA families.
+MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+           v_head_dim=16)
+# Gated-DeltaNet (Qwen3-Next-style) linear attention sizes.
+GDN = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+           linear_num_value_heads=4)
+
+
+def _more_configs() -> dict:
+    """Tiny configs of the other families whose experts use `use_experts_implementation`."""
+    out = {}
+    c = _cfg
+    out["glm4_moe"] = c("glm4_moe", head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True)
+    out["ernie4_5_moe"] = c("ernie4_5_moe", intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                            moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+                            moe_layer_end_index=2, moe_layer_interval=1)
+    out["minimax_m2"] = c("minimax_m2", head_dim=16, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                          num_experts_per_tok=2)
+    out["hunyuan_v1_moe"] = c("hunyuan_v1_moe", head_dim=16, intermediate_size=48, num_hidden_layers=2, num_experts=8,
+                              moe_topk=2, eod_token_id=None, sep_token_id=None)
+    out["deepseek_v2"] = c("deepseek_v2", **MLA, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                           first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                           topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5)
+    out["qwen3_next"] = c("qwen3_next", **GDN, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=48, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                          layer_types=["linear_attention", "full_attention"], decoder_sparse_step=1)
+    out["afmoe"] = c("afmoe", head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                     num_dense_layers=1, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                     global_attn_every_n_layers=2, sliding_window=16, route_scale=1.5,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    out["aria_text"] = c("aria_text", head_dim=16, intermediate_size=32, num_hidden_layers=2, moe_num_experts=8,
+                         moe_topk=2, moe_num_shared_experts=1)
+    out["axk1"] = c("axk1", **MLA, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                    n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
+                    mlp_layer_types=["dense", "sparse", "sparse"])
+    out["cohere2_moe"] = c("cohere2_moe", head_dim=16, intermediate_size=32, num_hidden_layers=2, num_experts=8,
+                           num_experts_per_tok=2, num_shared_experts=1, sliding_window=16,
+                           layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"])
+    out["deepseek_v32"] = c("deepseek_v32", **MLA, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, n_group=4, topk_group=2,
+                            num_experts_per_tok=2, n_shared_experts=1, index_topk=4, index_head_dim=16,
+                            index_n_heads=2, mlp_layer_types=["dense", "sparse", "sparse"],
+                            layer_types=["indexed_attention"] * 3)
+    out["dots1"] = c("dots1", intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                     first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                     norm_topk_prob=True, routed_scaling_factor=1.5, sliding_window=16, max_window_layers=3)
+    out["exaone_moe"] = c("exaone_moe", intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                          first_k_dense_replace=1, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                          sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                          mlp_layer_types=["dense", "sparse", "sparse"])
+    out["flex_olmo"] = c("flex_olmo", intermediate_size=48, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2)
+    out["flint"] = c("flint", head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                     mlp_only_layers=[0], decoder_sparse_step=1, sliding_window=16,
+                     layer_types=["full_attention", "sliding_attention", "full_attention"])
+    out["glm4_moe_lite"] = c("glm4_moe_lite", **MLA, intermediate_size=96, moe_intermediate_size=32,
+                             num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                             n_group=1, topk_group=1, mlp_layer_types=["dense", "sparse", "sparse"])
+    out["glm_moe_dsa"] = c("glm_moe_dsa", **MLA, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                           first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                           index_topk=4, index_head_dim=16, index_n_heads=2,
+                           mlp_layer_types=["dense", "sparse", "sparse"], layer_types=["indexed_attention"] * 3,
+                           indexer_types=["full"] * 3)
+    out["granitemoe_swa"] = c("granitemoe_swa", intermediate_size=48, num_hidden_layers=2, num_local_experts=4,
+                              num_experts_per_tok=2, sliding_window=16,
+                              layer_types=["full_attention", "sliding_attention"],
+                              layer_rope_theta=[10000.0, 10000.0], embedding_multiplier=2.0, logits_scaling=1.5,
+                              residual_multiplier=0.7, attention_multiplier=0.2)
+    out["granitemoeshared"] = c("granitemoeshared", intermediate_size=48, shared_intermediate_size=64,
+                                num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                embedding_multiplier=2.0, logits_scaling=1.5, residual_multiplier=0.7,
+                                attention_multiplier=0.2)
+    out["granitemoehybrid"] = c("granitemoehybrid", intermediate_size=48, shared_intermediate_size=64,
+                                num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2,
+                                layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
+                                mamba_chunk_size=16, position_embedding_type="rope", embedding_multiplier=2.0,
+                                logits_scaling=1.5, residual_multiplier=0.7, attention_multiplier=0.2)
+    out["hy_v3"] = c("hy_v3", head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                     num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                     mlp_layer_types=["dense", "sparse", "sparse"])
+    out["jamba"] = c("jamba", intermediate_size=48, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                     attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                     mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8, use_mamba_kernels=False)
+    out["kimi_linear"] = c("kimi_linear", **{k: v for k, v in MLA.items() if k != "q_lora_rank"}, q_lora_rank=None,
+                           intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_experts=8,
+                           num_experts_per_token=2, num_shared_experts=1, num_expert_group=1, topk_group=1,
+                           linear_head_dim=16, linear_num_heads=4, linear_conv_kernel_dim=4,
+                           layer_types=["linear_attention", "full_attention", "linear_attention"],
+                           mlp_layer_types=["dense", "sparse", "sparse"])
+    out["kolibri1"] = c("kolibri1", head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                        num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"])
+    out["laguna"] = c("laguna", head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                      sliding_window=16, layer_types=["full_attention", "sliding_attention", "full_attention"],
+                      num_attention_heads_per_layer=[4, 4, 4], mlp_layer_types=["dense", "sparse", "sparse"])
+    out["lara_mini"] = c("lara_mini", **GDN, head_dim=16, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8,
+                         num_experts_per_tok=2, sliding_window=16,
+                         layer_types=["linear_attention", "sliding_attention", "full_attention"])
+    out["lfm2_moe"] = c("lfm2_moe", intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                        num_dense_layers=1, num_experts=8, num_experts_per_tok=2,
+                        layer_types=["conv", "full_attention", "conv"])
+    out["mellum"] = c("mellum", head_dim=16, moe_intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                      num_experts_per_tok=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                      mlp_layer_types=["sparse", "sparse"])
+    out["mimo_v2_flash"] = c("mimo_v2_flash", head_dim=24, v_head_dim=16, intermediate_size=96,
+                             moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8,
+                             num_experts_per_tok=2, sliding_window=16,
+                             layer_types=["full_attention", "sliding_attention", "full_attention"],
+                             mlp_layer_types=["dense", "sparse", "sparse"])
+    out["minimax"] = c("minimax", head_dim=16, intermediate_size=48, num_hidden_layers=2, num_local_experts=4,
+                       num_experts_per_tok=2, block_size=16, layer_types=["full_attention", "linear_attention"])
+    out["nemotron_h"] = c("nemotron_h", head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                          moe_shared_expert_intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2,
+                          n_shared_experts=1, layers_block_type=["linear_attention", "full_attention", "moe"],
+                          mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=1, chunk_size=16,
+                          use_mamba_kernels=False)
+    out["qwen3_5_moe_text"] = c("qwen3_5_moe_text", **GDN, head_dim=16, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=48, num_hidden_layers=2, num_experts=8,
+                                num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"])
+    out["solar_open"] = c("solar_open", head_dim=16, moe_intermediate_size=32, num_hidden_layers=2,
+                          n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1)
+    # axk2 / dots3_note: with index_topk below the sequence length, cached decode diverges from a full
+    # forward in transformers 5.24, so the sparse indexer keeps every token at test lengths.
+    out["axk2"] = c("axk2", **MLA, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                    n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, index_topk=32, index_head_dim=16,
+                    index_n_heads=2, gated_norm_rank=8, mlp_layer_types=["dense", "sparse", "sparse"],
+                    layer_types=["indexed_attention"] * 3)
+    out["bailing_hybrid"] = c("bailing_hybrid", **{k: v for k, v in MLA.items() if k != "q_lora_rank"},
+                              q_lora_rank=None, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                              num_experts=8, num_experts_per_token=2, num_shared_experts=1, num_expert_group=4,
+                              topk_group=2, first_k_dense_replace=1, linear_head_dim=16, linear_num_heads=4,
+                              linear_conv_kernel_dim=4, layer_group_size=2, num_nextn_predict_layers=0,
+                              layer_types=["linear_attention", "full_attention", "linear_attention"],
+                              mlp_layer_types=["dense", "sparse", "sparse"])
+    out["beam"] = c("beam", head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                    num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    mlp_layer_types=["dense", "sparse", "sparse"])
+    out["dots3_note_text"] = c("dots3_note_text", **MLA, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                               shared_experts_intermediate_size=48, num_hidden_layers=3, n_routed_experts=8,
+                               num_experts_per_tok=2, n_shared_experts=1, index_topk=32, index_head_dim=16,
+                               index_n_heads=2, sliding_window=16, per_layer_config={},
+                               layer_types=["indexed_attention", "sliding_attention", "indexed_attention"],
+                               mlp_layer_types=["dense", "sparse", "sparse"],
+                               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                                                "indexed_attention": {"rope_type": "default",
+                                                                      "rope_theta": 80000000.0}})
+    out["gemma4_text"] = c("gemma4_text", head_dim=16, global_head_dim=16, per_layer_config={}, intermediate_size=96,
+                           moe_intermediate_size=32, num_hidden_layers=2, enable_moe_block=True, num_experts=8,
+                           top_k_experts=2, sliding_window=16, vocab_size_per_layer_input=VOCAB,
+                           hidden_size_per_layer_input=16, layer_types=["sliding_attention", "full_attention"])
+    out["hy_v4"] = c("hy_v4", **MLA, head_dim=8, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                     n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, index_topk=4, index_head_dim=16,
+                     index_n_heads=2, hc_mult=2, mlp_layer_types=["dense", "sparse", "sparse"],
+                     layer_types=["indexed_attention"] * 3, indexer_types=["full", "shared", "full"])
+    out["deepseek_v4"] = c("deepseek_v4", **{**COMMON, "num_key_value_heads": 1}, head_dim=32, q_lora_rank=32,
+                           moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                           n_shared_experts=1, compress_rates={"compressed_sparse_attention": 4,
+                                                               "heavily_compressed_attention": 8},
+                           hc_mult=2, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4,
+                           sliding_window=16, num_nextn_predict_layers=0, partial_rotary_factor=0.25,
+                           rope_parameters={"main": {"rope_type": "default", "rope_theta": 10000.0,
+                                                     "partial_rotary_factor": 0.25},
+                                            "compress": {"rope_type": "default", "rope_theta": 160000.0,
+                                                         "partial_rotary_factor": 0.25}},
+                           layer_types=["compressed_sparse_attention", "heavily_compressed_attention",
+                                        "compressed_sparse_attention"],
+                           mlp_layer_types=["hash_moe", "moe", "moe"])
+    out["minimax_m3_vl_text"] = c("minimax_m3_vl_text", head_dim=16, intermediate_size=32, dense_intermediate_size=96,
+                                  shared_intermediate_size=48, num_hidden_layers=2, num_local_experts=8,
+                                  num_experts_per_tok=2, rotary_dim=8, index_n_heads=2, index_head_dim=16,
+                                  index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+                                  layer_types=["full_attention", "minimax_m3_sparse"],
+                                  mlp_layer_types=["dense", "sparse"])
+    out["zaya"] = c("zaya", head_dim=16, moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,  # top-1 only
+                    num_experts_per_tok=1, router_hidden_size=32, sliding_window=16,
+                    layer_types=["hybrid_sliding", "hybrid"])
+    inkling = dict(head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                   sliding_window_size=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2)
+    out["inkling_text"] = c("inkling_text", **inkling, intermediate_size=96, n_shared_experts=1, num_hidden_layers=2,
+                            layer_types=["hybrid_sliding", "hybrid"], mlp_layer_types=["sparse", "sparse"])
+    out["inkling2_text"] = c("inkling2_text", **inkling, unpadded_vocab_size=VOCAB, num_hidden_layers=2,
+                             n_layers_per_attn_res_block=1, layer_types=["hybrid_sliding", "hybrid"])
+    out["inkling2_loop_text"] = c("inkling2_loop_text", **inkling, unpadded_vocab_size=VOCAB, num_hidden_layers=3,
+                                  n_layers_per_attn_res_block=1, loop_layer_index_start=1, loop_layer_index_end=2,
+                                  loop_num_passes=2, loop_gate_rank=8,
+                                  layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"])
+    out["qwen4_exp_text"] = c("qwen4_exp_text", **GDN, head_dim=16, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=48, num_hidden_layers=2, num_experts=8,
+                              num_experts_per_tok=2, hc_count=2, hc_lowrank=8, ngram_vocab_size_base=1024,
+                              make_ngram_vocab_size_divisible_by=8, heads_per_ngram=2, split_ngram_parts=4,
+                              indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                              indexer_compress_ratio=2, layer_types=["linear_attention", "indexed_attention"])
+    return out
 
 
 ARCHITECTURES = tuple(configs())
@@ -75,9 +284,11 @@ def save_tiny(arch: str, folder: Path, seed: int = 0):
     config = configs()[arch]
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # zero at init; make the bias matter
-                buffer.copy_(torch.randn_like(buffer) * 0.1)
+        # tensors some families initialize to zero (routers, score-correction biases, expert biases)
+        # would make every routing a tie; random values make them matter
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point() and tensor.numel() and not tensor.any():
+                tensor.copy_(torch.randn_like(tensor) * 0.1)
     model.save_pretrained(folder)
     byte_tokenizer().save(str(Path(folder) / "tokenizer.json"))
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))

@@ -1,0 +1,239 @@
+"""moec's front end: transformers' experts interface.
+
+Every modern MoE family in transformers decorates its experts class with
+`transformers.integrations.moe.use_experts_implementation`, whose forward
+`experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])` dispatches on
+`config._experts_implementation` through `ALL_EXPERTS_FUNCTIONS`. moec registers two
+implementations there, so the family's own router, shared experts, attention and norms run
+unchanged and only the routed experts are moec's:
+    "moec"            the `moec::experts` torch custom op, which torch.onnx turns into one
+                      `moec::Experts` node per sparse layer (moec.trace);
+    "moec_reference"  the node's NumPy reference, computing each expert with its weights as the
+                      artifact has them (quantized and dequantized, pruned as planned: set on the
+                      module by moec.reference) — the PyTorch side of every numeric check.
+What the class says of its weights (layout, activation) becomes the node's `ExpertsSpec`; a gate
+function moec has no entry for is refused by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from moec.errors import MoecError
+from moec.ops.moe import ExpertsSpec, expert_weight_name, expert_weights, experts_reference
+
+TRACE_IMPLEMENTATION = "moec"
+REFERENCE_IMPLEMENTATION = "moec_reference"
+
+# the experts' activation, by the class (or function name) of the module's `act_fn`
+ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "silu": "silu", "GELUActivation": "gelu", "gelu": "gelu",
+               "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
+               "PytorchGELUTanh": "gelu_tanh", "ReLU": "relu", "relu": "relu", "ReLUSquaredActivation": "relu2"}
+# classes that compute their gate themselves (`_apply_gate`): what it computes, by qualified name
+GATE_FUNCTIONS = {
+    "GptOssExperts._apply_gate": lambda m: dict(activation="clamped_swiglu", gate="interleaved",
+                                                swiglu_alpha=float(m.alpha), swiglu_limit=float(m.limit)),
+    "MiniMaxM3VLExperts._apply_gate": lambda m: dict(activation="clamped_swiglu", swiglu_alpha=float(m.swiglu_alpha),
+                                                     swiglu_limit=float(m.swiglu_limit)),
+    "DeepseekV4Experts._apply_gate": lambda m: dict(activation="clamped_silu", swiglu_limit=float(m.limit)),
+    "HYV4Experts._apply_gate": lambda m: dict(activation="clamped_silu", swiglu_limit=float(m.swiglu_limit)),
+    "BeamExperts._apply_gate": lambda m: dict(activation=_activation(m)),  # act(gate) * up, in float32
+    "Inkling2Experts._apply_gate": lambda m: dict(activation="softcapped_swiglu", **_softcaps(m.act_fn)),
+    "Inkling2LoopExperts._apply_gate": lambda m: dict(activation="softcapped_swiglu", **_softcaps(m.act_fn)),
+}
+
+
+def _softcaps(act) -> dict:
+    return {"gate_softcap": float(act.gate_softcap.softcap), "up_softcap": float(act.up_softcap.softcap)}
+
+
+def _activation(module: nn.Module) -> str:
+    """The moec name of the experts' `act_fn`; MoecError if moec has no entry for it."""
+    act = getattr(module, "act_fn", None)
+    kind = getattr(act, "__name__", None) if callable(act) and not isinstance(act, nn.Module) else type(act).__name__
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if kind not in ACTIVATIONS:
+        raise MoecError(f"{type(module).__name__} uses the activation {kind}, for which moec has no entry")
+    return ACTIVATIONS[kind]
+
+
+@dataclass
+class ExpertsLayer:
+    """One sparse layer, as the rest of moec knows it."""
+
+    path: str              # the experts module's path, e.g. "model.layers.3.mlp.experts"
+    spec: ExpertsSpec
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    shared_expert: bool    # the MoE block also has a shared expert (computed by the family's code)
+    top_k: int | None = None  # the router's k, seen when the model first runs (see probe_top_k)
+
+    @property
+    def layer(self) -> int:
+        return self.spec.layer
+
+    @property
+    def block_path(self) -> str:
+        """The MoE block holding the experts, the router and any shared expert."""
+        return self.path.rpartition(".")[0]
+
+    def expert_parameters(self) -> int:
+        """Parameters of one expert's projections."""
+        return len(self.spec.projections) * self.hidden_size * self.intermediate_size
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether transformers' experts interface dispatches this module's forward."""
+    return all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "is_concatenated", "has_bias"))
+
+
+def stacked_weights(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The experts module's stacked tensors under the node's input names."""
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    return {"gate_up": getattr(module, first), "down": module.down_proj,
+            "gate_up_bias": getattr(module, f"{first}_bias", None) if module.has_bias else None,
+            "down_bias": getattr(module, "down_proj_bias", None) if module.has_bias else None}
+
+
+def experts_spec(module: nn.Module, layer: int, path: str) -> ExpertsSpec:
+    """The node attributes of an experts module; MoecError for what moec cannot express."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    name = type(module).__name__
+    if getattr(module, "has_post_expert_norm", False):
+        raise MoecError(f"{path} ({name}) normalizes each expert's output (has_post_expert_norm), "
+                        "which moec's experts op does not express")
+    layout = {"gate": "concatenated" if module.has_gate else "none", "transposed": bool(module.is_transposed)}
+    apply_gate = type(module)._apply_gate
+    if module.has_gate and apply_gate is not _default_apply_gate:
+        entry = GATE_FUNCTIONS.get(apply_gate.__qualname__)
+        if entry is None:
+            raise MoecError(f"{path} ({name}) computes its gate with {apply_gate.__qualname__}, "
+                            "for which moec has no entry")
+        return ExpertsSpec(layer=layer, **{**layout, **entry(module)})
+    try:
+        return ExpertsSpec(layer=layer, activation=_activation(module), **layout)
+    except MoecError as e:
+        raise MoecError(f"{path}: {e}") from None
+
+
+def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
+    """The model's sparse layers in layer order (each experts module tagged with its spec, which
+    the registered implementations read)."""
+    layers = []
+    for path, module in model.named_modules():
+        if not is_experts_module(module):
+            continue
+        found = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
+        if found is None:
+            raise MoecError(f"{path} ({type(module).__name__}) is not inside a decoder layer (layers.N)")
+        spec = experts_spec(module, int(found[1]), path)
+        module.moec_spec = spec
+        stacked = stacked_weights(module)
+        down = stacked["down"]
+        hidden, intermediate = (down.shape[2], down.shape[1]) if spec.transposed else (down.shape[1], down.shape[2])
+        block = model.get_submodule(path.rpartition(".")[0])
+        shared = any(child.startswith("shared") for child, _ in block.named_children())
+        layers.append(ExpertsLayer(path, spec, int(down.shape[0]), int(hidden), int(intermediate), shared))
+    return sorted(layers, key=lambda entry: entry.layer)
+
+
+def set_implementation(model: nn.Module, name: str) -> None:
+    """Route every experts module of `model` through one of moec's implementations."""
+    _register()
+    model.set_experts_implementation(name)
+
+
+def probe_top_k(model: nn.Module, layers: list[ExpertsLayer]) -> dict:
+    """Forward hooks that note each layer's k (top_k_index's last axis) when the model runs."""
+    def note(layer):
+        def hook(module, args, kwargs):
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            layer.top_k = int(index.shape[-1])
+        return hook
+
+    return [model.get_submodule(layer.path).register_forward_pre_hook(note(layer), with_kwargs=True)
+            for layer in layers]
+
+
+# --------------------------------------------------------------------------- the torch op
+
+@torch.library.custom_op("moec::experts", mutates_args=())
+def experts_op(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
+               down: torch.Tensor, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, layer: int,
+               activation: str, gate: str, transposed: bool, swiglu_alpha: float, swiglu_limit: float,
+               gate_softcap: float, up_softcap: float, beta: float, protect_fraction: float) -> torch.Tensor:
+    """Eager body: the NumPy reference, so PyTorch and ONNX share one definition of the op."""
+    from moec.ops.moe import stacked_reference
+
+    spec = ExpertsSpec(layer, activation, gate, transposed, swiglu_alpha, swiglu_limit, gate_softcap, up_softcap,
+                       beta, protect_fraction)
+    as_np = lambda t: None if t is None else t.detach().float().cpu().numpy()  # noqa: E731
+    out = stacked_reference(*(as_np(t) for t in (hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias,
+                                                  down_bias)), spec=spec)
+    return torch.from_numpy(out).to(hidden.dtype)
+
+
+@experts_op.register_fake
+def _(hidden, *args, **kwargs):
+    return torch.empty_like(hidden)
+
+
+def _traced_forward(module, hidden_states, top_k_index, top_k_weights):
+    """The "moec" implementation: one moec::experts call (one moec::Experts node when exported)."""
+    stacked = stacked_weights(module)
+    return torch.ops.moec.experts(hidden_states, top_k_index, top_k_weights, *stacked.values(),
+                                  **dataclasses.asdict(module.moec_spec))
+
+
+def _reference_forward(module, hidden_states, top_k_index, top_k_weights):
+    """The "moec_reference" implementation: the NumPy reference, each expert upcast (and quantized
+    and dequantized where `module.moec_quantizers` has its weights) only while it runs."""
+    quantizers = getattr(module, "moec_quantizers", None) or {}
+    spec = module.moec_spec
+    stacked = float32_views(module)
+
+    def expert(e):
+        weights = expert_weights(stacked, e, spec)
+        for proj in spec.projections:
+            quantizer = quantizers.get(expert_weight_name(spec.layer, e, proj))
+            if quantizer is not None:
+                setattr(weights, proj, quantizer(getattr(weights, proj)).dequantize())
+        return weights
+
+    x = hidden_states.detach().float().numpy()
+    out = experts_reference(x, top_k_index.numpy(), top_k_weights.detach().float().numpy(), expert,
+                            stacked["down"].num_experts, spec=spec)
+    return torch.from_numpy(out).to(hidden_states.dtype)
+
+
+class StackedView:
+    """A stacked tensor indexed by expert into float32 NumPy (a bf16 checkpoint's experts upcast
+    one at a time, never a whole layer)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.num_experts = tensor.shape[0]
+
+    def __getitem__(self, expert: int) -> np.ndarray:
+        return self.tensor[expert].detach().float().numpy()
+
+
+def float32_views(module: nn.Module) -> dict[str, StackedView | None]:
+    """The experts module's stacked tensors as StackedViews, under the node's input names."""
+    return {name: None if t is None else StackedView(t) for name, t in stacked_weights(module).items()}
+
+
+def _register() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(TRACE_IMPLEMENTATION, _traced_forward)
+    ALL_EXPERTS_FUNCTIONS.register(REFERENCE_IMPLEMENTATION, _reference_forward)
