@@ -5,7 +5,9 @@ with pruning on and off on the Mixtral-proportioned random model.
    --targets value plan the pruning (`moec plan --prune-target`), compile, and evaluate on the
    sample's held-out standard-library files: pruned fraction (counted by the artifact) and
    perplexity next to the unpruned model.
-   Then the importance study: at the 0.15 target, perplexity (PyTorch, the op's NumPy
+   Then the renormalization study: at each target's betas, perplexity with the kept routing
+   weights left as the router gave them and scaled back to the token's top-k weight sum.
+   And the importance study: at the 0.15 target, perplexity (PyTorch, the op's NumPy
    reference in the pruned layers) with no token protected, with the 10% / 20% most important
    tokens protected by the artifact's proxy (L1 norm of the MoE input), and by the paper's score
    (attention the token receives, mean over heads and queries, times the L1 norm of the layer's
@@ -71,53 +73,81 @@ def sample_curve(work: Path, targets: list[float]) -> list[dict]:
     return rows
 
 
-def importance_study(stats: dict, heldout: Path, target: float = 0.15) -> list[dict]:
-    import dataclasses
+def _perplexity_with_pruning(windows: np.ndarray, pruning: dict, attention_importance: bool = False,
+                              renormalize: bool = False) -> float:
+    """The sample's perplexity in PyTorch, its experts run by the Experts op's NumPy reference
+    pruning as `pruning` ({layer: (beta, protect_fraction)}) says; importance by the artifact's
+    proxy or by the paper's attention score; kept weights as the op leaves them or renormalized."""
+    import functools
 
     import torch
     import transformers
 
     import moec.ops.dynamic_gating as gating
-    from moec.adapters import adapter_for
     from moec.evaluate import _nll
+    from moec.experts import REFERENCE_IMPLEMENTATION, experts_layers, set_implementation
+    from moec.reference import configure_experts
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(SAMPLE, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    set_implementation(model, REFERENCE_IMPLEMENTATION)
+    configure_experts(model, experts_layers(model), {}, pruning)
+    attention_score = {}
+
+    def remember_input(module, args, kwargs):
+        attention_score["input"] = kwargs["hidden_states"]
+
+    def score_tokens(module, args, kwargs, output):
+        received = output[1].mean(dim=(1, 2))  # attention probabilities [B, heads, Tq, Tk]
+        attention_score["value"] = (received * attention_score["input"].abs().sum(-1)).reshape(-1).numpy()
+
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(remember_input, with_kwargs=True)
+        layer.self_attn.register_forward_hook(score_tokens, with_kwargs=True)
+    proxy, rule = gating.importance, gating.prune
+    if attention_importance:
+        gating.importance = lambda hidden: attention_score["value"]
+    gating.prune = functools.partial(rule, renormalize=renormalize)
+    try:
+        with torch.no_grad():
+            nll = sum(_nll(model(torch.from_numpy(chunk), output_attentions=attention_importance).logits.numpy(), chunk)
+                      for chunk in np.array_split(windows, 8))
+    finally:
+        gating.importance, gating.prune = proxy, rule
+    return float(np.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))))
+
+
+def _heldout_windows(heldout: Path) -> np.ndarray:
     from moec.runtime import Tokenizer
     from moec.text import read_text, token_windows
-    from moec.trace import swap_moe_blocks
 
-    windows = token_windows(Tokenizer(SAMPLE).encode(read_text(heldout)[0]), 32, 256)
-    proxy, rows = gating.importance, []
+    return token_windows(Tokenizer(SAMPLE).encode(read_text(heldout)[0]), 32, 256)
+
+
+def importance_study(stats: dict, heldout: Path, target: float = 0.15) -> list[dict]:
+    """Perplexity at the target with no token protected, and with the most important tokens
+    protected by the artifact's proxy or the paper's attention score (betas re-planned for each)."""
+    windows, rows = _heldout_windows(heldout), []
     for protect, score in ((0.0, "none"), (0.1, "proxy"), (0.2, "proxy"), (0.1, "attention"), (0.2, "attention")):
-        model = transformers.AutoModelForCausalLM.from_pretrained(SAMPLE, dtype=torch.float32,
-                                                                  attn_implementation="eager").eval()
         pruning = plan_pruning(stats, target, protect)
-        betas = {entry["layer"]: entry["beta"] for entry in pruning["layers"]}
-        blocks, _ = swap_moe_blocks(model, adapter_for(model.config))
-        for block in blocks:
-            moe = model.get_submodule(block.path)
-            moe.spec = dataclasses.replace(moe.spec, beta=betas.get(block.spec.layer, 0.0),
-                                           protect_fraction=protect if block.spec.layer in betas else 0.0)
-        attention_score = {}
-
-        def remember_input(module, args, kwargs):
-            attention_score["input"] = kwargs["hidden_states"]
-
-        def score_tokens(module, args, kwargs, output):
-            received = output[1].mean(dim=(1, 2))  # attention probabilities [B, heads, Tq, Tk]
-            attention_score["value"] = (received * attention_score["input"].abs().sum(-1)).reshape(-1).numpy()
-
-        for layer in model.model.layers:
-            layer.self_attn.register_forward_pre_hook(remember_input, with_kwargs=True)
-            layer.self_attn.register_forward_hook(score_tokens, with_kwargs=True)
-        gating.importance = (lambda hidden: attention_score["value"]) if score == "attention" else proxy
-        try:
-            with torch.no_grad():
-                nll = sum(_nll(model(torch.from_numpy(chunk), output_attentions=True).logits.numpy(), chunk)
-                          for chunk in np.array_split(windows, 8))
-        finally:
-            gating.importance = proxy
+        layers = {entry["layer"]: (entry["beta"], protect) for entry in pruning["layers"]}
         rows.append({"protect_fraction": protect, "importance": score,
                      "predicted_pruned_fraction": pruning["predicted_pruned_fraction"],
-                     "perplexity": float(np.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))))})
+                     "perplexity": _perplexity_with_pruning(windows, layers, score == "attention")})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def renormalization_study(stats: dict, heldout: Path, targets=(0.1, 0.15, 0.25, 0.35)) -> list[dict]:
+    """Perplexity at each target's betas (the same pruned fraction) with the kept weights left as
+    the router gave them (what DynamicGating does) and scaled back to the token's top-k sum."""
+    windows, rows = _heldout_windows(heldout), []
+    for target in targets:
+        pruning = plan_pruning(stats, target)
+        layers = {entry["layer"]: (entry["beta"], 0.0) for entry in pruning["layers"]}
+        rows.append({"target": target, "predicted_pruned_fraction": pruning["predicted_pruned_fraction"],
+                     "left_as_routed": _perplexity_with_pruning(windows, layers),
+                     "renormalized": _perplexity_with_pruning(windows, layers, renormalize=True)})
         print(rows[-1], flush=True)
     return rows
 
@@ -183,6 +213,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/moec-pruning", type=Path)
     parser.add_argument("--targets", default="0.05,0.1,0.13,0.15,0.2,0.3")
     parser.add_argument("--skip-sample", action="store_true")
+    parser.add_argument("--sample-only", action="store_true", help="stop after the sample's studies")
     parser.add_argument("--big", default="/tmp/moec-bench/mixtral-8L-h1024", type=Path)
     parser.add_argument("--decode-target", default=0.2, type=float)
     parser.add_argument("--decode-tokens", default=256, type=int)
@@ -202,6 +233,11 @@ def main() -> None:
                   f"{(row['perplexity'] / base - 1) * 100:+.2f}% |")
         result["importance"] = importance_study(json.loads((work / "sample-stats.json").read_text()),
                                                 work / "heldout.txt")
+        result["renormalization"] = renormalization_study(json.loads((work / "sample-stats.json").read_text()),
+                                                          work / "heldout.txt")
+    if args.sample_only:
+        (work / "result.json").write_text(json.dumps(result, indent=1))
+        return
     artifact = work / "big-artifact"
     if not (args.reuse_artifact and (artifact / "moec.json").is_file()):
         build_big(args, work, artifact)

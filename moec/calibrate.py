@@ -200,11 +200,16 @@ def _embed(stream, batches):
                 self.inputs.append(hidden_states)
             return hidden_states
 
+    from moec.weights import part_of
+
     body = stream.model.model
     real_layers, real_norm = body.layers, body.norm
     calls = [[] for _ in real_layers]
     hidden = []
-    parts = [p for p in ("model.embed_tokens", "model.rotary_emb") if _has(stream.model, p)]
+    # what the body runs before its first layer (embeddings, rotary, per-layer input projections, ...)
+    layer_paths = stream.layer_paths()
+    names = [name for name, _ in [*body.named_parameters(prefix="model"), *body.named_buffers(prefix="model")]]
+    parts = sorted({part_of(name.rpartition(".")[0], layer_paths) for name in names} - set(layer_paths) - {"model.norm"})
     for part in parts:
         stream.load(part)
     body.layers = torch.nn.ModuleList([Recorder(calls[0], hidden)] + [Recorder(c) for c in calls[1:]])
@@ -217,11 +222,3 @@ def _embed(stream, batches):
     for part in parts:
         stream.unload(part)
     return hidden, calls
-
-
-def _has(model, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False

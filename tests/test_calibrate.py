@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+import moec
 from moec.calibrate import calibrate
 from moec.text import token_windows
 from moec.checkpoint import open_checkpoint
 from moec.cli import main
-from moec.planner import make_plan
+from moec.planner import make_plan, save_plan
+from moec.pruning import plan_pruning
 from moec.quant import fake_quantize
 from moec.runtime import Tokenizer
-from tiny import ARCHITECTURES, save_tiny
+from tiny import families, save_tiny
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 +
         "def f(x):\n    return [i * x for i in range(10)]\n" * 40)
@@ -28,8 +30,10 @@ def text_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", families())
 def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled):
+    """Calibrate, plan mixed 2/4/8-bit widths and 0.15 dynamic pruning, compile and verify: the
+    whole MC-MoE pipeline on every family."""
     model_dir = compiled(arch).model_dir
     stats = calibrate(model_dir, data=text_file, samples=6, seq_len=32, progress=False)
     assert stats["format"] == "moec-stats/1" and stats["model"]["model_type"] == arch
@@ -55,6 +59,14 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled):
         bits = plan["experts"]["bits"]
         assert [i for i, row in enumerate(bits) if row is not None] == moe_layers
         assert all(b in (2, 4, 8) for row in bits if row for b in row)
+    plan["quantization"]["group_size"] = 16
+    plan["pruning"] = plan_pruning(stats, 0.15)
+    assert plan["pruning"]["layers"] and plan["pruning"]["predicted_pruned_fraction"] >= 0.15
+    save_plan(plan, tmp_path / "plan.json")
+    record = moec.compile(model_dir, tmp_path / "artifact", plan=tmp_path / "plan.json", progress=False)
+    assert record["verification"]["max_abs_logit_diff"] < 1e-3
+    assert "pruning as planned" in record["verification"]["against"]
+    assert {entry["layer"] for entry in record["pruning"]["layers"]} == {e["layer"] for e in plan["pruning"]["layers"]}
 
 
 def _windows(model_dir, text_file, samples, seq_len):

@@ -17,7 +17,7 @@ from moec.planner import DEFAULT_NON_EXPERT, save_plan
 from moec.policy import weight_bits
 from moec.quant import Quantizer, rtn
 from moec.runtime import Artifact, generate
-from tiny import ARCHITECTURES
+from tiny import families
 
 
 def _product_graph(weight_nk: np.ndarray, gemm: bool, bias: np.ndarray | None) -> ir.Model:
@@ -115,7 +115,7 @@ def _mixed_plan(record, seed=0):
     return make_plan(rows)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", families())
 def test_mixed_plan_compiles_verifies_and_runs(arch, compiled, tmp_path):
     c = compiled(arch)
     plan_file = tmp_path / "plan.json"

@@ -71,7 +71,7 @@ def parameter_bytes(module, resident_only=True):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
+@pytest.mark.parametrize("arch", tiny.SUPPORTED)
 def test_every_part_equals_from_pretrained_and_unloads_to_meta(saved, arch, dtype):
     checkpoint = saved(arch)
     reference = from_pretrained(checkpoint, dtype)
@@ -84,7 +84,7 @@ def test_every_part_equals_from_pretrained_and_unloads_to_meta(saved, arch, dtyp
         assert_on_meta(streaming.model.get_submodule(path))
 
 
-@pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
+@pytest.mark.parametrize("arch", tiny.SUPPORTED)
 def test_part_by_part_forward_gives_identical_logits(saved, arch):
     """Layers run with the kwargs (mask, positions) the full model passes them, captured by hooks."""
     checkpoint = saved(arch)

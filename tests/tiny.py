@@ -260,6 +260,20 @@ def _more_configs() -> dict:
 
 
 ARCHITECTURES = tuple(configs())
+# the model types moec compiles (bench/coverage.py lists why the others are refused)
+SUPPORTED = ("afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe",
+             "exaone_moe", "flex_olmo", "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe",
+             "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "kolibri1", "laguna", "mellum",
+             "mimo_v2_flash", "minimax_m2", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open")
+REFUSED = tuple(arch for arch in ARCHITECTURES if arch not in SUPPORTED)
+
+
+def families(archs=SUPPORTED) -> list:
+    """pytest parameters, one per family, each in its own xdist group: a family's tests run in one
+    worker, which compiles (and traces) it once."""
+    import pytest
+
+    return [pytest.param(arch, marks=pytest.mark.xdist_group(arch)) for arch in archs]
 
 
 def byte_tokenizer():
