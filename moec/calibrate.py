@@ -171,7 +171,8 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
         layers.append({"layer": layer.layer, **layer_stats(layer, module, calls, tuple(bits), group_size)})
         module = calls = None
     if not layers:
-        raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
+        raise MoecError(f"{checkpoint.path}: model_type {checkpoint.model_type!r} has no sparse MoE layers "
+                        "(no experts module using transformers' experts interface)")
     config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     return {
         "format": STATS_FORMAT,

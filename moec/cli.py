@@ -22,12 +22,17 @@ def _quiet_onnxruntime() -> None:
     onnxruntime.set_default_logger_severity(3)
 
 
+def _show_progress(args) -> bool:
+    """Progress bars on a terminal, unless --quiet; a log or a pipe gets only the result lines."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 def _compile(args) -> None:
     from moec.pipeline import compile as compile_model
 
     _quiet_onnxruntime()
     record = compile_model(_model_to_compile(args.model_dir, args.plan), args.out, plan=args.plan, force=args.force, target=args.target,
-                           data=args.data, samples=args.samples, seq_len=args.seq_len, progress=not args.quiet)
+                           data=args.data, samples=args.samples, seq_len=args.seq_len, progress=_show_progress(args))
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -98,7 +103,7 @@ def _calibrate(args) -> None:
     from moec.files import write_atomic
 
     stats = calibrate(args.model_dir, data=args.data, samples=args.samples, seq_len=args.seq_len,
-                      bits=tuple(args.bits), group_size=args.group_size, progress=not args.quiet)
+                      bits=tuple(args.bits), group_size=args.group_size, progress=_show_progress(args))
     write_atomic(args.out, (json.dumps(stats, indent=1) + "\n").encode())
     c = stats["calibration"]
     print(f"wrote {args.out}: {len(stats['layers'])} MoE layers, {c['samples']} x {c['seq_len']} tokens "

@@ -111,7 +111,8 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             stream = StreamingModel(checkpoint)
             layers = experts_layers(stream.model)
             if not layers:
-                raise MoecError(f"{checkpoint.path}: the model has no sparse MoE layers")
+                raise MoecError(f"{checkpoint.path}: model_type {checkpoint.model_type!r} has no sparse MoE layers "
+                                "(no experts module using transformers' experts interface)")
             # the traced experts keep the checkpoint's dtype too
             stream.keep_stored(stream.model.get_submodule(layer.path) for layer in layers)
             skeleton = copy.deepcopy(stream.model)  # traced; the stream keeps running the family's own experts
@@ -190,7 +191,25 @@ def traced(checkpoint, skeleton, layers, resident):
     reader.resident = resident
     for layer in layers:
         layer.top_k = top_k[layer.layer]
-    return graph.clone(), reader
+    return _clone(graph), reader
+
+
+def _clone(model):
+    """A copy of a traced model that passes can change in place: onnx-ir's clone shares the values'
+    type objects (whose dtype a pass may set in place, as Float16Pass does) and the tensors (which
+    passes replace, never change)."""
+    import copy
+
+    import onnx_ir as ir
+
+    clone = model.clone()
+    graph = clone.graph
+    values = [*graph.inputs, *graph.initializers.values(),
+              *(v for node in ir.traversal.RecursiveGraphIterator(graph) for v in node.outputs)]
+    for value in values:
+        if value.type is not None:
+            value.type = copy.deepcopy(value.type)
+    return clone
 
 
 class CheckpointReader:

@@ -2,11 +2,13 @@
 
 Matches: every float32 value of the traced graph (the exporter types them all): graph inputs and
 outputs, node outputs, initializers, Constant and ConstantOfShape values, Cast(to=FLOAT).
-Produces: the same computation in float16. Initializers are converted when they are written, one at
-a time. The routed experts' weights (the MoE node's expert inputs) keep their stored dtype: the MoE
-lowering casts each expert's slice to the activations' dtype, and keeps the routing and the sum over
-experts in float32 itself.
-Run it before the MoE lowering and MatMulNBits, which take the activation dtype from the graph.
+Produces: the same computation in float16, except the routing: the nodes that compute an Experts
+node's top_k_index and top_k_weights and nothing else (the family's router, from its input on) stay
+in float32, fed through a Cast, so that near-tied routing decisions do not flip. Initializers are
+converted when they are written, one at a time. The routed experts' weights (the Experts node's
+expert inputs) keep their stored dtype: the experts lowering casts each expert's slice to the
+activations' dtype, and keeps the pruning and the sum over experts in float32 itself.
+Run it before the experts lowering and MatMulNBits, which take the activation dtype from the graph.
 """
 
 from __future__ import annotations
@@ -44,10 +46,33 @@ def _expert_weights(graph: ir.Graph) -> set[ir.Value]:
             if value.uses() and all(expert_use(use) for use in value.uses())}
 
 
+def _cone(values) -> set[ir.Node]:
+    """The nodes that the values are computed from."""
+    nodes, stack = set(), [v.producer() for v in values if v is not None and v.producer() is not None]
+    while stack:
+        node = stack.pop()
+        if node not in nodes:
+            nodes.add(node)
+            stack += [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+    return nodes
+
+
+def _routing_nodes(graph: ir.Graph) -> set[ir.Node]:
+    """The nodes computing the Experts nodes' top_k_index and top_k_weights that their hidden
+    input does not need: the routers."""
+    routing = set()
+    for node in graph:
+        if is_moe_node(node):
+            routing |= _cone(node.inputs[1:3]) - _cone(node.inputs[:1])
+    return routing
+
+
 class Float16Pass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        kept = _expert_weights(graph)
+        routing = _routing_nodes(graph)
+        kept = _expert_weights(graph) | {value for value in graph.initializers.values()
+                                         if value.uses() and all(use.node in routing for use in value.uses())}
         modified = False
         for value in graph.initializers.values():
             if value.dtype == FLOAT and value not in kept:
@@ -59,12 +84,36 @@ class Float16Pass(ir.passes.InPlacePass):
                 value.dtype = FLOAT16
                 modified = True
         for node in graph:
+            if node in routing:
+                continue
             for value in node.outputs:
                 if value.dtype == FLOAT:
                     value.dtype = FLOAT16
                     modified = True
             modified |= _float16_attributes(node)
+        for node in list(graph):
+            if node in routing:
+                _cast_at_the_border(graph, node, routing)
         return ir.passes.PassResult(model, modified)
+
+
+def _cast_at_the_border(graph: ir.Graph, node: ir.Node, routing: set[ir.Node]) -> None:
+    """A routing node reads float16 values through a Cast to float32 (and a float32 output read
+    outside the routing, other than by the Experts node, is cast back)."""
+    for i, value in enumerate(node.inputs):
+        if value is not None and value.dtype == FLOAT16 and value.producer() not in routing:
+            cast = ir.node("Cast", [value], attributes={"to": FLOAT}, name=f"{node.name}/to_float32")
+            cast.outputs[0].dtype, cast.outputs[0].shape = FLOAT, value.shape
+            graph.insert_before(node, cast)
+            node.replace_input_with(i, cast.outputs[0])
+    for value in node.outputs:
+        outside = [use for use in value.uses() if use.node not in routing and not is_moe_node(use.node)]
+        if value.dtype == FLOAT and outside:
+            cast = ir.node("Cast", [value], attributes={"to": FLOAT16}, name=f"{node.name}/to_float16")
+            cast.outputs[0].dtype, cast.outputs[0].shape = FLOAT16, value.shape
+            graph.insert_after(node, cast)
+            for use in outside:
+                use.node.replace_input_with(use.idx, cast.outputs[0])
 
 
 def _float16_attributes(node: ir.Node) -> bool:

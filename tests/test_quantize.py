@@ -144,7 +144,8 @@ def test_paper_widths_go_into_larger_containers(compiled, tmp_path):
 
 
 def test_plan_for_another_shape_is_refused(capsys, compiled, tmp_path):
-    save_plan(make_plan([[2, 4, 8, 2]]), tmp_path / "plan.json")  # one layer; the model has two
+    plan = make_plan([[2, 4, 8, 2]]) | {"model": str(compiled("mixtral").model_dir)}  # one layer; the model has two
+    save_plan(plan, tmp_path / "plan.json")
     code = main(["compile", str(compiled("mixtral").model_dir), "--plan", str(tmp_path / "plan.json"),
                  "--out", str(tmp_path / "q"), "--quiet"])
     err = capsys.readouterr().err.strip()
