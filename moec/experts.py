@@ -32,7 +32,7 @@ TRACE_IMPLEMENTATION = "moec"
 REFERENCE_IMPLEMENTATION = "moec_reference"
 
 # the experts' activation, by the class (or function name) of the module's `act_fn`
-ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "silu": "silu", "GELUActivation": "gelu", "gelu": "gelu",
+ACT_FNS = {"SiLUActivation": "silu", "SiLU": "silu", "silu": "silu", "GELUActivation": "gelu", "gelu": "gelu",
                "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
                "PytorchGELUTanh": "gelu_tanh", "ReLU": "relu", "relu": "relu", "ReLUSquaredActivation": "relu2"}
 # classes that compute their gate themselves (`_apply_gate`): what it computes, by qualified name
@@ -59,9 +59,9 @@ def _activation(module: nn.Module) -> str:
     kind = getattr(act, "__name__", None) if callable(act) and not isinstance(act, nn.Module) else type(act).__name__
     if isinstance(act, nn.GELU):
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    if kind not in ACTIVATIONS:
+    if kind not in ACT_FNS:
         raise MoecError(f"{type(module).__name__} uses the activation {kind}, for which moec has no entry")
-    return ACTIVATIONS[kind]
+    return ACT_FNS[kind]
 
 
 @dataclass

@@ -238,7 +238,7 @@ def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, experts: range, rows:
 
 
 def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | None = None) -> None:
-    """Replace one MoE node by its routed standard-op graph; a layer with more experts than
+    """Replace one Experts node by its routed standard-op graph; a layer with more experts than
     `experts_per_subgraph` computes them in If subgraphs of that many."""
     graph = model.graph
     spec = moe_spec(node)

@@ -1,6 +1,6 @@
 """CPU target: onnxruntime's CPU execution provider.
 
-Lowers the MoE nodes to routed graphs (each layer's routed tokens Split by expert, each expert
+Lowers the Experts nodes to routed graphs (each layer's routed tokens Split by expert, each expert
 just its own MatMuls and activation), turns quantized weights into
 MatMulNBits with accuracy_level 4 (int8 activations per block: measured 10-17x faster than fp32
 for decode-shaped products), and drops the exporter's per-node debug metadata (a third of the file).

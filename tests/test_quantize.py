@@ -153,6 +153,27 @@ def test_plan_for_another_shape_is_refused(capsys, compiled, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_compile_takes_the_model_the_plan_names(capsys, compiled, tmp_path):
+    """`moec compile --plan plan.json --out DIR` compiles the plan's model; a MODEL_DIR that is
+    another model, or a plan naming none without MODEL_DIR, is one line and nothing written."""
+    model_dir = compiled("mixtral").model_dir
+    plan = make_plan([[2, 4, 8, 2], [8, 4, 2, 4]]) | {"model": str(model_dir)}
+    save_plan(plan, tmp_path / "plan.json")
+    assert main(["compile", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "q"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["source_model"]["path"] == str(model_dir.resolve())
+    assert [[e["bits"] for e in layer["experts"]] for layer in record["quantization"]["experts"]] == \
+        plan["experts"]["bits"]
+    other = compiled("qwen3_moe").model_dir
+    for args, words in ((["compile", str(other)], ["made for", str(model_dir)]), (["compile"], ["names no model"])):
+        if len(args) == 1:
+            save_plan(plan | {"model": None}, tmp_path / "plan.json")
+        code = main([*args, "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "r")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and all(word in err for word in words), err
+        assert not (tmp_path / "r").exists()
+
+
 def test_eval_artifact_matches_pytorch_and_quantization_costs_perplexity(compiled, tmp_path):
     c = compiled("olmoe")
     data = tmp_path / "text.txt"

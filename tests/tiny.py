@@ -20,6 +20,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_v
 def configs() -> dict:
     import transformers as t
 
+    t.logging.set_verbosity_error()  # some families' configs warn about their own defaults
+
     return {
         "mixtral": t.MixtralConfig(**COMMON, intermediate_size=96, num_hidden_layers=2,
                                    num_local_experts=4, num_experts_per_tok=2),
