@@ -74,10 +74,11 @@ def sample_curve(work: Path, targets: list[float]) -> list[dict]:
 
 
 def _perplexity_with_pruning(windows: np.ndarray, pruning: dict, attention_importance: bool = False,
-                              renormalize: bool = False) -> float:
+                              renormalize: bool | None = None) -> float:
     """The sample's perplexity in PyTorch, its experts run by the Experts op's NumPy reference
     pruning as `pruning` ({layer: (beta, protect_fraction)}) says; importance by the artifact's
-    proxy or by the paper's attention score; kept weights as the op leaves them or renormalized."""
+    proxy or by the paper's attention score; kept weights renormalized as the op does, unless
+    `renormalize` says otherwise."""
     import functools
 
     import torch
@@ -107,7 +108,7 @@ def _perplexity_with_pruning(windows: np.ndarray, pruning: dict, attention_impor
     proxy, rule = gating.importance, gating.prune
     if attention_importance:
         gating.importance = lambda hidden: attention_score["value"]
-    gating.prune = functools.partial(rule, renormalize=renormalize)
+    gating.prune = functools.partial(rule, renormalize=gating.RENORMALIZE if renormalize is None else renormalize)
     try:
         with torch.no_grad():
             nll = sum(_nll(model(torch.from_numpy(chunk), output_attentions=attention_importance).logits.numpy(), chunk)
@@ -140,13 +141,13 @@ def importance_study(stats: dict, heldout: Path, target: float = 0.15) -> list[d
 
 def renormalization_study(stats: dict, heldout: Path, targets=(0.1, 0.15, 0.25, 0.35)) -> list[dict]:
     """Perplexity at each target's betas (the same pruned fraction) with the kept weights left as
-    the router gave them (what DynamicGating does) and scaled back to the token's top-k sum."""
+    the router gave them and scaled back to the token's top-k sum (what DynamicGating does)."""
     windows, rows = _heldout_windows(heldout), []
     for target in targets:
         pruning = plan_pruning(stats, target)
         layers = {entry["layer"]: (entry["beta"], 0.0) for entry in pruning["layers"]}
         rows.append({"target": target, "predicted_pruned_fraction": pruning["predicted_pruned_fraction"],
-                     "left_as_routed": _perplexity_with_pruning(windows, layers),
+                     "left_as_routed": _perplexity_with_pruning(windows, layers, renormalize=False),
                      "renormalized": _perplexity_with_pruning(windows, layers, renormalize=True)})
         print(rows[-1], flush=True)
     return rows

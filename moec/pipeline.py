@@ -18,7 +18,7 @@ import numpy as np
 
 import moec
 from moec.checkpoint import open_checkpoint
-from moec.errors import MoecError
+from moec.errors import MoecError, error_chain
 from moec.files import staging_folder
 from moec.runtime import MODEL_FILE, RECORD_FILE
 
@@ -34,9 +34,7 @@ def _checkpoint_errors_surfaced():
     except MoecError:
         raise
     except Exception as e:
-        cause = e
-        while cause is not None and not isinstance(cause, MoecError):
-            cause = cause.__cause__ or cause.__context__
+        cause = next((c for c in error_chain(e) if isinstance(c, MoecError)), None)
         if cause is None:
             raise
         raise cause from None

@@ -19,7 +19,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from moec.errors import MoecError
+from moec.errors import MoecError, error_chain
 from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
 from moec.passes.transpose_weights import TransposeWeightsPass
@@ -153,9 +153,8 @@ def _export_errors(model_type: str):
     except MoecError:
         raise
     except Exception as e:
-        cause = e
-        while not isinstance(cause, MoecError) and (cause.__cause__ or cause.__context__) is not None:
-            cause = cause.__cause__ or cause.__context__
+        chain = list(error_chain(e))
+        cause = next((c for c in chain if isinstance(c, MoecError)), chain[-1])
         if isinstance(cause, MoecError):
             raise cause from None
         text = str(cause).strip()

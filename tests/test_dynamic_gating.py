@@ -77,8 +77,9 @@ def test_function_matches_reference(routing, pruning, tokens, enabled):
 def test_function_on_ties(pruning):
     """Equal weights, weights equal to beta x top-1 and tied importance resolve as the reference does."""
     beta, protect = PRUNINGS[pruning]
-    weights = np.array([[0.25] * 4, [0.5, 0.3, 0.3, 0.0], [0.4, 0.24, 0.24, 0.12], [1.0, 0.6, 0.0, 0.0]], np.float32)
-    importance = np.array([1.0, 1.0, 2.0, 1.0], np.float32)
+    weights = np.array([[0.25] * 4, [0.5, 0.3, 0.3, 0.0], [0.4, 0.24, 0.24, 0.12], [1.0, 0.6, 0.0, 0.0],
+                        [0.0] * 4], np.float32)
+    importance = np.array([1.0, 1.0, 2.0, 1.0, 1.0], np.float32)
     assert_gating_matches(weights, importance, True, beta, protect)
 
 
@@ -88,9 +89,11 @@ def test_the_rule_drops_below_beta_times_top1_and_protects_the_important_tokens(
     kept, keep = prune(weights, spec, token_importance=np.array([0.0, 3.0, 1.0, 2.0], np.float32))
     # tokens 1 and 3 are the top half by importance: kept whole; tokens 0 and 2 lose what is < 0.5 x top-1
     np.testing.assert_array_equal(keep, [[1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
-    np.testing.assert_allclose(kept, np.where(keep, weights, 0))  # the kept weights stay as the router gave them
+    # the kept weights are scaled back to the token's top-k sum
+    np.testing.assert_allclose(kept.sum(-1), weights.sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(kept[0], [1.0, 0, 0])
     decode, keep_one = prune(weights[:1], spec, token_importance=np.array([9.0], np.float32))
     assert keep_one.tolist() == [[True, False, False]]  # one token: floor(0.5 x 1) = 0 protected
-    renormalized, _ = prune(weights, spec, token_importance=np.array([0.0, 3.0, 1.0, 2.0], np.float32),
-                            renormalize=True)
-    np.testing.assert_allclose(renormalized.sum(-1), weights.sum(-1), rtol=1e-6)
+    as_routed, _ = prune(weights, spec, token_importance=np.array([0.0, 3.0, 1.0, 2.0], np.float32),
+                         renormalize=False)
+    np.testing.assert_allclose(as_routed, np.where(keep, weights, 0))
