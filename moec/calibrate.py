@@ -37,7 +37,7 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
     """One sparse layer's statistics from what its experts module received (hidden [tokens, H],
     top_k_index and top_k_weights [tokens, k], one triple per batch); `module` holds its weights."""
     from moec.experts import float32_views
-    from moec.ops.moe import expert_ffn, expert_hidden, expert_weights
+    from moec.ops.moe import expert_ffn, expert_weights
     from moec.quant import fake_quantize
 
     spec, experts = layer.spec, layer.num_experts
