@@ -141,9 +141,10 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
 
 def _recorder(calls: list):
     """A forward pre-hook noting an experts call's (hidden, top_k_index, top_k_weights) as NumPy."""
+    from moec.experts import call_arguments
+
     def hook(module, args, kwargs):
-        values = [*args, *(kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights")[len(args):])]
-        hidden, index, weights = values[:3]
+        hidden, index, weights = call_arguments(args, kwargs)
         calls.append((hidden.detach().reshape(-1, hidden.shape[-1]).float().numpy(), index.numpy(),
                       weights.detach().float().numpy()))
     return hook

@@ -152,12 +152,21 @@ def set_implementation(model: nn.Module, name: str) -> None:
     model.set_experts_implementation(name)
 
 
-def probe_top_k(model: nn.Module, layers: list[ExpertsLayer]) -> dict:
-    """Forward hooks that note each layer's k (top_k_index's last axis) when the model runs."""
+CALL_ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def call_arguments(args: tuple, kwargs: dict) -> tuple:
+    """(hidden_states, top_k_index, top_k_weights) of an experts call, however they were passed
+    (what a forward pre-hook registered with_kwargs receives)."""
+    return (*args, *(kwargs[name] for name in CALL_ARGUMENTS[len(args):]))[:3]
+
+
+def probe_top_k(model: nn.Module, layers: list[ExpertsLayer]) -> list:
+    """Forward pre-hooks (returned, to remove) that note each layer's k (top_k_index's last axis)
+    when the model runs."""
     def note(layer):
         def hook(module, args, kwargs):
-            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            layer.top_k = int(index.shape[-1])
+            layer.top_k = int(call_arguments(args, kwargs)[1].shape[-1])
         return hook
 
     return [model.get_submodule(layer.path).register_forward_pre_hook(note(layer), with_kwargs=True)
