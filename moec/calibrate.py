@@ -192,9 +192,19 @@ def _embed(stream, batches):
     import torch
 
     class Recorder(torch.nn.Module):
-        def __init__(self, calls, inputs=None):
+        """Stands in for a decoder layer; the body may read the layer's attributes (Nemotron-H
+        its block_type), which come from the real one."""
+
+        def __init__(self, layer, calls, inputs=None):
             super().__init__()
             self.calls, self.inputs = calls, inputs
+            object.__setattr__(self, "layer", layer)  # not a submodule: stays out of the body's tensors
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(object.__getattribute__(self, "layer"), name)
 
         def forward(self, hidden_states, *args, **kwargs):
             self.calls.append((args, kwargs))
@@ -205,22 +215,27 @@ def _embed(stream, batches):
     from moec.weights import part_of
 
     body = stream.model.model
-    real_layers, real_norm = body.layers, body.norm
+    real_layers = body.layers
     calls = [[] for _ in real_layers]
     hidden = []
     # what the body runs before its first layer (embeddings, rotary, per-layer input projections, ...)
     layer_paths = stream.layer_paths()
     names = [name for name, _ in [*body.named_parameters(prefix="model"), *body.named_buffers(prefix="model")]]
-    parts = sorted({part_of(name.rpartition(".")[0], layer_paths) for name in names} - set(layer_paths) - {"model.norm"})
+    parts = sorted({part_of(name.rpartition(".")[0], layer_paths) for name in names} - set(layer_paths))
     for part in parts:
         stream.load(part)
-    body.layers = torch.nn.ModuleList([Recorder(calls[0], hidden)] + [Recorder(c) for c in calls[1:]])
-    body.norm = torch.nn.Identity()  # still on the meta device; its output is not needed
+    body.layers = torch.nn.ModuleList([Recorder(layer, c, hidden if i == 0 else None)
+                                       for i, (layer, c) in enumerate(zip(real_layers, calls))])
     try:
         for batch in batches:
             body(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+    except ValueError as e:  # the body unpacking a recorder's single output
+        if "unpack" not in str(e):
+            raise
+        raise MoecError(f"{stream.model.config.model_type}: its decoder layers hand each other more than the hidden "
+                        "states, which moec calibrate does not stream layer by layer yet") from None
     finally:
-        body.layers, body.norm = real_layers, real_norm
+        body.layers = real_layers
     for part in parts:
         stream.unload(part)
     return hidden, calls

@@ -14,12 +14,17 @@ GENAI_MODEL_TYPE = "llama"
 GENAI_SESSION_OPTIONS = ("intra_op_num_threads", "graph_optimization_level", "enable_cpu_mem_arena")
 
 
-def genai_config(config: dict, past_shapes: list[tuple], session_options: dict) -> tuple[dict | None, str | None]:
+def genai_config(config: dict, past_shapes: dict[str, tuple], session_options: dict) -> tuple[dict | None, str | None]:
     """(genai_config.json content, None), or (None, why the artifact cannot fit onnxruntime-genai).
 
-    `past_shapes` are the past_key_values inputs' shapes [batch, kv heads, past, head size];
-    `session_options` the target's (the ones genai's decoder session takes are passed on)."""
-    layouts = {(shape[1], shape[3]) for shape in past_shapes}
+    `past_shapes` are the past_key_values inputs' names and shapes (keys and values [batch, kv heads,
+    past, head size]); `session_options` the target's (the ones genai's decoder session takes are
+    passed on)."""
+    states = sorted({name.rpartition(".")[2] for name in past_shapes if not name.endswith((".key", ".value"))})
+    if states:
+        return None, ("onnxruntime-genai's decoder has slots for keys and values only; this model also carries "
+                      f"linear-attention state ({', '.join(states)}) from step to step")
+    layouts = {(shape[1], shape[3]) for shape in past_shapes.values()}
     if len(layouts) != 1:
         return None, ("onnxruntime-genai takes one KV-cache layout (num_key_value_heads, head_size) for every "
                       f"layer's keys and values; this model caches {sorted(layouts)}")

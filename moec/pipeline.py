@@ -248,9 +248,12 @@ def in_layer_order(graph, experts_paths: list[str]) -> None:
         graph.register_initializer(value)
 
 
-def past_shapes(graph) -> list[tuple[int, ...]]:
-    """Each past_key_values input's shape for batch 1 and an empty cache."""
-    return [(1, v.shape[1], 0, v.shape[3]) for v in graph.graph.inputs if v.name.startswith("past_key_values.")]
+def past_shapes(graph) -> dict[str, tuple[int, ...]]:
+    """Each past_key_values input's name and shape for batch 1 and a fresh sequence."""
+    from moec.runtime import empty_shape
+
+    return {v.name: empty_shape([d if isinstance(d, int) else None for d in v.shape], 1)
+            for v in graph.graph.inputs if v.name.startswith("past_key_values.")}
 
 
 def stamp_metadata(model_file: Path, record: dict) -> None:

@@ -20,7 +20,7 @@ from moec.experts import REFERENCE_IMPLEMENTATION, set_implementation
 from moec.ops.moe import EXPERT_WEIGHT_PATTERN
 
 
-def streamed_reference(stream, layers, probe: np.ndarray, pasts: list[tuple[int, ...]], quantizers: dict,
+def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple[int, ...]], quantizers: dict,
                        pruning: dict) -> list[np.ndarray]:
     """Logits and every layer's KV cache of the transformers model on `probe`, as the artifact
     returns them, materializing each part (decoder layer, embeddings, head, ...) only for its own
@@ -42,8 +42,8 @@ def streamed_reference(stream, layers, probe: np.ndarray, pasts: list[tuple[int,
             handles += streamed.hook(path)
         ids = torch.from_numpy(probe)
         with torch.no_grad():
-            outputs = KVCacheModel(model)(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None],
-                                          *[torch.zeros(shape) for shape in pasts])
+            outputs = KVCacheModel(model, list(pasts))(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None],
+                                                       *[torch.zeros(shape) for shape in pasts.values()])
         return [t.float().numpy() for t in outputs]
     finally:
         for handle in handles:

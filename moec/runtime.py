@@ -78,11 +78,18 @@ class Artifact:
 
 
 def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length past_key_values inputs [batch, kv heads, 0, head size] in the session's dtype
-    (float16 for CUDA artifacts)."""
+    """A fresh sequence's past inputs in the session's dtype (float16 for CUDA artifacts): keys and
+    values [batch, kv heads, 0, head size], and zeros for a linear-attention layer's conv and
+    recurrent state, as each input declares it."""
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtypes[i.type]) for i in session.get_inputs()
+    return {i.name: np.zeros(empty_shape(i.shape, batch), dtypes[i.type]) for i in session.get_inputs()
             if i.name.startswith("past_key_values.")}
+
+
+def empty_shape(shape, batch: int) -> tuple[int, ...]:
+    """A past input's shape at the start of a sequence: the batch first, no past tokens where the
+    length is dynamic (keys and values), the declared size elsewhere (state)."""
+    return (batch, *(d if isinstance(d, int) else 0 for d in shape[1:]))
 
 
 def session_options(record: dict, threads: int | None = None) -> ort.SessionOptions:

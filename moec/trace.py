@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moec.errors import MoecError, error_chain
+from moec.linear_attention import exportable_linear_attention, onnx_gated_delta_rule
 from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
 from moec.passes.transpose_weights import TransposeWeightsPass
@@ -41,49 +42,104 @@ def _onnx_experts(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bia
 
 
 class KVCacheModel(nn.Module):
-    """Flat KV-cache signature: (input_ids, attention_mask, position_ids, past...) →
-    (logits, present...), the naming optimum and onnxruntime-genai use."""
+    """Flat cache signature: (input_ids, attention_mask, position_ids, past...) → (logits, present...),
+    the naming optimum and onnxruntime-genai use. `past_names` name each past input
+    `past_key_values.{layer}.{slot}`: slots key and value for attention layers, conv and recurrent
+    for a linear-attention or SSM layer's state (transformers' LinearAttentionLayer)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, past_names: list[str]):
         super().__init__()
         self.model = model
+        self.slots = [_slot_of(name) for name in past_names]
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+        cache = _cache(self.model.config.num_hidden_layers, self.slots, past)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, cache=cache, use_cache=True)
-        presents = []
-        for layer in out.cache.layers:
-            presents += [layer.keys, layer.values]
-        return (out.logits, *presents)
+        return (out.logits, *[_present(out.cache.layers[layer], slot) for layer, slot in self.slots])
 
 
-def kv_shapes(model: nn.Module, batch: int, past: int) -> list[tuple[int, ...]]:
-    """Each layer's cached key and value shapes, probed by running one token with the cache the
-    family builds for itself: the layout is the model's own (DeepSeek-V3 caches its compressed MLA
-    latent, not per-head keys and values). A layer whose cache holds more than keys and values
-    (linear-attention or SSM state, an indexer's keys, compressed blocks) is refused by name."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+def _slot_of(name: str) -> tuple[int, str]:
+    _, layer, slot = name.split(".")
+    return int(layer), slot
+
+
+def _cache(num_layers: int, slots: list[tuple[int, str]], past):
+    """A DynamicCache holding `past`: keys and values in DynamicLayers, conv and recurrent state in
+    LinearAttentionLayers marked as continuing (a fresh sequence's state is zeros, which is what
+    transformers starts from), both in a LinearAttentionAndFullAttentionLayer, and a DummyLayer
+    where a layer caches nothing."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DummyLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
+
+    tensors: list[dict] = [{} for _ in range(num_layers)]
+    for (layer, slot), tensor in zip(slots, past):
+        tensors[layer][slot] = tensor
+    cache = DynamicCache(ddp_cache_data=[(t.get("key"), t.get("value")) for t in tensors])
+    for i, t in enumerate(tensors):
+        if not t:
+            cache.layers[i] = DummyLayer()
+        elif "conv" in t or "recurrent" in t:
+            layer = LinearAttentionAndFullAttentionLayer() if "key" in t else LinearAttentionLayer()
+            if "key" in t:
+                layer.update(t["key"], t["value"])
+            for slot, states, initialized in (("conv", layer.conv_states, layer.is_conv_states_initialized),
+                                              ("recurrent", layer.recurrent_states,
+                                               layer.is_recurrent_states_initialized)):
+                if slot in t:
+                    states[0], initialized[0] = t[slot].clone(), True  # cloned: transformers updates in place
+                    layer.dtype, layer.device = t[slot].dtype, t[slot].device
+            if "conv" in t:
+                layer.conv_kernel_size[0] = t["conv"].shape[-1]
+            layer.has_previous_state[0] = True
+            cache.layers[i] = layer
+    return cache
+
+
+def _present(layer, slot: str):
+    return {"key": lambda: layer.keys, "value": lambda: layer.values, "conv": lambda: layer.conv_states[0],
+            "recurrent": lambda: layer.recurrent_states[0]}[slot]()
+
+
+def cache_inputs(model: nn.Module, batch: int, past: int) -> dict[str, tuple[int, ...]]:
+    """Each past input's name and shape, probed by running one token with the cache the family
+    builds for itself: the layout is the model's own (DeepSeek-V3 caches its compressed MLA latent,
+    not per-head keys and values; Qwen3-Next's linear-attention layers keep a conv and a recurrent
+    state). A layer whose cache holds anything else (an indexer's keys, compressed blocks, several
+    states) is refused by name."""
+    from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer,
+                                          LinearAttentionAndFullAttentionLayer,
+                                          LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer)
 
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
     if type(out.cache) is not DynamicCache:
         raise MoecError(f"{model.config.model_type}: the model keeps its own cache class {type(out.cache).__name__}, "
                         "which moec does not export yet")
+    shapes = {}
     for i, layer in enumerate(out.cache.layers):
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+        if type(layer) is DummyLayer:  # an MLP-only layer: nothing to carry
+            continue
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer,
+                               LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer) \
+                or getattr(layer, "number_of_states", 1) != 1:
             raise MoecError(f"{model.config.model_type}: decoder layer {i} keeps a {type(layer).__name__} cache "
-                            "(state beyond keys and values), which moec does not export yet")
-    return [(batch, t.shape[1], past, t.shape[3])
-            for layer in out.cache.layers for t in (layer.keys, layer.values)]
+                            "(state beyond keys, values and one conv and recurrent state), which moec does not "
+                            "export yet")
+        if isinstance(layer, DynamicLayer):
+            shapes |= {f"past_key_values.{i}.{slot}": (batch, t.shape[1], past, t.shape[3])
+                       for slot, t in (("key", layer.keys), ("value", layer.values))}
+        if isinstance(layer, LinearAttentionLayer):
+            shapes |= {f"past_key_values.{i}.{slot}": (batch, *t.shape[1:])
+                       for slot, t, initialized in (
+                           ("conv", layer.conv_states[0], layer.is_conv_states_initialized[0]),
+                           ("recurrent", layer.recurrent_states[0], layer.is_recurrent_states_initialized[0]))
+                       if initialized}
+    return shapes
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+def present_name(past_name: str) -> str:
+    return "present." + past_name.removeprefix("past_key_values.")
 
 
 @contextlib.contextmanager
@@ -124,6 +180,15 @@ EXPORT_REWRITES = {
     "deepseek_v2": functools.partial(_real_valued_rotary, "transformers.models.deepseek_v2.modeling_deepseek_v2",
                                      "DeepseekV2RotaryEmbedding"),
 }
+
+
+def _export_rewrites(model: nn.Module):
+    """The family's rewrite, and the gated delta rule made exportable wherever the family's
+    modeling module computes one."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(EXPORT_REWRITES.get(model.config.model_type, contextlib.nullcontext)())
+    stack.enter_context(exportable_linear_attention(model))
+    return stack
 
 
 def trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], opset: int = 21) -> ir.Model:
@@ -172,19 +237,21 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
         attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
         position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-        pasts = [torch.zeros(s) for s in kv_shapes(model, batch, past)]
+        shapes = cache_inputs(model, batch, past)
+        pasts = [torch.zeros(s) for s in shapes.values()]
     dyn = Dim.DYNAMIC
     dynamic_shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn},
-                      tuple({0: dyn, 2: dyn} for _ in pasts))
-    inputs, outputs = io_names(model.config.num_hidden_layers)
-    rewrite = EXPORT_REWRITES.get(model.config.model_type, contextlib.nullcontext)
-    with warnings.catch_warnings(), rewrite():
+                      tuple({0: dyn, 2: dyn} if name.endswith((".key", ".value")) else {0: dyn} for name in shapes))
+    inputs = ["input_ids", "attention_mask", "position_ids", *shapes]
+    outputs = ["logits", *map(present_name, shapes)]
+    with warnings.catch_warnings(), _export_rewrites(model):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            KVCacheModel(model).eval(), (input_ids, attention_mask, position_ids, *pasts),
+            KVCacheModel(model, list(shapes)).eval(), (input_ids, attention_mask, position_ids, *pasts),
             dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
-            custom_translation_table={torch.ops.moec.experts.default: _onnx_experts},
+            custom_translation_table={torch.ops.moec.experts.default: _onnx_experts,
+                                      torch.ops.moec.gated_delta_rule.default: onnx_gated_delta_rule},
         )
         bind_weights(program.model, weights, strip_prefix="model.")
         TransposeWeightsPass()(program.model)  # before the constant folder, which would materialize them
@@ -215,7 +282,7 @@ def _read(read: Callable[[], np.ndarray], dtype: ir.DataType) -> ir.Tensor:
 def name_dynamic_axes(model: ir.Model) -> None:
     """Replace torch.export's symbols (s10, s15 + s70) by batch / sequence / past_sequence."""
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {1: "total_sequence"},
-            "past_key_values.0.key": {2: "past_sequence"}}
+            next(v.name for v in model.graph.inputs if v.name.endswith(".key")): {2: "past_sequence"}}
     symbols = {}
     for value in model.graph.inputs:
         for axis, name in axes.get(value.name, {}).items():

@@ -45,7 +45,7 @@ class StreamingModel:
         # One mapping for the model's lifetime, as in from_pretrained: some renamings keep state across keys.
         self._weight_mapping = get_model_conversion_mapping(self.model)
         self._shard_of = _shard_of_tensor(checkpoint.path)
-        self._target_of = self._module_key_of_tensor()
+        self._targets_of = self._module_keys_of_tensor()
         self.stored_dtype = storage_dtype(checkpoint)
 
     def keep_stored(self, modules) -> None:
@@ -64,7 +64,7 @@ class StreamingModel:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
         module = self.model.get_submodule(path)
-        names = [name for name, target in self._target_of.items() if _under(target, path)]
+        names = [name for name, targets in self._targets_of.items() if any(_under(t, path) for t in targets)]
         load_config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.model._get_dtype_plan(self.dtype),
                                           weight_mapping=self._weight_mapping)
         info, _ = convert_and_load_state_dict_in_model(self.model, self._readers(names), load_config)
@@ -87,8 +87,10 @@ class StreamingModel:
         if freed >= TRIM_BYTES:
             _return_freed_memory()
 
-    def _module_key_of_tensor(self) -> dict[str, str]:
-        """Checkpoint tensor name -> the model state key it loads into, renamed as from_pretrained does."""
+    def _module_keys_of_tensor(self) -> dict[str, list[str]]:
+        """Checkpoint tensor name -> the model state keys it loads into, renamed as from_pretrained
+        does: several where a converter splits one stored tensor (LaraMini's fused `in_proj` rows
+        become in_proj_qkv, in_proj_z, in_proj_b and in_proj_a), so loading any of them reads it."""
         from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
                                                      rename_source_key)
 
@@ -99,7 +101,10 @@ class StreamingModel:
         for name in sorted(self._shard_of, key=dot_natural_key):
             target, _ = rename_source_key(name, renamings, converters, self.model.base_model_prefix, model_keys)
             # as in convert_and_load_state_dict_in_model: a name the model already has is not renamed away
-            targets[name] = name if target not in model_keys and name in model_keys else target
+            target = name if target not in model_keys and name in model_keys else target
+            split = next((c.target_patterns for c in converters
+                          if len(c.target_patterns) > 1 and c.target_patterns[0] in target), [])
+            targets[name] = [target] + [target.replace(split[0], other, 1) for other in split[1:]]
         return targets
 
     def _readers(self, names: list[str]) -> dict:

@@ -2,9 +2,11 @@
 
 Matches: every float32 value of the traced graph (the exporter types them all): graph inputs and
 outputs, node outputs, initializers, Constant and ConstantOfShape values, Cast(to=FLOAT).
-Produces: the same computation in float16, except the routing: the nodes that compute an Experts
-node's top_k_index and top_k_weights and nothing else (the family's router, from its input on) stay
-in float32, fed through a Cast, so that near-tied routing decisions do not flip. Initializers are
+Produces: the same computation in float16, except the routing and the loops: the nodes that
+compute an Experts node's top_k_index and top_k_weights and nothing else (the family's router, from
+its input on) stay in float32, fed through a Cast, so that near-tied routing decisions do not flip;
+a node with a subgraph (the Scan of a linear-attention recurrence) keeps its float32 body, and the
+state it carries from step to step (a graph input and output) stays float32 too. Initializers are
 converted when they are written, one at a time. The routed experts' weights (the Experts node's
 expert inputs) keep their stored dtype: the experts lowering casts each expert's slice to the
 activations' dtype, and keeps the pruning and the sum over experts in float32 itself.
@@ -67,24 +69,32 @@ def _routing_nodes(graph: ir.Graph) -> set[ir.Node]:
     return routing
 
 
+def _loops(graph: ir.Graph) -> set[ir.Node]:
+    """Nodes with a subgraph, which this pass does not enter."""
+    return {node for node in graph
+            if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())}
+
+
 class Float16Pass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        routing = _routing_nodes(graph)
+        float32_nodes = _routing_nodes(graph) | _loops(graph)
         kept = _expert_weights(graph) | {value for value in graph.initializers.values()
-                                         if value.uses() and all(use.node in routing for use in value.uses())}
+                                         if value.uses() and all(use.node in float32_nodes for use in value.uses())}
         modified = False
         for value in graph.initializers.values():
             if value.dtype == FLOAT and value not in kept:
                 value.const_value = as_float16(value.const_value)
                 value.dtype = FLOAT16
                 modified = True
+        state = {v for v in graph.inputs if v.uses() and all(use.node in float32_nodes for use in v.uses())} | \
+                {v for v in graph.outputs if v.producer() in float32_nodes}
         for value in [*graph.inputs, *graph.outputs]:
-            if value.dtype == FLOAT:
+            if value.dtype == FLOAT and value not in state:
                 value.dtype = FLOAT16
                 modified = True
         for node in graph:
-            if node in routing:
+            if node in float32_nodes:
                 continue
             for value in node.outputs:
                 if value.dtype == FLOAT:
@@ -92,24 +102,24 @@ class Float16Pass(ir.passes.InPlacePass):
                     modified = True
             modified |= _float16_attributes(node)
         for node in list(graph):
-            if node in routing:
-                _cast_at_the_border(graph, node, routing)
+            if node in float32_nodes:
+                _cast_at_the_border(graph, node, float32_nodes)
         return ir.passes.PassResult(model, modified)
 
 
-def _cast_at_the_border(graph: ir.Graph, node: ir.Node, routing: set[ir.Node]) -> None:
-    """A routing node reads float16 values through a Cast to float32 (and a float32 output read
-    outside the routing, other than by the Experts node, is cast back)."""
+def _cast_at_the_border(graph: ir.Graph, node: ir.Node, float32_nodes: set[ir.Node]) -> None:
+    """A node kept in float32 reads float16 values through a Cast to float32 (and a float32 output
+    read outside them, other than by the Experts node, is cast back)."""
     for i, value in enumerate(node.inputs):
-        if value is not None and value.dtype == FLOAT16 and value.producer() not in routing:
-            cast = ir.node("Cast", [value], attributes={"to": FLOAT}, name=f"{node.name}/to_float32")
+        if value is not None and value.dtype == FLOAT16 and value.producer() not in float32_nodes:
+            cast = ir.node("Cast", [value], attributes={"to": FLOAT}, name=f"{node.name}/to_float32_{i}")
             cast.outputs[0].dtype, cast.outputs[0].shape = FLOAT, value.shape
             graph.insert_before(node, cast)
             node.replace_input_with(i, cast.outputs[0])
-    for value in node.outputs:
-        outside = [use for use in value.uses() if use.node not in routing and not is_moe_node(use.node)]
+    for i, value in enumerate(node.outputs):
+        outside = [use for use in value.uses() if use.node not in float32_nodes and not is_moe_node(use.node)]
         if value.dtype == FLOAT and outside:
-            cast = ir.node("Cast", [value], attributes={"to": FLOAT16}, name=f"{node.name}/to_float16")
+            cast = ir.node("Cast", [value], attributes={"to": FLOAT16}, name=f"{node.name}/to_float16_{i}")
             cast.outputs[0].dtype, cast.outputs[0].shape = FLOAT16, value.shape
             graph.insert_after(node, cast)
             for use in outside:

@@ -1,8 +1,9 @@
 """Greedy generation from a moec artifact with plain onnxruntime, tokenizers and numpy.
 
 No moec import: this is the template to copy into an application. The artifact's model.onnx
-takes input_ids, attention_mask, position_ids and past_key_values.{i}.key|value, and returns
-logits and present.{i}.key|value; each step feeds the previous step's presents back as the past.
+takes input_ids, attention_mask, position_ids and past_key_values.{i}.key|value (and, for a
+linear-attention layer such as Qwen3-Next's, past_key_values.{i}.conv|recurrent: its state), and
+returns logits and present.{i}.*; each step feeds the previous step's presents back as the past.
 
     python samples/ort_generate.py out/tiny-mixtral --prompt "def main(" --max-new-tokens 48
 """
@@ -33,8 +34,9 @@ def generate(artifact: Path, prompt_ids: list[int], max_new_tokens: int) -> list
     """Greedy decoding of one sequence with the KV cache; stops at an end-of-sequence token."""
     session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     output_names = [o.name for o in session.get_outputs()]
-    # an empty cache: [batch, kv heads, 0 past tokens, head size] per layer, as the model declares it
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    # a fresh sequence's cache, as the model declares it: keys and values [batch, kv heads, 0 past
+    # tokens, head size]; a linear-attention layer's state (fixed size) starts as zeros
+    past = {i.name: np.zeros([1, *(d if isinstance(d, int) else 0 for d in i.shape[1:])], np.float32)
             for i in session.get_inputs() if i.name.startswith("past_key_values.")}
     stop = eos_token_ids(artifact)
     step = np.array([prompt_ids], np.int64)

@@ -39,19 +39,30 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
     """RMSNorm with the residual Add before it → onnxruntime's com.microsoft.SkipSimplifiedLayerNormalization,
     through onnxscript's ORT fusion rules. A norm without an Add before it (the first layer's) gets a
     zero skip: the plain SimplifiedLayerNormalization that onnxscript emits lives in the ONNX domain,
-    where onnx.checker knows no such op."""
+    where onnx.checker knows no such op. SkipSimplifiedLayerNormalization takes 2-D or 3-D input, so
+    a per-head norm ([batch, sequence, heads, head size]: Qwen3's q and k norms) runs on the rows
+    flattened and is shaped back."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         fused = fuse_rms_normalization(model) + fuse_skip_rms_normalization(model)
         for node in [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization" and n.domain == ""]:
             x, scale = node.inputs[:2]
+            flat = x.shape is None or len(x.shape) not in (2, 3)
+            before, after = [], []
+            if flat:
+                rows = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([-1, scale.shape[-1]]))})
+                shape = ir.node("Shape", [x])
+                before = [rows, shape, ir.node("Reshape", [x, rows.outputs[0]])]
+                x = before[-1].outputs[0]
             zero = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(0, np.float32))})
             skip = ir.node("Mul", [x, zero.outputs[0]])
             epsilon = node.attributes["epsilon"].value if "epsilon" in node.attributes else 1e-5
             norm = ir.node("SkipSimplifiedLayerNormalization", [x, skip.outputs[0], scale], domain="com.microsoft",
                            attributes={"epsilon": epsilon}, name=node.name)
-            ir.convenience.replace_nodes_and_values(model.graph, node, [node], [zero, skip, norm], node.outputs[:1],
-                                                    norm.outputs[:1])
+            if flat:
+                after = [ir.node("Reshape", [norm.outputs[0], shape.outputs[0]])]
+            ir.convenience.replace_nodes_and_values(model.graph, node, [node], [*before, zero, skip, norm, *after],
+                                                    node.outputs[:1], (after or [norm])[-1].outputs[:1])
         return ir.passes.PassResult(model, modified=bool(fused))
 
 

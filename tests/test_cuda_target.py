@@ -67,15 +67,18 @@ def test_float16_artifact_on_cpu_matches_the_cpu_artifact(sample_artifact, sampl
     assert [int(t[0]) for t in generate(gpu_build, [prompts[0]], 16)] == expected and len(set(expected)) > 1
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss", "qwen3_next"])
 def test_float16_artifact_of_other_layouts_matches_cpu(compiled, arch, tmp_path):
-    """Shared experts, sigmoid scoring with a score bias, expert biases with a clamped SwiGLU."""
+    """Shared experts, sigmoid scoring with a score bias, expert biases with a clamped SwiGLU,
+    linear attention whose recurrence (a Scan) and state stay float32."""
     c = compiled(arch)
     moec.compile(c.model_dir, tmp_path / "cuda", target="cuda", progress=False)
     # prompts without a near-tied routing decision: float16 rounding of the router's input may flip
     # one (gpt-oss's [88, 12, 201] ties at its last token), which moves logits by more than any tolerance
     prompts = [[5, 17, 99, 3, 250, 41, 7], [40, 7, 150, 9]]
     within_float16_tolerance(logits(Artifact(tmp_path / "cuda"), prompts), logits(Artifact(c.artifact_dir), prompts))
+    expected = [int(t[0]) for t in generate(Artifact(c.artifact_dir), [prompts[0]], 12)]
+    assert [int(t[0]) for t in generate(Artifact(tmp_path / "cuda"), [prompts[0]], 12)] == expected
     # the family's router runs in float32 inside the float16 graph
     graph = onnx.load(str(tmp_path / "cuda" / "model.onnx"), load_external_data=False).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}

@@ -21,7 +21,7 @@ def test_prefill_and_decode_logits_match_transformers(compiled, arch, batch):
     c = compiled(arch)
     artifact = Artifact(c.artifact_dir)
     ids, mask = left_pad(PROMPTS[batch])
-    cache, past = DynamicCache(), artifact.empty_cache(batch)
+    cache, past = DynamicCache(config=c.model.config), artifact.empty_cache(batch)
     step = ids
     for i in range(1 + DECODE_STEPS):
         pos = positions(mask, step.shape[1])

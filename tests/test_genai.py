@@ -65,3 +65,10 @@ def test_deepseek_mla_cache_is_declared_unsupported(compiled):
     assert "one KV-cache layout" in c.record["onnxruntime_genai"]["unsupported"]
     assert not (c.artifact_dir / "genai_config.json").exists()
     json.loads((c.artifact_dir / "moec.json").read_text())  # the record on disk says so too
+
+
+def test_linear_attention_state_is_declared_unsupported(compiled):
+    """genai's decoder has key and value slots only; Qwen3-Next also carries conv and recurrent state."""
+    c = compiled("qwen3_next")
+    assert "linear-attention state (conv, recurrent)" in c.record["onnxruntime_genai"]["unsupported"]
+    assert not (c.artifact_dir / "genai_config.json").exists()

@@ -1,6 +1,6 @@
 """samples/ort_generate.py, the no-moec template for applications, generates exactly what
 `moec run` does: on the bundled sample and on families with other layouts (shared experts,
-DeepSeek's compressed MLA cache)."""
+DeepSeek's compressed MLA cache, Qwen3-Next's linear-attention state)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_template_matches_moec_run_on_the_sample(sample_artifact):
     assert run.stdout.rstrip("\n") == "def main(" + tokenizer.decode(moec_tokens(sample_artifact, prompt, 32))
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss", "qwen3_next"])
 def test_template_matches_moec_run_on_other_families(compiled, arch):
     artifact = compiled(arch).artifact_dir
     prompt = [5, 17, 99, 3, 250, 41]

@@ -263,10 +263,12 @@ def _more_configs() -> dict:
 
 ARCHITECTURES = tuple(configs())
 # the model types moec compiles (bench/coverage.py lists why the others are refused)
-SUPPORTED = ("afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe",
-             "exaone_moe", "flex_olmo", "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe",
-             "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "kolibri1", "laguna", "mellum",
-             "mimo_v2_flash", "minimax_m2", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open")
+SUPPORTED = ("afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1",
+             "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite",
+             "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
+             "hy_v3", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax_m2",
+             "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
+             "solar_open", "zaya")
 REFUSED = tuple(arch for arch in ARCHITECTURES if arch not in SUPPORTED)
 
 
@@ -290,13 +292,17 @@ def byte_tokenizer():
     return tokenizer
 
 
-def save_tiny(arch: str, folder: Path, seed: int = 0):
+# seeds 0 and 1 give a tiny Zaya that repeats one token, which makes generation tests weak
+SEEDS = {"zaya": 2}
+
+
+def save_tiny(arch: str, folder: Path, seed: int | None = None):
     """Build the family's tiny random model, save it (safetensors) with a tokenizer; return it."""
     import transformers
 
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(seed)
+    torch.manual_seed(SEEDS.get(arch, 0) if seed is None else seed)
     config = configs()[arch]
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
