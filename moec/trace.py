@@ -97,8 +97,8 @@ def _cache(num_layers: int, slots: list[tuple[int, str]], past):
 
 
 def _present(layer, slot: str):
-    return {"key": lambda: layer.keys, "value": lambda: layer.values, "conv": lambda: layer.conv_states[0],
-            "recurrent": lambda: layer.recurrent_states[0]}[slot]()
+    """The cache layer's tensor of a slot: its keys or values, or its (first) conv or recurrent state."""
+    return getattr(layer, f"{slot}s") if slot in ("key", "value") else getattr(layer, f"{slot}_states")[0]
 
 
 def cache_inputs(model: nn.Module, batch: int, past: int) -> dict[str, tuple[int, ...]]:
@@ -121,11 +121,14 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> dict[str, tuple[int
         if type(layer) is DummyLayer:  # an MLP-only layer: nothing to carry
             continue
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer,
-                               LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer) \
-                or getattr(layer, "number_of_states", 1) != 1:
+                               LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer):
             raise MoecError(f"{model.config.model_type}: decoder layer {i} keeps a {type(layer).__name__} cache "
                             "(state beyond keys, values and one conv and recurrent state), which moec does not "
                             "export yet")
+        if getattr(layer, "number_of_states", 1) != 1:
+            raise MoecError(f"{model.config.model_type}: decoder layer {i} keeps {layer.number_of_states} "
+                            "linear-attention states (moec exports one conv and one recurrent state per layer), "
+                            "which moec does not export yet")
         if isinstance(layer, DynamicLayer):
             shapes |= {f"past_key_values.{i}.{slot}": (batch, t.shape[1], past, t.shape[3])
                        for slot, t in (("key", layer.keys), ("value", layer.values))}

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import inspect
+import re
+
 import pytest
 import torch
 
@@ -48,3 +51,29 @@ def sample_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample") / "artifact"
     moec.compile(Path(__file__).resolve().parents[1] / "samples" / "tiny-mixtral", out, progress=False)
     return out
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """A test that compiles a family's tiny model (its `arch` parameter, or a literal
+    compiled("...") in its body or in a fixture it uses) runs in that family's xdist group, and the
+    tests of the bundled sample in one group: tracing is most of a model's time, and each worker
+    would trace it once more."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if item.get_closest_marker("xdist_group"):
+            continue
+        if {"sample_artifact", "sample_cuda"} & set(fixtures):  # the bundled sample, compiled once
+            item.add_marker(pytest.mark.xdist_group("sample"))
+            continue
+        if "compiled" not in fixtures:
+            continue
+        callspec = getattr(item, "callspec", None)
+        arch = callspec.params.get("arch") if callspec else None
+        if arch is None:
+            functions = [item.function, *(defs[-1].func for defs in item._fixtureinfo.name2fixturedefs.values())]
+            source = "".join(inspect.getsource(f) for f in functions if inspect.isfunction(f))
+            found = re.search(r'compiled\("(\w+)"\)', source)
+            arch = found[1] if found else None
+        if arch:
+            item.add_marker(pytest.mark.xdist_group(arch))

@@ -47,7 +47,10 @@ def save(model, folder, **kwargs):
 
 
 def part_paths(streaming):
-    return ["model.embed_tokens", "model.rotary_emb", *streaming.layer_paths(), "model.norm", "lm_head"]
+    """The body's parts besides its layers (embeddings, rotary, final norm: named as the family
+    names them), its layers, and the head."""
+    others = [f"model.{name}" for name, _ in streaming.model.model.named_children() if name != "layers"]
+    return [*others, *streaming.layer_paths(), "lm_head"]
 
 
 def tensors(module):

@@ -94,9 +94,9 @@ def _more_configs() -> dict:
                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     out["aria_text"] = c("aria_text", head_dim=16, intermediate_size=32, num_hidden_layers=2, moe_num_experts=8,
                          moe_topk=2, moe_num_shared_experts=1)
-    out["axk1"] = c("axk1", **MLA, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    out["axk1"] = c("axk1", **MLA, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                     n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
-                    mlp_layer_types=["dense", "sparse", "sparse"])
+                    mlp_layer_types=["dense", "sparse"])
     out["cohere2_moe"] = c("cohere2_moe", head_dim=16, intermediate_size=32, num_hidden_layers=2, num_experts=8,
                            num_experts_per_tok=2, num_shared_experts=1, sliding_window=16,
                            layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"])
@@ -118,8 +118,8 @@ def _more_configs() -> dict:
                      mlp_only_layers=[0], decoder_sparse_step=1, sliding_window=16,
                      layer_types=["full_attention", "sliding_attention", "full_attention"])
     out["glm4_moe_lite"] = c("glm4_moe_lite", **MLA, intermediate_size=96, moe_intermediate_size=32,
-                             num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-                             n_group=1, topk_group=1, mlp_layer_types=["dense", "sparse", "sparse"])
+                             num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                             n_group=1, topk_group=1, mlp_layer_types=["dense", "sparse"])
     out["glm_moe_dsa"] = c("glm_moe_dsa", **MLA, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
                            first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
                            index_topk=4, index_head_dim=16, index_n_heads=2,
@@ -170,10 +170,9 @@ def _more_configs() -> dict:
                       num_experts_per_tok=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                       mlp_layer_types=["sparse", "sparse"])
     out["mimo_v2_flash"] = c("mimo_v2_flash", head_dim=24, v_head_dim=16, intermediate_size=96,
-                             moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8,
+                             moe_intermediate_size=32, num_hidden_layers=2, n_routed_experts=8,
                              num_experts_per_tok=2, sliding_window=16,
-                             layer_types=["full_attention", "sliding_attention", "full_attention"],
-                             mlp_layer_types=["dense", "sparse", "sparse"])
+                             layer_types=["full_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse"])
     out["minimax"] = c("minimax", head_dim=16, intermediate_size=48, num_hidden_layers=2, num_local_experts=4,
                        num_experts_per_tok=2, block_size=16, layer_types=["full_attention", "linear_attention"])
     out["nemotron_h"] = c("nemotron_h", head_dim=16, intermediate_size=96, moe_intermediate_size=32,
@@ -199,10 +198,9 @@ def _more_configs() -> dict:
                               linear_conv_kernel_dim=4, layer_group_size=2, num_nextn_predict_layers=0,
                               layer_types=["linear_attention", "full_attention", "linear_attention"],
                               mlp_layer_types=["dense", "sparse", "sparse"])
-    out["beam"] = c("beam", head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    out["beam"] = c("beam", head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                     num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, sliding_window=16,
-                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                    mlp_layer_types=["dense", "sparse", "sparse"])
+                    layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"])
     out["dots3_note_text"] = c("dots3_note_text", **MLA, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
                                shared_experts_intermediate_size=48, num_hidden_layers=3, n_routed_experts=8,
                                num_experts_per_tok=2, n_shared_experts=1, index_topk=32, index_head_dim=16,
