@@ -72,7 +72,7 @@ def _more_configs() -> dict:
     """Tiny configs of the other families whose experts use `use_experts_implementation`."""
     out = {}
     c = _cfg
-    out["glm4_moe"] = c("glm4_moe", head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    out["glm4_moe"] = c("glm4_moe", head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                         first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
                         n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True)
     out["ernie4_5_moe"] = c("ernie4_5_moe", intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -135,8 +135,8 @@ def _more_configs() -> dict:
                                 embedding_multiplier=2.0, logits_scaling=1.5, residual_multiplier=0.7,
                                 attention_multiplier=0.2)
     out["granitemoehybrid"] = c("granitemoehybrid", intermediate_size=48, shared_intermediate_size=64,
-                                num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2,
-                                layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                layer_types=["linear_attention", "full_attention"],
                                 mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
                                 mamba_chunk_size=16, position_embedding_type="rope", embedding_multiplier=2.0,
                                 logits_scaling=1.5, residual_multiplier=0.7, attention_multiplier=0.2)
@@ -156,9 +156,9 @@ def _more_configs() -> dict:
                         num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
                         layer_types=["sliding_attention", "full_attention"])
     out["laguna"] = c("laguna", head_dim=16, intermediate_size=96, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
-                      sliding_window=16, layer_types=["full_attention", "sliding_attention", "full_attention"],
-                      num_attention_heads_per_layer=[4, 4, 4], mlp_layer_types=["dense", "sparse", "sparse"])
+                      shared_expert_intermediate_size=48, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                      sliding_window=16, layer_types=["full_attention", "sliding_attention"],
+                      num_attention_heads_per_layer=[4, 4], mlp_layer_types=["dense", "sparse"])
     out["lara_mini"] = c("lara_mini", **GDN, head_dim=16, moe_intermediate_size=32,
                          shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8,
                          num_experts_per_tok=2, sliding_window=16,
