@@ -112,11 +112,11 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
     import torch
     from tqdm import tqdm
 
-    from moec.experts import REFERENCE_IMPLEMENTATION, experts_layers, set_implementation
+    from moec.experts import REFERENCE_IMPLEMENTATION, checkpoint_experts_layers, set_implementation
     from moec.weights import StreamingModel
 
     stream = StreamingModel(checkpoint)
-    layers = experts_layers(stream.model)
+    layers = checkpoint_experts_layers(stream)
     stream.keep_stored(stream.model.get_submodule(layer.path) for layer in layers)
     set_implementation(stream.model, REFERENCE_IMPLEMENTATION)
     batches = [torch.from_numpy(w) for w in np.array_split(windows, -(-len(windows) // BATCH_SEQUENCES))]
@@ -171,9 +171,6 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
                           "moe_intermediate_size": layer.intermediate_size}
         layers.append({"layer": layer.layer, **layer_stats(layer, module, calls, tuple(bits), group_size)})
         module = calls = None
-    if not layers:
-        raise MoecError(f"{checkpoint.path}: model_type {checkpoint.model_type!r} has no sparse MoE layers "
-                        "(no experts module using transformers' experts interface)")
     config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     return {
         "format": STATS_FORMAT,

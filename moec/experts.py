@@ -146,6 +146,15 @@ def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
     return sorted(layers, key=lambda entry: entry.layer)
 
 
+def checkpoint_experts_layers(stream) -> list[ExpertsLayer]:
+    """experts_layers of a StreamingModel's skeleton; MoecError when the checkpoint has none."""
+    layers = experts_layers(stream.model)
+    if not layers:
+        raise MoecError(f"{stream.checkpoint.path}: model_type {stream.checkpoint.model_type!r} has no sparse MoE "
+                        "layers (no experts module using transformers' experts interface)")
+    return layers
+
+
 def set_implementation(model: nn.Module, name: str) -> None:
     """Route every experts module of `model` through one of moec's implementations."""
     _register()

@@ -86,7 +86,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     import onnx
     import onnx_ir as ir
 
-    from moec.experts import experts_layers
+    from moec.experts import checkpoint_experts_layers
     from moec.genai import GENAI_CONFIG_FILE, GENAI_MODEL_TYPE, genai_config
     from moec.planner import load_plan
     from moec.policy import layer_pruning
@@ -107,10 +107,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                 gptq_experts(checkpoint, plan_data, data, samples, seq_len, progress)
         with stages.stage("trace"):
             stream = StreamingModel(checkpoint)
-            layers = experts_layers(stream.model)
-            if not layers:
-                raise MoecError(f"{checkpoint.path}: model_type {checkpoint.model_type!r} has no sparse MoE layers "
-                                "(no experts module using transformers' experts interface)")
+            layers = checkpoint_experts_layers(stream)
             # the traced experts keep the checkpoint's dtype too
             stream.keep_stored(stream.model.get_submodule(layer.path) for layer in layers)
             skeleton = copy.deepcopy(stream.model)  # traced; the stream keeps running the family's own experts
@@ -252,8 +249,7 @@ def past_shapes(graph) -> dict[str, tuple[int, ...]]:
     """Each past_key_values input's name and shape for batch 1 and a fresh sequence."""
     from moec.runtime import empty_shape
 
-    return {v.name: empty_shape([d if isinstance(d, int) else None for d in v.shape], 1)
-            for v in graph.graph.inputs if v.name.startswith("past_key_values.")}
+    return {v.name: empty_shape(v.shape, 1) for v in graph.graph.inputs if v.name.startswith("past_key_values.")}
 
 
 def stamp_metadata(model_file: Path, record: dict) -> None:

@@ -43,7 +43,7 @@ class Artifact:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.pruning = "off" if not prune else "on" if self.record.get("pruning") else "none"
         self.switches = {PRUNE_SWITCH: np.array(False)} if self.pruning == "off" and self.record.get("pruning") else {}
-        self.present_of = {i.name: "present." + i.name.removeprefix("past_key_values.") for i in self.past_inputs}
+        self.present_of = {i.name: present_name(i.name) for i in self.past_inputs}
         top_k = {int(layer["layer"]): int(layer["top_k"]) for layer in self.record.get("moe_layers", [])}
         self.top_k_of = {name: top_k[int(name.rpartition(".")[2])] for name in self.output_names
                          if name.startswith(ACTIVATIONS_OUTPUT + ".")}  # each MoE layer's count output
@@ -75,6 +75,11 @@ class Artifact:
             self.activations["top_k"] += input_ids.size * top_k
         logits = outputs["logits"].numpy().astype(np.float32, copy=False)  # float16 on CUDA targets
         return logits, {past: outputs[present] for past, present in self.present_of.items()}
+
+
+def present_name(past_name: str) -> str:
+    """The output that gives a past input's next value: past_key_values.{i}.{slot} -> present.{i}.{slot}."""
+    return "present." + past_name.removeprefix("past_key_values.")
 
 
 def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ from moec.linear_attention import exportable_linear_attention, onnx_gated_delta_
 from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
 from moec.passes.transpose_weights import TransposeWeightsPass
+from moec.runtime import present_name
 
 
 @functools.cache
@@ -59,6 +60,10 @@ class KVCacheModel(nn.Module):
         return (out.logits, *[_present(out.cache.layers[layer], slot) for layer, slot in self.slots])
 
 
+# a linear-attention layer's state slots (transformers' LinearAttentionLayer keeps `{slot}_states`)
+STATE_SLOTS = frozenset(("conv", "recurrent"))
+
+
 def _slot_of(name: str) -> tuple[int, str]:
     _, layer, slot = name.split(".")
     return int(layer), slot
@@ -79,16 +84,14 @@ def _cache(num_layers: int, slots: list[tuple[int, str]], past):
     for i, t in enumerate(tensors):
         if not t:
             cache.layers[i] = DummyLayer()
-        elif "conv" in t or "recurrent" in t:
+        elif STATE_SLOTS & t.keys():
             layer = LinearAttentionAndFullAttentionLayer() if "key" in t else LinearAttentionLayer()
             if "key" in t:
                 layer.update(t["key"], t["value"])
-            for slot, states, initialized in (("conv", layer.conv_states, layer.is_conv_states_initialized),
-                                              ("recurrent", layer.recurrent_states,
-                                               layer.is_recurrent_states_initialized)):
-                if slot in t:
-                    states[0], initialized[0] = t[slot].clone(), True  # cloned: transformers updates in place
-                    layer.dtype, layer.device = t[slot].dtype, t[slot].device
+            for slot in STATE_SLOTS & t.keys():
+                getattr(layer, f"{slot}_states")[0] = t[slot].clone()  # cloned: transformers updates in place
+                getattr(layer, f"is_{slot}_states_initialized")[0] = True
+                layer.dtype, layer.device = t[slot].dtype, t[slot].device
             if "conv" in t:
                 layer.conv_kernel_size[0] = t["conv"].shape[-1]
             layer.has_previous_state[0] = True
@@ -133,16 +136,9 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> dict[str, tuple[int
             shapes |= {f"past_key_values.{i}.{slot}": (batch, t.shape[1], past, t.shape[3])
                        for slot, t in (("key", layer.keys), ("value", layer.values))}
         if isinstance(layer, LinearAttentionLayer):
-            shapes |= {f"past_key_values.{i}.{slot}": (batch, *t.shape[1:])
-                       for slot, t, initialized in (
-                           ("conv", layer.conv_states[0], layer.is_conv_states_initialized[0]),
-                           ("recurrent", layer.recurrent_states[0], layer.is_recurrent_states_initialized[0]))
-                       if initialized}
+            shapes |= {f"past_key_values.{i}.{slot}": (batch, *getattr(layer, f"{slot}_states")[0].shape[1:])
+                       for slot in sorted(STATE_SLOTS) if getattr(layer, f"is_{slot}_states_initialized")[0]}
     return shapes
-
-
-def present_name(past_name: str) -> str:
-    return "present." + past_name.removeprefix("past_key_values.")
 
 
 @contextlib.contextmanager
