@@ -74,7 +74,7 @@ class ExpertsLayer:
     hidden_size: int
     intermediate_size: int
     shared_expert: bool    # the MoE block also has a shared expert (computed by the family's code)
-    top_k: int | None = None  # the router's k, seen when the model first runs (see probe_top_k)
+    top_k: int | None = None  # the router's k, read off the traced graph (moec.pipeline.traced)
 
     @property
     def layer(self) -> int:
@@ -168,18 +168,6 @@ def call_arguments(args: tuple, kwargs: dict) -> tuple:
     """(hidden_states, top_k_index, top_k_weights) of an experts call, however they were passed
     (what a forward pre-hook registered with_kwargs receives)."""
     return (*args, *(kwargs[name] for name in CALL_ARGUMENTS[len(args):]))[:3]
-
-
-def probe_top_k(model: nn.Module, layers: list[ExpertsLayer]) -> list:
-    """Forward pre-hooks (returned, to remove) that note each layer's k (top_k_index's last axis)
-    when the model runs."""
-    def note(layer):
-        def hook(module, args, kwargs):
-            layer.top_k = int(call_arguments(args, kwargs)[1].shape[-1])
-        return hook
-
-    return [model.get_submodule(layer.path).register_forward_pre_hook(note(layer), with_kwargs=True)
-            for layer in layers]
 
 
 # --------------------------------------------------------------------------- the torch op

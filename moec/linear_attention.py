@@ -12,13 +12,12 @@ projections, the causal convolution and its state, the gated norm) stays the fam
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 
 import onnxscript
 import torch
 from onnxscript import FLOAT
-from onnxscript import opset21 as op
+from onnxscript import opset18 as op  # the opset torch.onnx builds with, as the function is inlined into it
 
 # transformers' names of the rule's implementations, replaced in a family's modeling module while tracing
 RULE_FUNCTIONS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
@@ -78,17 +77,20 @@ def exportable_linear_attention(model: torch.nn.Module):
             setattr(modeling, name, function)
 
 
-@onnxscript.script(default_opset=op)
-def _delta_step(state: FLOAT, query: FLOAT, key: FLOAT, value: FLOAT, decay: FLOAT, beta: FLOAT):
-    """One token of the gated delta rule: state [B, H, Dk, Dv]; query/key [B, H, Dk];
-    value [B, H, Dv]; decay/beta [B, H]."""
-    decayed = state * op.Unsqueeze(op.Exp(decay), [2, 3])
-    column_key = op.Unsqueeze(key, [3])
-    remembered = op.ReduceSum(decayed * column_key, [2], keepdims=0)
-    delta = (value - remembered) * op.Unsqueeze(beta, [2])
-    updated = decayed + column_key * op.Unsqueeze(delta, [2])
-    out = op.ReduceSum(updated * op.Unsqueeze(query, [3]), [2], keepdims=0)
-    return updated, out
+@onnxscript.script(onnxscript.values.Opset("moec", 1), default_opset=op)
+def DeltaRuleScan(initial_state: FLOAT, query: FLOAT, key: FLOAT, value: FLOAT, decay: FLOAT,
+                  beta: FLOAT) -> tuple[FLOAT, FLOAT]:
+    """The recurrent form over time-major inputs: state [B, H, Dk, Dv]; query/key [T, B, H, Dk];
+    value [T, B, H, Dv]; decay/beta [T, B, H] -> (final state, outputs [T, B, H, Dv])."""
+    def step(state: FLOAT[...], q: FLOAT[...], k: FLOAT[...], v: FLOAT[...], d: FLOAT[...], b: FLOAT[...]):
+        decayed = state * op.Unsqueeze(op.Exp(d), [2, 3])
+        column_key = op.Unsqueeze(k, [3])
+        delta = (v - op.ReduceSum(decayed * column_key, [2], keepdims=0)) * op.Unsqueeze(b, [2])
+        updated = decayed + column_key * op.Unsqueeze(delta, [2])
+        return updated, op.ReduceSum(updated * op.Unsqueeze(q, [3]), [2], keepdims=0)
+
+    final_state, outputs = op.Scan(initial_state, query, key, value, decay, beta, body=step, num_scan_inputs=5)
+    return final_state, outputs
 
 
 def _heads(x, groups: int):
@@ -103,27 +105,8 @@ def _l2_normalized(x):
     return x * op.Reciprocal(op.Sqrt(op.ReduceSum(x * x, [-1], keepdims=1) + op.Constant(value_float=1e-6)))
 
 
-@functools.cache
-def _scan():
-    """ONNX Scan as a two-output operator (state, outputs): torch.onnx's recorder gives an operator
-    with a variadic output one output."""
-    from onnx.defs import OpSchema
-
-    parameter = functools.partial(OpSchema.FormalParameter, type_str="T")
-    schema = OpSchema(
-        "Scan", "", 21,
-        inputs=[parameter(name) for name in ("state", "query", "key", "value", "decay", "beta")],
-        outputs=[parameter("final_state"), parameter("outputs")],
-        type_constraints=[("T", ["tensor(float)"], "")],
-        attributes=[OpSchema.Attribute("body", OpSchema.AttrType.GRAPH, ""),
-                    OpSchema.Attribute("num_scan_inputs", OpSchema.AttrType.INT, "")])
-    return onnxscript.values.Op(onnxscript.values.Opset("", 21), "Scan", schema)
-
-
 def onnx_gated_delta_rule(query, key, value, g, beta, initial_state, use_qk_l2norm):
     """torch.onnx translation of moec::gated_delta_rule: the recurrent form as a Scan over tokens."""
-    from onnx_ir.serde import deserialize_graph
-
     groups, key_size = value.shape[2] // key.shape[2], key.shape[3]
     query = op.Cast(_heads(query, groups), to=onnxscript.ir.DataType.FLOAT)
     key = op.Cast(_heads(key, groups), to=onnxscript.ir.DataType.FLOAT)
@@ -132,9 +115,6 @@ def onnx_gated_delta_rule(query, key, value, g, beta, initial_state, use_qk_l2no
     query = query * op.Constant(value_float=float(key_size) ** -0.5)
     value = op.Cast(op.Transpose(value, perm=[1, 0, 2, 3]), to=onnxscript.ir.DataType.FLOAT)
     g, beta = (op.Cast(op.Transpose(x, perm=[1, 0, 2]), to=onnxscript.ir.DataType.FLOAT) for x in (g, beta))
-    body = deserialize_graph(_delta_step.to_model_proto().graph)
-    for v in [*body.inputs, *body.outputs]:
-        v.shape = None  # onnxscript declares them scalars
-    state, out = _scan()(initial_state, query, key, value, g, beta, body=body, num_scan_inputs=5)
+    state, out = DeltaRuleScan(initial_state, query, key, value, g, beta)  # inlined by torch.onnx's optimizer
     state.dtype = out.dtype = onnxscript.ir.DataType.FLOAT  # the recorder does not infer through a Scan
     return op.Transpose(out, perm=[1, 0, 2, 3]), state

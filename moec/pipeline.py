@@ -154,7 +154,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     return record
 
 
-_TRACES: dict = {}  # checkpoint identity -> (traced graph, its CheckpointReader, each layer's top_k)
+_TRACES: dict = {}  # checkpoint identity -> (traced graph, its CheckpointReader)
 TRACES_KEPT = 4
 
 
@@ -163,27 +163,22 @@ def traced(checkpoint, skeleton, layers, resident):
     CheckpointReader its weights read through, reading from `resident` (the caller's stream). The
     trace (torch.onnx export: most of a small model's compile) is kept per process for the same
     checkpoint files, so compiling several plans of one model (a sweep, the benchmarks, the test
-    suite) traces it once."""
+    suite) traces it once. Each layer's router k is read off its experts node (top_k_index [T, k])."""
     from moec import trace
-    from moec.experts import probe_top_k
+    from moec.ops.moe import OP_TYPE
 
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in checkpoint.weight_files)
     key = (str(checkpoint.path.resolve()), json.dumps(checkpoint.config, sort_keys=True), tuple(files))
     if key not in _TRACES:
         reader = CheckpointReader()
         reader.resident = resident
-        probes = probe_top_k(skeleton, layers)
         tensors = [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers(remove_duplicate=False)]
-        try:
-            graph = trace.trace(skeleton, {key: functools.partial(reader.read, key) for key, _ in tensors})
-        finally:
-            for handle in probes:
-                handle.remove()
-        _TRACES[key] = graph, reader, {layer.layer: layer.top_k for layer in layers}
+        _TRACES[key] = trace.trace(skeleton, {key: functools.partial(reader.read, key) for key, _ in tensors}), reader
         while len(_TRACES) > TRACES_KEPT:
             _TRACES.pop(next(iter(_TRACES)))
-    graph, reader, top_k = _TRACES[key]
+    graph, reader = _TRACES[key]
     reader.resident = resident
+    top_k = {node.attributes["layer"].value: node.inputs[1].shape[1] for node in graph.graph if node.op_type == OP_TYPE}
     for layer in layers:
         layer.top_k = top_k[layer.layer]
     return _clone(graph), reader

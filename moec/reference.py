@@ -35,11 +35,12 @@ def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple
     decoder_layers = stream.layer_paths()
     tensors = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
     parts = sorted({part_of(name.rpartition(".")[0], decoder_layers) for name in tensors})
-    streamed = _PartByPart(stream, quantizers)
     handles = []
     try:
-        for path in parts:
-            handles += streamed.hook(path)
+        for path in parts:  # each part materialized for its call, its non-expert weights as the artifact has them
+            module = model.get_submodule(path)
+            handles += [module.register_forward_pre_hook(lambda *_, path=path: _load(stream, path, quantizers)),
+                        module.register_forward_hook(lambda *_, path=path: stream.unload(path))]
         ids = torch.from_numpy(probe)
         with torch.no_grad():
             outputs = KVCacheModel(model, list(pasts))(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None],
@@ -48,7 +49,8 @@ def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple
     finally:
         for handle in handles:
             handle.remove()
-        streamed.close()
+        for path in parts:  # what a forward that raised left materialized
+            stream.unload(path)
         configure_experts(model, layers, {}, {})
 
 
@@ -62,32 +64,9 @@ def configure_experts(model, layers, quantizers: dict, pruning: dict) -> None:
         module.moec_quantizers = quantizers
 
 
-class _PartByPart:
-    """Forward hooks that materialize a part for its call, with its non-expert weights dequantized
-    where quantized, and free it afterwards."""
-
-    def __init__(self, stream, quantizers: dict):
-        self.stream, self.quantizers = stream, quantizers
-        self.current = None
-
-    def hook(self, path: str) -> list:
-        layer = self.stream.model.get_submodule(path)
-        return [layer.register_forward_pre_hook(lambda *_: self.load(path)),
-                layer.register_forward_hook(lambda *_: self.unload(path))]
-
-    def load(self, path: str) -> None:
-        self.stream.load(path)
-        self.current = path
-        set_dequantized_weights(self.stream.model, path, self.quantizers)
-
-    def unload(self, path: str) -> None:
-        self.stream.unload(path)
-        self.current = None
-
-    def close(self) -> None:
-        """Undo what a layer whose forward raised left behind."""
-        if self.current is not None:
-            self.unload(self.current)
+def _load(stream, path: str, quantizers: dict) -> None:
+    stream.load(path)
+    set_dequantized_weights(stream.model, path, quantizers)
 
 
 def set_dequantized_weights(model, part: str, quantizers: dict) -> None:

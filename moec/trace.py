@@ -10,9 +10,7 @@ moec.ops.moe).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import re
 from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
@@ -36,10 +34,8 @@ def _experts_onnxscript_op():
 
 def _onnx_experts(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, *attrs):
     """torch.onnx translation of moec::experts: one moec::Experts node."""
-    names = [f.name for f in dataclasses.fields(moe_op.ExpertsSpec)]
-    attributes = {n: (int(v) if isinstance(v, bool) else v) for n, v in zip(names, attrs)}
     return _experts_onnxscript_op()(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias,
-                                    **attributes)
+                                    **moe_op.ExpertsSpec(*attrs).attributes())
 
 
 class KVCacheModel(nn.Module):
@@ -229,8 +225,6 @@ def _export_errors(model_type: str):
 def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], opset: int) -> ir.Model:
     import warnings
 
-    from torch.export import Dim
-
     batch, seq, past = 2, 3, 5
     with torch.device(next(model.parameters()).device):
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
@@ -238,9 +232,10 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
         position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
         shapes = cache_inputs(model, batch, past)
         pasts = [torch.zeros(s) for s in shapes.values()]
-    dyn = Dim.DYNAMIC
-    dynamic_shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn},
-                      tuple({0: dyn, 2: dyn} if name.endswith((".key", ".value")) else {0: dyn} for name in shapes))
+    tokens = {0: "batch", 1: "sequence"}
+    dynamic_shapes = (tokens, {0: "batch", 1: "total_sequence"}, tokens,  # torch.onnx names the axes
+                      tuple({0: "batch", 2: "past_sequence"} if name.endswith((".key", ".value")) else {0: "batch"}
+                            for name in shapes))
     inputs = ["input_ids", "attention_mask", "position_ids", *shapes]
     outputs = ["logits", *map(present_name, shapes)]
     with warnings.catch_warnings(), _export_rewrites(model):
@@ -256,7 +251,6 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
         TransposeWeightsPass()(program.model)  # before the constant folder, which would materialize them
         program.optimize()
     model = program.model
-    name_dynamic_axes(model)
     NameWeightsPass(strip_prefix="model.")(model)  # KVCacheModel's attribute
     return model
 
@@ -276,27 +270,3 @@ def bind_weights(model: ir.Model, weights: Mapping[str, Callable[[], np.ndarray]
 
 def _read(read: Callable[[], np.ndarray], dtype: ir.DataType) -> ir.Tensor:
     return ir.tensor(np.asarray(read(), dtype=dtype.numpy()))  # a view when it can be: no stack copies
-
-
-def name_dynamic_axes(model: ir.Model) -> None:
-    """Replace torch.export's symbols (s10, s15 + s70) by batch / sequence / past_sequence."""
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {1: "total_sequence"},
-            next(v.name for v in model.graph.inputs if v.name.endswith(".key")): {2: "past_sequence"}}
-    symbols = {}
-    for value in model.graph.inputs:
-        for axis, name in axes.get(value.name, {}).items():
-            symbols[str(value.shape[axis])] = name
-    symbols[str(next(v for v in model.graph.inputs if v.name == "attention_mask").shape[0])] = "batch"
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, symbols)) + r")\b")
-
-    def rename(value):
-        if value.shape is not None:
-            value.shape = ir.Shape([pattern.sub(lambda m: symbols[m.group(0)], d.value)
-                                    if isinstance(d, ir.SymbolicDim) and d.value else d
-                                    for d in value.shape])
-
-    for value in [*model.graph.inputs, *model.graph.outputs]:
-        rename(value)
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for value in node.outputs:
-            rename(value)

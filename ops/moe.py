@@ -137,15 +137,9 @@ def split_gate_up(stacked, spec: ExpertsSpec, axis: int) -> tuple:
     """(gate, up) of a gate_up slice along its output `axis`, by the layout; gate None without one."""
     if spec.gate == "none":
         return None, stacked
-    index = [slice(None)] * stacked.ndim
-    if spec.gate == "interleaved":
-        gate, up = list(index), list(index)
-        gate[axis], up[axis] = slice(0, None, 2), slice(1, None, 2)
-        return stacked[tuple(gate)], stacked[tuple(up)]
     half = stacked.shape[axis] // 2
-    gate, up = list(index), list(index)
-    gate[axis], up[axis] = slice(0, half), slice(half, None)
-    return stacked[tuple(gate)], stacked[tuple(up)]
+    parts = (slice(0, None, 2), slice(1, None, 2)) if spec.gate == "interleaved" else (slice(half), slice(half, None))
+    return tuple(stacked[(slice(None),) * axis + (part,)] for part in parts)
 
 
 def expert_projection(stacked: dict, expert: int, proj: str, spec: ExpertsSpec):
