@@ -4,9 +4,12 @@ less memory than the model, and run the artifact: time and peak RSS of every sta
 The checkpoint (hidden 4096, intermediate 14336, 8 experts top-2, 8 layers, 32 heads, 8 KV heads,
 vocab 32000: 11.9 B parameters, 22 GiB of bf16 safetensors in Mixtral's own per-expert layout,
 one shard per decoder layer) is generated shard by shard with random weights, so generating it
-needs about one shard of memory. Each moec stage runs in a fresh process whose peak RSS
-(ru_maxrss, file-backed pages included) is reported. Run from the repository root:
-    python bench/scale.py [--workdir /tmp/moec-scale] [--samples 8] [--seq-len 128] [--json]
+needs about one shard of memory. `--fp8` writes it as DeepSeek-V3 publishes its weights instead:
+every attention and expert projection float8_e4m3fn with a float32 scale per 128 x 128 tile
+(`quant_method: fp8`), the rest bf16. `--layers N` cuts it to N layers. Each moec stage runs in a
+fresh process whose peak RSS (ru_maxrss, file-backed pages included) is reported. Run from the
+repository root:
+    python bench/scale.py [--workdir /tmp/moec-scale] [--layers 8] [--fp8] [--samples 8] [--seq-len 128] [--json]
 A stage whose output already exists is reused (delete it to measure it again).
 """
 
@@ -25,14 +28,30 @@ SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hi
              max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=False)
 
 
-def build(folder: Path) -> None:
+FP8_BLOCK = 128
+
+
+def fp8(weight):
+    """float8_e4m3fn codes of a weight and the float32 scale of each 128 x 128 tile."""
+    import torch
+
+    rows, cols = weight.shape
+    tiles = weight.float().reshape(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
+    scale = tiles.abs().amax(dim=(1, 3)) / 448.0  # the largest float8_e4m3fn
+    return (tiles / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn), scale
+
+
+def build(folder: Path, layers: int, as_fp8: bool) -> None:
     """Write the checkpoint one shard (one decoder layer) at a time; the folder appears complete or not at all."""
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
     from transformers import MixtralConfig
 
-    config = MixtralConfig(**SHAPE, dtype="bfloat16")
+    config = MixtralConfig(**{**SHAPE, "num_hidden_layers": layers}, dtype="bfloat16")
+    if as_fp8:
+        config.quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -55,6 +74,9 @@ def build(folder: Path) -> None:
         for e in range(config.num_local_experts):
             q = f"{p}block_sparse_moe.experts.{e}."
             tensors |= {q + "w1.weight": normal(i, h), q + "w2.weight": normal(h, i), q + "w3.weight": normal(i, h)}
+        if as_fp8:
+            for name in [n for n in tensors if n.endswith("proj.weight") or ".experts." in n]:
+                tensors[name], tensors[f"{name}_scale_inv"] = fp8(tensors[name])
         return tensors
 
     shards = [lambda: {"model.embed_tokens.weight": normal(config.vocab_size, h)},
@@ -78,20 +100,23 @@ def build(folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/moec-scale", type=Path)
+    parser.add_argument("--layers", default=SHAPE["num_hidden_layers"], type=int)
+    parser.add_argument("--fp8", action="store_true", help="write the checkpoint as FP8 with 128x128 block scales")
     parser.add_argument("--samples", default=8, type=int)
     parser.add_argument("--seq-len", default=128, type=int)
     parser.add_argument("--avg-bits", default=2.5, type=float)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args()
-    model_dir = args.workdir / "mixtral-8x7b-8L"
-    stats, plan, artifact = args.workdir / "stats.json", args.workdir / "plan.json", args.workdir / "artifact"
+    work = args.workdir / (f"mixtral-8x7b-{args.layers}L" + ("-fp8" if args.fp8 else ""))
+    model_dir, stats, plan, artifact = work / "model", work / "stats.json", work / "plan.json", work / "artifact"
     result = {}
     if not (model_dir / "config.json").is_file():
         start = time.perf_counter()
-        build(model_dir)
+        build(model_dir, args.layers, args.fp8)
         result["generate"] = {"seconds": round(time.perf_counter() - start, 1)}
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    result["model"] = {"parameters": weights // 2, "safetensors_bytes": weights, **SHAPE}
+    result["model"] = {"format": "fp8" if args.fp8 else "bf16", "safetensors_bytes": weights,
+                       **SHAPE, "num_hidden_layers": args.layers}
     if not stats.is_file():
         result["calibrate"] = measured(["calibrate", str(model_dir), "--samples", str(args.samples),
                                         "--seq-len", str(args.seq_len), "--out", str(stats), "--quiet"])
@@ -109,7 +134,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"model: {weights / 2**30:.1f} GiB bf16 safetensors, {weights // 2 / 1e9:.1f} B parameters")
+    print(f"model: {weights / 2**30:.1f} GiB {result['model']['format']} safetensors, {args.layers} layers")
     for stage in ("generate", "calibrate", "plan", "compile", "run", "bench"):
         if stage in result:
             peak = result[stage].get("peak_rss_bytes")

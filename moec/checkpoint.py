@@ -1,6 +1,8 @@
 """A local Hugging Face checkpoint folder: validated before anything is loaded.
 
-Safetensors only (no pickle is ever loaded), no remote code, no hub access.
+Safetensors only (no pickle is ever loaded), no remote code, no hub access. Weights are floating
+point, or in one of the quantized formats large MoE models are published in (PUBLISHED_FORMATS),
+which moec.weights dequantizes as it reads them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ from pathlib import Path
 
 from moec.errors import MoecError
 
+# quantization_config.quant_method of the published quantized formats moec reads -> what they store
+PUBLISHED_FORMATS = {"fp8": "float8_e4m3fn weights with block scales (DeepSeek-V3/R1, Kimi-K2, Qwen3 and GLM FP8)",
+                     "mxfp4": "MXFP4 experts, e2m1 codes with E8M0 block exponents (gpt-oss)"}
+# formats refused with a reason: their int4 codes are already a quantization, which moec would redo on top
+REQUANTIZED = ("gptq", "awq")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -24,6 +31,11 @@ class Checkpoint:
     @property
     def model_type(self) -> str:
         return self.config.get("model_type", "")
+
+    @property
+    def quant_method(self) -> str | None:
+        """The published quantized format the weights are stored in, None for floating point."""
+        return (self.config.get("quantization_config") or {}).get("quant_method")
 
     @property
     def weight_files(self) -> list[Path]:
@@ -59,6 +71,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if checkpoint.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise MoecError(f"unsupported model_type {checkpoint.model_type!r} in {config_file}: transformers has no "
                         "causal language model of that type")
+    _check_format(checkpoint, config_file)
     if not checkpoint.weight_files:
         pickled = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
         hint = (f" (found {', '.join(sorted(pickled))}: moec never loads pickle files; "
@@ -67,23 +80,27 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return checkpoint
 
 
-def load_model(checkpoint: Checkpoint):
-    """The transformers model in fp32, eval mode, from safetensors, without remote code."""
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _check_format(checkpoint: Checkpoint, config_file: Path) -> None:
+    quantization = checkpoint.config.get("quantization_config")
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method in REQUANTIZED:
+        raise MoecError(f"{config_file}: the weights are {method} int4 codes; moec quantizes a model itself "
+                        "(per expert, to the plan's widths), so compile its floating-point or FP8 release instead")
+    if method not in PUBLISHED_FORMATS:
+        raise MoecError(f"{config_file}: quantization_config has quant_method {method!r}; moec reads floating-point "
+                        f"checkpoints and the published formats {', '.join(PUBLISHED_FORMATS)}")
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    try:
-        config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            checkpoint.path, config=config, dtype=torch.float32, use_safetensors=True,
-            trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MoecError(f"cannot load {checkpoint.path}: {first_line}") from None
-    return model.eval()
+
+def load_model(checkpoint: Checkpoint):
+    """The transformers model in fp32, eval mode, read as every moec command reads a checkpoint
+    (moec.weights: safetensors only, published quantized formats dequantized)."""
+    from moec.weights import StreamingModel
+
+    stream = StreamingModel(checkpoint)
+    stream.load("")
+    return stream.model
 
 
 def _check_inside(file: Path, folder: Path) -> None:

@@ -28,6 +28,7 @@ def describe(path: str | Path) -> dict:
         "path": str(path),
         "model_type": record["source_model"]["model_type"],
         "source_model": record["source_model"]["path"],
+        "source_format": record["source_model"].get("format", "float"),
         "target": record["target"],
         "num_layers": record["num_layers"],
         "moe_layers": [entry["layer"] for entry in layers],
@@ -84,7 +85,7 @@ def summary(info: dict) -> str:
     verification = info["verification"] or {}
     lines = [
         f"artifact     {info['path']}",
-        f"model        {info['model_type']} from {info['source_model']}",
+        f"model        {info['model_type']} from {info['source_model']} ({info['source_format']} weights)",
         f"target       {info['target']}",
         f"layers       {info['num_layers']} ({len(info['moe_layers'])} MoE: {_ranges(info['moe_layers'])})",
         f"experts      {', '.join(map(str, info['experts_per_layer']))} per layer, "

@@ -417,7 +417,9 @@ def build_record(checkpoint, layers, graph, target, model, plan: dict | None, pr
         "format": "moec-artifact/1",
         "moec_version": moec.__version__,
         "source_model": {"path": str(checkpoint.path.resolve()), "model_type": checkpoint.model_type,
-                         "weight_bytes": checkpoint.weight_bytes},
+                         "weight_bytes": checkpoint.weight_bytes,
+                         # the published quantized format dequantized on read, or float
+                         "format": checkpoint.quant_method or "float"},
         "target": target.NAME,
         "providers": list(target.PROVIDERS),
         "session_options": target.SESSION_OPTIONS,

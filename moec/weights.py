@@ -5,10 +5,13 @@ The skeleton lives on the meta device. `load(path)` picks the checkpoint tensors
 own conversion mapping (renames such as block_sparse_moe→mlp, per-expert → fused experts) sends
 into that part, and feeds just those to `convert_and_load_state_dict_in_model`, the routine
 `from_pretrained` uses; so every family transformers can load streams the same way, bit for bit.
+A checkpoint published quantized (FP8 block scales, MXFP4 experts) is dequantized tensor by tensor as
+it streams, by transformers' own dequantizing converters.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,6 +23,13 @@ from moec.errors import MoecError
 
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+# a published quantized format's codes: quant_method -> (their safetensors dtypes, whether a tensor holds
+# codes, the name of its scales)
+CODES = {
+    "fp8": (("F8_E4M3",), lambda name, dtype: dtype == "F8_E4M3", lambda name: f"{name}_scale_inv"),
+    "mxfp4": (("U8",), lambda name, dtype: name.endswith("_blocks"), lambda name: name.removesuffix("_blocks") + "_scales"),
+}
+SCALE_SUFFIXES = ("_scale_inv", "_scales", "activation_scale")  # companions of codes, not weights
 TRIM_BYTES = 64 << 20  # freeing less is not worth a garbage collection (a third of a second)
 
 
@@ -43,7 +53,8 @@ class StreamingModel:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False).eval()
         # One mapping for the model's lifetime, as in from_pretrained: some renamings keep state across keys.
-        self._weight_mapping = get_model_conversion_mapping(self.model)
+        self._dequantizer = _dequantizer(checkpoint)
+        self._weight_mapping = get_model_conversion_mapping(self.model, hf_quantizer=self._dequantizer)
         self._shard_of = _shard_of_tensor(checkpoint.path)
         self._targets_of = self._module_keys_of_tensor()
         self.stored_dtype = storage_dtype(checkpoint)
@@ -65,8 +76,10 @@ class StreamingModel:
 
         module = self.model.get_submodule(path)
         names = [name for name, targets in self._targets_of.items() if any(_under(t, path) for t in targets)]
+        # with the dequantizer, codes and scales reach its converters as stored (not cast to the
+        # parameter's dtype first, which would round float32 scales to a bf16 parameter's dtype)
         load_config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.model._get_dtype_plan(self.dtype),
-                                          weight_mapping=self._weight_mapping)
+                                          weight_mapping=self._weight_mapping, hf_quantizer=self._dequantizer)
         info, _ = convert_and_load_state_dict_in_model(self.model, self._readers(names), load_config)
         try:
             self._check(path, module, info)
@@ -108,18 +121,46 @@ class StreamingModel:
         return targets
 
     def _readers(self, names: list[str]) -> dict:
-        """Lazy readers of `names`, keyed by checkpoint name, each needed shard checked first."""
+        """Lazy readers of `names`, keyed by checkpoint name, each needed shard's headers checked first."""
         by_shard: dict[Path, list[str]] = {}
         for name in names:
             by_shard.setdefault(self._shard_of[name], []).append(name)
+        method = self.checkpoint.quant_method
+        code_dtypes, is_codes, scales_of = CODES.get(method, ((), None, None))
+        shapes, dtypes, codes = {}, {}, []
         for shard, stored in sorted(by_shard.items()):
             with _safe_open(shard) as f:
                 for name in stored:
-                    dtype = f.get_slice(name).get_dtype()
-                    if dtype not in FLOAT_DTYPES:
+                    dtype, shapes[name] = f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()
+                    dtypes[name] = dtype
+                    if dtype not in FLOAT_DTYPES + code_dtypes:
                         raise MoecError(f"{shard.name}: tensor {name} is stored as {dtype}; moec reads "
-                                        f"floating-point weights ({', '.join(FLOAT_DTYPES)})")
-        return {name: _ShardTensor(self._shard_of[name], name) for name in names}
+                                        f"floating-point weights ({', '.join(FLOAT_DTYPES)})" +
+                                        (f" and {method} codes ({', '.join(code_dtypes)})" if method else ""))
+                    if is_codes and is_codes(name, dtype):
+                        codes.append(name)
+        for name in codes:
+            self._check_scales(name, scales_of(name), shapes)
+        return {name: _ShardTensor(self._shard_of[name], name, dtypes[name]) for name in names}
+
+    def _check_scales(self, name: str, scales: str, shapes: dict) -> None:
+        """A quantized tensor's scales are there, in the shape its format gives them (FP8: one per
+        weight_block_size tile; MXFP4: one per block of 32 codes)."""
+        method = self.checkpoint.quant_method
+        if scales not in self._shard_of:
+            raise MoecError(f"{self.checkpoint.path}: tensor {name} holds {method} codes, but the checkpoint has "
+                            f"no {scales} (its scales)")
+        if scales not in shapes:
+            with _safe_open(self._shard_of[scales]) as f:
+                shapes[scales] = f.get_slice(scales).get_shape()
+        shape, block = shapes[name], self.checkpoint.config["quantization_config"].get("weight_block_size")
+        if method == "mxfp4":
+            expected = shape[:-1]
+        else:  # without a block size, one scale for the whole tensor
+            expected = [*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1])] if block else shapes[scales]
+        if list(shapes[scales]) != list(expected):
+            raise MoecError(f"{self.checkpoint.path}: tensor {scales} has shape {list(shapes[scales])}; the scales "
+                            f"of {name} {list(shape)} have shape {list(expected)}")
 
     def _check(self, path: str, module: nn.Module, info) -> None:
         """Raise MoecError for the first tensor of the part that did not load cleanly."""
@@ -169,8 +210,12 @@ class _ShardTensor:
     only for that read: a mapped shard's pages count as resident memory, and a bf16 sparse block
     would otherwise be held twice while it converts (its 2.9 GB of shard pages and its tensors)."""
 
-    def __init__(self, shard: Path, name: str):
-        self.shard, self.name = shard, name
+    def __init__(self, shard: Path, name: str, dtype: str):
+        self.shard, self.name, self.dtype = shard, name, dtype
+
+    def get_dtype(self) -> str:
+        """The stored dtype, as safetensors names it (what transformers' loader asks a slice)."""
+        return self.dtype
 
     def __getitem__(self, index):
         with _safe_open(self.shard) as f:
@@ -259,12 +304,50 @@ def _return_freed_memory() -> None:
 
 
 def storage_dtype(checkpoint: Checkpoint) -> torch.dtype:
-    """The floating dtype the checkpoint's tensors are stored in (float32 when mixed)."""
+    """The floating dtype the checkpoint's weights are stored in (float32 when mixed); a quantized
+    checkpoint's dequantized weights take the dtype of the weights it stores in floating point."""
     names = dict(zip(FLOAT_DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
     found = set()
     with _safe_open(checkpoint.weight_files[0]) as f:
         for key in f.keys():
-            found.add(f.get_slice(key).get_dtype())
+            if not key.endswith(SCALE_SUFFIXES):
+                found.add(f.get_slice(key).get_dtype())
     floats = found & set(names)
     return names[floats.pop()] if len(floats) == 1 else torch.float32
 
+
+def _dequantizer(checkpoint: Checkpoint):
+    """transformers' quantizer of a checkpoint published quantized, set to dequantize as it loads
+    (its converters then turn codes and scales into the model's floating-point weights); None for
+    a floating-point checkpoint."""
+    if checkpoint.quant_method is None:
+        return None
+    from transformers.quantizers import AutoHfQuantizer, AutoQuantizationConfig
+
+    config = AutoQuantizationConfig.from_dict({**checkpoint.config["quantization_config"], "dequantize": True})
+    quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)
+    if checkpoint.quant_method == "fp8":
+        quantizer.get_load_operations = lambda: {"dequantize": _fp8_dequantize_op()}
+    return quantizer
+
+
+@functools.cache
+def _fp8_dequantize_op():
+    """transformers' Fp8Dequantize, also for a weight whose last tile along an axis is cut short
+    (DeepSeek-V3's kv_a_proj_with_mqa: 576 rows in 128-row tiles, 5 row scales). transformers 5.24
+    derives the tile from the scale grid, so it refuses that weight, and mis-tiles one whose rows
+    the grid happens to divide: here each scale covers weight_block_size elements from the start,
+    the last one what is left."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    class PartialTileFp8Dequantize(Fp8Dequantize):
+        def _dequantize_one(self, quantized, scales, output_dtype=None):
+            block = self.hf_quantizer.quantization_config.weight_block_size
+            rows, cols = quantized.shape[-2:]
+            if not block or quantized.dtype != torch.float8_e4m3fn or (rows % block[0] == 0 and cols % block[1] == 0):
+                return super()._dequantize_one(quantized, scales, output_dtype)
+            expanded = scales.float().repeat_interleave(block[0], -2)[..., :rows, :]
+            expanded = expanded.repeat_interleave(block[1], -1)[..., :cols]
+            return (quantized.float() * expanded).to(output_dtype or scales.dtype)
+
+    return PartialTileFp8Dequantize

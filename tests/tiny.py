@@ -294,14 +294,17 @@ def byte_tokenizer():
 SEEDS = {"zaya": 2}
 
 
-def save_tiny(arch: str, folder: Path, seed: int | None = None):
-    """Build the family's tiny random model, save it (safetensors) with a tokenizer; return it."""
+def save_tiny(arch: str, folder: Path, seed: int | None = None, **overrides):
+    """Build the family's tiny random model (its config changed by `overrides`), save it
+    (safetensors) with a tokenizer; return it."""
     import transformers
 
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     torch.manual_seed(SEEDS.get(arch, 0) if seed is None else seed)
     config = configs()[arch]
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         # tensors some families initialize to zero (routers, score-correction biases, expert biases)
