@@ -162,10 +162,12 @@ def expert_bias(stacked: dict, expert: int, proj: str, spec: ExpertsSpec):
 
 
 def expert_weights(stacked: dict, expert: int, spec: ExpertsSpec) -> Expert:
-    """Expert `expert` of the node's stacked inputs, upcast to float32."""
+    """Expert `expert` of the node's stacked inputs, upcast to float32. Each stacked input is
+    indexed once, so gate and up are views of one upcast gate_up slice."""
     f32 = lambda a: None if a is None else np.asarray(a, dtype=np.float32)  # noqa: E731
-    parts = {p: f32(expert_projection(stacked, expert, p, spec)) for p in spec.projections}
-    biases = {f"{p}_bias": f32(expert_bias(stacked, expert, p, spec)) for p in spec.projections}
+    one = {name: None if t is None else f32(t[expert])[None] for name, t in stacked.items()}
+    parts = {p: expert_projection(one, 0, p, spec) for p in spec.projections}
+    biases = {f"{p}_bias": expert_bias(one, 0, p, spec) for p in spec.projections}
     return Expert(**parts, **biases)
 
 

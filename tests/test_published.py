@@ -143,8 +143,6 @@ def test_fp8_tiles_cut_short_by_the_shape_dequantize_by_the_published_formula(tm
         expected = fp8_dequantized(stored[name], stored[f"{name}_scale_inv"], 16)
         if name in ours:  # per-expert tensors load into stacked ones, compared by the other tests
             assert torch.equal(ours[name], expected), name
-    record = moec.compile(folder, tmp_path / "artifact", progress=False)
-    assert record["verification"]["max_abs_logit_diff"] < 1e-4
 
 
 def test_a_published_fp8_model_calibrates_plans_and_compiles(published, tmp_path):
