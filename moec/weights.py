@@ -131,7 +131,8 @@ class StreamingModel:
         for shard, stored in sorted(by_shard.items()):
             with _safe_open(shard) as f:
                 for name in stored:
-                    dtype, shapes[name] = f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()
+                    stored_slice = f.get_slice(name)
+                    dtype, shapes[name] = stored_slice.get_dtype(), stored_slice.get_shape()
                     dtypes[name] = dtype
                     if dtype not in FLOAT_DTYPES + code_dtypes:
                         raise MoecError(f"{shard.name}: tensor {name} is stored as {dtype}; moec reads "

@@ -161,20 +161,18 @@ def test_a_published_fp8_model_calibrates_plans_and_compiles(published, tmp_path
     assert record["verification"]["max_abs_logit_diff"] < 1e-3
 
 
-def _rewrite(folder, tmp_path, change):
-    """A copy of the published folder whose tensors `change` edits in place."""
+def _rewrite(folder, tmp_path, codes_suffix, change):
+    """A copy of the published folder in which `change(tensors, codes)` edits the tensors in place,
+    `codes` the name of a layer-1 quantized tensor ending in `codes_suffix`; returns (copy, codes)."""
     import shutil
 
     target = tmp_path / "broken"
     shutil.copytree(folder, target)
     tensors = load_file(target / "model.safetensors")
-    change(tensors)
+    codes = next(name for name in sorted(tensors) if name.endswith(codes_suffix) and "layers.1." in name)
+    change(tensors, codes)
     save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
-    return target
-
-
-def _some_codes(tensors, suffix):
-    return next(name for name in sorted(tensors) if name.endswith(suffix) and "layers.1." in name)
+    return target, codes
 
 
 @pytest.mark.parametrize("arch, codes_suffix, scales_of", [
@@ -182,16 +180,10 @@ def _some_codes(tensors, suffix):
     ("gpt_oss", "gate_up_proj_blocks", lambda name: name.replace("_blocks", "_scales")),
 ])
 def test_codes_without_scales_are_refused_by_name(published, tmp_path, arch, codes_suffix, scales_of):
-    folder, _, _ = published(arch)
-    names = {}
-
-    def drop_scales(tensors):
-        names["codes"] = _some_codes(tensors, codes_suffix)
-        del tensors[scales_of(names["codes"])]
-
-    broken = _rewrite(folder, tmp_path, drop_scales)
-    with pytest.raises(MoecError, match=f"tensor {names['codes']} holds .* codes, but the checkpoint has no "
-                                        f"{scales_of(names['codes'])}"):
+    broken, codes = _rewrite(published(arch)[0], tmp_path, codes_suffix,
+                             lambda tensors, codes: tensors.pop(scales_of(codes)))
+    with pytest.raises(MoecError, match=f"tensor {codes} holds .* codes, but the checkpoint has no "
+                                        f"{scales_of(codes)}"):
         load_model(open_checkpoint(broken))  # the streaming reader every command reads through
 
 
@@ -200,15 +192,11 @@ def test_codes_without_scales_are_refused_by_name(published, tmp_path, arch, cod
     ("gpt_oss", "down_proj_blocks", lambda name: name.replace("_blocks", "_scales")),
 ])
 def test_scales_of_the_wrong_shape_are_refused_by_name(published, tmp_path, arch, codes_suffix, scales_of):
-    folder, _, _ = published(arch)
-    names = {}
+    def halve_scales(tensors, codes):
+        tensors[scales_of(codes)] = tensors[scales_of(codes)][..., ::2].contiguous()
 
-    def halve_scales(tensors):
-        names["scales"] = scales_of(_some_codes(tensors, codes_suffix))
-        tensors[names["scales"]] = tensors[names["scales"]][..., ::2].contiguous()
-
-    broken = _rewrite(folder, tmp_path, halve_scales)
-    with pytest.raises(MoecError, match=f"tensor {names['scales']} has shape"):
+    broken, codes = _rewrite(published(arch)[0], tmp_path, codes_suffix, halve_scales)
+    with pytest.raises(MoecError, match=f"tensor {scales_of(codes)} has shape"):
         load_model(open_checkpoint(broken))
 
 
