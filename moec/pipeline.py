@@ -167,8 +167,9 @@ def traced(checkpoint, skeleton, layers, resident):
     from moec import trace
     from moec.ops.moe import OP_TYPE
 
+    # the files by name, size and time, not by folder: a copy (time kept) traces as its original
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in checkpoint.weight_files)
-    key = (str(checkpoint.path.resolve()), json.dumps(checkpoint.config, sort_keys=True), tuple(files))
+    key = (json.dumps(checkpoint.config, sort_keys=True), tuple(files))
     if key not in _TRACES:
         reader = CheckpointReader()
         reader.resident = resident

@@ -87,6 +87,7 @@ def test_float16_artifact_of_other_layouts_matches_cpu(compiled, arch, tmp_path)
     assert routers and all(types.get(n.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for n in routers)
 
 
+@pytest.mark.xdist_group("sample")  # beside sample_cuda, whose trace of the sample it reuses
 def test_two_bit_experts_are_stored_in_the_four_bit_container(tmp_path):
     """CUDA's MatMulNBits has 4 and 8 bits: 2-bit codes go in the 4-bit container, and the artifact
     still verifies against PyTorch carrying the same dequantized weights."""

@@ -24,6 +24,8 @@ FORMATS = {"deepseek_v3": "fp8", "qwen3_moe": "fp8", "gpt_oss": "mxfp4"}
 OVERRIDES = {"gpt_oss": {"intermediate_size": 64}}
 LOGIT_TOLERANCE = 1e-4  # float32 tiny sources dequantize exactly: the float artifact's usual bound
 PROMPT = np.array([[5, 17, 99, 3, 250, 41, 7, 64]])
+# one worker: the published folders are built once (module fixture) and each traced once
+pytestmark = pytest.mark.xdist_group("published")
 
 
 @pytest.fixture(scope="module")
