@@ -137,7 +137,8 @@ def _plan(args) -> None:
     stats = load_stats(args.stats)
     options = dict(bits=args.bits, scope=args.scope, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                    require_top_widths=not args.no_top_widths, group_size=args.group_size,
-                   params_per_expert=args.params_per_expert, model=args.model, method=args.method)
+                   params_per_expert=args.params_per_expert, model=args.model, method=args.method,
+                   target=args.target)
     if args.sweep:
         if args.prune_target is not None:
             raise MoecError("--prune-target plans one pruning for one plan; it does not combine with --sweep")
@@ -180,17 +181,17 @@ def _eval(args) -> None:
 
 
 def _inspect(args) -> None:
-    from moec.inspect import describe, summary
+    from moec.summary import describe, summary
 
     info = describe(args.artifact)
     print(json.dumps(info, indent=2) if args.json else summary(info))
     if args.plot:
-        from moec.inspect import plot
+        from moec.summary import plot
 
         plot(info, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     if args.netron:
-        from moec.inspect import serve_netron
+        from moec.summary import serve_netron
 
         host, port = serve_netron(args.artifact, args.port)  # a MoecError if netron is not installed
         import netron
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params-per-expert", type=int, metavar="N",
                    help="weights per routed expert (default: 3*hidden*intermediate from the stats or --model)")
     p.add_argument("--model", metavar="PATH", help="model the plan is for; refused if the stats are for another")
+    p.add_argument("--target", choices=("cpu", "cuda"), default=None,
+                   help="count sizes as this target stores them (cpu: 1-bit in 2-bit and 3-bit in 4-bit "
+                        "containers; cuda: 2-bit in 4-bit, float16 scales); default: every width packed as planned")
     p.add_argument("--prune-target", type=float, metavar="F",
                    help="also plan dynamic pruning: remove this fraction of expert activations (e.g. 0.15), "
                         "from the least sensitive layers")

@@ -74,7 +74,7 @@ class ExpertsLayer:
     hidden_size: int
     intermediate_size: int
     shared_expert: bool    # the MoE block also has a shared expert (computed by the family's code)
-    top_k: int | None = None  # the router's k, read off the traced graph (moec.pipeline.traced)
+    top_k: int | None = None  # the router's k, read off the traced graph (moec.trace_cache.traced)
 
     @property
     def layer(self) -> int:

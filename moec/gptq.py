@@ -66,6 +66,7 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
     from moec.calibrate import moe_inputs
     from moec.experts import float32_views
     from moec.ops.moe import expert_hidden, expert_weight_name, expert_weights
+    from moec.policy import weight_bits
 
     group_size = plan["quantization"]["group_size"]
     quantized, tokens_seen = {}, {}
@@ -74,12 +75,13 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
         x = torch.from_numpy(np.concatenate([hidden for hidden, _, _ in calls])).double()
         indices = np.concatenate([index for _, index, _ in calls])
         stacked = float32_views(module)
-        for e, bits in enumerate(plan["experts"]["bits"][layer.layer]):
+        for e in range(len(plan["experts"]["bits"][layer.layer])):
             names = {p: expert_weight_name(layer.layer, e, p) for p in spec.projections}
+            bits = weight_bits(plan, names["up"])
             tokens = np.nonzero((indices == e).any(-1))[0]
             for name in names.values():
                 tokens_seen[name] = int(tokens.size)
-            if bits >= 16 or tokens.size < MIN_TOKENS:
+            if bits is None or tokens.size < MIN_TOKENS:  # kept in float, or too few tokens for GPTQ
                 continue
             xe = x[tokens]
             h_in = (xe.T @ xe).numpy()
@@ -92,3 +94,14 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
             quantized[names["down"]] = gptq(expert.down, (hidden.T @ hidden).numpy(), bits, group_size)
         module = calls = x = None
     return quantized, tokens_seen
+
+
+def gptq_experts(checkpoint, plan: dict, data, samples: int, seq_len: int, progress: bool):
+    """GPTQ'd routed experts (and each one's calibration token count) for a GPTQ plan."""
+    from moec.gptq import quantize_experts
+    from moec.runtime import Tokenizer
+    from moec.text import read_text, token_windows
+
+    text, _ = read_text(data)
+    windows = token_windows(Tokenizer(checkpoint.path).encode(text), samples, seq_len)
+    return quantize_experts(checkpoint, plan, windows, progress=progress)

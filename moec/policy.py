@@ -1,5 +1,9 @@
 """Which weight gets which width, and which layer prunes with which beta: the plan, plus the
-functions here that read it.
+functions here that read it (llama.cpp's way: the policy in one readable place).
+
+`quantization_specs` maps the plan, the traced graph's weights and the target to each weight's
+quantization spec before any pass runs; MatMulNBitsPass, the build record, the verification
+reference and GPTQ all read that map (or `weight_bits`, which it is made of).
 
 Weights are known by name: routed experts as `layers.{l}.experts.{e}.{gate,up,down}_proj` (the
 experts lowering's names), everything else by torch module path (passes/name_weights.py).
@@ -11,7 +15,8 @@ from __future__ import annotations
 
 import re
 
-from moec.ops.moe import EXPERT_WEIGHT_PATTERN
+from moec.errors import MoecError
+from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
 
 UNQUANTIZED = 16
 
@@ -53,3 +58,65 @@ def layer_pruning(plan: dict | None) -> dict[int, tuple[float, float]]:
     pruning = (plan or {}).get("pruning") or {}
     protect = float(pruning.get("protect_fraction", 0.0))
     return {int(entry["layer"]): (float(entry["beta"]), protect) for entry in pruning.get("layers", [])}
+
+
+
+def check_plan_fits(plan: dict, layers, num_layers: int) -> None:
+    """The plan must have one row per layer: experts' widths for sparse layers, null for dense ones."""
+    rows = plan["experts"]["bits"]
+    if len(rows) != num_layers:
+        raise MoecError(f"plan.json: experts.bits has {len(rows)} layers, the model has {num_layers}")
+    sparse = {layer.layer: layer.num_experts for layer in layers}
+    for layer, row in enumerate(rows):
+        if layer in sparse and (row is None or len(row) != sparse[layer]):
+            raise MoecError(f"plan.json: experts.bits[{layer}] must list {sparse[layer]} widths "
+                            f"(layer {layer} is a MoE layer), got {row!r}")
+        if layer not in sparse and row is not None:
+            raise MoecError(f"plan.json: experts.bits[{layer}] must be null (layer {layer} has no experts)")
+
+
+def check_pruning_fits(pruning: dict, layers) -> None:
+    """Only sparse layers with more than one routed expert per token can prune."""
+    top_k = {layer.layer: layer.top_k for layer in layers}
+    for layer in pruning:
+        if layer not in top_k:
+            raise MoecError(f"plan.json: pruning.layers names layer {layer}, which has no routed experts")
+        if top_k[layer] < 2:
+            raise MoecError(f"plan.json: pruning.layers names layer {layer}, which routes each token to one "
+                            "expert: there is nothing to prune")
+
+def product_weights(model) -> list[str]:
+    """The weights a plan can quantize in a traced model (onnx-ir): every constant weight of a
+    MatMul or Gemm, and each routed expert's projections by the name the experts lowering gives them."""
+    from moec.passes.lower_moe import is_moe_node, moe_spec
+    from moec.passes.matmul_nbits import product_weight
+
+    names = []
+    for node in model.graph:
+        if is_moe_node(node):
+            spec = moe_spec(node)
+            names += [expert_weight_name(spec.layer, e, p) for e in range(node.inputs[3].shape[0])
+                      for p in spec.projections]
+        elif product_weight(node) is not None:
+            names.append(node.inputs[1].name)
+    return names
+
+
+def quantization_specs(plan: dict | None, weights: list[str], moe_blocks: list[str], target,
+                       prequantized: dict | None = None) -> dict:
+    """Each weight's moec.quant.Quantizer: the plan's width, stored in the target's container for it,
+    GPTQ's result where `prequantized` has the weight, else RTN. Weights the plan keeps in float are
+    absent. `moe_blocks` are the MoE blocks' module paths (their routers stay in float)."""
+    from moec.quant import Quantizer
+
+    if plan is None:
+        return {}
+    group_size = plan["quantization"]["group_size"]
+    specs = {}
+    for name in weights:
+        bits = weight_bits(plan, name, moe_blocks)
+        if bits is not None:
+            result = (prequantized or {}).get(name)
+            specs[name] = Quantizer(bits, group_size, target.container_bits[bits],
+                                    "rtn" if result is None else result.method, result)
+    return specs

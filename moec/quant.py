@@ -29,12 +29,14 @@ class QuantizedWeight:
 
 @dataclass(frozen=True, eq=False)
 class Quantizer:
-    """How one weight is to be quantized, decided up front from the plan; called with the weight
+    """How one weight is to be quantized and stored, decided up front from the plan and the target
+    (moec.policy.quantization_specs); called with the weight
     [N, K] only when its packed bytes are written. `result` is a quantization computed ahead
     (GPTQ's, which needs calibration data), returned as is."""
 
     bits: int
     group_size: int
+    stored_bits: int  # the target kernel's container for `bits` (1-bit codes in 2-bit MatMulNBits on CPU)
     method: str = "rtn"
     result: QuantizedWeight | None = None
 

@@ -20,18 +20,18 @@ from moec.experts import REFERENCE_IMPLEMENTATION, set_implementation
 from moec.ops.moe import EXPERT_WEIGHT_PATTERN
 
 
-def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple[int, ...]], quantizers: dict,
+def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple[int, ...]], specs: dict,
                        pruning: dict) -> list[np.ndarray]:
     """Logits and every layer's KV cache of the transformers model on `probe`, as the artifact
     returns them, materializing each part (decoder layer, embeddings, head, ...) only for its own
-    call. Where `quantizers` has a weight the reference computes with it quantized and
-    dequantized, and a layer in `pruning` prunes dynamically as planned."""
+    call. Where `specs` (moec.policy.quantization_specs) has a weight the reference computes with it
+    quantized and dequantized, and a layer in `pruning` prunes dynamically as planned."""
     from moec.trace import KVCacheModel
     from moec.weights import part_of
 
     model = stream.model
     set_implementation(model, REFERENCE_IMPLEMENTATION)
-    configure_experts(model, layers, quantizers, pruning)
+    configure_experts(model, layers, specs, pruning)
     decoder_layers = stream.layer_paths()
     tensors = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
     parts = sorted({part_of(name.rpartition(".")[0], decoder_layers) for name in tensors})
@@ -39,7 +39,7 @@ def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple
     try:
         for path in parts:  # each part materialized for its call, its non-expert weights as the artifact has them
             module = model.get_submodule(path)
-            handles += [module.register_forward_pre_hook(lambda *_, path=path: _load(stream, path, quantizers)),
+            handles += [module.register_forward_pre_hook(lambda *_, path=path: _load(stream, path, specs)),
                         module.register_forward_hook(lambda *_, path=path: stream.unload(path))]
         ids = torch.from_numpy(probe)
         with torch.no_grad():

@@ -10,7 +10,7 @@ state it carries from step to step (a graph input and output) stays float32 too.
 converted when they are written, one at a time. The routed experts' weights (the Experts node's
 expert inputs) keep their stored dtype: the experts lowering casts each expert's slice to the
 activations' dtype, and keeps the pruning and the sum over experts in float32 itself.
-Run it before the experts lowering and MatMulNBits, which take the activation dtype from the graph.
+Requires: no MatMulNBits yet (it and the experts lowering take the activations' dtype from the graph).
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ def _loops(graph: ir.Graph) -> set[ir.Node]:
 
 
 class Float16Pass(ir.passes.InPlacePass):
+    def requires(self, model: ir.Model) -> None:
+        if any(node.op_type == "MatMulNBits" for node in ir.traversal.RecursiveGraphIterator(model.graph)):
+            raise ir.passes.PreconditionError("Float16Pass runs before MatMulNBits (MatMulNBitsPass)")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         float32_nodes = _routing_nodes(graph) | _loops(graph)

@@ -1,29 +1,27 @@
 """Replace float weight products by onnxruntime's low-bit `com.microsoft.MatMulNBits`.
 
 Matches: MatMul(x, W) with W an initializer [K, N], and Gemm(x, W, transB=1) with W [N, K]
-(alpha = beta = 1, optional bias C), for which `quantizer(name)` gives a Quantizer (None
-leaves the node as it is).
+(alpha = beta = 1, optional bias C), whose weight name has a quantization spec (moec.policy's
+map from the plan; a weight without one stays as it is). Subgraphs (If branches) included.
 Produces: MatMulNBits(x, B, scales, zero_points) with the packed codes as initializers named
 `<weight>.q`, `<weight>.scales`, `<weight>.zero_points`, plus an Add for a Gemm's bias. The
-codes are computed when the initializers are read (written out), one weight at a time.
-Each width is stored in the container the target maps it to (`container_bits`; onnxruntime's CPU
-kernels have 2, 4 and 8 bits, so 1 → 2 and 3 → 4): the codes fit unchanged and dequantize to the
-same weights. The scales take the replaced weight's dtype, which is the activations' (float16 on CUDA).
+codes are computed when the initializers are read (written out), one weight at a time, in the
+spec's container (`stored_bits`: 1-bit codes in 2-bit MatMulNBits on CPU, the same dequantized
+values). The scales take the replaced weight's dtype, which is the activations' (float16 on CUDA).
+Requires: the experts lowered (no moec::Experts node), so each routed expert is its own product.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
 from moec.quant import Quantizer, pack_matmul_nbits
 
-CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # the CPU kernels' widths
 
-
-def _weight(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
+def product_weight(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
     """The node's constant weight and whether it is stored as [K, N] (MatMul) rather than [N, K]
     (Gemm with transB), or None if the node does not qualify."""
     if node.op_type not in ("MatMul", "Gemm") or node.domain != "":
@@ -45,8 +43,9 @@ class _Packed:
     once all three were read (the writer reads them one after another), so no more than one
     weight's codes are held at a time."""
 
-    def __init__(self, weight: ir.TensorProtocol, k_by_n: bool, quantizer: Quantizer, container_bits: int):
-        self.weight, self.k_by_n, self.quantizer, self.container_bits = weight, k_by_n, quantizer, container_bits
+    def __init__(self, weight: ir.TensorProtocol, k_by_n: bool, quantizer: Quantizer):
+        self.weight, self.k_by_n, self.quantizer = weight, k_by_n, quantizer
+        self.container_bits = quantizer.stored_bits
         self._arrays, self._unread = None, set()
 
     def read(self, index: int) -> np.ndarray:
@@ -69,26 +68,28 @@ class _Packed:
 
 
 class MatMulNBitsPass(ir.passes.InPlacePass):
-    """`quantizer(name)` says how the weight `name` is quantized, or None to leave it in float."""
+    """`specs` maps a weight's name to how it is quantized and stored (moec.quant.Quantizer)."""
 
-    def __init__(self, quantizer: Callable[[str], Quantizer | None], accuracy_level: int = 4,
-                 container_bits: dict[int, int] = CONTAINER_BITS):
+    def __init__(self, specs: Mapping[str, Quantizer], accuracy_level: int = 4):
         super().__init__()
-        self.quantizer = quantizer
+        self.specs = specs
         self.accuracy_level = accuracy_level
-        self.container_bits = container_bits
+
+    def requires(self, model: ir.Model) -> None:
+        if any(node.domain == "moec" and node.op_type == "Experts" for node in model.graph):
+            raise ir.passes.PreconditionError("MatMulNBitsPass runs after the experts lowering (LowerMoEPass)")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):  # subgraphs too (see lower_moe)
-            weight = _weight(node)
+            weight = product_weight(node)
             if weight is None:
                 continue
             name = node.inputs[1].name
-            quantizer = self.quantizer(name)
-            if quantizer is None:
+            spec = self.specs.get(name)
+            if spec is None:
                 continue
-            self._replace(model.graph, node, name, _Packed(*weight, quantizer, self.container_bits[quantizer.bits]))
+            self._replace(model.graph, node, name, _Packed(*weight, spec))
             modified = True
         if modified:
             model.opset_imports.setdefault("com.microsoft", 1)

@@ -6,22 +6,8 @@ MatMulNBits with accuracy_level 4 (int8 activations per block: measured 10-17x f
 for decode-shaped products), and drops the exporter's per-node debug metadata (a third of the file).
 """
 
-import onnx_ir as ir
-import onnx_ir.passes.common as common
+from moec.targets import Target
 
-from moec.passes import matmul_nbits
-from moec.passes.lower_moe import LowerMoEPass
-from moec.passes.matmul_nbits import MatMulNBitsPass
-from moec.passes.prune_experts import PruneExpertsPass
-
-NAME = "cpu"
-PROVIDERS = ("CPUExecutionProvider",)
-ACCURACY_LEVEL = 4
-CONTAINER_BITS = matmul_nbits.CONTAINER_BITS  # MatMulNBits on CPU: 2, 4 and 8 bits
-# max |logit difference| against the reference, with exact kernels: absolute, plus this fraction of
-# the reference's logit range
-VERIFY_TOLERANCE = 1e-3
-VERIFY_RELATIVE_TOLERANCE = 0.0
 # a layer with more routed experts computes them in If subgraphs of this many, each skipped when no
 # token is routed into it: onnxruntime's session creation grows about quadratically with one graph's
 # nodes. Measured on 8 layers of 128 experts, top-8 (bench/many_experts.py): flat 46.7 s to create
@@ -30,18 +16,35 @@ VERIFY_RELATIVE_TOLERANCE = 0.0
 # the current lowering (5 nodes an expert, 15 then), 8 layers of 64 experts, top-8: 2.5 s with
 # subgraphs of 8 against 7.3 s flat, and decode within noise of each other.
 EXPERTS_PER_SUBGRAPH = 8
-# how onnxruntime should run the artifact; moec.json, the model's metadata (`ort_config`, read by plain
-# onnxruntime under ORT_LOAD_CONFIG_FROM_MODEL=1) and genai_config.json carry it. Measured on the
-# 8-layer Mixtral-proportioned 2.5-bit artifact (2 cores): a thread per physical core (0) decodes in
-# 7.7 ms/token against 9.0 with one thread and 9.1 with spinning threads off; without the memory
-# arena it is no faster. These are onnxruntime's defaults, written down so that every runner has them.
-SESSION_OPTIONS = {"intra_op_num_threads": 0, "graph_optimization_level": "ORT_ENABLE_ALL",
-                   "enable_cpu_mem_arena": True, "config_entries": {"session.intra_op.allow_spinning": "1"}}
 
 
-def passes(quantizer=None, pruning=None) -> list[ir.passes.PassBase]:
-    """`quantizer(name)` gives each weight's moec.quant.Quantizer, or None to keep it in float;
-    `pruning` maps each dynamically pruned layer to (beta, protect_fraction)."""
-    low_bit = [MatMulNBitsPass(quantizer, ACCURACY_LEVEL, CONTAINER_BITS)] if quantizer else []
-    return [PruneExpertsPass(pruning or {}), LowerMoEPass(EXPERTS_PER_SUBGRAPH), *low_bit, common.RemoveUnusedNodesPass(),
+def _passes(target: Target, specs, pruning) -> list:
+    import onnx_ir.passes.common as common
+
+    from moec.passes.lower_moe import LowerMoEPass
+    from moec.passes.matmul_nbits import MatMulNBitsPass
+    from moec.passes.pruning_attributes import PruningAttributesPass
+
+    return [PruningAttributesPass(pruning), LowerMoEPass(EXPERTS_PER_SUBGRAPH),
+            MatMulNBitsPass(specs, target.accuracy_level), common.RemoveUnusedNodesPass(),
             common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]
+
+
+TARGET = Target(
+    name="cpu",
+    providers=("CPUExecutionProvider",),
+    container_bits={1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8},  # MatMulNBits on CPU: 2, 4 and 8 bits
+    scale_bytes=4,  # float32 activations and scales
+    accuracy_level=4,
+    verify_tolerance=1e-3,
+    verify_relative_tolerance=0.0,
+    # how onnxruntime should run the artifact; moec.json, the model's metadata (`ort_config`, read by
+    # plain onnxruntime under ORT_LOAD_CONFIG_FROM_MODEL=1) and genai_config.json carry it. Measured on
+    # the 8-layer Mixtral-proportioned 2.5-bit artifact (2 cores): a thread per physical core (0)
+    # decodes in 7.7 ms/token against 9.0 with one thread and 9.1 with spinning threads off; without
+    # the memory arena it is no faster. These are onnxruntime's defaults, written down so that every
+    # runner has them.
+    session_options={"intra_op_num_threads": 0, "graph_optimization_level": "ORT_ENABLE_ALL",
+                     "enable_cpu_mem_arena": True, "config_entries": {"session.intra_op.allow_spinning": "1"}},
+    pass_list=_passes,
+)

@@ -193,7 +193,7 @@ def test_inspect_serves_the_graph_in_netron(compiled):
 
     import netron
 
-    from moec.inspect import serve_netron
+    from moec.summary import serve_netron
 
     with socket.socket() as probe:  # a free port
         probe.bind(("localhost", 0))

@@ -13,10 +13,11 @@ import pytest
 
 import moec
 from moec.runtime import Artifact, Tokenizer, generate, left_pad, positions
-from moec.targets import cuda
+from moec.targets import get_target
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "tiny-mixtral"
+CUDA = get_target("cuda")
 
 
 def logits(artifact: Artifact, sequences: list[list[int]]) -> np.ndarray:
@@ -28,7 +29,7 @@ def logits(artifact: Artifact, sequences: list[list[int]]) -> np.ndarray:
 
 def within_float16_tolerance(got: np.ndarray, want: np.ndarray) -> float:
     diff = float(np.abs(got - want).max())
-    assert diff <= cuda.VERIFY_TOLERANCE + cuda.VERIFY_RELATIVE_TOLERANCE * float(np.ptp(want)), diff
+    assert diff <= CUDA.verify_tolerance + CUDA.verify_relative_tolerance * float(np.ptp(want)), diff
     return diff
 
 
@@ -42,7 +43,7 @@ def sample_cuda(tmp_path_factory):
 def test_float16_artifact_passes_the_checker_and_declares_its_target(sample_cuda):
     onnx.checker.check_model(str(sample_cuda / "model.onnx"), full_check=True)
     record = json.loads((sample_cuda / "moec.json").read_text())
-    assert record["target"] == "cuda" and record["providers"] == list(cuda.PROVIDERS)
+    assert record["target"] == "cuda" and record["providers"] == list(CUDA.providers)
     model = onnx.load(str(sample_cuda / "model.onnx"), load_external_data=False)
     io_types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
     assert io_types["logits"] == onnx.TensorProto.FLOAT16

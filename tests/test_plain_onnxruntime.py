@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from moec.runtime import Artifact, Tokenizer, generate
-from moec.targets import cpu
+from moec.targets import get_target
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "samples" / "ort_generate.py"
@@ -59,7 +59,8 @@ def test_tuned_session_options_reach_every_runner(sample_artifact):
     """moec's runtime reads moec.json, plain onnxruntime the model's ort_config metadata (under
     ORT_LOAD_CONFIG_FROM_MODEL=1, which the template sets), onnxruntime-genai its config."""
     record = json.loads((sample_artifact / "moec.json").read_text())
-    assert record["session_options"] == cpu.SESSION_OPTIONS and record["providers"] == list(cpu.PROVIDERS)
+    cpu = get_target("cpu")
+    assert record["session_options"] == cpu.session_options and record["providers"] == list(cpu.providers)
     metadata = {p.key: p.value for p in onnx.load(str(sample_artifact / "model.onnx"),
                                                   load_external_data=False).metadata_props}
     assert json.loads(metadata["ort_config"]) == {"session_options": {

@@ -369,6 +369,27 @@ def test_expert_bytes_counts_codes_scales_and_zero_points():
         expert_bytes(0, 2)
 
 
+def test_expert_bytes_on_a_target_count_its_containers_and_scale_type():
+    """CUDA stores 1- to 3-bit codes in 4-bit MatMulNBits with float16 scales; CPU has 2-bit but not
+    1- or 3-bit kernels. Without a target, widths pack as planned with float32 scales."""
+    groups = MIXTRAL_PARAMS // 128
+    assert expert_bytes(MIXTRAL_PARAMS, 2, target="cuda") == MIXTRAL_PARAMS // 2 + 2 * groups + groups // 2
+    assert expert_bytes(MIXTRAL_PARAMS, 8, target="cuda") == MIXTRAL_PARAMS + 2 * groups + groups
+    assert expert_bytes(MIXTRAL_PARAMS, 2, target="cpu") == expert_bytes(MIXTRAL_PARAMS, 2)
+    assert expert_bytes(MIXTRAL_PARAMS, 3, target="cpu") == expert_bytes(MIXTRAL_PARAMS, 4)
+    assert expert_bytes(MIXTRAL_PARAMS, 16, target="cuda") == expert_bytes(MIXTRAL_PARAMS, 16)
+
+
+def test_a_plan_for_cuda_predicts_what_the_cuda_artifact_stores():
+    plan = make_plan(synthetic_stats(3), avg_bits=4, bits=[2, 4], params_per_expert=MIXTRAL_PARAMS,
+                     require_top_widths=False, target="cuda")
+    widths = [b for row in plan["experts"]["bits"] if row for b in row]
+    assert plan["objective"]["predicted_expert_bytes"] == \
+        sum(expert_bytes(MIXTRAL_PARAMS, b, target="cuda") for b in widths)
+    # a 2-bit expert costs as much as a 4-bit one there, so the solver has no reason to pick 2 bits
+    assert set(widths) == {4}
+
+
 def test_avg_bits_budget_is_the_uniform_allocation_size():
     experts = 32 * 8
     for bits in (1, 2, 3, 4, 8):
@@ -435,6 +456,16 @@ def test_sweep_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_pat
 # ---------------------------------------------------------------- plan files
 
 
+def test_a_plan_file_with_the_greek_exponent_names_still_loads(tmp_path):
+    """Plan files written before the objective's exponents were renamed say alpha, beta and gamma."""
+    plan = make_plan(synthetic_stats(1, num_layers=3, dense_layers=(0,)), avg_bits=3, scope="layer")
+    objective = plan["objective"]
+    old = {**plan, "objective": {{"frequency_exponent": "alpha", "weight_exponent": "beta",
+                                  "loss_exponent": "gamma"}.get(key, key): value for key, value in objective.items()}}
+    (tmp_path / "plan.json").write_text(json.dumps(old))
+    assert "beta" in old["objective"] and load_plan(tmp_path / "plan.json") == plan
+
+
 @pytest.fixture
 def plan() -> dict:
     return make_plan(synthetic_stats(1, num_layers=3, dense_layers=(0,)), avg_bits=3, scope="layer")
@@ -447,7 +478,7 @@ def test_plan_has_the_documented_schema(plan):
     assert plan["pruning"] == {}
     assert plan["experts"]["bits"][0] is None
     objective = plan["objective"]
-    assert objective["scope"] == "layer" and objective["alpha"] == 1.0 and objective["beta"] == 1.5
+    assert objective["scope"] == "layer" and objective["frequency_exponent"] == 1.0 and objective["weight_exponent"] == 1.5
     assert objective["candidate_bits"] == [2, 3, 4] and objective["budget"] == {"avg_bits": 3.0, "bytes": None}
     assert objective["predicted_expert_bytes"] is None and objective["predicted_loss"] > 0
 
@@ -498,7 +529,8 @@ def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch)
     (("quantization", "group_size"), 100, "quantization.group_size: expected a power of two >= 16, got 100"),
     (("quantization", "method"), "awq", "quantization.method: expected one of rtn, gptq, got \"awq\""),
     (("pruning",), [], "plan.json: pruning: expected an object, got []"),
-    (("objective", "alpha"), float("nan"), "objective.alpha: expected a finite number >= 0, got NaN"),
+    (("objective", "frequency_exponent"), float("nan"),
+     "objective.frequency_exponent: expected a finite number >= 0, got NaN"),
     (("objective", "scope"), "model", "objective.scope: expected one of global, layer"),
     (("objective", "budget", "bytes"), -1, "objective.budget.bytes: expected a positive int, got -1"),
     (("objective", "candidate_bits"), [2, 7], "objective.candidate_bits[1]: expected an int bit width"),

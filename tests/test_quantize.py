@@ -6,59 +6,16 @@ import json
 import shutil
 
 import numpy as np
-import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 import moec
 from moec.cli import main
 from moec.evaluate import evaluate
-from moec.passes.matmul_nbits import MatMulNBitsPass
 from moec.planner import DEFAULT_NON_EXPERT, save_plan
 from moec.policy import weight_bits
-from moec.quant import Quantizer, rtn
+from moec.quant import rtn
 from moec.runtime import Artifact, generate
 from tiny import families
-
-
-def _product_graph(weight_nk: np.ndarray, gemm: bool, bias: np.ndarray | None) -> ir.Model:
-    n, k = weight_nk.shape
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["M", k]))
-    w = ir.Value(name="w", const_value=ir.tensor(weight_nk if gemm else weight_nk.T.copy(), name="w"))
-    inits = [w]
-    if gemm:
-        inputs = [x, w]
-        if bias is not None:
-            inputs.append(ir.Value(name="c", const_value=ir.tensor(bias, name="c")))
-            inits.append(inputs[-1])
-        node = ir.node("Gemm", inputs, attributes={"transB": 1})
-    else:
-        node = ir.node("MatMul", [x, w])
-    node.outputs[0].name = "y"
-    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=inits, opset_imports={"": 21})
-    return ir.Model(graph, ir_version=10)
-
-
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("k, group", [(64, 32), (200, 128), (96, 16)])
-@pytest.mark.parametrize("form", ["matmul", "gemm", "gemm-bias"])
-def test_matmul_nbits_computes_with_the_dequantized_weight(bits, k, group, form):
-    rng = np.random.default_rng(bits * 1000 + k)
-    weight = rng.normal(size=(24, k)).astype(np.float32)
-    bias = rng.normal(size=24).astype(np.float32) if form == "gemm-bias" else None
-    model = _product_graph(weight, gemm=form != "matmul", bias=bias)
-    asked = []
-
-    def quantizer(name):
-        asked.append(name)
-        return Quantizer(bits, group)
-
-    assert MatMulNBitsPass(quantizer, accuracy_level=0)(model).modified
-    assert [n.op_type for n in model.graph][0] == "MatMulNBits" and asked == ["w"]
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    x = rng.normal(size=(5, k)).astype(np.float32)
-    expected = x @ rtn(weight, bits, group).dequantize().T + (0 if bias is None else bias)
-    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])
@@ -74,12 +31,6 @@ def test_row_blocks_in_parallel_give_the_same_codes(bits, monkeypatch):
     blocked = quant.quantize_rtn(weight, bits, 32)
     assert all(np.array_equal(a, b) for a, b in zip(whole, blocked))
     assert np.array_equal(quant.dequantize(*blocked, 32), whole_weight)
-
-
-def test_matmul_nbits_leaves_weights_the_callback_declines():
-    model = _product_graph(np.ones((4, 32), np.float32), gemm=False, bias=None)
-    assert not MatMulNBitsPass(lambda name: None)(model).modified
-    assert [n.op_type for n in model.graph] == ["MatMul"]
 
 
 def make_plan(bits_rows, group_size=32, **non_expert) -> dict:
@@ -104,6 +55,28 @@ def test_policy_reads_the_plan():
     assert weight_bits(plan, "model.layers.0.mlp.shared_expert.up_proj.weight", blocks) == 4
     assert weight_bits(plan, "model.layers.2.mlp.shared_experts.down_proj.weight", blocks) == 4
     assert weight_bits(plan, "model.layers.1.mlp.gate_proj.weight", blocks) is None  # dense, not a block
+
+
+def test_quantization_specs_give_each_weight_of_the_graph_its_width_and_the_target_container():
+    """One map, from the plan, the traced graph's weights and the target, before any pass runs."""
+    from graphs import moe_layers
+
+    from moec.policy import product_weights, quantization_specs
+    from moec.targets import get_target
+
+    graph = moe_layers([0, 2])  # routers are MatMul weights of the MoE blocks: kept in float
+    names = product_weights(graph)
+    assert names[:1] == ["layers.0.router.weight"] and "layers.2.experts.3.down_proj" in names
+    assert len(names) == 2 * (1 + 4 * 3)
+    plan = make_plan([[2, 4, 8, 16], None, [1, 2, 3, 4]])
+    for target, containers in (("cpu", {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}), ("cuda", {1: 4, 2: 4, 3: 4, 4: 4, 8: 8})):
+        specs = quantization_specs(plan, names, ["layers.0", "layers.2"], get_target(target))
+        assert "layers.0.router.weight" not in specs and "layers.0.experts.3.up_proj" not in specs  # float
+        assert {name: (q.bits, q.stored_bits) for name, q in specs.items() if ".experts.1." in name} == \
+            {f"layers.{layer}.experts.1.{p}_proj": (bits, containers[bits])
+             for layer, bits in ((0, 4), (2, 2)) for p in ("gate", "up", "down")}
+        assert all(q.group_size == 32 and q.method == "rtn" for q in specs.values())
+    assert quantization_specs(None, names, [], get_target("cpu")) == {}
 
 
 def _mixed_plan(record, seed=0):

@@ -4,6 +4,7 @@ Matches: `moec::Experts` nodes of the layers in `pruning` ({layer: (beta, protec
 Produces: the same nodes with their `beta` and `protect_fraction` attributes set; the experts
 lowering turns them into the layer's moec.DynamicGating, so a dropped (token, expert) pair
 costs no expert compute. Layers not listed keep plain top-k routing (beta 0).
+Requires: an Experts node for every layer it prunes (the lowering, which consumes them, runs after).
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import onnx_ir as ir
 from moec.passes.lower_moe import is_moe_node, moe_spec
 
 
-class PruneExpertsPass(ir.passes.InPlacePass):
+class PruningAttributesPass(ir.passes.InPlacePass):
     def __init__(self, pruning: dict[int, tuple[float, float]]):
         super().__init__()
         self.pruning = pruning
+
+    def requires(self, model: ir.Model) -> None:
+        missing = set(self.pruning) - {moe_spec(node).layer for node in model.graph if is_moe_node(node)}
+        if missing:
+            raise ir.passes.PreconditionError(f"layers {sorted(missing)} have no Experts node to prune "
+                                              "(PruningAttributesPass runs before the experts lowering)")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False

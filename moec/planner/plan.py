@@ -1,0 +1,161 @@
+"""moec-plan/1: the plan file a compile reads; validated on every read and write."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from moec.files import write_atomic
+from moec.planner.checks import (PlanError, _positive_int, _positive_number, _read_json, _show, _statistic,
+                                 _unit_fraction, _validate_object, _widths_text)
+from moec.planner.sizes import UNQUANTIZED_BITS
+
+PLAN_FORMAT = "moec-plan/1"
+# Widths a plan may hold: 1 and 3 are MC-MoE's own, 2/4/8 are onnxruntime's MatMulNBits widths.
+PLAN_BIT_WIDTHS = (1, 2, 3, 4, 8, UNQUANTIZED_BITS)
+SCOPES = ("global", "layer")
+QUANT_METHODS = ("rtn", "gptq")
+DEFAULT_NON_EXPERT = {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
+PLAN_KEYS = ("format", "model", "experts", "objective", "non_expert", "quantization", "pruning")
+OPTIONAL_PLAN_KEYS = ("objective",)
+PRUNING_KEYS = ("layers", "protect_fraction", "target", "predicted_pruned_fraction")  # the first two required
+# the objective's exponents on frequency, routing weight and loss (the paper's alpha, beta, gamma;
+# plan files before these names wrote the Greek letters, whose "beta" read like the pruning threshold)
+EXPONENT_KEYS = {"alpha": "frequency_exponent", "beta": "weight_exponent", "gamma": "loss_exponent"}
+OBJECTIVE_KEYS = ("scope", *EXPONENT_KEYS.values(), "candidate_bits", "require_top_widths", "budget",
+                  "params_per_expert", "predicted_loss", "predicted_expert_bytes")
+
+
+def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | None = None,
+                  source: str = "plan.json") -> None:
+    """Raise PlanError naming the first bad field of a moec-plan/1 dict; compiles only start from valid plans."""
+    if not isinstance(plan, dict):
+        raise PlanError(f"{source}: expected a JSON object, got {_show(plan)}")
+    for key in plan:
+        if key not in PLAN_KEYS:
+            raise PlanError(f"{source}: unknown top-level key {_show(key)} (expected {', '.join(PLAN_KEYS)})")
+    for key in PLAN_KEYS:
+        if key not in plan and key not in OPTIONAL_PLAN_KEYS:
+            raise PlanError(f"{source}: missing field {_show(key)}")
+    if plan["format"] != PLAN_FORMAT:
+        raise PlanError(f"{source}: format: expected {_show(PLAN_FORMAT)}, got {_show(plan['format'])}")
+    if plan["model"] is not None and (not isinstance(plan["model"], str) or not plan["model"]):
+        raise PlanError(f"{source}: model: expected a model path or null, got {_show(plan['model'])}")
+    _validate_expert_bits(plan["experts"], num_layers, num_experts, source)
+    _validate_object(plan["non_expert"], DEFAULT_NON_EXPERT, f"{source}: non_expert")
+    for key, width in plan["non_expert"].items():
+        _plan_width(width, f"{source}: non_expert.{key}")
+    quantization = plan["quantization"]
+    _validate_object(quantization, ("method", "group_size"), f"{source}: quantization")
+    if quantization["method"] not in QUANT_METHODS:
+        raise PlanError(f"{source}: quantization.method: expected one of {', '.join(QUANT_METHODS)}, "
+                        f"got {_show(quantization['method'])}")
+    group_size = quantization["group_size"]
+    if type(group_size) is not int or group_size < 16 or group_size & (group_size - 1):
+        raise PlanError(f"{source}: quantization.group_size: expected a power of two >= 16, got {_show(group_size)}")
+    _validate_pruning(plan["pruning"], f"{source}: pruning")
+    if "objective" in plan:
+        _validate_objective(plan["objective"], f"{source}: objective")
+
+
+def _validate_expert_bits(experts: Any, num_layers: int | None, num_experts: int | None, source: str) -> None:
+    _validate_object(experts, ("bits",), f"{source}: experts")
+    grid = experts["bits"]
+    if not isinstance(grid, list) or not grid:
+        raise PlanError(f"{source}: experts.bits: expected a list with one entry per layer, got {_show(grid)}")
+    if num_layers is not None and len(grid) != num_layers:
+        raise PlanError(f"{source}: experts.bits: expected {num_layers} layers, got {len(grid)}")
+    counted_at = ""  # where the expected expert count came from, when the caller gave none
+    for layer, row in enumerate(grid):
+        where = f"{source}: experts.bits[{layer}]"
+        if row is None:
+            continue
+        if not isinstance(row, list) or not row:
+            raise PlanError(f"{where}: expected a list of expert bit widths or null, got {_show(row)}")
+        if num_experts is None:
+            num_experts, counted_at = len(row), f" (as in experts.bits[{layer}])"
+        if len(row) != num_experts:
+            raise PlanError(f"{where}: expected {num_experts} experts{counted_at}, got {len(row)}")
+        for expert, width in enumerate(row):
+            _plan_width(width, f"{where}[{expert}]")
+    if num_experts is None:
+        raise PlanError(f"{source}: experts.bits: no layer has experts")
+
+
+def _validate_pruning(pruning: Any, where: str) -> None:
+    """`{}`, or {"layers": [{"layer": int, "beta": (0, 1]}, ...], "protect_fraction": [0, 1), and
+    optionally "target" and "predicted_pruned_fraction" (see moec.pruning)."""
+    if not isinstance(pruning, dict):
+        raise PlanError(f"{where}: expected an object, got {_show(pruning)}")
+    if not pruning:
+        return
+    for key in pruning:
+        if key not in PRUNING_KEYS:
+            raise PlanError(f"{where}: unknown key {_show(key)} (expected {', '.join(PRUNING_KEYS)})")
+    for key in PRUNING_KEYS[:2]:
+        if key not in pruning:
+            raise PlanError(f"{where}: missing field {_show(key)}")
+    layers = pruning["layers"]
+    if not isinstance(layers, list):
+        raise PlanError(f'{where}.layers: expected a list of {{"layer": int, "beta": number}}, got {_show(layers)}')
+    seen = set()
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or set(entry) != {"layer", "beta"}:
+            raise PlanError(f'{where}.layers[{i}]: expected {{"layer": int, "beta": number}}, got {_show(entry)}')
+        if type(entry["layer"]) is not int or entry["layer"] < 0 or entry["layer"] in seen:
+            raise PlanError(f"{where}.layers[{i}].layer: expected a layer index not listed before, "
+                            f"got {_show(entry['layer'])}")
+        seen.add(entry["layer"])
+        _unit_fraction(entry["beta"], f"{where}.layers[{i}].beta", low_open=True)
+    _unit_fraction(pruning["protect_fraction"], f"{where}.protect_fraction", high_open=True)
+    for key in PRUNING_KEYS[2:]:
+        if key in pruning:
+            _unit_fraction(pruning[key], f"{where}.{key}")
+
+
+def _validate_objective(objective: Any, where: str) -> None:
+    _validate_object(objective, OBJECTIVE_KEYS, where)
+    if objective["scope"] not in SCOPES:
+        raise PlanError(f"{where}.scope: expected one of {', '.join(SCOPES)}, got {_show(objective['scope'])}")
+    for key in (*EXPONENT_KEYS.values(), "predicted_loss"):
+        if key != "loss_exponent" or objective[key] is not None:
+            _statistic(objective[key], f"{where}.{key}")
+    candidates = objective["candidate_bits"]
+    if not isinstance(candidates, list) or not candidates:
+        raise PlanError(f"{where}.candidate_bits: expected a list of bit widths, got {_show(candidates)}")
+    for i, width in enumerate(candidates):
+        _plan_width(width, f"{where}.candidate_bits[{i}]")
+    if type(objective["require_top_widths"]) is not bool:
+        raise PlanError(f"{where}.require_top_widths: expected true or false, "
+                        f"got {_show(objective['require_top_widths'])}")
+    budget = objective["budget"]
+    _validate_object(budget, ("avg_bits", "bytes"), f"{where}.budget")
+    if budget["avg_bits"] is not None:
+        _positive_number(budget["avg_bits"], f"{where}.budget.avg_bits")
+    for key, value in (("budget.bytes", budget["bytes"]), ("params_per_expert", objective["params_per_expert"]),
+                       ("predicted_expert_bytes", objective["predicted_expert_bytes"])):
+        if value is not None:
+            _positive_int(value, f"{where}.{key}")
+
+
+def _plan_width(value: Any, where: str) -> None:
+    if type(value) is not int or value not in PLAN_BIT_WIDTHS:
+        raise PlanError(f"{where}: expected an int bit width in {_widths_text(PLAN_BIT_WIDTHS)}, got {_show(value)}")
+
+
+def load_plan(path: str | os.PathLike, num_layers: int | None = None, num_experts: int | None = None) -> dict:
+    """Read and validate plan.json (an older file's objective exponents read under their new names)."""
+    plan = _read_json(Path(path))
+    objective = plan.get("objective") if isinstance(plan, dict) else None
+    if isinstance(objective, dict):
+        plan["objective"] = {EXPONENT_KEYS.get(key, key): value for key, value in objective.items()}
+    validate_plan(plan, num_layers, num_experts, source=str(path))
+    return plan
+
+
+def save_plan(plan: dict, path: str | os.PathLike) -> None:
+    """Validate, then write atomically: a crash leaves either the old file or the new one, never half of one."""
+    validate_plan(plan, source=str(path))
+    write_atomic(Path(path), (json.dumps(plan, indent=1, allow_nan=False) + "\n").encode())

@@ -1,0 +1,318 @@
+"""Expert bit-width planner: MC-MoE's pre-loading mixed-precision allocation, plus a whole-model budget.
+
+The paper (arXiv 2410.06270, Eq. 4) gives every expert e of a MoE layer one bit width b_e and minimizes
+
+    sum_e  f_e^alpha * w_e^beta * L_e(b_e)^gamma
+
+where f and w are the expert's routing frequency and summed routing weight, normalized to sum 1 within
+the layer, and L_e(b) is the layer-output error when only that expert is quantized to b bits. The
+released solver (precision_solver.py) uses alpha as the loss exponent (its gamma is parsed but unused),
+alpha=1, beta=1.5, a per-layer budget sum_e b_e <= budget, and at least one expert at each of the two
+highest widths; its published Mixtral-8x7B allocations are reproduced by scope="layer" with gamma=None.
+
+scope="global" keeps that objective and the per-layer protection constraint but replaces the per-layer
+bit budgets with one byte budget for all routed experts, so layers compete for bits. Every layer plan
+fits the global problem of the same byte budget, so a global plan never predicts a higher loss.
+
+The MILP is solved by HiGHS through scipy.optimize.milp.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from moec.planner.checks import PlanError, _fraction, _positive_int, _read_json, _show, _widths_text
+from moec.planner.plan import DEFAULT_NON_EXPERT, PLAN_BIT_WIDTHS, PLAN_FORMAT, SCOPES, validate_plan
+from moec.planner.sizes import (UNQUANTIZED_BITS, _bytes_to_avg_bits, _format_bytes, avg_bits_budget_bytes,
+                                expert_bytes, parse_size)
+from moec.planner.stats import _parse_stats, _Stats
+
+# Hugging Face config keys for the routed-expert count, by family (Mixtral/PhiMoE/gpt-oss, Qwen/OLMoE, DeepSeek).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# HiGHS stops at a 1e-4 relative gap by default; the paper's optima differ from runners-up by 2e-6.
+_SOLVER_OPTIONS = {"mip_rel_gap": 0.0}
+_SOLVER_COST_SCALE = 1e6  # keeps HiGHS's fixed 1e-6 absolute gap negligible whatever the loss units
+
+
+def _costs(stats: _Stats, alpha: float, beta: float, gamma: float | None) -> np.ndarray:
+    """(moe layers, experts, widths) objective terms f^alpha * w^beta * L^gamma."""
+    importance = stats.frequency**alpha * stats.routing_weight**beta
+    return importance[..., None] * stats.quant_loss ** (alpha if gamma is None else gamma)
+
+
+def predicted_loss(stats: Mapping, bits_grid: Sequence[Sequence[int] | None], alpha: float = 1.0,
+                   beta: float = 1.5, gamma: float | None = None) -> float:
+    """The MC-MoE objective of an allocation, so plans from any scope (or edited by hand) compare on one scale.
+
+    `bits_grid[layer][expert]` as in plan.json; 16 (unquantized) counts as no loss.
+    """
+    parsed = _parse_stats(stats, "stats")
+    _check_exponents(alpha, beta, gamma)
+    return _grid_loss(parsed, bits_grid, _costs(parsed, alpha, beta, gamma))
+
+
+def _grid_loss(stats: _Stats, bits_grid: Sequence, cost: np.ndarray) -> float:
+    """Sum of the objective terms of the chosen widths; 16 bits is lossless."""
+    total = 0.0
+    for row, layer_bits in enumerate(_grid_rows(stats, bits_grid)):
+        for e, bits in enumerate(layer_bits):
+            if bits == UNQUANTIZED_BITS:
+                continue
+            if bits not in stats.widths:
+                raise PlanError(f"layer {stats.moe_layers[row]} expert {e}: unknown bit width {_show(bits)}: "
+                                f"the stats have quant_loss for {_show(list(stats.widths))}")
+            total += cost[row, e, stats.widths.index(bits)]
+    return float(total)
+
+
+def _grid_rows(stats: _Stats, bits_grid: Sequence) -> list[Sequence[int]]:
+    """The rows of `bits_grid` for the MoE layers, after checking its shape against the stats."""
+    if len(bits_grid) != stats.num_layers:
+        raise PlanError(f"bits: expected {stats.num_layers} layers, got {len(bits_grid)}")
+    rows = []
+    for index, layer_bits in enumerate(bits_grid):
+        if (layer_bits is None) != (index not in stats.moe_layers):
+            expected = "null (no experts in the stats)" if layer_bits is not None else f"{stats.num_experts} widths"
+            raise PlanError(f"bits[{index}]: expected {expected}, got {_show(layer_bits)}")
+        if layer_bits is not None:
+            if len(layer_bits) != stats.num_experts:
+                raise PlanError(f"bits[{index}]: expected {stats.num_experts} widths, got {len(layer_bits)}")
+            rows.append(layer_bits)
+    return rows
+
+
+def _check_exponents(alpha: float, beta: float, gamma: float | None) -> None:
+    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", alpha if gamma is None else gamma)):
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            raise PlanError(f"{name}: expected a finite number >= 0, got {_show(value)}")
+
+
+def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str | int | None = None,
+              bits: Sequence[int] | None = None, scope: str = "global", alpha: float = 1.0, beta: float = 1.5,
+              gamma: float | None = None, require_top_widths: bool = True, group_size: int = 128,
+              params_per_expert: int | None = None, model: str | os.PathLike | None = None,
+              non_expert: Mapping[str, int] | None = None, method: str = "rtn", target: str | None = None) -> dict:
+    """Solve the MC-MoE bit allocation and return a validated moec-plan/1 dict.
+
+    Budget: `avg_bits` (both scopes) or `size_budget` bytes for all routed experts (global scope only;
+    non-expert weights are not counted). `bits`: candidate widths, default every width the stats
+    measured. alpha=1, beta=1.5 are the released solver's defaults; `gamma` is the exponent on the loss
+    (None = alpha, as in the released solver; the paper's Eq. 4 writes a separate gamma).
+    `require_top_widths`: in every layer, at least one expert at each of the two highest widths.
+    `params_per_expert`: weights per routed expert; default 3*hidden*intermediate from the stats' model
+    section or from `model`'s config.json. Required by the global scope.
+    `model`: the model this plan is for; a mismatch with the stats' model raises PlanError.
+    `target`: a compile target whose storage the byte budget and the predicted size count (containers,
+    scale type); None packs every width as planned with float32 scales (MC-MoE's accounting).
+    """
+    parsed = _parse_stats(stats, "stats")
+    if scope not in SCOPES:
+        raise PlanError(f"scope: expected one of {', '.join(SCOPES)}, got {_show(scope)}")
+    _check_exponents(alpha, beta, gamma)
+    _positive_int(group_size, "group_size")
+    widths = _candidate_widths(parsed, bits)
+    config = None
+    if model is not None:
+        config = _read_model_config(model)
+        _check_same_model(parsed.model, str(model), config)
+    params = _expert_params(parsed.model, config, params_per_expert)
+    if (avg_bits is None) == (size_budget is None):
+        raise PlanError("give exactly one budget: avg_bits or size_budget")
+    if scope == "layer" and size_budget is not None:
+        raise PlanError("size_budget needs scope=\"global\"; the paper's per-layer scope takes avg_bits")
+    size_bytes = parse_size(size_budget) if size_budget is not None else None
+    average = _fraction(avg_bits, "avg_bits") if avg_bits is not None else None
+
+    required = tuple(range(len(widths)))[-2:] if require_top_widths else ()
+    if parsed.num_experts < len(required):
+        raise PlanError(f"require_top_widths needs {len(required)} experts per layer, the stats have "
+                        f"{parsed.num_experts}; turn it off")
+    all_costs = _costs(parsed, alpha, beta, gamma)
+    cost = all_costs[..., [parsed.widths.index(w) for w in widths]]
+    num_moe = len(parsed.moe_layers)
+    total_experts = num_moe * parsed.num_experts
+
+    if scope == "layer":
+        per_layer = math.floor(average * parsed.num_experts)
+        smallest = _smallest_total(list(widths), required, parsed.num_experts, 1)
+        if per_layer < smallest:
+            raise PlanError(f"avg_bits {avg_bits:g} is infeasible with bits {_widths_text(widths)}"
+                            f"{_required_text(widths, required)}: the smallest feasible budget is avg_bits "
+                            f"{smallest / parsed.num_experts:g} ({smallest} bits per layer)")
+        choice = _solve(cost, list(widths), [(np.array([m]), per_layer) for m in range(num_moe)], required)
+        budget = {"avg_bits": float(avg_bits), "bytes": None}
+    else:
+        if params is None:
+            raise PlanError("scope \"global\" needs the expert parameter count: give params_per_expert "
+                            "(--params-per-expert), a model folder with config.json, or hidden_size and "
+                            "moe_intermediate_size in the stats' model section")
+        width_bytes = [expert_bytes(params, w, group_size, target) for w in widths]
+        if size_bytes is not None:
+            budget_bytes = size_bytes
+        else:
+            budget_bytes = avg_bits_budget_bytes(avg_bits, params, total_experts, group_size, target)
+        smallest = _smallest_total(width_bytes, required, parsed.num_experts, num_moe)
+        if budget_bytes < smallest:
+            asked = f"avg_bits {avg_bits:g}" if avg_bits is not None else f"size budget {_show(size_budget)}"
+            raise PlanError(f"{asked} ({budget_bytes} expert bytes) is infeasible with bits {_widths_text(widths)}"
+                            f"{_required_text(widths, required)}: the smallest feasible budget is {smallest} bytes "
+                            f"({_format_bytes(smallest)}, avg_bits "
+                            f"{_bytes_to_avg_bits(smallest, params, total_experts, group_size, target):g})")
+        choice = _solve(cost, width_bytes, [(np.arange(num_moe), budget_bytes)], required)
+        budget = {"avg_bits": None if avg_bits is None else float(avg_bits), "bytes": budget_bytes}
+
+    grid: list[list[int] | None] = [None] * parsed.num_layers
+    for row, index in enumerate(parsed.moe_layers):
+        grid[index] = [widths[j] for j in choice[row]]
+    chosen_bytes = None if params is None else sum(
+        expert_bytes(params, b, group_size, target) for layer_bits in grid if layer_bits for b in layer_bits)
+    plan = {
+        "format": PLAN_FORMAT,
+        "model": str(model) if model is not None else parsed.model.get("name_or_path"),
+        "experts": {"bits": grid},
+        "objective": {
+            "scope": scope, "frequency_exponent": float(alpha), "weight_exponent": float(beta),
+            "loss_exponent": None if gamma is None else float(gamma), "candidate_bits": list(widths),
+            "require_top_widths": bool(require_top_widths), "budget": budget, "params_per_expert": params,
+            "predicted_loss": _grid_loss(parsed, grid, all_costs),
+            "predicted_expert_bytes": chosen_bytes,
+        },
+        "non_expert": _non_expert_widths(non_expert),
+        "quantization": {"method": method, "group_size": group_size},
+        "pruning": {},
+    }
+    validate_plan(plan, parsed.num_layers, parsed.num_experts, source="plan")
+    return plan
+
+
+def _candidate_widths(stats: _Stats, bits: Sequence[int] | None) -> tuple[int, ...]:
+    if bits is None:
+        widths = stats.widths
+    else:
+        widths = tuple(sorted(set(bits)))
+        if not widths:
+            raise PlanError("bits: expected at least one bit width")
+        for width in widths:
+            if width not in stats.widths:
+                raise PlanError(f"unknown bit width {_show(width)}: the stats have quant_loss for "
+                                f"{_show(list(stats.widths))}")
+    for width in widths:
+        if width not in PLAN_BIT_WIDTHS:
+            raise PlanError(f"bit width {width} cannot be stored in a plan: expected one of "
+                            f"{_widths_text(PLAN_BIT_WIDTHS)}")
+    return widths
+
+
+def _smallest_total(width_cost: list[int], required: tuple[int, ...], num_experts: int, num_layers: int) -> int:
+    """Least budget any allocation needs: the required widths once per layer, the cheapest width elsewhere."""
+    per_layer = sum(width_cost[j] for j in required) + (num_experts - len(required)) * min(width_cost)
+    return num_layers * per_layer
+
+
+def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarray, int]],
+           required: tuple[int, ...]) -> np.ndarray:
+    """Width index per (moe layer, expert) minimizing `cost`, one binary per (layer, expert, width).
+
+    Each budget row bounds sum(width_cost) over its layers; `required` width indices need one expert
+    per layer. The budget rows are rewritten as small integers (each expert takes exactly one width, so
+    the cheapest width's cost is a constant) so that HiGHS's tolerances cannot overspend a byte.
+    """
+    layers, experts, num_widths = cost.shape
+    variables = layers * experts * num_widths
+    index = np.arange(variables).reshape(layers, experts, num_widths)
+    objective = cost - cost.min(axis=2, keepdims=True)  # constant per expert: same argmin, tighter gaps
+    if objective.max() > 0:
+        objective = objective * (_SOLVER_COST_SCALE / objective.max())
+
+    def rows(groups: list[np.ndarray], coefficients: np.ndarray) -> csr_array:
+        data = np.concatenate([np.broadcast_to(coefficients, g.shape).ravel() for g in groups])
+        columns = np.concatenate([g.ravel() for g in groups])
+        row_ids = np.concatenate([np.full(g.size, r) for r, g in enumerate(groups)])
+        return csr_array((data, (row_ids, columns)), shape=(len(groups), variables))
+
+    one_width = rows([index[m, e] for m in range(layers) for e in range(experts)], np.ones(num_widths))
+    constraints = [LinearConstraint(one_width, 1, 1)]
+    cheapest = min(width_cost)
+    steps = [w - cheapest for w in width_cost]
+    unit = math.gcd(*steps)
+    if unit:
+        capacity = [(limit - len(group) * experts * cheapest) // unit for group, limit in budgets]
+        constraints.append(LinearConstraint(rows([index[group] for group, _ in budgets],
+                                                np.array(steps) // unit), -np.inf, capacity))
+    if required:
+        protected = rows([index[m, :, j] for m in range(layers) for j in required], np.ones(experts))
+        constraints.append(LinearConstraint(protected, 1, np.inf))
+    result = milp(objective.ravel(), integrality=np.ones(variables), bounds=Bounds(0, 1),
+                  constraints=constraints, options=_SOLVER_OPTIONS)
+    if not result.success:
+        raise PlanError(f"the MILP solver (HiGHS) found no allocation: {result.message}")
+    return result.x.reshape(layers, experts, num_widths).argmax(axis=2)
+
+
+def _expert_params(stats_model: dict, config: dict | None, params_per_expert: int | None) -> int | None:
+    """Weights per routed expert (gate, up, down: 3*hidden*intermediate), from the caller or model metadata."""
+    if params_per_expert is not None:
+        return _positive_int(params_per_expert, "params_per_expert")
+    for source in (stats_model, config or {}):
+        hidden = source.get("hidden_size")
+        intermediate = source.get("moe_intermediate_size", source.get("intermediate_size"))
+        if type(hidden) is int and type(intermediate) is int and hidden > 0 and intermediate > 0:
+            return 3 * hidden * intermediate
+    return None
+
+
+def _read_model_config(model: str | os.PathLike) -> dict | None:
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise PlanError(f"{path}: expected a JSON object")
+    return config
+
+
+def _check_same_model(stats_model: dict, model: str, config: dict | None) -> None:
+    """Refuse stats measured on another model: their losses say nothing about this one."""
+    if config is not None:
+        theirs = {"model_type": config.get("model_type"), "num_layers": config.get("num_hidden_layers"),
+                  "num_experts": next((config[k] for k in EXPERT_COUNT_KEYS if k in config), None)}
+        for key, value in theirs.items():
+            if value is not None and stats_model.get(key) is not None and value != stats_model[key]:
+                raise PlanError(f"the stats are for a different model: {_describe(stats_model)}, "
+                                f"but {model} is {_describe(theirs)}")
+        return
+    name = stats_model.get("name_or_path")
+    if isinstance(name, str) and _model_name(name) != _model_name(model):
+        raise PlanError(f"the stats are for a different model: {name}, but the plan is for {model}")
+
+
+def _model_name(name_or_path: str) -> str:
+    return name_or_path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def _describe(model: dict) -> str:
+    return (f"{model.get('model_type', '?')} with {model.get('num_layers', '?')} layers "
+            f"and {model.get('num_experts', '?')} experts")
+
+
+def _non_expert_widths(overrides: Mapping[str, int] | None) -> dict:
+    widths = dict(DEFAULT_NON_EXPERT)
+    for key, value in (overrides or {}).items():
+        if key not in widths:
+            raise PlanError(f"non_expert: unknown part {_show(key)}: expected one of {', '.join(widths)}")
+        widths[key] = value
+    return widths
+
+
+def _required_text(widths: Sequence[int], required: tuple[int, ...]) -> str:
+    if not required:
+        return ""
+    return (" and one expert per layer at each of " + " and ".join(f"{widths[j]} bits" for j in reversed(required))
+            + " (--no-top-widths drops that requirement)")

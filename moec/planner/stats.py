@@ -1,0 +1,104 @@
+"""moec-stats/1: what `moec calibrate` measured, validated and read as arrays for the solver."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moec.planner.checks import PlanError, _positive_int, _read_json, _show, _statistic, _width_key
+
+STATS_FORMAT = "moec-stats/1"
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """A validated stats file as arrays over the layers that have routed experts."""
+
+    model: dict
+    num_layers: int
+    num_experts: int
+    moe_layers: tuple[int, ...]
+    widths: tuple[int, ...]  # widths with a measured loss, ascending
+    frequency: np.ndarray  # (moe layers, experts), normalized per layer
+    routing_weight: np.ndarray  # (moe layers, experts), normalized per layer
+    quant_loss: np.ndarray  # (moe layers, experts, widths)
+
+
+def load_stats(path: str | os.PathLike) -> dict:
+    """Read and validate a moec-stats/1 file, so bad statistics fail here rather than inside the solver."""
+    stats = _read_json(Path(path))
+    _parse_stats(stats, str(path))
+    return stats
+
+
+def _parse_stats(stats: Any, source: str) -> _Stats:
+    if not isinstance(stats, dict):
+        raise PlanError(f"{source}: expected a JSON object, got {_show(stats)}")
+    if stats.get("format") != STATS_FORMAT:
+        raise PlanError(f"{source}: format: expected {_show(STATS_FORMAT)}, got {_show(stats.get('format'))}")
+    model = stats.get("model")
+    if not isinstance(model, dict):
+        raise PlanError(f"{source}: model: expected an object, got {_show(model)}")
+    num_layers = _positive_int(model.get("num_layers"), f"{source}: model.num_layers")
+    num_experts = _positive_int(model.get("num_experts"), f"{source}: model.num_experts")
+    layers = stats.get("layers")
+    if not isinstance(layers, list):
+        raise PlanError(f"{source}: layers: expected a list, got {_show(layers)}")
+
+    by_index: dict[int, tuple[int, list]] = {}  # layer -> (position in the file, experts)
+    seen: set[int] = set()
+    for position, entry in enumerate(layers):
+        where = f"{source}: layers[{position}]"
+        if not isinstance(entry, dict):
+            raise PlanError(f"{where}: expected an object, got {_show(entry)}")
+        index = entry.get("layer")
+        if type(index) is not int or not 0 <= index < num_layers:
+            raise PlanError(f"{where}.layer: expected an int in [0, {num_layers}), got {_show(index)}")
+        if index in seen:
+            raise PlanError(f"{where}.layer: layer {index} appears twice")
+        seen.add(index)
+        experts = entry.get("experts")
+        if experts is None:
+            continue  # a dense layer (e.g. DeepSeek's first_k_dense_replace)
+        if not isinstance(experts, list) or len(experts) != num_experts:
+            raise PlanError(f"{where}.experts: expected a list of {num_experts} experts or null, got {_show(experts)}")
+        by_index[index] = (position, experts)
+    if not by_index:
+        raise PlanError(f"{source}: layers: no layer has experts")
+
+    moe_layers = tuple(sorted(by_index))
+    widths: tuple[int, ...] | None = None
+    frequency = np.empty((len(moe_layers), num_experts))
+    routing_weight = np.empty_like(frequency)
+    losses: list[list[list[float]]] = []
+    for row, index in enumerate(moe_layers):
+        position, experts = by_index[index]
+        layer_losses = []
+        for e, expert in enumerate(experts):
+            where = f"{source}: layers[{position}].experts[{e}]"
+            if not isinstance(expert, dict):
+                raise PlanError(f"{where}: expected an object, got {_show(expert)}")
+            frequency[row, e] = _statistic(expert.get("frequency"), f"{where}.frequency")
+            routing_weight[row, e] = _statistic(expert.get("routing_weight"), f"{where}.routing_weight")
+            table = expert.get("quant_loss")
+            if not isinstance(table, dict) or not table:
+                raise PlanError(f"{where}.quant_loss: expected an object of bit width -> loss, got {_show(table)}")
+            expert_widths = tuple(sorted(_width_key(key, f"{where}.quant_loss") for key in table))
+            if widths is None:
+                widths = expert_widths
+            elif expert_widths != widths:
+                raise PlanError(f"{where}.quant_loss: has widths {_show(list(expert_widths))}, "
+                                f"other experts have {_show(list(widths))}")
+            layer_losses.append([_statistic(table[str(w)], f"{where}.quant_loss[\"{w}\"]") for w in widths])
+        losses.append(layer_losses)
+        for name, values in (("frequency", frequency), ("routing_weight", routing_weight)):
+            total = values[row].sum()
+            if total <= 0:
+                raise PlanError(f"{source}: layer {index}: every expert has {name} 0, so experts cannot be weighed")
+            values[row] /= total
+    assert widths is not None
+    return _Stats(model, num_layers, num_experts, moe_layers, widths, frequency, routing_weight, np.array(losses))

@@ -1,0 +1,95 @@
+"""moec.json: what an artifact was built from, how, and what its experts take."""
+
+from __future__ import annotations
+
+import moec
+
+
+def build_record(checkpoint, layers, graph, target, model, plan: dict | None, pruning: dict,
+                 quantized: dict, expert_tokens: dict) -> dict:
+    """moec.json: what was built from what (the artifact's file sizes are added once it is final)."""
+    config = model.config
+    return {
+        "format": "moec-artifact/1",
+        "moec_version": moec.__version__,
+        "source_model": {"path": str(checkpoint.path.resolve()), "model_type": checkpoint.model_type,
+                         "weight_bytes": checkpoint.weight_bytes,
+                         # the published quantized format dequantized on read, or float
+                         "format": checkpoint.quant_method or "float"},
+        "target": target.name,
+        "providers": list(target.providers),
+        "session_options": dict(target.session_options),
+        "opset": graph.opset_imports.get("", None),
+        "num_layers": config.num_hidden_layers,
+        "moe_layers": [
+            {"layer": layer.layer, "num_experts": layer.num_experts, "top_k": layer.top_k,
+             "experts_module": layer.path, "experts": layer.spec.attributes(), "shared_expert": layer.shared_expert}
+            for layer in layers
+        ],
+        "parameters": {"experts": sum(layer.num_experts * layer.expert_parameters() for layer in layers),
+                       "total": sum(int(t.numel()) for t in model.parameters()) +
+                       sum(int(t.numel()) for layer in layers for t in model.get_submodule(layer.block_path).buffers())},
+        "quantization": None if plan is None else quantization_record(plan, layers, graph, quantized, expert_tokens),
+        "pruning": pruning_record(pruning),
+    }
+
+
+def quantization_record(plan: dict, layers, graph, quantized: dict, expert_tokens: dict) -> dict:
+    """Per expert: width, the container MatMulNBits stores it in, bytes (of its initializers in
+    `graph`), quantizer and calibration tokens; totals, averages, and the experts GPTQ had too
+    few tokens for."""
+    import re
+
+    from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
+
+    experts, expert_bytes, weighted_bits = [], 0, 0.0
+    for layer in layers:
+        row = []
+        projections = layer.spec.projections
+        for e in range(layer.num_experts):
+            parts = [quantized.get(expert_weight_name(layer.layer, e, p)) for p in projections]
+            if all(q is None for q in parts):
+                row.append({"bits": 16, "stored_bits": 32, "bytes": 4 * layer.expert_parameters(), "quantizer": None})
+            else:
+                q = parts[0]
+                nbytes = sum(_stored_bytes(graph, expert_weight_name(layer.layer, e, p)) for p in projections)
+                row.append({"bits": q.bits, "stored_bits": q.stored_bits, "bytes": nbytes,
+                            "quantizer": q.method})
+            if expert_tokens:
+                row[-1]["calibration_tokens"] = expert_tokens.get(expert_weight_name(layer.layer, e, "up"), 0)
+            expert_bytes += row[-1]["bytes"]
+            weighted_bits += row[-1]["bits"] * layer.expert_parameters()
+        experts.append({"layer": layer.layer, "experts": row})
+    non_expert = {name: {"bits": q.bits, "stored_bits": q.stored_bits, "bytes": _stored_bytes(graph, name)}
+                  for name, q in quantized.items() if not re.fullmatch(EXPERT_WEIGHT_PATTERN, name)}
+    params = sum(layer.num_experts * layer.expert_parameters() for layer in layers)
+    repacked = {q.bits: q.stored_bits for q in quantized.values() if q.stored_bits != q.bits}
+    return {
+        "method": plan["quantization"]["method"], "group_size": plan["quantization"]["group_size"],
+        "kernel": "com.microsoft.MatMulNBits",
+        "widths_in_larger_containers": {str(b): repacked[b] for b in sorted(repacked)},
+        "expert_bytes": expert_bytes, "avg_expert_bits": weighted_bits / params,
+        "rtn_fallback_experts": [[layer["layer"], e] for layer in experts for e, x in enumerate(layer["experts"])
+                                 if plan["quantization"]["method"] == "gptq" and x["quantizer"] == "rtn"],
+        "predicted_expert_bytes": (plan.get("objective") or {}).get("predicted_expert_bytes"),
+        "experts": experts, "non_expert": non_expert,
+    }
+
+
+def pruning_record(pruning: dict) -> dict | None:
+    """Which layers prune with which beta, the importance the artifact uses, and its switch."""
+    from moec.ops.moe import PRUNE_SWITCH
+
+    if not pruning:
+        return None
+    return {"layers": [{"layer": layer, "beta": beta} for layer, (beta, _) in sorted(pruning.items())],
+            "protect_fraction": next(iter(pruning.values()))[1],
+            "importance": "L1 norm of the token's hidden state at the MoE input (proxy for the paper's "
+                          "attention received x L1 norm)",
+            "switch": f"input {PRUNE_SWITCH} (bool, default true); fed false, the artifact runs plain top-k"}
+
+
+def _stored_bytes(graph, name: str) -> int:
+    """Bytes of the MatMulNBits initializers (packed codes, scales, zero points) of weight `name`."""
+    return sum(graph.graph.initializers[f"{name}.{suffix}"].const_value.nbytes
+               for suffix in ("q", "scales", "zero_points"))

@@ -1,0 +1,99 @@
+"""Verification: the artifact run on a probe against the PyTorch reference, in exact arithmetic."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from moec.errors import MoecError
+from moec.runtime import MODEL_FILE
+
+
+def verification_input(vocab_size: int, tokens: int = 8) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, vocab_size, (1, tokens), dtype=np.int64)
+
+
+def verify(folder: Path, target, probe: np.ndarray, reference: list[np.ndarray], quantized: bool,
+           pruned: bool = False) -> dict:
+    """Run the artifact on `probe`; compare logits (and each layer's KV cache) with the reference.
+
+    The check that fails the build runs every MatMulNBits in exact arithmetic (accuracy_level 0),
+    so any packing, graph or kernel error shows up against the target's tolerance (absolute, plus a
+    fraction of the reference's logit range for float16 targets) and is located by the first layer
+    whose KV cache differs. The artifact as shipped (int8 activations per block on CPU) is
+    measured too and recorded, not enforced: its rounding can flip a near-tied routing decision,
+    which moves logits by more than any fixed tolerance without anything being wrong.
+    """
+    from moec.runtime import available_providers
+
+    providers = available_providers(list(target.providers))
+    if quantized:
+        with _exact_kernels(folder / MODEL_FILE) as exact:
+            outputs = _run(exact, providers, probe)
+    else:
+        outputs = _run(folder / MODEL_FILE, providers, probe)
+    diff = float(np.abs(outputs[0] - reference[0]).max())
+    tolerance = target.verify_tolerance + target.verify_relative_tolerance * float(np.ptp(reference[0]))
+    if not diff <= tolerance:
+        layer = next((i // 2 for i, (got, want) in enumerate(zip(outputs[1:], reference[1:]))
+                      if not np.abs(got - want).max() <= tolerance), None)
+        if layer is None:
+            where = "; every KV cache matches, so the error is in the last layer's MLP/MoE or the head"
+        elif layer == 0:
+            where = "; the KV cache of layer 0 differs: the error is in layer 0's attention projections"
+        else:
+            where = (f"; the KV cache first differs at layer {layer}: the error is in layer {layer - 1}'s "
+                     f"MLP/MoE or layer {layer}'s attention projections")
+        raise MoecError(f"verification failed: artifact logits differ from the reference by {diff:.3g} "
+                        f"(tolerance {tolerance:.3g}){where}")
+    against = "PyTorch with the same dequantized weights" if quantized else \
+        "PyTorch with the MoE op's NumPy reference in the pruned layers" if pruned else \
+        "transformers fp32, routed experts by the Experts op's NumPy reference"
+    result = {"max_abs_logit_diff": diff, "tolerance": tolerance, "tokens": int(probe.size),
+              "against": against + (", pruning as planned" if pruned and quantized else "")}
+    if quantized:
+        shipped = float(np.abs(_run(folder / MODEL_FILE, providers, probe)[0] - reference[0]).max())
+        result["shipped_kernels"] = {"max_abs_logit_diff": shipped,
+                                     "relative_to_logit_range": shipped / float(np.ptp(reference[0]))}
+    return result
+
+
+@contextmanager
+
+
+def _exact_kernels(model_file: Path):
+    """A copy of the model file (beside it, sharing its external data) with every MatMulNBits set
+    to accuracy_level 0 (fp32 activations)."""
+    import onnx
+
+    def nodes(graph):  # and those of subgraphs (If branches)
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from nodes(attr.g)
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    for node in nodes(model.graph):
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 0
+    exact = model_file.with_name(f".exact-{model_file.name}")
+    onnx.save(model, str(exact))
+    try:
+        yield exact
+    finally:
+        exact.unlink()
+
+
+def _run(model_file: Path, providers: list[str], probe: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    from moec.runtime import empty_past
+
+    session = ort.InferenceSession(str(model_file), providers=providers)
+    feeds = {"input_ids": probe, "attention_mask": np.ones_like(probe), "position_ids": np.arange(probe.shape[1])[None]}
+    outputs = session.run(None, feeds | empty_past(session, 1))
+    return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outputs]

@@ -1,0 +1,42 @@
+"""Fuse RMSNorm into onnxruntime's com.microsoft.SkipSimplifiedLayerNormalization.
+
+Matches: the RMSNorm subgraphs (Pow, ReduceMean, Add epsilon, Sqrt/Reciprocal, Mul, Mul by the
+scale) that onnxscript's ORT fusion rules recognize, with or without the residual Add before them.
+Produces: SkipSimplifiedLayerNormalization (accumulating in float32, so a large hidden state cannot
+overflow float16 in its square); a norm without an Add before it gets a zero skip, and a per-head
+norm ([batch, sequence, heads, head size]) runs on its rows flattened and is shaped back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+
+class FuseRMSNormPass(ir.passes.InPlacePass):
+    """RMSNorm → SkipSimplifiedLayerNormalization, through onnxscript's ORT fusion rules (the plain
+    SimplifiedLayerNormalization they emit is in the ONNX domain, where onnx.checker knows no such op)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        fused = fuse_rms_normalization(model) + fuse_skip_rms_normalization(model)
+        for node in [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization" and n.domain == ""]:
+            x, scale = node.inputs[:2]
+            flat = x.shape is None or len(x.shape) not in (2, 3)
+            before, after = [], []
+            if flat:
+                rows = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([-1, scale.shape[-1]]))})
+                shape = ir.node("Shape", [x])
+                before = [rows, shape, ir.node("Reshape", [x, rows.outputs[0]])]
+                x = before[-1].outputs[0]
+            zero = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(0, np.float32))})
+            skip = ir.node("Mul", [x, zero.outputs[0]])
+            epsilon = node.attributes["epsilon"].value if "epsilon" in node.attributes else 1e-5
+            norm = ir.node("SkipSimplifiedLayerNormalization", [x, skip.outputs[0], scale], domain="com.microsoft",
+                           attributes={"epsilon": epsilon}, name=node.name)
+            if flat:
+                after = [ir.node("Reshape", [norm.outputs[0], shape.outputs[0]])]
+            ir.convenience.replace_nodes_and_values(model.graph, node, [node], [*before, zero, skip, norm, *after],
+                                                    node.outputs[:1], (after or [norm])[-1].outputs[:1])
+        return ir.passes.PassResult(model, modified=bool(fused))
