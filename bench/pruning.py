@@ -49,8 +49,8 @@ def float_plan(stats: dict, pruning: dict) -> dict:
     layers, experts = stats["model"]["num_layers"], stats["model"]["num_experts"]
     moe = {layer["layer"] for layer in stats["layers"]}
     return {"format": "moec-plan/1", "model": stats["model"]["name_or_path"],
-            "experts": {"bits": [[16] * experts if i in moe else None for i in range(layers)]},
-            "non_expert": {key: 16 for key in DEFAULT_NON_EXPERT},
+            "experts": {"bits": [["float"] * experts if i in moe else None for i in range(layers)]},
+            "non_expert": {key: "float" for key in DEFAULT_NON_EXPERT},
             "quantization": {"method": "rtn", "group_size": 32}, "pruning": pruning}
 
 

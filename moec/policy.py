@@ -17,8 +17,8 @@ import re
 
 from moec.errors import MoecError
 from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
+from moec.planner.sizes import FLOAT
 
-UNQUANTIZED = 16
 
 
 def weight_category(name: str, moe_blocks: list[str] = ()) -> str | None:
@@ -50,7 +50,7 @@ def weight_bits(plan: dict, name: str, moe_blocks: list[str] = ()) -> int | None
     else:
         category = weight_category(name, moe_blocks)
         bits = None if category is None else plan["non_expert"].get(category)
-    return None if bits is None or bits >= UNQUANTIZED else int(bits)
+    return None if bits is None or bits == FLOAT else int(bits)
 
 
 def layer_pruning(plan: dict | None) -> dict[int, tuple[float, float]]:

@@ -41,6 +41,7 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
     import re
 
     from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
+    from moec.planner import FLOAT
 
     experts, expert_bytes, weighted_bits = [], 0, 0.0
     for layer in layers:
@@ -49,7 +50,7 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
         for e in range(layer.num_experts):
             parts = [quantized.get(expert_weight_name(layer.layer, e, p)) for p in projections]
             if all(q is None for q in parts):
-                row.append({"bits": 16, "stored_bits": 32, "bytes": 4 * layer.expert_parameters(), "quantizer": None})
+                row.append({"bits": FLOAT, "stored_bits": 32, "bytes": 4 * layer.expert_parameters(), "quantizer": None})
             else:
                 q = parts[0]
                 nbytes = sum(_stored_bytes(graph, expert_weight_name(layer.layer, e, p)) for p in projections)
@@ -58,7 +59,8 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
             if expert_tokens:
                 row[-1]["calibration_tokens"] = expert_tokens.get(expert_weight_name(layer.layer, e, "up"), 0)
             expert_bytes += row[-1]["bytes"]
-            weighted_bits += row[-1]["bits"] * layer.expert_parameters()
+            # a float expert counts at the 32 bits it is stored in
+            weighted_bits += row[-1]["stored_bits" if row[-1]["bits"] == FLOAT else "bits"] * layer.expert_parameters()
         experts.append({"layer": layer.layer, "experts": row})
     non_expert = {name: {"bits": q.bits, "stored_bits": q.stored_bits, "bytes": _stored_bytes(graph, name)}
                   for name, q in quantized.items() if not re.fullmatch(EXPERT_WEIGHT_PATTERN, name)}

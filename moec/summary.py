@@ -100,7 +100,7 @@ def summary(info: dict) -> str:
     if quantization:
         lines.append(f"quantized    {quantization['method']} group {quantization['group_size']}, "
                      f"{quantization['avg_expert_bits']:.2f} avg expert bits, experts {mib(quantization['expert_bytes'])}")
-        lines += [f"  layer {layer:<3} bits {' '.join(f'{b:>2}' for b in row)}"
+        lines += [f"  layer {layer:<3} bits {' '.join(f'{b:>2}' if b != 'float' else 'fp' for b in row)}"
                   for layer, row in zip(info["moe_layers"], quantization["bits"])]
     lines.append("size by part " + ", ".join(f"{part} {mib(n)}" for part, n in info["size_breakdown"].items()))
     pruning = info["pruning"]
@@ -139,12 +139,12 @@ def plot(info: dict, path: str | Path) -> None:
     grid_axes, size_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     quantization = info["quantization"]
     if quantization:
-        bits = np.array(quantization["bits"], float)
-        image = grid_axes.imshow(bits, cmap="viridis_r", aspect="auto", norm=LogNorm(1, 16))
+        bits = np.array([[32 if b == "float" else b for b in row] for row in quantization["bits"]], float)
+        image = grid_axes.imshow(bits, cmap="viridis_r", aspect="auto", norm=LogNorm(1, 32))
         for (row, col), value in np.ndenumerate(bits):
             grid_axes.text(col, row, f"{value:g}", ha="center", va="center", fontsize=8,
                            color="black" if value <= 4 else "white")
-        figure.colorbar(image, ax=grid_axes, label="bits", ticks=[1, 2, 4, 8, 16], format="%g")
+        figure.colorbar(image, ax=grid_axes, label="bits (32: float)", ticks=[1, 2, 4, 8, 32], format="%g")
         grid_axes.set_yticks(range(len(bits)), [str(layer) for layer in info["moe_layers"]])
         grid_axes.set_title(f"bits per expert ({quantization['avg_expert_bits']:.2f} average)")
     else:

@@ -50,8 +50,8 @@ def test_a_pruned_artifact_runs_in_genai_with_pruning_on(tmp_path, compiled):
     from moec.planner import DEFAULT_NON_EXPERT, save_plan
 
     plan = tmp_path / "plan.json"
-    save_plan({"format": "moec-plan/1", "model": None, "experts": {"bits": [[16] * 4] * 2},
-               "non_expert": {key: 16 for key in DEFAULT_NON_EXPERT},
+    save_plan({"format": "moec-plan/1", "model": None, "experts": {"bits": [["float"] * 4] * 2},
+               "non_expert": {key: "float" for key in DEFAULT_NON_EXPERT},
                "quantization": {"method": "rtn", "group_size": 32},
                "pruning": {"layers": [{"layer": 0, "beta": 0.9}, {"layer": 1, "beta": 0.9}], "protect_fraction": 0.0}},
               plan)

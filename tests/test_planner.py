@@ -350,7 +350,7 @@ def test_predicted_loss_follows_the_formula():
                  {"frequency": 1.0, "routing_weight": 3.0, "quant_loss": {"2": 20.0, "4": 5.0}}]}]}
     # f = (3/4, 1/4), w = (1/4, 3/4)
     assert predicted_loss(stats, [[2, 4]]) == pytest.approx(0.75 * 0.25**1.5 * 10 + 0.25 * 0.75**1.5 * 5)
-    assert predicted_loss(stats, [[4, 16]], alpha=2, beta=1, gamma=0.5) == pytest.approx(0.75**2 * 0.25 * 2**0.5)
+    assert predicted_loss(stats, [[4, "float"]], alpha=2, beta=1, gamma=0.5) == pytest.approx(0.75**2 * 0.25 * 2**0.5)
     with pytest.raises(PlanError, match="unknown bit width 3"):
         predicted_loss(stats, [[3, 4]])
 
@@ -362,7 +362,7 @@ def test_expert_bytes_counts_codes_scales_and_zero_points():
     groups = MIXTRAL_PARAMS // 128  # 1,376,256 groups of 128 inputs
     assert expert_bytes(MIXTRAL_PARAMS, 2) == MIXTRAL_PARAMS // 4 + 4 * groups + groups // 4 == 49_889_280
     assert expert_bytes(MIXTRAL_PARAMS, 3) == 66_060_288 + 5_505_024 + 516_096
-    assert expert_bytes(MIXTRAL_PARAMS, 16) == 4 * MIXTRAL_PARAMS
+    assert expert_bytes(MIXTRAL_PARAMS, "float") == 4 * MIXTRAL_PARAMS
     assert expert_bytes(MIXTRAL_PARAMS, 4, group_size=64) - expert_bytes(MIXTRAL_PARAMS, 4) == groups * (4 + 0.5)
     assert expert_bytes(1000, 3, group_size=128) == 375 + 4 * 8 + 3  # partial bytes and groups round up
     with pytest.raises(PlanError, match="params: expected a positive int"):
@@ -377,7 +377,7 @@ def test_expert_bytes_on_a_target_count_its_containers_and_scale_type():
     assert expert_bytes(MIXTRAL_PARAMS, 8, target="cuda") == MIXTRAL_PARAMS + 2 * groups + groups
     assert expert_bytes(MIXTRAL_PARAMS, 2, target="cpu") == expert_bytes(MIXTRAL_PARAMS, 2)
     assert expert_bytes(MIXTRAL_PARAMS, 3, target="cpu") == expert_bytes(MIXTRAL_PARAMS, 4)
-    assert expert_bytes(MIXTRAL_PARAMS, 16, target="cuda") == expert_bytes(MIXTRAL_PARAMS, 16)
+    assert expert_bytes(MIXTRAL_PARAMS, "float", target="cuda") == expert_bytes(MIXTRAL_PARAMS, "float")
 
 
 def test_a_plan_for_cuda_predicts_what_the_cuda_artifact_stores():
@@ -466,6 +466,18 @@ def test_a_plan_file_with_the_greek_exponent_names_still_loads(tmp_path):
     assert "beta" in old["objective"] and load_plan(tmp_path / "plan.json") == plan
 
 
+def test_a_plan_file_that_writes_16_for_float_still_loads(tmp_path):
+    """Plan files written before "float" named an unquantized weight's width 16."""
+    plan = make_plan(synthetic_stats(1, num_layers=3, dense_layers=(0,)), avg_bits=3, scope="layer")
+    plan["experts"]["bits"][1][0] = "float"
+    plan["non_expert"]["embedding"] = "float"
+    old = json.loads(json.dumps(plan).replace('"float"', "16"))
+    (tmp_path / "plan.json").write_text(json.dumps(old))
+    assert old["experts"]["bits"][1][0] == 16 and load_plan(tmp_path / "plan.json") == plan
+    with pytest.raises(PlanError, match=r"experts.bits\[1\]\[0\]: expected a bit width"):
+        validate_plan(old)  # a plan made in memory says "float"
+
+
 @pytest.fixture
 def plan() -> dict:
     return make_plan(synthetic_stats(1, num_layers=3, dense_layers=(0,)), avg_bits=3, scope="layer")
@@ -514,17 +526,17 @@ def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch)
 @pytest.mark.parametrize("path, value, message", [
     (("format",), "moec-plan/2", "plan.json: format: expected \"moec-plan/1\", got \"moec-plan/2\""),
     (("model",), 3, "plan.json: model: expected a model path or null, got 3"),
-    (("experts", "bits", 1, 2), "x", "plan.json: experts.bits[1][2]: expected an int bit width in {1,2,3,4,8,16}, got \"x\""),
-    (("experts", "bits", 2, 0), float("nan"), "experts.bits[2][0]: expected an int bit width in {1,2,3,4,8,16}, got NaN"),
-    (("experts", "bits", 2, 3), 2.0, "experts.bits[2][3]: expected an int bit width in {1,2,3,4,8,16}, got 2.0"),
-    (("experts", "bits", 1, 1), True, "experts.bits[1][1]: expected an int bit width in {1,2,3,4,8,16}, got true"),
+    (("experts", "bits", 1, 2), "x", "plan.json: experts.bits[1][2]: expected a bit width in {1,2,3,4,8} or \"float\", got \"x\""),
+    (("experts", "bits", 2, 0), float("nan"), "experts.bits[2][0]: expected a bit width in {1,2,3,4,8} or \"float\", got NaN"),
+    (("experts", "bits", 2, 3), 2.0, "experts.bits[2][3]: expected a bit width in {1,2,3,4,8} or \"float\", got 2.0"),
+    (("experts", "bits", 1, 1), True, "experts.bits[1][1]: expected a bit width in {1,2,3,4,8} or \"float\", got true"),
     (("experts", "bits", 1, 1), 5, "got 5"),
     (("experts", "bits", 2), [2, 2], "plan.json: experts.bits[2]: expected 4 experts (as in experts.bits[1]), got 2"),
     (("experts", "bits", 1), "2222", "experts.bits[1]: expected a list of expert bit widths or null"),
     (("experts", "bits"), [], "plan.json: experts.bits: expected a list with one entry per layer"),
     (("experts", "bits"), [None, None], "experts.bits: no layer has experts"),
     (("experts", "extra"), 1, "plan.json: experts: unknown key \"extra\""),
-    (("non_expert", "attention"), 5, "plan.json: non_expert.attention: expected an int bit width"),
+    (("non_expert", "attention"), 5, "plan.json: non_expert.attention: expected a bit width"),
     (("non_expert", "router"), 8, "plan.json: non_expert: unknown key \"router\""),
     (("quantization", "group_size"), 100, "quantization.group_size: expected a power of two >= 16, got 100"),
     (("quantization", "method"), "awq", "quantization.method: expected one of rtn, gptq, got \"awq\""),
@@ -533,7 +545,7 @@ def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch)
      "objective.frequency_exponent: expected a finite number >= 0, got NaN"),
     (("objective", "scope"), "model", "objective.scope: expected one of global, layer"),
     (("objective", "budget", "bytes"), -1, "objective.budget.bytes: expected a positive int, got -1"),
-    (("objective", "candidate_bits"), [2, 7], "objective.candidate_bits[1]: expected an int bit width"),
+    (("objective", "candidate_bits"), [2, 7], "objective.candidate_bits[1]: expected a bit width"),
     (("extra",), {}, "plan.json: unknown top-level key \"extra\""),
 ])
 def test_malformed_plans_are_refused_naming_the_field(plan, path, value, message):
@@ -581,7 +593,7 @@ def test_any_junk_bit_width_is_refused_naming_its_cell(plan, layer, expert, valu
     with pytest.raises(PlanError) as error:
         validate_plan(bad)
     message = str(error.value)
-    assert message.startswith(f"plan.json: experts.bits[{layer}][{expert}]: expected an int bit width")
+    assert message.startswith(f"plan.json: experts.bits[{layer}][{expert}]: expected a bit width")
     assert "\n" not in message
 
 
@@ -645,7 +657,7 @@ def test_non_expert_widths_can_be_overridden(mixtral_stats):
     assert plan["non_expert"]["attention"] == 8 and plan["non_expert"]["lm_head"] == 8
     with pytest.raises(PlanError, match="non_expert: unknown part \"router\""):
         make_plan(mixtral_stats, avg_bits=2.5, scope="layer", non_expert={"router": 8})
-    with pytest.raises(PlanError, match="non_expert.attention: expected an int bit width"):
+    with pytest.raises(PlanError, match="non_expert.attention: expected a bit width"):
         make_plan(mixtral_stats, avg_bits=2.5, scope="layer", non_expert={"attention": 5})
 
 

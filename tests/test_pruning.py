@@ -80,8 +80,8 @@ def test_stats_without_curves_are_refused():
 
 
 def float_plan(layers: int, experts: int, pruning: dict) -> dict:
-    return {"format": "moec-plan/1", "model": None, "experts": {"bits": [[16] * experts] * layers},
-            "non_expert": {key: 16 for key in DEFAULT_NON_EXPERT},
+    return {"format": "moec-plan/1", "model": None, "experts": {"bits": [["float"] * experts] * layers},
+            "non_expert": {key: "float" for key in DEFAULT_NON_EXPERT},
             "quantization": {"method": "rtn", "group_size": 32}, "pruning": pruning}
 
 

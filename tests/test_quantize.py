@@ -40,13 +40,13 @@ def make_plan(bits_rows, group_size=32, **non_expert) -> dict:
 
 
 def test_policy_reads_the_plan():
-    plan = make_plan([[2, 4], None, [8, 16]], attention=4, lm_head=8, dense_mlp=16)
+    plan = make_plan([[2, 4], None, [8, "float"]], attention=4, lm_head=8, dense_mlp="float")
     assert weight_bits(plan, "layers.0.experts.1.up_proj") == 4
     assert weight_bits(plan, "layers.2.experts.0.down_proj") == 8
-    assert weight_bits(plan, "layers.2.experts.1.gate_proj") is None  # 16 = float
+    assert weight_bits(plan, "layers.2.experts.1.gate_proj") is None  # kept in float
     assert weight_bits(plan, "model.layers.1.self_attn.o_proj.weight") == 4
     assert weight_bits(plan, "lm_head.weight") == 8
-    assert weight_bits(plan, "model.layers.1.mlp.gate_proj.weight") is None  # dense_mlp 16
+    assert weight_bits(plan, "model.layers.1.mlp.gate_proj.weight") is None  # dense_mlp "float"
     # what a MoE block holds besides experts and shared experts is routing: kept in float
     blocks = ["model.layers.0.mlp", "model.layers.2.mlp"]
     assert weight_bits(plan, "model.layers.0.mlp.gate.weight", blocks) is None
@@ -68,7 +68,7 @@ def test_quantization_specs_give_each_weight_of_the_graph_its_width_and_the_targ
     names = product_weights(graph)
     assert names[:1] == ["layers.0.router.weight"] and "layers.2.experts.3.down_proj" in names
     assert len(names) == 2 * (1 + 4 * 3)
-    plan = make_plan([[2, 4, 8, 16], None, [1, 2, 3, 4]])
+    plan = make_plan([[2, 4, 8, "float"], None, [1, 2, 3, 4]])
     for target, containers in (("cpu", {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}), ("cuda", {1: 4, 2: 4, 3: 4, 4: 4, 8: 8})):
         specs = quantization_specs(plan, names, ["layers.0", "layers.2"], get_target(target))
         assert "layers.0.router.weight" not in specs and "layers.0.experts.3.up_proj" not in specs  # float
@@ -80,18 +80,18 @@ def test_quantization_specs_give_each_weight_of_the_graph_its_width_and_the_targ
 
 
 def _mixed_plan(record, seed=0):
-    """Widths 2/4/8/16 spread over every MoE layer's experts, seeded."""
+    """Widths 2/4/8/float spread over every MoE layer's experts, seeded."""
     rng = np.random.default_rng(seed)
     rows = [None] * record["num_layers"]
     for entry in record["moe_layers"]:
-        choices = [2, 4, 8, 16] * entry["num_experts"]
-        rows[entry["layer"]] = [int(b) for b in rng.permutation(choices)[: entry["num_experts"]]]
+        choices = [2, 4, 8, "float"] * entry["num_experts"]
+        rows[entry["layer"]] = ["float" if b == "float" else int(b) for b in rng.permutation(choices)[: entry["num_experts"]]]
     return make_plan(rows)
 
 
 @pytest.mark.parametrize("arch", families(["mixtral", "deepseek_v3", "gpt_oss", "qwen3_next", "zaya"]))
 def test_mixed_plan_compiles_verifies_and_runs(arch, compiled, tmp_path):
-    """Every width 2/4/8/16 at random over the experts (each family's planned mixed plan is compiled
+    """Every width 2/4/8/float at random over the experts (each family's planned mixed plan is compiled
     by test_calibrate_then_plan_every_family; Zaya, which calibrate refuses, has its mixed plan here)."""
     c = compiled(arch)
     plan_file = tmp_path / "plan.json"
@@ -218,7 +218,7 @@ def test_gptq_plan_compiles_and_lists_rtn_fallbacks(compiled, tmp_path):
     assert record["verification"]["max_abs_logit_diff"] < 1e-3
     q = record["quantization"]
     experts = [(layer["layer"], e, x) for layer in q["experts"] for e, x in enumerate(layer["experts"])]
-    quantized = [(layer, e, x) for layer, e, x in experts if x["bits"] < 16]
+    quantized = [(layer, e, x) for layer, e, x in experts if x["bits"] != "float"]
     assert {x["quantizer"] for _, _, x in quantized} <= {"gptq", "rtn"}
     assert any(x["quantizer"] == "gptq" for _, _, x in quantized)
     fallback = [[layer, e] for layer, e, x in quantized if x["calibration_tokens"] < 32]

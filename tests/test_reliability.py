@@ -13,7 +13,7 @@ import time
 
 from moec.planner import DEFAULT_NON_EXPERT, save_plan
 
-PLAN = {"format": "moec-plan/1", "model": None, "experts": {"bits": [[2, 4, 8, 16]] * 2},
+PLAN = {"format": "moec-plan/1", "model": None, "experts": {"bits": [[2, 4, 8, "float"]] * 2},
         "non_expert": DEFAULT_NON_EXPERT, "quantization": {"method": "rtn", "group_size": 32},
         "pruning": {"layers": [{"layer": 1, "beta": 0.5}], "protect_fraction": 0.0}}
 

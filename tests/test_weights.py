@@ -182,7 +182,7 @@ def test_compile_materializes_at_most_one_layer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(StreamingModel, "load", watched_load)
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"format": "moec-plan/1", "model": "tiny", "experts": {"bits": [[2, 4, 8, 16]] * 3},
+    plan.write_text(json.dumps({"format": "moec-plan/1", "model": "tiny", "experts": {"bits": [[2, 4, 8, "float"]] * 3},
                                 "non_expert": {**DEFAULT_NON_EXPERT, "attention": 4, "lm_head": 8},
                                 "quantization": {"method": "rtn", "group_size": 32}, "pruning": {}}))
     record = moec.compile(checkpoint.path, tmp_path / "artifact", plan=plan, progress=False)
@@ -220,7 +220,7 @@ def test_routed_experts_of_a_bf16_checkpoint_stay_bf16_through_a_compile(tmp_pat
 
     monkeypatch.setattr(StreamingModel, "load", watched_load)
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"format": "moec-plan/1", "model": "tiny", "experts": {"bits": [[2, 4, 8, 16]] * 2},
+    plan.write_text(json.dumps({"format": "moec-plan/1", "model": "tiny", "experts": {"bits": [[2, 4, 8, "float"]] * 2},
                                 "non_expert": {**DEFAULT_NON_EXPERT, "attention": 8},
                                 "quantization": {"method": "rtn", "group_size": 32}, "pruning": {}}))
     record = moec.compile(checkpoint.path, tmp_path / "artifact", plan=plan, progress=False)

@@ -10,11 +10,14 @@ from typing import Any
 from moec.files import write_atomic
 from moec.planner.checks import (PlanError, _positive_int, _positive_number, _read_json, _show, _statistic,
                                  _unit_fraction, _validate_object, _widths_text)
-from moec.planner.sizes import UNQUANTIZED_BITS
+from moec.planner.sizes import FLOAT
 
 PLAN_FORMAT = "moec-plan/1"
-# Widths a plan may hold: 1 and 3 are MC-MoE's own, 2/4/8 are onnxruntime's MatMulNBits widths.
-PLAN_BIT_WIDTHS = (1, 2, 3, 4, 8, UNQUANTIZED_BITS)
+# Widths a plan may hold: 1 and 3 are MC-MoE's own, 2/4/8 are onnxruntime's MatMulNBits widths, and
+# "float" keeps the weight unquantized (in the artifact's float type).
+QUANTIZED_WIDTHS = (1, 2, 3, 4, 8)
+PLAN_BIT_WIDTHS = (*QUANTIZED_WIDTHS, FLOAT)
+OLD_FLOAT_WIDTH = 16  # how plan files before "float" wrote it
 SCOPES = ("global", "layer")
 QUANT_METHODS = ("rtn", "gptq")
 DEFAULT_NON_EXPERT = {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
@@ -141,17 +144,37 @@ def _validate_objective(objective: Any, where: str) -> None:
 
 
 def _plan_width(value: Any, where: str) -> None:
-    if type(value) is not int or value not in PLAN_BIT_WIDTHS:
-        raise PlanError(f"{where}: expected an int bit width in {_widths_text(PLAN_BIT_WIDTHS)}, got {_show(value)}")
+    if value != FLOAT and (type(value) is not int or value not in QUANTIZED_WIDTHS):
+        raise PlanError(f"{where}: expected a bit width in {_widths_text(QUANTIZED_WIDTHS)} or \"float\", "
+                        f"got {_show(value)}")
 
 
 def load_plan(path: str | os.PathLike, num_layers: int | None = None, num_experts: int | None = None) -> dict:
-    """Read and validate plan.json (an older file's objective exponents read under their new names)."""
-    plan = _read_json(Path(path))
-    objective = plan.get("objective") if isinstance(plan, dict) else None
-    if isinstance(objective, dict):
-        plan["objective"] = {EXPONENT_KEYS.get(key, key): value for key, value in objective.items()}
+    """Read and validate plan.json (an older file's names read as today's: see _upgrade)."""
+    plan = _upgrade(_read_json(Path(path)))
     validate_plan(plan, num_layers, num_experts, source=str(path))
+    return plan
+
+
+def _upgrade(plan: Any) -> Any:
+    """A plan file from before the renames: objective exponents under their Greek names, and 16 for
+    an unquantized weight, read as today's names."""
+    if not isinstance(plan, dict):
+        return plan
+
+    def width(value):
+        return FLOAT if type(value) is int and value == OLD_FLOAT_WIDTH else value
+
+    experts, non_expert, objective = plan.get("experts"), plan.get("non_expert"), plan.get("objective")
+    if isinstance(experts, dict) and isinstance(experts.get("bits"), list):
+        experts["bits"] = [[width(b) for b in row] if isinstance(row, list) else row for row in experts["bits"]]
+    if isinstance(non_expert, dict):
+        plan["non_expert"] = {key: width(value) for key, value in non_expert.items()}
+    if isinstance(objective, dict):
+        objective = {EXPONENT_KEYS.get(key, key): value for key, value in objective.items()}
+        if isinstance(objective.get("candidate_bits"), list):
+            objective["candidate_bits"] = [width(b) for b in objective["candidate_bits"]]
+        plan["objective"] = objective
     return plan
 
 

@@ -14,7 +14,7 @@ from fractions import Fraction
 
 from moec.planner.checks import PlanError, _fraction, _positive_int, _show
 
-UNQUANTIZED_BITS = 16
+FLOAT = "float"  # a plan's width for a weight it keeps unquantized (plan files before it wrote 16)
 FLOAT_BYTES = 4  # an unquantized expert is written as the traced graph holds it: float32
 SCALE_BYTES = FLOAT_BYTES  # packed as planned: float32 scales
 
@@ -33,14 +33,14 @@ def expert_bytes(params: int, bits: int, group_size: int = 128, target: str | No
     """Stored bytes of one expert at `bits` (on `target`, if given), so budgets count what ships.
 
     Asymmetric RTN with groups of `group_size` along the input dimension: packed codes, plus per
-    group a scale and a packed zero point. 16 bits is unquantized (float32).
+    group a scale and a packed zero point. FLOAT is unquantized (float32).
     Assumes each matrix's input dimension is a multiple of `group_size` (true for every supported family).
     """
     _positive_int(params, "params")
-    _positive_int(bits, "bits")
     _positive_int(group_size, "group_size")
-    if bits == UNQUANTIZED_BITS:
+    if bits == FLOAT:
         return FLOAT_BYTES * params
+    _positive_int(bits, "bits")
     stored, scale_bytes = _storage(bits, target)
     groups = -(-params // group_size)
     return -(-params * stored // 8) + scale_bytes * groups + -(-groups * stored // 8)

@@ -30,7 +30,7 @@ from scipy.sparse import csr_array
 
 from moec.planner.checks import PlanError, _fraction, _positive_int, _read_json, _show, _widths_text
 from moec.planner.plan import DEFAULT_NON_EXPERT, PLAN_BIT_WIDTHS, PLAN_FORMAT, SCOPES, validate_plan
-from moec.planner.sizes import (UNQUANTIZED_BITS, _bytes_to_avg_bits, _format_bytes, avg_bits_budget_bytes,
+from moec.planner.sizes import (FLOAT, _bytes_to_avg_bits, _format_bytes, avg_bits_budget_bytes,
                                 expert_bytes, parse_size)
 from moec.planner.stats import _parse_stats, _Stats
 
@@ -51,7 +51,7 @@ def predicted_loss(stats: Mapping, bits_grid: Sequence[Sequence[int] | None], al
                    beta: float = 1.5, gamma: float | None = None) -> float:
     """The MC-MoE objective of an allocation, so plans from any scope (or edited by hand) compare on one scale.
 
-    `bits_grid[layer][expert]` as in plan.json; 16 (unquantized) counts as no loss.
+    `bits_grid[layer][expert]` as in plan.json; "float" (unquantized) counts as no loss.
     """
     parsed = _parse_stats(stats, "stats")
     _check_exponents(alpha, beta, gamma)
@@ -59,11 +59,11 @@ def predicted_loss(stats: Mapping, bits_grid: Sequence[Sequence[int] | None], al
 
 
 def _grid_loss(stats: _Stats, bits_grid: Sequence, cost: np.ndarray) -> float:
-    """Sum of the objective terms of the chosen widths; 16 bits is lossless."""
+    """Sum of the objective terms of the chosen widths; "float" is lossless."""
     total = 0.0
     for row, layer_bits in enumerate(_grid_rows(stats, bits_grid)):
         for e, bits in enumerate(layer_bits):
-            if bits == UNQUANTIZED_BITS:
+            if bits == FLOAT:
                 continue
             if bits not in stats.widths:
                 raise PlanError(f"layer {stats.moe_layers[row]} expert {e}: unknown bit width {_show(bits)}: "
