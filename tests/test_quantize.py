@@ -186,7 +186,7 @@ def test_verification_catches_a_packing_bug_and_names_the_layer(compiled, tmp_pa
 
     monkeypatch.setattr(matmul_nbits, "pack_matmul_nbits", corrupt)
     c = compiled("mixtral")
-    save_plan(make_plan([[4] * 4, [4] * 4], attention=16, lm_head=16), tmp_path / "plan.json")
+    save_plan(make_plan([[4] * 4, [4] * 4], attention="float", lm_head="float"), tmp_path / "plan.json")
     with pytest.raises(moec.MoecError, match="verification failed.*error is in layer 0's MLP/MoE"):
         moec.compile(c.model_dir, tmp_path / "q", plan=tmp_path / "plan.json", progress=False)
     assert not (tmp_path / "q").exists()
