@@ -15,8 +15,8 @@ def value(name: str, shape: list, dtype: ir.DataType = FLOAT) -> ir.Value:
 
 
 def initializer(name: str, array: np.ndarray) -> ir.Value:
-    return ir.Value(name=name, const_value=ir.tensor(array, name=name), type=ir.TensorType(ir.tensor(array).dtype),
-                    shape=ir.Shape(array.shape))
+    tensor = ir.tensor(array, name=name)
+    return ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape)
 
 
 def model(inputs, nodes, outputs, initializers=(), opsets=None) -> ir.Model:
