@@ -61,8 +61,6 @@ def verify(folder: Path, target, probe: np.ndarray, reference: list[np.ndarray],
 
 
 @contextmanager
-
-
 def _exact_kernels(model_file: Path):
     """A copy of the model file (beside it, sharing its external data) with every MatMulNBits set
     to accuracy_level 0 (fp32 activations)."""
