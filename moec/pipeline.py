@@ -18,6 +18,7 @@ from moec.errors import MoecError, error_chain
 from moec.files import staging_folder
 from moec.runtime import MODEL_FILE, RECORD_FILE
 
+
 @contextmanager
 def _checkpoint_errors_surfaced():
     """Weights are read lazily, deep inside torch.onnx, the optimizer and the writer, which wrap

@@ -20,7 +20,6 @@ from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
 from moec.planner.sizes import FLOAT
 
 
-
 def weight_category(name: str, moe_blocks: list[str] = ()) -> str | None:
     """The plan's non-expert category of a weight name, or None for weights kept in float.
     `moe_blocks` are the MoE blocks' module paths."""
@@ -60,7 +59,6 @@ def layer_pruning(plan: dict | None) -> dict[int, tuple[float, float]]:
     return {int(entry["layer"]): (float(entry["beta"]), protect) for entry in pruning.get("layers", [])}
 
 
-
 def check_plan_fits(plan: dict, layers, num_layers: int) -> None:
     """The plan must have one row per layer: experts' widths for sparse layers, null for dense ones."""
     rows = plan["experts"]["bits"]
@@ -84,6 +82,7 @@ def check_pruning_fits(pruning: dict, layers) -> None:
         if top_k[layer] < 2:
             raise MoecError(f"plan.json: pruning.layers names layer {layer}, which routes each token to one "
                             "expert: there is nothing to prune")
+
 
 def product_weights(model) -> list[str]:
     """The weights a plan can quantize in a traced model (onnx-ir): every constant weight of a

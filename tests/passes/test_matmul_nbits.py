@@ -9,6 +9,7 @@ from moec.passes.matmul_nbits import MatMulNBitsPass
 from moec.quant import Quantizer, rtn
 from moec.targets import get_target
 
+
 def _product_graph(weight_nk: np.ndarray, gemm: bool, bias: np.ndarray | None) -> ir.Model:
     n, k = weight_nk.shape
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["M", k]))
