@@ -98,7 +98,6 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
 
 def gptq_experts(checkpoint, plan: dict, data, samples: int, seq_len: int, progress: bool):
     """GPTQ'd routed experts (and each one's calibration token count) for a GPTQ plan."""
-    from moec.gptq import quantize_experts
     from moec.runtime import Tokenizer
     from moec.text import read_text, token_windows
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from moec.passes.lower_moe import is_moe_node
 from moec.quant import Quantizer, pack_matmul_nbits
 
 
@@ -45,7 +46,6 @@ class _Packed:
 
     def __init__(self, weight: ir.TensorProtocol, k_by_n: bool, quantizer: Quantizer):
         self.weight, self.k_by_n, self.quantizer = weight, k_by_n, quantizer
-        self.container_bits = quantizer.stored_bits
         self._arrays, self._unread = None, set()
 
     def read(self, index: int) -> np.ndarray:
@@ -54,7 +54,7 @@ class _Packed:
             if q is None:
                 weight = self.weight.numpy()
                 q = self.quantizer(weight.T if self.k_by_n else weight)
-            codes, scales, zeros = pack_matmul_nbits(q.codes, q.scales, q.zeros, self.container_bits, q.group_size)
+            codes, scales, zeros = pack_matmul_nbits(q.codes, q.scales, q.zeros, self.quantizer.stored_bits, q.group_size)
             self._arrays = codes, scales.astype(self.weight.dtype.numpy(), copy=False), zeros
             self._unread = {0, 1, 2}
         array = self._arrays[index]
@@ -76,7 +76,7 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
         self.accuracy_level = accuracy_level
 
     def requires(self, model: ir.Model) -> None:
-        if any(node.domain == "moec" and node.op_type == "Experts" for node in model.graph):
+        if any(is_moe_node(node) for node in model.graph):
             raise ir.passes.PreconditionError("MatMulNBitsPass runs after the experts lowering (LowerMoEPass)")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -98,7 +98,7 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
     def _replace(self, root: ir.Graph, node: ir.Node, name: str, packed: _Packed) -> None:
         """Put MatMulNBits in the node's place (in whichever graph holds it), its initializers in `root`."""
         q = packed.quantizer
-        bits = packed.container_bits
+        bits = q.stored_bits
         k, n = packed.weight.shape if packed.k_by_n else packed.weight.shape[::-1]
         blocks = -(-k // q.group_size)
         shapes = {"q": (ir.DataType.UINT8, [n, blocks, q.group_size * bits // 8]),

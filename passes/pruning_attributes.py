@@ -28,9 +28,10 @@ class PruningAttributesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for node in model.graph:
-            if not is_moe_node(node) or moe_spec(node).layer not in self.pruning:
+            layer = moe_spec(node).layer if is_moe_node(node) else None
+            if layer not in self.pruning:
                 continue
-            beta, protect_fraction = self.pruning[moe_spec(node).layer]
+            beta, protect_fraction = self.pruning[layer]
             node.attributes["beta"] = ir.AttrFloat32("beta", beta)
             node.attributes["protect_fraction"] = ir.AttrFloat32("protect_fraction", protect_fraction)
             modified = True
