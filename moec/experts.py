@@ -170,18 +170,73 @@ def call_arguments(args: tuple, kwargs: dict) -> tuple:
     return (*args, *(kwargs[name] for name in CALL_ARGUMENTS[len(args):]))[:3]
 
 
+class RoutingMask(torch.overrides.TorchFunctionMode):
+    """While active, no top-k over the `num_experts` experts selects one in `dropped`: a torch.topk
+    along the last axis reads its scores with the dropped experts at -inf, and so do the indices
+    of a max or argmax there (a max's values stay as computed). That is what
+    passes/mask_dropped_experts.py does to the router's TopK or ArgMax in the graph, so the PyTorch
+    reference and calibration route as the artifact does, through the family's own router code.
+    `selections` counts the selections masked."""
+
+    SELECTIONS = {torch.topk: "topk", torch.Tensor.topk: "topk", torch.max: "max", torch.Tensor.max: "max",
+                  torch.argmax: "argmax", torch.Tensor.argmax: "argmax"}
+
+    def __init__(self, num_experts: int, dropped):
+        super().__init__()
+        self.num_experts, self.dropped = num_experts, list(dropped)
+        self.selections = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = self.SELECTIONS.get(func)
+        if kind is None or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            return func(*args, **kwargs)
+        scores = args[0]
+        dim = kwargs.get("dim", args[2] if kind == "topk" and len(args) > 2 else
+                         args[1] if kind != "topk" and len(args) > 1 else -1 if kind == "topk" else None)
+        if dim is None or dim not in (-1, scores.dim() - 1) or scores.shape[-1] != self.num_experts:
+            return func(*args, **kwargs)
+        mask = torch.zeros(self.num_experts, dtype=torch.bool)
+        mask[self.dropped] = True
+        masked = scores.masked_fill(mask, float("-inf"))
+        self.selections += 1
+        if kind == "max":
+            values = func(*args, **kwargs).values
+            return torch.return_types.max((values, func(masked, *args[1:], **kwargs).indices))
+        return func(masked, *args[1:], **kwargs)
+
+
+def drop_experts(block: nn.Module, num_experts: int, dropped) -> list:
+    """Hooks making `block` (a MoE block: router and experts) route under a RoutingMask; the
+    handles to remove them. A block whose forward selects no experts raises MoecError."""
+    mode = RoutingMask(num_experts, dropped)
+
+    def enter(*_):
+        mode.selections = 0
+        mode.__enter__()
+
+    def leave(*_):
+        mode.__exit__(None, None, None)
+        if not mode.selections:
+            raise MoecError(f"{type(block).__name__} selects its experts outside the MoE block (no top-k over "
+                            f"its {num_experts} experts there), so moec cannot drop experts in it")
+
+    return [block.register_forward_pre_hook(enter), block.register_forward_hook(leave, always_call=True)]
+
+
 # --------------------------------------------------------------------------- the torch op
 
 @torch.library.custom_op("moec::experts", mutates_args=())
 def experts_op(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
                down: torch.Tensor, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, layer: int,
                activation: str, gate: str, transposed: bool, swiglu_alpha: float, swiglu_limit: float,
-               gate_softcap: float, up_softcap: float, beta: float, protect_fraction: float) -> torch.Tensor:
+               gate_softcap: float, up_softcap: float, beta: float, top_p: float, protect_fraction: float,
+               keep_experts: list[int], dropped: list[int]) -> torch.Tensor:
     """Eager body: the NumPy reference, so PyTorch and ONNX share one definition of the op."""
     from moec.ops.moe import stacked_reference
 
     spec = ExpertsSpec(layer, activation, gate, transposed, swiglu_alpha, swiglu_limit, gate_softcap, up_softcap,
-                       beta, protect_fraction)
+                       beta, top_p, protect_fraction, tuple(keep_experts), tuple(dropped))
     as_np = lambda t: None if t is None else t.detach().float().cpu().numpy()  # noqa: E731
     out = stacked_reference(*(as_np(t) for t in (hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias,
                                                   down_bias)), spec=spec)
@@ -196,8 +251,8 @@ def _(hidden, *args, **kwargs):
 def _traced_forward(module, hidden_states, top_k_index, top_k_weights):
     """The "moec" implementation: one moec::experts call (one moec::Experts node when exported)."""
     stacked = stacked_weights(module)
-    return torch.ops.moec.experts(hidden_states, top_k_index, top_k_weights, *stacked.values(),
-                                  **dataclasses.asdict(module.moec_spec))
+    spec = {name: list(v) if isinstance(v, tuple) else v for name, v in dataclasses.asdict(module.moec_spec).items()}
+    return torch.ops.moec.experts(hidden_states, top_k_index, top_k_weights, *stacked.values(), **spec)
 
 
 def _reference_forward(module, hidden_states, top_k_index, top_k_weights):

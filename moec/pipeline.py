@@ -81,7 +81,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     from moec.genai import GENAI_CONFIG_FILE, GENAI_MODEL_TYPE, genai_config
     from moec.gptq import gptq_experts
     from moec.planner import load_plan
-    from moec.policy import (check_plan_fits, check_pruning_fits, layer_pruning, product_weights,
+    from moec.policy import (check_plan_fits, check_routing_fits, layer_routing, product_weights,
                              quantization_specs)
     from moec.record import build_record
     from moec.reference import streamed_reference
@@ -107,18 +107,18 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             # the traced experts keep the checkpoint's dtype too
             stream.keep_stored(stream.model.get_submodule(layer.path) for layer in layers)
             skeleton = copy.deepcopy(stream.model)  # traced; the stream keeps running the family's own experts
-            pruning = layer_pruning(plan_data)
+            routing = layer_routing(plan_data)
             if plan_data is not None:
                 check_plan_fits(plan_data, layers, skeleton.config.num_hidden_layers)
             graph, reader = traced(checkpoint, skeleton, layers, ResidentPart(stream))
             cleanup.callback(reader.release)  # also when a later stage fails
             if plan_data is not None:
-                check_pruning_fits(pruning, layers)
+                check_routing_fits(routing, layers)
         with stages.stage("lower"):
             specs = quantization_specs(plan_data, product_weights(graph), [layer.block_path for layer in layers],
                                        target, prequantized)
-            graph = ir.passes.PassManager(target.passes(specs, pruning))(graph).model
-        record = build_record(checkpoint, layers, graph, target, skeleton, plan_data, pruning, specs, expert_tokens)
+            graph = ir.passes.PassManager(target.passes(specs, routing))(graph).model
+        record = build_record(checkpoint, layers, graph, target, skeleton, plan_data, routing, specs, expert_tokens)
         genai, genai_unsupported = genai_config(checkpoint.config, past_shapes(graph), target.session_options)
         record["onnxruntime_genai"] = {"config": GENAI_CONFIG_FILE, "model_type": GENAI_MODEL_TYPE} \
             if genai is not None else {"unsupported": genai_unsupported}
@@ -138,10 +138,10 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
         record |= artifact_files(staging)
         probe = verification_input(skeleton.config.vocab_size)
         with stages.stage("reference"):
-            reference = streamed_reference(stream, layers, probe, past_shapes(graph), specs, pruning)
+            reference = streamed_reference(stream, layers, probe, past_shapes(graph), specs, routing)
         with stages.stage("verify"):
             record["verification"] = verify(staging, target, probe, reference,
-                                            quantized=bool(specs), pruned=bool(pruning))
+                                            quantized=bool(specs), pruned=bool(routing))
         record["seconds"] = stages.seconds
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
     return record

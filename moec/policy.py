@@ -1,5 +1,6 @@
-"""Which weight gets which width, and which layer prunes with which beta: the plan, plus the
-functions here that read it (llama.cpp's way: the policy in one readable place).
+"""Which weight gets which width, and what each layer's routing does (pruning, super experts, dropped
+experts): the plan, plus the functions here that read it (llama.cpp's way: the policy in one
+readable place).
 
 `quantization_specs` maps the plan, the traced graph's weights and the target to each weight's
 quantization spec before any pass runs; MatMulNBitsPass, the build record, the verification
@@ -17,7 +18,7 @@ import re
 
 from moec.errors import MoecError
 from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
-from moec.planner.sizes import FLOAT
+from moec.planner.sizes import DROPPED, FLOAT
 
 
 def weight_category(name: str, moe_blocks: list[str] = ()) -> str | None:
@@ -41,7 +42,8 @@ def weight_category(name: str, moe_blocks: list[str] = ()) -> str | None:
 
 
 def weight_bits(plan: dict, name: str, moe_blocks: list[str] = ()) -> int | None:
-    """The width the plan gives weight `name`; None keeps it in float."""
+    """The width the plan gives weight `name`; None keeps it in float (or drops it: width 0, a
+    dropped expert has no weights)."""
     expert = re.fullmatch(EXPERT_WEIGHT_PATTERN, name)
     if expert:
         row = plan["experts"]["bits"][int(expert["layer"])]
@@ -49,14 +51,28 @@ def weight_bits(plan: dict, name: str, moe_blocks: list[str] = ()) -> int | None
     else:
         category = weight_category(name, moe_blocks)
         bits = None if category is None else plan["non_expert"].get(category)
-    return None if bits is None or bits == FLOAT else int(bits)
+    return None if bits is None or bits == FLOAT or bits == DROPPED else int(bits)
 
 
-def layer_pruning(plan: dict | None) -> dict[int, tuple[float, float]]:
-    """(beta, protect_fraction) of each layer the plan prunes dynamically; others are absent."""
-    pruning = (plan or {}).get("pruning") or {}
-    protect = float(pruning.get("protect_fraction", 0.0))
-    return {int(entry["layer"]): (float(entry["beta"]), protect) for entry in pruning.get("layers", [])}
+def layer_routing(plan: dict | None) -> dict[int, dict]:
+    """What the plan changes in each layer's routing, as moec::Experts attribute values: the dynamic
+    pruning (`beta` or `top_p`, `protect_fraction`), the super experts pruning never drops
+    (`keep_experts`) and the experts it drops (`dropped`: width 0). Layers it leaves alone are absent."""
+    if plan is None:
+        return {}
+    routing: dict[int, dict] = {}
+    pruning = plan.get("pruning") or {}
+    for entry in pruning.get("layers", []):
+        rule = {key: float(entry[key]) for key in ("beta", "top_p") if key in entry}
+        routing[int(entry["layer"])] = {**rule, "protect_fraction": float(pruning.get("protect_fraction", 0.0))}
+    for layer, expert in plan.get("super_experts", []):
+        row = routing.setdefault(layer, {})
+        row["keep_experts"] = (*row.get("keep_experts", ()), expert)
+    for layer, row in enumerate(plan["experts"]["bits"]):
+        dropped = tuple(e for e, bits in enumerate(row or []) if bits == DROPPED)
+        if dropped:
+            routing.setdefault(layer, {})["dropped"] = dropped
+    return dict(sorted(routing.items()))
 
 
 def check_plan_fits(plan: dict, layers, num_layers: int) -> None:
@@ -73,15 +89,25 @@ def check_plan_fits(plan: dict, layers, num_layers: int) -> None:
             raise MoecError(f"plan.json: experts.bits[{layer}] must be null (layer {layer} has no experts)")
 
 
-def check_pruning_fits(pruning: dict, layers) -> None:
-    """Only sparse layers with more than one routed expert per token can prune."""
-    top_k = {layer.layer: layer.top_k for layer in layers}
-    for layer in pruning:
-        if layer not in top_k:
-            raise MoecError(f"plan.json: pruning.layers names layer {layer}, which has no routed experts")
-        if top_k[layer] < 2:
-            raise MoecError(f"plan.json: pruning.layers names layer {layer}, which routes each token to one "
+def check_routing_fits(routing: dict, layers) -> None:
+    """Only sparse layers with more than one routed expert per token can prune; a super expert must
+    be one of its layer's experts; a layer keeps at least its top-k experts."""
+    sparse = {layer.layer: layer for layer in layers}
+    for number, change in routing.items():
+        layer = sparse.get(number)
+        if layer is None:
+            section = "pruning.layers" if "beta" in change or "top_p" in change else "super_experts"
+            raise MoecError(f"plan.json: {section} names layer {number}, which has no routed experts")
+        if ("beta" in change or "top_p" in change) and layer.top_k < 2:
+            raise MoecError(f"plan.json: pruning.layers names layer {number}, which routes each token to one "
                             "expert: there is nothing to prune")
+        outside = [e for e in change.get("keep_experts", ()) if not 0 <= e < layer.num_experts]
+        if outside:
+            raise MoecError(f"plan.json: super_experts names expert {outside[0]} of layer {number}, which has "
+                            f"{layer.num_experts} experts")
+        if layer.num_experts - len(change.get("dropped", ())) < layer.top_k:
+            raise MoecError(f"plan.json: layer {number} drops {len(change['dropped'])} of its {layer.num_experts} "
+                            f"experts, leaving fewer than the {layer.top_k} each token is routed to")
 
 
 def product_weights(model) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import moec
 
 
-def build_record(checkpoint, layers, graph, target, model, plan: dict | None, pruning: dict,
+def build_record(checkpoint, layers, graph, target, model, plan: dict | None, routing: dict,
                  quantized: dict, expert_tokens: dict) -> dict:
     """moec.json: what was built from what (the artifact's file sizes are added once it is final)."""
     config = model.config
@@ -30,18 +30,21 @@ def build_record(checkpoint, layers, graph, target, model, plan: dict | None, pr
                        "total": sum(int(t.numel()) for t in model.parameters()) +
                        sum(int(t.numel()) for layer in layers for t in model.get_submodule(layer.block_path).buffers())},
         "quantization": None if plan is None else quantization_record(plan, layers, graph, quantized, expert_tokens),
-        "pruning": pruning_record(pruning),
+        "pruning": pruning_record(routing),
+        "super_experts": [[layer, e] for layer, change in routing.items() for e in change.get("keep_experts", ())],
+        "dropped_experts": [[layer, e] for layer, change in routing.items() for e in change.get("dropped", ())],
     }
 
 
 def quantization_record(plan: dict, layers, graph, quantized: dict, expert_tokens: dict) -> dict:
-    """Per expert: width, the container MatMulNBits stores it in, bytes (of its initializers in
+    """Per expert: width (0: dropped), the container MatMulNBits stores it in, bytes (of its initializers in
     `graph`), quantizer and calibration tokens; totals, averages, and the experts GPTQ had too
     few tokens for."""
     import re
 
     from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
     from moec.planner import FLOAT
+    from moec.planner.sizes import DROPPED
 
     experts, expert_bytes, weighted_bits = [], 0, 0.0
     for layer in layers:
@@ -49,7 +52,9 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
         projections = layer.spec.projections
         for e in range(layer.num_experts):
             parts = [quantized.get(expert_weight_name(layer.layer, e, p)) for p in projections]
-            if all(q is None for q in parts):
+            if plan["experts"]["bits"][layer.layer][e] == DROPPED:
+                row.append({"bits": DROPPED, "stored_bits": 0, "bytes": 0, "quantizer": None})
+            elif all(q is None for q in parts):
                 row.append({"bits": FLOAT, "stored_bits": 32, "bytes": 4 * layer.expert_parameters(), "quantizer": None})
             else:
                 q = parts[0]
@@ -78,14 +83,16 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
     }
 
 
-def pruning_record(pruning: dict) -> dict | None:
-    """Which layers prune with which beta, the importance the artifact uses, and its switch."""
+def pruning_record(routing: dict) -> dict | None:
+    """Which layers prune by which rule (beta or top_p), the importance the artifact uses, and its switch."""
     from moec.ops.moe import PRUNE_SWITCH
 
-    if not pruning:
+    pruned = {layer: change for layer, change in routing.items() if "beta" in change or "top_p" in change}
+    if not pruned:
         return None
-    return {"layers": [{"layer": layer, "beta": beta} for layer, (beta, _) in sorted(pruning.items())],
-            "protect_fraction": next(iter(pruning.values()))[1],
+    return {"layers": [{"layer": layer, **{key: change[key] for key in ("beta", "top_p") if key in change}}
+                       for layer, change in pruned.items()],
+            "protect_fraction": next(iter(pruned.values()))["protect_fraction"],
             "importance": "L1 norm of the token's hidden state at the MoE input (proxy for the paper's "
                           "attention received x L1 norm)",
             "switch": f"input {PRUNE_SWITCH} (bool, default true); fed false, the artifact runs plain top-k"}

@@ -21,21 +21,21 @@ from moec.ops.moe import EXPERT_WEIGHT_PATTERN
 
 
 def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple[int, ...]], specs: dict,
-                       pruning: dict) -> list[np.ndarray]:
+                       routing: dict) -> list[np.ndarray]:
     """Logits and every layer's KV cache of the transformers model on `probe`, as the artifact
     returns them, materializing each part (decoder layer, embeddings, head, ...) only for its own
     call. Where `specs` (moec.policy.quantization_specs) has a weight the reference computes with it
-    quantized and dequantized, and a layer in `pruning` prunes dynamically as planned."""
+    quantized and dequantized, and a layer in `routing` (moec.policy.layer_routing) prunes and
+    drops experts as planned."""
     from moec.trace import KVCacheModel
     from moec.weights import part_of
 
     model = stream.model
     set_implementation(model, REFERENCE_IMPLEMENTATION)
-    configure_experts(model, layers, specs, pruning)
+    handles = configure_experts(model, layers, specs, routing)
     decoder_layers = stream.layer_paths()
     tensors = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
     parts = sorted({part_of(name.rpartition(".")[0], decoder_layers) for name in tensors})
-    handles = []
     try:
         for path in parts:  # each part materialized for its call, its non-expert weights as the artifact has them
             module = model.get_submodule(path)
@@ -54,14 +54,20 @@ def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple
         configure_experts(model, layers, {}, {})
 
 
-def configure_experts(model, layers, quantizers: dict, pruning: dict) -> None:
-    """Give each experts module the quantizers of its weights and its layer's pruning, which the
-    reference implementation computes with."""
+def configure_experts(model, layers, quantizers: dict, routing: dict) -> list:
+    """Give each experts module the quantizers of its weights and its layer's routing changes
+    (pruning, which the reference implementation computes with; dropped experts, masked out of its
+    block's router by moec.experts.RoutingMask); the handles of the hooks that mask them."""
+    from moec.experts import drop_experts
+
+    handles = []
     for layer in layers:
         module = model.get_submodule(layer.path)
-        beta, protect_fraction = pruning.get(layer.layer, (0.0, 0.0))
-        module.moec_spec = dataclasses.replace(layer.spec, beta=beta, protect_fraction=protect_fraction)
+        module.moec_spec = dataclasses.replace(layer.spec, **routing.get(layer.layer, {}))
         module.moec_quantizers = quantizers
+        if module.moec_spec.dropped:
+            handles += drop_experts(model.get_submodule(layer.block_path), layer.num_experts, module.moec_spec.dropped)
+    return handles
 
 
 def _load(stream, path: str, quantizers: dict) -> None:

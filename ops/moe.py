@@ -14,7 +14,9 @@ Inputs:
     The expert weights and biases may have a dtype of their own (the checkpoint's).
 Attributes (`ExpertsSpec`): the layer, the weights' layout (`transposed`; `gate`: "concatenated"
 (gate rows, then up rows), "interleaved" (gate, up, gate, up, ...) or "none"), the activation,
-and the layer's dynamic pruning (`beta`, `protect_fraction`; see moec.ops.dynamic_gating).
+the layer's dynamic pruning (`beta`, `top_p`, `protect_fraction`, and `keep_experts`, the super
+experts it never drops; see moec.ops.dynamic_gating) and its `dropped` experts (no weights, never
+routed to: the router's scores for them are masked before its top-k, passes/mask_dropped_experts.py).
 Activations, with g = gate and u = up (gate-less experts: act(u)):
     silu, gelu, gelu_tanh, relu, relu2   act(g) * u
     clamped_swiglu   (gpt-oss)           g' = min(g, limit), u' = clip(u, ±limit): (u' + 1) g' sigmoid(alpha g')
@@ -67,7 +69,11 @@ class ExpertsSpec:
     gate_softcap: float = 1.0
     up_softcap: float = 1.0
     beta: float = 0.0              # dynamic pruning (moec.ops.dynamic_gating); 0 = plain top-k
+    top_p: float = 1.0             # the top-p rule; 1 = off
     protect_fraction: float = 0.0
+    keep_experts: tuple[int, ...] = ()  # never pruned (super experts)
+    dropped: tuple[int, ...] = ()       # no weights, never routed to
+
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -76,9 +82,16 @@ class ExpertsSpec:
             raise ValueError(f"experts gate layout {self.gate!r} is not one of {GATE_LAYOUTS}")
         if self.activation in GATED_ONLY and self.gate == "none":
             raise ValueError(f"{self.activation} needs a gate projection")
-        if not (0.0 <= self.beta <= 1.0 and 0.0 <= self.protect_fraction <= 1.0):
-            raise ValueError(f"pruning beta and protect_fraction must be in [0, 1], got {self.beta}, "
-                             f"{self.protect_fraction}")
+        if not (0.0 <= self.beta <= 1.0 and 0.0 < self.top_p <= 1.0 and 0.0 <= self.protect_fraction <= 1.0):
+            raise ValueError(f"pruning beta and protect_fraction must be in [0, 1] and top_p in (0, 1], got "
+                             f"{self.beta}, {self.protect_fraction}, {self.top_p}")
+        object.__setattr__(self, "keep_experts", tuple(int(e) for e in self.keep_experts))
+        object.__setattr__(self, "dropped", tuple(int(e) for e in self.dropped))
+
+    @property
+    def prunes(self) -> bool:
+        """Whether the layer prunes dynamically (a moec.DynamicGating in its lowering)."""
+        return self.beta > 0 or self.top_p < 1
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -86,9 +99,12 @@ class ExpertsSpec:
         return PROJECTIONS if self.gate != "none" else PROJECTIONS[1:]
 
     def attributes(self) -> dict:
-        """ONNX attribute values (bools as ints, as ONNX has no bool attribute)."""
-        return {f.name: (int(v) if isinstance(v := getattr(self, f.name), bool) else v)
-                for f in dataclasses.fields(self)}
+        """ONNX attribute values (bools as ints, as ONNX has no bool attribute; tuples as lists, and
+        left out when empty, as an empty list has no ONNX type)."""
+        def value(v):
+            return int(v) if isinstance(v, bool) else list(v) if isinstance(v, tuple) else v
+
+        return {f.name: value(v) for f in dataclasses.fields(self) if (v := getattr(self, f.name)) != ()}
 
     @classmethod
     def from_attributes(cls, attrs: dict) -> "ExpertsSpec":
@@ -106,8 +122,8 @@ def op_schema():
         kind = "W" if name in EXPERT_INPUTS else "I" if name == "top_k_index" else "T"
         return OpSchema.FormalParameter(name, kind, param_option=option)
 
-    attr_types = {"int": OpSchema.AttrType.INT, "bool": OpSchema.AttrType.INT,
-                  "float": OpSchema.AttrType.FLOAT, "str": OpSchema.AttrType.STRING}
+    attr_types = {"int": OpSchema.AttrType.INT, "bool": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT,
+                  "str": OpSchema.AttrType.STRING, "tuple[int, ...]": OpSchema.AttrType.INTS}
     return OpSchema(
         OP_TYPE, DOMAIN, 1,
         doc=__doc__,
@@ -218,7 +234,7 @@ def experts_reference(hidden, top_k_index, top_k_weights, experts: Callable[[int
     from moec.ops.dynamic_gating import importance, prune
 
     hidden = np.asarray(hidden, np.float32)
-    weights, keep = prune(np.asarray(top_k_weights, np.float32), spec, importance(hidden))
+    weights, keep = prune(np.asarray(top_k_weights, np.float32), spec, importance(hidden), top_k_index=top_k_index)
     out = np.zeros_like(hidden)
     for e in range(num_experts):
         tokens, rank = np.nonzero((top_k_index == e) & keep)

@@ -2,14 +2,15 @@
 
 Matches: every node of domain `moec`, type `Experts` (see moec.ops.moe for its semantics).
 Produces, in its place:
-  - in a layer the plan prunes (beta > 0), its dynamic pruning as one moec.DynamicGating call (an
+  - in a layer the plan prunes (beta > 0 or top_p < 1), its dynamic pruning as one moec.DynamicGating call (an
     ONNX function added to the model) giving the kept weights and keep [T, k]; it reads the graph
     input `prune_experts` (bool, default true), so pruning can be switched off at run time;
   - a graph output `expert_activations.{layer}`: the (token, expert) pairs the layer computed;
   - the (expert, token) pairs routed and kept, expert-major (one NonZero on the routing mask), their
     hidden rows gathered once and Split by expert (sizes known only at run time);
   - per expert e: gate/up/down MatMuls on just its rows with expert e's own initializers
-    (`expert_weight_name`: `layers.{l}.experts.{e}.{gate,up,down}_proj`, [in, out]);
+    (`expert_weight_name`: `layers.{l}.experts.{e}.{gate,up,down}_proj`, [in, out]); a dropped
+    expert (the node's `dropped`, never routed to: passes/mask_dropped_experts.py) has none;
   - the outputs concatenated back in pair order, scaled by the routing weights and scatter-added
     into their tokens' rows.
 No token runs an expert it was not routed to and no weight is gathered per token. Per expert
@@ -114,15 +115,17 @@ class _Builder:
         return self.tape.initializer(tensor, name=name)
 
 
-def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, weights: ir.Value, spec: ExpertsSpec,
-            hidden_size: int) -> tuple[ir.Value, ir.Value]:
+def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, weights: ir.Value, indices: ir.Value, spec: ExpertsSpec,
+            num_experts: int, hidden_size: int) -> tuple[ir.Value, ir.Value]:
     """A moec.DynamicGating call for the layer's pruning: (kept weights, keep) [T, k]. Importance is
     the L1 norm of each token's hidden state (as a MatMul with ones: onnxruntime's reductions return
     wrong shapes for zero tokens). It reads the graph's run-time switch PRUNE_SWITCH."""
     ones = b.const(np.ones((hidden_size, 1), np.float32))
     importance = b.op("Squeeze", b.op("MatMul", b.op("Abs", hidden), ones), b.const(np.array([1], np.int64)))
-    return b.op_multi(GATING_OP_TYPE, weights, importance, _prune_switch(model.graph), num_outputs=2, domain=DOMAIN,
-                      beta=spec.beta, protect_fraction=spec.protect_fraction)
+    keep_experts = b.const(np.isin(np.arange(num_experts), spec.keep_experts), name="keep_experts")
+    return b.op_multi(GATING_OP_TYPE, weights, indices, importance, _prune_switch(model.graph), keep_experts,
+                      num_outputs=2, domain=DOMAIN, beta=spec.beta, top_p=spec.top_p,
+                      protect_fraction=spec.protect_fraction)
 
 
 def _prune_switch(graph: ir.Graph) -> ir.Value:
@@ -201,9 +204,11 @@ def _sorted_by_expert(b: _Builder, hidden: ir.Value, routed: ir.Value, dense_wei
 
 def _routed_experts(b: _Builder, experts: range, rows: list[ir.Value], stacked: _StackedArrays, spec: ExpertsSpec,
                     dtype: ir.DataType) -> list[ir.Value]:
-    """Each expert's output on its own rows (one Split output each)."""
+    """Each expert's output on its own rows (one Split output each); dropped experts have none."""
     outputs = []
     for e, x in zip(experts, rows):
+        if e in spec.dropped:  # never routed to: its rows are always empty
+            continue
         b.prefix = f"layers.{spec.layer}.experts.{e}"
         outputs.append(_expert(b, x, stacked, spec, e, dtype))
     return outputs
@@ -255,8 +260,8 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
 
     hidden32, weights = float32(hidden), b.op("Cast", inputs["top_k_weights"], to=ir.DataType.FLOAT)
     keep = None
-    if spec.beta > 0:
-        weights, keep = _gating(b, model, hidden32, weights, spec, hidden_size)
+    if spec.prunes:
+        weights, keep = _gating(b, model, hidden32, weights, indices, spec, num_experts, hidden_size)
     tokens_by_experts = b.op("Concat", b.op("Shape", hidden, end=1), b.const(np.array([num_experts], np.int64)),
                              axis=0)
     zeros = b.op("ConstantOfShape", tokens_by_experts, value=ir.tensor(np.zeros(1, np.float32)))
@@ -274,6 +279,8 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
         outputs = []
         for first in range(0, num_experts, experts_per_subgraph):
             experts = range(first, min(first + experts_per_subgraph, num_experts))
+            if set(experts) <= set(spec.dropped):
+                continue
             outputs.append(_routed_experts_subgraph(b, graph, experts, pieces[experts.start:experts.stop], counts,
                                                     stacked, spec, dtype))
 

@@ -3,7 +3,7 @@
 A target names its providers, the containers its low-bit kernels store each width in, its
 scales' float type, the tolerance its verification holds it to, the session options its artifacts
 run with, and the passes that lower the traced graph for it, built from the quantization specs and
-the pruning (moec.policy) and run by onnx-ir's PassManager; each pass states its ordering needs as a
+the routing changes (moec.policy) and run by onnx-ir's PassManager; each pass states its ordering needs as a
 precondition (`requires`). Targets are plain data, so the planner's size model reads them too.
 """
 
@@ -32,12 +32,12 @@ class Target:
     verify_tolerance: float
     verify_relative_tolerance: float
     session_options: Mapping
-    # (target, quantization specs by weight name, pruning by layer) -> the passes, in order
+    # (target, quantization specs by weight name, routing changes by layer) -> the passes, in order
     pass_list: Callable[..., list]
 
-    def passes(self, specs: Mapping, pruning: Mapping) -> list:
+    def passes(self, specs: Mapping, routing: Mapping) -> list:
         """The target's lowering, configured by the plan's data (for onnx-ir's PassManager)."""
-        return self.pass_list(self, specs, pruning)
+        return self.pass_list(self, specs, routing)
 
 
 def get_target(name: str) -> Target:

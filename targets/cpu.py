@@ -18,14 +18,15 @@ from moec.targets import Target
 EXPERTS_PER_SUBGRAPH = 8
 
 
-def _passes(target: Target, specs, pruning) -> list:
+def _passes(target: Target, specs, routing) -> list:
     import onnx_ir.passes.common as common
 
     from moec.passes.lower_moe import LowerMoEPass
     from moec.passes.matmul_nbits import MatMulNBitsPass
-    from moec.passes.pruning_attributes import PruningAttributesPass
+    from moec.passes.mask_dropped_experts import MaskDroppedExpertsPass
+    from moec.passes.routing_attributes import RoutingAttributesPass
 
-    return [PruningAttributesPass(pruning), LowerMoEPass(EXPERTS_PER_SUBGRAPH),
+    return [RoutingAttributesPass(routing), MaskDroppedExpertsPass(), LowerMoEPass(EXPERTS_PER_SUBGRAPH),
             MatMulNBitsPass(specs, target.accuracy_level), common.RemoveUnusedNodesPass(),
             common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]
 

@@ -16,7 +16,7 @@ float16 nodes it has no kernel for.
 from moec.targets import Target
 
 
-def _passes(target: Target, specs, pruning) -> list:
+def _passes(target: Target, specs, routing) -> list:
     """As the CPU target's, in float16: the norms fused first, then everything made float16, before
     the lowering and MatMulNBits, which take the activations' dtype from the graph."""
     import onnx_ir.passes.common as common
@@ -25,9 +25,10 @@ def _passes(target: Target, specs, pruning) -> list:
     from moec.passes.fuse_rms_norm import FuseRMSNormPass
     from moec.passes.lower_moe import LowerMoEPass
     from moec.passes.matmul_nbits import MatMulNBitsPass
-    from moec.passes.pruning_attributes import PruningAttributesPass
+    from moec.passes.mask_dropped_experts import MaskDroppedExpertsPass
+    from moec.passes.routing_attributes import RoutingAttributesPass
 
-    return [FuseRMSNormPass(), Float16Pass(), PruningAttributesPass(pruning), LowerMoEPass(),
+    return [FuseRMSNormPass(), Float16Pass(), RoutingAttributesPass(routing), MaskDroppedExpertsPass(), LowerMoEPass(),
             MatMulNBitsPass(specs, target.accuracy_level), common.RemoveUnusedNodesPass(),
             common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]
 

@@ -53,6 +53,7 @@ def moe_layers(layers: list[int], hidden: int = 8, inter: int = 6, experts: int 
         for node in (logits, top, weights):
             for out in node.outputs:
                 out.dtype = FLOAT if out is not top.outputs[1] else ir.DataType.INT64
+        logits.outputs[0].shape = ir.Shape(["T", experts])
         nodes += [logits, top, weights, experts_node]
         current = experts_node.outputs[0]
     current.name = "y"

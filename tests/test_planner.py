@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moec.planner import (
-    PLAN_BIT_WIDTHS,
+    EXPERT_WIDTHS,
     PlanError,
     avg_bits_budget_bytes,
     expert_bytes,
@@ -526,10 +526,10 @@ def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch)
 @pytest.mark.parametrize("path, value, message", [
     (("format",), "moec-plan/2", "plan.json: format: expected \"moec-plan/1\", got \"moec-plan/2\""),
     (("model",), 3, "plan.json: model: expected a model path or null, got 3"),
-    (("experts", "bits", 1, 2), "x", "plan.json: experts.bits[1][2]: expected a bit width in {1,2,3,4,8} or \"float\", got \"x\""),
-    (("experts", "bits", 2, 0), float("nan"), "experts.bits[2][0]: expected a bit width in {1,2,3,4,8} or \"float\", got NaN"),
-    (("experts", "bits", 2, 3), 2.0, "experts.bits[2][3]: expected a bit width in {1,2,3,4,8} or \"float\", got 2.0"),
-    (("experts", "bits", 1, 1), True, "experts.bits[1][1]: expected a bit width in {1,2,3,4,8} or \"float\", got true"),
+    (("experts", "bits", 1, 2), "x", "plan.json: experts.bits[1][2]: expected a bit width in {0,1,2,3,4,8} or \"float\", got \"x\""),
+    (("experts", "bits", 2, 0), float("nan"), "experts.bits[2][0]: expected a bit width in {0,1,2,3,4,8} or \"float\", got NaN"),
+    (("experts", "bits", 2, 3), 2.0, "experts.bits[2][3]: expected a bit width in {0,1,2,3,4,8} or \"float\", got 2.0"),
+    (("experts", "bits", 1, 1), True, "experts.bits[1][1]: expected a bit width in {0,1,2,3,4,8} or \"float\", got true"),
     (("experts", "bits", 1, 1), 5, "got 5"),
     (("experts", "bits", 2), [2, 2], "plan.json: experts.bits[2]: expected 4 experts (as in experts.bits[1]), got 2"),
     (("experts", "bits", 1), "2222", "experts.bits[1]: expected a list of expert bit widths or null"),
@@ -582,7 +582,7 @@ def test_load_plan_names_the_file(tmp_path):
 
 
 junk = st.one_of(st.text(max_size=5), st.floats(allow_nan=True), st.booleans(), st.none(),
-                 st.integers().filter(lambda n: n not in PLAN_BIT_WIDTHS), st.lists(st.integers(0, 16), max_size=3))
+                 st.integers().filter(lambda n: n not in EXPERT_WIDTHS), st.lists(st.integers(0, 16), max_size=3))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -47,14 +47,14 @@ def _unit_fraction(value: Any, where: str, low_open: bool = False, high_open: bo
         raise PlanError(f"{where}: expected a number in {interval}, got {_show(value)}")
 
 
-def _validate_object(value: Any, keys: Sequence[str], where: str) -> None:
+def _validate_object(value: Any, keys: Sequence[str], where: str, optional: Sequence[str] = ()) -> None:
     if not isinstance(value, dict):
         raise PlanError(f"{where}: expected an object with {', '.join(keys)}, got {_show(value)}")
     for key in value:
         if key not in keys:
             raise PlanError(f"{where}: unknown key {_show(key)} (expected {', '.join(keys)})")
     for key in keys:
-        if key not in value:
+        if key not in value and key not in optional:
             raise PlanError(f"{where}: missing field {_show(key)}")
 
 

@@ -10,25 +10,28 @@ from typing import Any
 from moec.files import write_atomic
 from moec.planner.checks import (PlanError, _positive_int, _positive_number, _read_json, _show, _statistic,
                                  _unit_fraction, _validate_object, _widths_text)
-from moec.planner.sizes import FLOAT
+from moec.planner.sizes import DROPPED, FLOAT
 
 PLAN_FORMAT = "moec-plan/1"
 # Widths a plan may hold: 1 and 3 are MC-MoE's own, 2/4/8 are onnxruntime's MatMulNBits widths, and
 # "float" keeps the weight unquantized (in the artifact's float type).
 QUANTIZED_WIDTHS = (1, 2, 3, 4, 8)
 PLAN_BIT_WIDTHS = (*QUANTIZED_WIDTHS, FLOAT)
+EXPERT_WIDTHS = (DROPPED, *PLAN_BIT_WIDTHS)  # an expert may also be dropped: 0 bits, never routed to
 OLD_FLOAT_WIDTH = 16  # how plan files before "float" wrote it
 SCOPES = ("global", "layer")
 QUANT_METHODS = ("rtn", "gptq")
 DEFAULT_NON_EXPERT = {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
-PLAN_KEYS = ("format", "model", "experts", "objective", "non_expert", "quantization", "pruning")
-OPTIONAL_PLAN_KEYS = ("objective",)
+PLAN_KEYS = ("format", "model", "experts", "objective", "non_expert", "quantization", "pruning", "super_experts")
+OPTIONAL_PLAN_KEYS = ("objective", "super_experts")
+PRUNING_RULES = ("beta", "top_p")  # a pruned layer's rule: MC-MoE's beta x top-1, or top-p
 PRUNING_KEYS = ("layers", "protect_fraction", "target", "predicted_pruned_fraction")  # the first two required
 # the objective's exponents on frequency, routing weight and loss (the paper's alpha, beta, gamma;
 # plan files before these names wrote the Greek letters, whose "beta" read like the pruning threshold)
 EXPONENT_KEYS = {"alpha": "frequency_exponent", "beta": "weight_exponent", "gamma": "loss_exponent"}
 OBJECTIVE_KEYS = ("scope", *EXPONENT_KEYS.values(), "candidate_bits", "require_top_widths", "budget",
-                  "params_per_expert", "predicted_loss", "predicted_expert_bytes")
+                  "params_per_expert", "predicted_loss", "predicted_expert_bytes", "protect_super_experts")
+OPTIONAL_OBJECTIVE_KEYS = ("protect_super_experts",)
 
 
 def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | None = None,
@@ -59,6 +62,8 @@ def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | N
     if type(group_size) is not int or group_size < 16 or group_size & (group_size - 1):
         raise PlanError(f"{source}: quantization.group_size: expected a power of two >= 16, got {_show(group_size)}")
     _validate_pruning(plan["pruning"], f"{source}: pruning")
+    if "super_experts" in plan:
+        _validate_super_experts(plan["super_experts"], plan["experts"]["bits"], f"{source}: super_experts")
     if "objective" in plan:
         _validate_objective(plan["objective"], f"{source}: objective")
 
@@ -82,14 +87,28 @@ def _validate_expert_bits(experts: Any, num_layers: int | None, num_experts: int
         if len(row) != num_experts:
             raise PlanError(f"{where}: expected {num_experts} experts{counted_at}, got {len(row)}")
         for expert, width in enumerate(row):
-            _plan_width(width, f"{where}[{expert}]")
+            _plan_width(width, f"{where}[{expert}]", EXPERT_WIDTHS)
     if num_experts is None:
         raise PlanError(f"{source}: experts.bits: no layer has experts")
 
 
+def _validate_super_experts(pairs: Any, grid: list, where: str) -> None:
+    """[[layer, expert], ...]: experts of sparse layers, none twice (see moec.calibrate)."""
+    if not isinstance(pairs, list):
+        raise PlanError(f"{where}: expected a list of [layer, expert] pairs, got {_show(pairs)}")
+    seen = set()
+    for i, pair in enumerate(pairs):
+        ok = isinstance(pair, list) and len(pair) == 2 and all(type(n) is int and n >= 0 for n in pair)
+        if not ok or tuple(pair) in seen or pair[0] >= len(grid) or grid[pair[0]] is None \
+                or pair[1] >= len(grid[pair[0]]):
+            raise PlanError(f"{where}[{i}]: expected a [layer, expert] pair of a MoE layer's expert, not listed "
+                            f"before, got {_show(pair)}")
+        seen.add(tuple(pair))
+
+
 def _validate_pruning(pruning: Any, where: str) -> None:
-    """`{}`, or {"layers": [{"layer": int, "beta": (0, 1]}, ...], "protect_fraction": [0, 1), and
-    optionally "target" and "predicted_pruned_fraction" (see moec.pruning)."""
+    """`{}`, or {"layers": [{"layer": int, "beta": (0, 1]} or {"layer": int, "top_p": (0, 1]}, ...],
+    "protect_fraction": [0, 1), and optionally "target" and "predicted_pruned_fraction" (see moec.pruning)."""
     if not isinstance(pruning, dict):
         raise PlanError(f"{where}: expected an object, got {_show(pruning)}")
     if not pruning:
@@ -105,13 +124,16 @@ def _validate_pruning(pruning: Any, where: str) -> None:
         raise PlanError(f'{where}.layers: expected a list of {{"layer": int, "beta": number}}, got {_show(layers)}')
     seen = set()
     for i, entry in enumerate(layers):
-        if not isinstance(entry, dict) or set(entry) != {"layer", "beta"}:
-            raise PlanError(f'{where}.layers[{i}]: expected {{"layer": int, "beta": number}}, got {_show(entry)}')
+        if not isinstance(entry, dict) or len(entry) != 2 or "layer" not in entry or \
+                not any(rule in entry for rule in PRUNING_RULES):
+            raise PlanError(f'{where}.layers[{i}]: expected {{"layer": int, "beta": number}} or '
+                            f'{{"layer": int, "top_p": number}}, got {_show(entry)}')
         if type(entry["layer"]) is not int or entry["layer"] < 0 or entry["layer"] in seen:
             raise PlanError(f"{where}.layers[{i}].layer: expected a layer index not listed before, "
                             f"got {_show(entry['layer'])}")
         seen.add(entry["layer"])
-        _unit_fraction(entry["beta"], f"{where}.layers[{i}].beta", low_open=True)
+        rule = next(rule for rule in PRUNING_RULES if rule in entry)
+        _unit_fraction(entry[rule], f"{where}.layers[{i}].{rule}", low_open=True)
     _unit_fraction(pruning["protect_fraction"], f"{where}.protect_fraction", high_open=True)
     for key in PRUNING_KEYS[2:]:
         if key in pruning:
@@ -119,7 +141,10 @@ def _validate_pruning(pruning: Any, where: str) -> None:
 
 
 def _validate_objective(objective: Any, where: str) -> None:
-    _validate_object(objective, OBJECTIVE_KEYS, where)
+    _validate_object(objective, OBJECTIVE_KEYS, where, optional=OPTIONAL_OBJECTIVE_KEYS)
+    if type(objective.get("protect_super_experts", False)) is not bool:
+        raise PlanError(f"{where}.protect_super_experts: expected true or false, "
+                        f"got {_show(objective['protect_super_experts'])}")
     if objective["scope"] not in SCOPES:
         raise PlanError(f"{where}.scope: expected one of {', '.join(SCOPES)}, got {_show(objective['scope'])}")
     for key in (*EXPONENT_KEYS.values(), "predicted_loss"):
@@ -129,7 +154,7 @@ def _validate_objective(objective: Any, where: str) -> None:
     if not isinstance(candidates, list) or not candidates:
         raise PlanError(f"{where}.candidate_bits: expected a list of bit widths, got {_show(candidates)}")
     for i, width in enumerate(candidates):
-        _plan_width(width, f"{where}.candidate_bits[{i}]")
+        _plan_width(width, f"{where}.candidate_bits[{i}]", EXPERT_WIDTHS)
     if type(objective["require_top_widths"]) is not bool:
         raise PlanError(f"{where}.require_top_widths: expected true or false, "
                         f"got {_show(objective['require_top_widths'])}")
@@ -143,9 +168,10 @@ def _validate_objective(objective: Any, where: str) -> None:
             _positive_int(value, f"{where}.{key}")
 
 
-def _plan_width(value: Any, where: str) -> None:
-    if value != FLOAT and (type(value) is not int or value not in QUANTIZED_WIDTHS):
-        raise PlanError(f"{where}: expected a bit width in {_widths_text(QUANTIZED_WIDTHS)} or \"float\", "
+def _plan_width(value: Any, where: str, widths: tuple = PLAN_BIT_WIDTHS) -> None:
+    quantized = tuple(w for w in widths if w != FLOAT)
+    if value != FLOAT and (type(value) is not int or value not in quantized):
+        raise PlanError(f"{where}: expected a bit width in {_widths_text(quantized)} or \"float\", "
                         f"got {_show(value)}")
 
 

@@ -15,6 +15,7 @@ from fractions import Fraction
 from moec.planner.checks import PlanError, _fraction, _positive_int, _show
 
 FLOAT = "float"  # a plan's width for a weight it keeps unquantized (plan files before it wrote 16)
+DROPPED = 0  # a plan's width for an expert it drops: no weights, never routed to
 FLOAT_BYTES = 4  # an unquantized expert is written as the traced graph holds it: float32
 SCALE_BYTES = FLOAT_BYTES  # packed as planned: float32 scales
 
@@ -33,13 +34,15 @@ def expert_bytes(params: int, bits: int, group_size: int = 128, target: str | No
     """Stored bytes of one expert at `bits` (on `target`, if given), so budgets count what ships.
 
     Asymmetric RTN with groups of `group_size` along the input dimension: packed codes, plus per
-    group a scale and a packed zero point. FLOAT is unquantized (float32).
+    group a scale and a packed zero point. FLOAT is unquantized (float32); DROPPED takes nothing.
     Assumes each matrix's input dimension is a multiple of `group_size` (true for every supported family).
     """
     _positive_int(params, "params")
     _positive_int(group_size, "group_size")
     if bits == FLOAT:
         return FLOAT_BYTES * params
+    if bits == DROPPED:
+        return 0
     _positive_int(bits, "bits")
     stored, scale_bytes = _storage(bits, target)
     groups = -(-params // group_size)

@@ -8,7 +8,7 @@ from graphs import moe_layers
 
 from moec.ops.moe import PRUNE_SWITCH, ExpertsSpec, expert_weight_name, stacked_reference
 from moec.passes.lower_moe import LowerMoEPass
-from moec.passes.pruning_attributes import PruningAttributesPass
+from moec.passes.routing_attributes import RoutingAttributesPass
 
 
 def test_experts_nodes_become_per_expert_weights_and_compute_the_same():
@@ -39,7 +39,7 @@ def test_experts_nodes_become_per_expert_weights_and_compute_the_same():
 
 def test_a_pruned_layer_gets_dynamic_gating_and_the_run_time_switch():
     model = moe_layers([0, 1])
-    PruningAttributesPass({1: (0.5, 0.0)})(model)
+    RoutingAttributesPass({1: {"beta": 0.5}})(model)
     assert LowerMoEPass()(model).modified
     assert [n.op_type for n in model.graph if n.domain == "moec"] == ["DynamicGating"]
     assert PRUNE_SWITCH in [v.name for v in model.graph.inputs]
