@@ -9,10 +9,18 @@ Per sparse layer and expert it records (moec-stats/1, read by `moec plan`):
   frequency       tokens routed to the expert by the model's own top-k
   routing_weight  sum of the expert's routing weight over those tokens
   quant_loss[b]   L2 norm of the MoE block's output error when that expert alone is RTN-quantized
-                  to b bits (asymmetric, blocks of group_size along the input), summed over batches
+                  to b bits (asymmetric, blocks of group_size along the input), summed over batches;
+                  b = 0 is the expert dropped: the block run again with the expert masked out of its
+                  router's top-k (moec.experts.RoutingMask), so its tokens are routed anew
+  max_down_output the largest |down_proj output| of the expert over its tokens
 and per layer `pruning`: for each beta of a grid, the fraction of the layer's top-k activations
-MC-MoE's dynamic pruning rule drops and the relative error of the MoE output it causes (what
-`moec plan --prune-target` chooses layers and betas from).
+MC-MoE's dynamic pruning rule drops and the relative error of the MoE output it causes, and the
+same for each p of the top-p rule under `top_p` (what `moec plan --prune-target` chooses layers
+and thresholds from).
+The model's `super_experts` (Su et al., arXiv 2507.23279, the rule of its released profiling code):
+experts whose max_down_output is above the 99.5th percentile of all (layer, expert) pairs and above
+a tenth of the largest, in the first three quarters of the layers. Quantizing or pruning even a
+few of them wrecks a model; `moec plan` keeps them at the highest width, and pruning never drops them.
 Hessians for error-compensating quantization are not stored: the same streaming recomputes them.
 """
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,11 +40,24 @@ STATS_FORMAT = "moec-stats/1"
 DEFAULT_BITS = (2, 4, 8)
 BATCH_SEQUENCES = 8
 PRUNING_BETAS = tuple(round(0.025 * i, 3) for i in range(1, 40))  # 0.025 ... 0.975
+PRUNING_TOP_PS = PRUNING_BETAS
+SUPER_EXPERT_PERCENTILE = 99.5
+SUPER_EXPERT_SHARE_OF_MAX = 0.1
+SUPER_EXPERT_LAYERS = 0.75  # the first three quarters of the layers
 
 
-def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: int) -> dict:
+class BlockInputs(NamedTuple):
+    """A materialized MoE block and what it received: (args, kwargs) per batch."""
+
+    module: object
+    calls: list
+
+
+def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: int,
+                block: BlockInputs | None = None) -> dict:
     """One sparse layer's statistics from what its experts module received (hidden [tokens, H],
-    top_k_index and top_k_weights [tokens, k], one triple per batch); `module` holds its weights."""
+    top_k_index and top_k_weights [tokens, k], one triple per batch); `module` holds its weights.
+    Width 0 (the expert dropped) reruns the MoE `block` on what it received."""
     from moec.experts import float32_views, stacked_weights
     from moec.ops.moe import Expert, expert_ffn, expert_hidden, expert_projection, expert_weights
     from moec.quant import fake_quantize
@@ -44,11 +66,13 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
     frequency = np.zeros(experts)
     routing_weight = np.zeros(experts)
     quant_loss = np.zeros((experts, len(bits)))
+    max_down_output = np.zeros(experts)
     for _, indices, weights in calls:
         np.add.at(frequency, indices.ravel(), 1)
         np.add.at(routing_weight, indices.ravel(), weights.ravel())
 
     stacked, stored = float32_views(module), stacked_weights(module)
+    full = _block_outputs(block) if 0 in bits else []
     outputs = [np.zeros((x.shape[0], indices.shape[1], x.shape[1]), np.float32) for x, indices, _ in calls]
     for e in range(experts):
         picks = [np.nonzero(indices == e) for _, indices, _ in calls]
@@ -60,11 +84,15 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
         bounds = np.cumsum([tokens.size for tokens, _ in picks])[:-1]
         expert = expert_weights(stacked, e, spec)
         exact = expert_ffn(x, expert, spec)
+        max_down_output[e] = float(np.abs(exact).max())
         for out, (tokens, rank), rows in zip(outputs, picks, np.split(exact, bounds)):
             out[tokens, rank] = rows
         biases = {name: getattr(expert, name) for name in ("gate_bias", "up_bias", "down_bias")}
         expert = None
         for j, width in enumerate(bits):
+            if width == 0:
+                quant_loss[e, j] = _dropped_loss(layer, block, full, e)
+                continue
             # each projection upcast alone and quantized, gate and up for the hidden activations, then
             # down: a Mixtral-8x7B expert adds about 0.7 GB, as when it was computed exactly
             quantized = lambda p: fake_quantize(expert_projection(stored, e, p, spec).float().numpy(),  # noqa: B023
@@ -76,43 +104,88 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
             for (_, _, weights), (tokens, rank), rows in zip(calls, picks, np.split(error, bounds)):
                 if tokens.size:
                     quant_loss[e, j] += float(np.linalg.norm(rows * weights[tokens, rank][:, None]))
+    routing_weights = [weights for _, _, weights in calls]
     return {
         "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
-                     "quant_loss": {str(width): float(quant_loss[e, j]) for j, width in enumerate(bits)}}
+                     "quant_loss": {str(width): float(quant_loss[e, j]) for j, width in enumerate(bits)},
+                     "max_down_output": float(max_down_output[e])}
                     for e in range(experts)],
-        "pruning": _pruning(spec, [weights for _, _, weights in calls], outputs),
+        "pruning": {**_pruning_curve(spec, "beta", PRUNING_BETAS, routing_weights, outputs),
+                    "top_p": _pruning_curve(spec, "top_p", PRUNING_TOP_PS, routing_weights, outputs)},
     }
 
 
-def _pruning(spec, routing_weights: list, outputs: list) -> dict:
-    """The layer's dynamic-pruning curve: for each beta of PRUNING_BETAS, the fraction of its
-    top-k (token, expert) activations the beta rule drops and the relative L2 error of the MoE
-    output that causes (no token protected)."""
+def _block_outputs(block: BlockInputs, mask=None) -> list:
+    """The MoE block's output (float32) on each call it received, routed under `mask` if given."""
+    import contextlib
+
+    import torch
+
+    outputs = []
+    with torch.no_grad(), mask or contextlib.nullcontext():
+        for args, kwargs in block.calls:
+            out = block.module(*args, **kwargs)
+            outputs.append((out[0] if isinstance(out, tuple) else out).float())
+    return outputs
+
+
+def _dropped_loss(layer, block: BlockInputs, full: list, expert: int) -> float:
+    """L2 norm of the MoE block's output error with `expert` masked out of its router's top-k (its
+    tokens routed to the remaining experts), summed over batches; `full` is its output unmasked."""
+    import torch
+
+    from moec.experts import RoutingMask
+
+    mask = RoutingMask(layer.num_experts, [expert])
+    loss = 0.0
+    for dropped, exact in zip(_block_outputs(block, mask), full):
+        loss += float(torch.linalg.vector_norm((dropped - exact).double()))
+    if block.calls and not mask.selections:
+        raise MoecError(f"{layer.block_path} selects its experts outside the MoE block (no top-k over its "
+                        f"{layer.num_experts} experts there), so moec cannot measure dropping one")
+    return loss
+
+
+def _pruning_curve(spec, rule: str, thresholds: tuple, routing_weights: list, outputs: list) -> dict:
+    """The layer's dynamic-pruning curve for one rule ("beta" or "top_p"): for each threshold, the
+    fraction of its top-k (token, expert) activations the rule drops and the relative L2 error of
+    the MoE output that causes (no token protected)."""
     from moec.ops.dynamic_gating import prune
 
     top_k = routing_weights[0].shape[1] if routing_weights else 1
-    betas = PRUNING_BETAS if top_k > 1 else ()
-    dropped, error = np.zeros(len(betas)), np.zeros(len(betas))
+    thresholds = thresholds if top_k > 1 else ()
+    dropped, error = np.zeros(len(thresholds)), np.zeros(len(thresholds))
     norm = activations = 0.0
     for weights, out in zip(routing_weights, outputs):
         full = (out * weights[..., None]).sum(1)
         norm += float(np.sum(full.astype(np.float64) ** 2))
         activations += weights.size
-        for j, beta in enumerate(betas):
-            kept, keep = prune(weights, dataclasses.replace(spec, beta=beta, protect_fraction=0.0))
+        for j, threshold in enumerate(thresholds):
+            kept, keep = prune(weights, dataclasses.replace(spec, **{rule: threshold}, protect_fraction=0.0))
             dropped[j] += float(weights.size - keep.sum())
             error[j] += float(np.sum(((out * kept[..., None]).sum(1) - full).astype(np.float64) ** 2))
-    return {"beta": list(betas), "pruned_fraction": [float(d / max(activations, 1)) for d in dropped],
+    return {rule: list(thresholds), "pruned_fraction": [float(d / max(activations, 1)) for d in dropped],
             "relative_error": [float(np.sqrt(e / norm)) if norm > 0 else 0.0 for e in error]}
 
 
-def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", progress: bool = True):
+def super_experts(layers: list[dict], num_layers: int) -> list[list[int]]:
+    """[layer, expert] of the super experts among the stats' layers (the module docstring's rule)."""
+    values = np.array([e["max_down_output"] for layer in layers for e in layer["experts"]])
+    if not values.size:
+        return []
+    bar = max(np.percentile(values, SUPER_EXPERT_PERCENTILE), SUPER_EXPERT_SHARE_OF_MAX * values.max())
+    return [[layer["layer"], e] for layer in layers if layer["layer"] < SUPER_EXPERT_LAYERS * num_layers
+            for e, expert in enumerate(layer["experts"]) if expert["max_down_output"] > bar]
+
+
+def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", progress: bool = True,
+               blocks: bool = False):
     """Stream the model layer by layer over token windows.
 
-    Yields (layer, module, calls) for each sparse layer: its moec.experts.ExpertsLayer, its
-    materialized experts module, and what that module received from the family's own router, one
+    Yields (layer, module, calls, block) for each sparse layer: its moec.experts.ExpertsLayer, its
+    materialized experts module, what that module received from the family's own router, one
     (hidden [tokens, H] fp32, top_k_index, top_k_weights fp32) triple of NumPy arrays per batch of
-    sequences. The layer computes in fp32 with its experts run by the Experts op's reference, which
+    sequences, and with `blocks` its MoE block and what that received (BlockInputs; else None). The layer computes in fp32 with its experts run by the Experts op's reference, which
     upcasts one expert at a time (the routed experts stay in the checkpoint's dtype). The layer
     stays materialized until the consumer asks for the next one; then it is freed.
     """
@@ -133,16 +206,22 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
             decoder_layer = stream.load(path)
             here = [layer for layer in layers if layer.layer == i]
             received = {layer.path: [] for layer in here}
+            block_received = {layer.path: [] for layer in here}
             handles = [stream.model.get_submodule(layer.path).register_forward_pre_hook(
                 _recorder(received[layer.path]), with_kwargs=True) for layer in here]
+            if blocks:
+                handles += [stream.model.get_submodule(layer.block_path).register_forward_pre_hook(
+                    lambda _, args, kwargs, calls=block_received[layer.path]: calls.append((args, kwargs)),
+                    with_kwargs=True) for layer in here]
             for b, (args, kwargs) in enumerate(calls[i]):
                 out = decoder_layer(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
             for handle in handles:
                 handle.remove()
             for layer in here:
-                yield layer, stream.model.get_submodule(layer.path), received[layer.path]
-            decoder_layer = received = None
+                block = BlockInputs(stream.model.get_submodule(layer.block_path), block_received[layer.path])
+                yield layer, stream.model.get_submodule(layer.path), received[layer.path], block if blocks else None
+            decoder_layer = received = block_received = None
             stream.unload(path)
 
 
@@ -166,18 +245,18 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
     from moec.checkpoint import open_checkpoint
     from moec.runtime import Tokenizer
 
-    if not bits or any(not 1 <= b <= 8 for b in bits):
-        raise MoecError(f"--bits must be widths between 1 and 8, got {bits}")
+    if not bits or any(not 0 <= b <= 8 for b in bits):
+        raise MoecError(f"--bits must be widths between 0 (the expert dropped) and 8, got {bits}")
     start = time.perf_counter()
     checkpoint = open_checkpoint(model_dir)
     text, source = read_text(data)
     windows = token_windows(Tokenizer(checkpoint.path).encode(text), samples, seq_len)
     layers, shape = [], None
-    for layer, module, calls in moe_inputs(checkpoint, windows, progress=progress):
+    for layer, module, calls, block in moe_inputs(checkpoint, windows, progress=progress, blocks=0 in bits):
         shape = shape or {"num_experts": layer.num_experts, "top_k": int(calls[0][1].shape[1]),
                           "moe_intermediate_size": layer.intermediate_size}
-        layers.append({"layer": layer.layer, **layer_stats(layer, module, calls, tuple(bits), group_size)})
-        module = calls = None
+        layers.append({"layer": layer.layer, **layer_stats(layer, module, calls, tuple(bits), group_size, block)})
+        module = calls = block = None
     config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     return {
         "format": STATS_FORMAT,
@@ -187,6 +266,7 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
                         "tokens": int(windows.size), "bits": list(bits), "group_size": group_size,
                         "quantizer": "rtn-asymmetric", "seconds": round(time.perf_counter() - start, 2)},
         "layers": layers,
+        "super_experts": super_experts(layers, config.num_hidden_layers),
     }
 
 

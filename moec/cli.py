@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import moec
@@ -138,7 +139,7 @@ def _plan(args) -> None:
     options = dict(bits=args.bits, scope=args.scope, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                    require_top_widths=not args.no_top_widths, group_size=args.group_size,
                    params_per_expert=args.params_per_expert, model=args.model, method=args.method,
-                   target=args.target)
+                   target=args.target, protect_super_experts=not args.no_protect_super_experts)
     if args.sweep:
         if args.prune_target is not None:
             raise MoecError("--prune-target plans one pruning for one plan; it does not combine with --sweep")
@@ -149,12 +150,12 @@ def _plan(args) -> None:
         print(f"wrote {args.out}: {len(rows)} Pareto points" + (f", plot {args.plot}" if args.plot else ""))
         return
     plan = make_plan(stats, avg_bits=args.avg_bits, size_budget=args.size_budget, **options)
-    if args.protect_fraction and args.prune_target is None:
-        raise MoecError("--protect-fraction needs --prune-target")
+    if (args.protect_fraction or args.prune_rule != "beta") and args.prune_target is None:
+        raise MoecError("--protect-fraction and --prune-rule need --prune-target")
     if args.prune_target is not None:
         from moec.pruning import plan_pruning
 
-        plan["pruning"] = plan_pruning(stats, args.prune_target, args.protect_fraction)
+        plan["pruning"] = plan_pruning(stats, args.prune_target, args.protect_fraction, args.prune_rule.replace("-", "_"))
     save_plan(plan, args.out)
     objective = plan["objective"]
     size = objective["predicted_expert_bytes"]
@@ -162,7 +163,11 @@ def _plan(args) -> None:
     print(f"wrote {args.out}: predicted loss {objective['predicted_loss']:.6g}"
           + (f", experts {size / 1e9:.3f} GB" if size is not None else "")
           + (f", pruning {len(pruning['layers'])} layers (predicted {pruning['predicted_pruned_fraction']:.3f} "
-             "of expert activations)" if pruning else ""))
+             "of expert activations)" if pruning else "")
+          + (f", {len(plan['super_experts'])} super experts kept at {objective['candidate_bits'][-1]} bits and never "
+             "pruned" if plan.get("super_experts") else "")
+          + (f", {sum(row.count(0) for row in plan['experts']['bits'] if row)} experts dropped"
+             if any(0 in row for row in plan["experts"]["bits"] if row) else ""))
 
 
 def _eval(args) -> None:
@@ -181,8 +186,12 @@ def _eval(args) -> None:
 
 
 def _inspect(args) -> None:
-    from moec.summary import describe, summary
+    from moec.summary import describe, describe_stats, stats_summary, summary
 
+    if os.path.isfile(args.artifact):  # a stats file from moec calibrate
+        info = describe_stats(args.artifact)
+        print(json.dumps(info, indent=2) if args.json else stats_summary(info))
+        return
     info = describe(args.artifact)
     print(json.dumps(info, indent=2) if args.json else summary(info))
     if args.plot:
@@ -255,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=64, metavar="N", help="sequences (default 64)")
     p.add_argument("--seq-len", type=_positive_int, default=256, metavar="L", help="tokens per sequence (default 256)")
     p.add_argument("--bits", type=_bit_list, default=[2, 4, 8], metavar="LIST",
-                   help="widths to measure quantization loss at (default 2,4,8; the paper's: 1,2,3)")
+                   help="widths to measure quantization loss at (default 2,4,8; the paper's: 1,2,3); 0 measures "
+                        "dropping each expert (the MoE block rerun with it masked out of the router)")
     p.add_argument("--group-size", type=_positive_int, default=128, metavar="N",
                    help="quantization block along the input dimension (default 128)")
     p.add_argument("--out", required=True, metavar="FILE", help="stats.json to write")
@@ -274,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan every avg-bits budget in the range; --out gets the Pareto table "
                              "(TSV, or markdown if it ends in .md)")
     p.add_argument("--bits", type=_bit_list, metavar="LIST",
-                   help="candidate widths, e.g. 2,3,4 (default: every width in the stats)")
+                   help="candidate widths, e.g. 2,3,4 (default: every width in the stats); 0 lets the solver "
+                        "drop experts (no weights, never routed to), if the stats measured it")
     p.add_argument("--scope", choices=("global", "layer"), default="global",
                    help="global: one byte budget, layers compete (default); layer: the paper's per-layer budget")
     p.add_argument("--alpha", type=float, default=1.0, help="frequency and loss exponent (default 1)")
@@ -295,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-target", type=float, metavar="F",
                    help="also plan dynamic pruning: remove this fraction of expert activations (e.g. 0.15), "
                         "from the least sensitive layers")
+    p.add_argument("--prune-rule", choices=("beta", "top-p"), default="beta",
+                   help="with --prune-target: MC-MoE's rule (drop experts under beta x the top-1 weight; default) "
+                        "or top-p (keep the fewest top experts whose weight reaches p of the token's top-k)")
+    p.add_argument("--no-protect-super-experts", action="store_true",
+                   help="plan the stats' super experts like any other (default: highest width, never pruned)")
     p.add_argument("--protect-fraction", type=float, default=0.0, metavar="P",
                    help="with --prune-target: the most important fraction of prefill tokens keeps all its "
                         "experts (default 0)")
@@ -315,9 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, ...)")
     p.set_defaults(func=_eval)
 
-    p = commands.add_parser("inspect", help="summarise an artifact",
-                            description="Architecture, layers, experts and sizes of an artifact.")
-    p.add_argument("artifact", metavar="DIR")
+    p = commands.add_parser("inspect", help="summarise an artifact (or a stats file)",
+                            description="Architecture, layers, experts and sizes of an artifact; or, for a "
+                                        "stats.json from moec calibrate, what it measured and its super experts.")
+    p.add_argument("artifact", metavar="DIR", help="artifact folder, or stats.json")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the bits per expert and the size breakdown (matplotlib)")
     p.add_argument("--netron", action="store_true", help="serve the graph in netron on localhost (the netron extra)")

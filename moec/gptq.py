@@ -70,7 +70,7 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
 
     group_size = plan["quantization"]["group_size"]
     quantized, tokens_seen = {}, {}
-    for layer, module, calls in moe_inputs(checkpoint, windows, desc="gptq", progress=progress):
+    for layer, module, calls, _ in moe_inputs(checkpoint, windows, desc="gptq", progress=progress):
         spec = layer.spec
         x = torch.from_numpy(np.concatenate([hidden for hidden, _, _ in calls])).double()
         indices = np.concatenate([index for _, index, _ in calls])

@@ -1,15 +1,18 @@
-"""Which layers prune dynamically, with which beta: the `pruning` section of plan.json
+"""Which layers prune dynamically, by which rule and threshold: the `pruning` section of plan.json
 (validated with the rest of the plan in moec.planner).
 
     "pruning": {"layers": [{"layer": 3, "beta": 0.35}, ...], "protect_fraction": 0.0,
                 "target": 0.15, "predicted_pruned_fraction": 0.151}
 
+A layer prunes by MC-MoE's beta rule ({"layer": 3, "beta": 0.35}) or by the top-p rule
+({"layer": 3, "top_p": 0.8}); see moec.ops.dynamic_gating.
+
 `{}` prunes nothing. `target` and `predicted_pruned_fraction` are what `moec plan --prune-target`
 asked and expects; hand-written plans may leave them out.
 
-`plan_pruning` chooses from calibrate's per-layer curves (for each beta on a grid: the fraction of
-the layer's top-k activations the rule drops and the relative output error that causes) one
-beta or none per layer, so that the model's activations drop by at least the target fraction
+`plan_pruning` chooses from calibrate's per-layer curves (for each threshold of the rule on a grid:
+the fraction of the layer's top-k activations the rule drops and the relative output error that
+causes) one threshold or none per layer, so that the model's activations drop by at least the target fraction
 at the least sum of squared relative errors (errors of different layers add up like independent
 noise, so pruning spreads over layers rather than piling into one): a multiple-choice knapsack,
 solved exactly with HiGHS.
@@ -26,26 +29,42 @@ from moec.planner import PlanError
 ERROR_EXPONENT = 2  # errors of different layers add like independent noise: squared norms add
 
 
-def plan_pruning(stats: dict, target: float, protect_fraction: float = 0.0) -> dict:
-    """The plan's `pruning` section removing at least `target` of all expert activations."""
+RULES = ("beta", "top_p")
+# a threshold that prunes nothing is "off": beta 0, top_p 1
+OFF = {"beta": 0.0, "top_p": 1.0}
+
+
+def _curve(layer: dict, rule: str) -> dict | None:
+    """The layer's calibrated curve for `rule`, or None where it has none (top-k 1, old stats)."""
+    curve = layer.get("pruning") or {}
+    curve = curve if rule == "beta" else curve.get("top_p") or {}
+    return curve if curve.get(rule) else None
+
+
+def plan_pruning(stats: dict, target: float, protect_fraction: float = 0.0, rule: str = "beta") -> dict:
+    """The plan's `pruning` section removing at least `target` of all expert activations, by `rule`
+    ("beta" or "top_p")."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if not 0 < target < 1:
         raise PlanError(f"--prune-target must be a fraction between 0 and 1, got {target}")
     if not 0 <= protect_fraction < 1:
         raise PlanError(f"--protect-fraction must be in [0, 1), got {protect_fraction}")
-    layers = [layer for layer in stats["layers"] if (layer.get("pruning") or {}).get("beta")]
+    if rule not in RULES:
+        raise PlanError(f"--prune-rule must be one of {', '.join(RULES)}, got {rule!r}")
+    layers = [layer for layer in stats["layers"] if _curve(layer, rule)]
     if not layers:
-        raise PlanError("the stats hold no pruning curves (top-k is 1, or they come from a moec before "
-                           "pruning curves were recorded): run moec calibrate again")
-    # option 0 of each layer: no pruning; option j: the curve's j-th beta
-    options = [[(0.0, 0.0, 0.0)] + list(zip(layer["pruning"]["beta"],
-                                            np.asarray(layer["pruning"]["pruned_fraction"]) * (1 - protect_fraction),
-                                            layer["pruning"]["relative_error"])) for layer in layers]
+        raise PlanError(f"the stats hold no {rule} pruning curves (top-k is 1, or they come from a moec before "
+                        f"{rule} curves were recorded): run moec calibrate again")
+    # option 0 of each layer: no pruning; option j: the curve's j-th threshold
+    options = [[(OFF[rule], 0.0, 0.0)] + list(zip(_curve(layer, rule)[rule],
+                                                  np.asarray(_curve(layer, rule)["pruned_fraction"]) *
+                                                  (1 - protect_fraction),
+                                                  _curve(layer, rule)["relative_error"])) for layer in layers]
     best = sum(max(fraction for _, fraction, _ in row) for row in options) / len(stats["layers"])
     if best < target:
-        raise PlanError(f"--prune-target {target:g} is out of reach: pruning every layer at its highest "
-                           f"beta removes {best:.3f} of the expert activations")
+        raise PlanError(f"--prune-target {target:g} is out of reach: pruning every layer at its strongest "
+                        f"{rule} removes {best:.3f} of the expert activations")
     sizes = [len(row) for row in options]
     starts = np.cumsum([0] + sizes[:-1])
     count = sum(sizes)
@@ -61,7 +80,7 @@ def plan_pruning(stats: dict, target: float, protect_fraction: float = 0.0) -> d
         raise PlanError(f"the pruning plan could not be solved: {result.message}")
     chosen = [int(np.argmax(result.x[start:start + size])) for start, size in zip(starts, sizes)]
     return {
-        "layers": [{"layer": layer["layer"], "beta": float(options[i][j][0])}
+        "layers": [{"layer": layer["layer"], rule: float(options[i][j][0])}
                    for i, (layer, j) in enumerate(zip(layers, chosen)) if j > 0],
         "protect_fraction": float(protect_fraction),
         "target": float(target),

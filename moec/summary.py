@@ -16,6 +16,32 @@ from moec.runtime import MODEL_FILE, read_record
 PACKED_SUFFIXES = (".q", ".scales", ".zero_points", ".bias")
 
 
+def describe_stats(path: str | Path) -> dict:
+    """What a moec-stats/1 file measured, and the super experts it found."""
+    from moec.planner import load_stats
+
+    stats = load_stats(path)
+    peaks = {(layer["layer"], e): expert.get("max_down_output") for layer in stats["layers"]
+             for e, expert in enumerate(layer["experts"])}
+    return {"path": str(path), "model": stats["model"], "calibration": stats["calibration"],
+            "moe_layers": [layer["layer"] for layer in stats["layers"]],
+            "super_experts": [{"layer": layer, "expert": e, "max_down_output": peaks[(layer, e)]}
+                              for layer, e in stats.get("super_experts", [])]}
+
+
+def stats_summary(info: dict) -> str:
+    model, calibration = info["model"], info["calibration"]
+    return "\n".join([
+        f"stats        {info['path']}",
+        f"model        {model['model_type']} from {model['name_or_path']}: {len(info['moe_layers'])} MoE layers of "
+        f"{model['num_experts']} experts, top-{model.get('top_k', '?')}",
+        f"calibration  {calibration['samples']} x {calibration['seq_len']} tokens from {calibration['data']}; "
+        f"loss at widths {', '.join(map(str, calibration['bits']))}",
+        "super experts " + (", ".join(f"layer {x['layer']} expert {x['expert']} (max |down_proj output| "
+                                      f"{x['max_down_output']:.4g})" for x in info["super_experts"]) or "none"),
+    ])
+
+
 def describe(path: str | Path) -> dict:
     import onnx
 
@@ -42,6 +68,8 @@ def describe(path: str | Path) -> dict:
         "op_types": dict(ops.most_common()),
         "size_breakdown": size_breakdown(graph, [entry["experts_module"].rpartition(".")[0] for entry in layers]),
         "pruning": record.get("pruning"),
+        "super_experts": record.get("super_experts", []),
+        "dropped_experts": record.get("dropped_experts", []),
         "verification": record.get("verification"),
         "quantization": None if not record.get("quantization") else
         {k: v for k, v in record["quantization"].items() if k not in ("experts", "non_expert")} |
@@ -105,8 +133,13 @@ def summary(info: dict) -> str:
     lines.append("size by part " + ", ".join(f"{part} {mib(n)}" for part, n in info["size_breakdown"].items()))
     pruning = info["pruning"]
     lines.append("pruning      " + ("none" if not pruning else
-                                    ", ".join(f"layer {e['layer']} beta {e['beta']:g}" for e in pruning["layers"])
+                                    ", ".join(f"layer {e['layer']} " + " ".join(f"{rule.replace('_', '-')} {e[rule]:g}"
+                                                                          for rule in ("beta", "top_p") if rule in e)
+                                              for e in pruning["layers"])
                                     + f"; protect {pruning['protect_fraction']:g} (switch: prune_experts)"))
+    for key, title in (("super_experts", "super experts (never pruned)"), ("dropped_experts", "dropped experts")):
+        if info[key]:
+            lines.append(f"{title}: " + ", ".join(f"layer {layer} expert {e}" for layer, e in info[key]))
     if verification:
         lines.append(f"verified     max |logit diff| {verification['max_abs_logit_diff']:.2e} "
                      f"vs {verification['against']} (tolerance {verification['tolerance']:g})")

@@ -28,7 +28,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _width_key(key: str, where: str) -> int:
-    if not re.fullmatch(r"[1-9][0-9]*", key):
+    if not re.fullmatch(r"0|[1-9][0-9]*", key):
         raise PlanError(f"{where}: expected bit-width keys like \"2\", got {_show(key)}")
     return int(key)
 

@@ -29,8 +29,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
 from moec.planner.checks import PlanError, _fraction, _positive_int, _read_json, _show, _widths_text
-from moec.planner.plan import DEFAULT_NON_EXPERT, PLAN_BIT_WIDTHS, PLAN_FORMAT, SCOPES, validate_plan
-from moec.planner.sizes import (FLOAT, _bytes_to_avg_bits, _format_bytes, avg_bits_budget_bytes,
+from moec.planner.plan import DEFAULT_NON_EXPERT, EXPERT_WIDTHS, PLAN_FORMAT, SCOPES, validate_plan
+from moec.planner.sizes import (DROPPED, FLOAT, _bytes_to_avg_bits, _format_bytes, avg_bits_budget_bytes,
                                 expert_bytes, parse_size)
 from moec.planner.stats import _parse_stats, _Stats
 
@@ -98,7 +98,8 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
               bits: Sequence[int] | None = None, scope: str = "global", alpha: float = 1.0, beta: float = 1.5,
               gamma: float | None = None, require_top_widths: bool = True, group_size: int = 128,
               params_per_expert: int | None = None, model: str | os.PathLike | None = None,
-              non_expert: Mapping[str, int] | None = None, method: str = "rtn", target: str | None = None) -> dict:
+              non_expert: Mapping[str, int] | None = None, method: str = "rtn", target: str | None = None,
+              protect_super_experts: bool = True) -> dict:
     """Solve the MC-MoE bit allocation and return a validated moec-plan/1 dict.
 
     Budget: `avg_bits` (both scopes) or `size_budget` bytes for all routed experts (global scope only;
@@ -111,6 +112,10 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     `model`: the model this plan is for; a mismatch with the stats' model raises PlanError.
     `target`: a compile target whose storage the byte budget and the predicted size count (containers,
     scale type); None packs every width as planned with float32 scales (MC-MoE's accounting).
+    Width 0 among `bits` drops an expert (no bytes, never routed to; its loss is calibrate's, with
+    the tokens routed anew): a layer keeps at least the stats' top-k experts.
+    `protect_super_experts`: the stats' super experts take the highest candidate width, and the
+    plan lists them, so that dynamic pruning never drops them either.
     """
     parsed = _parse_stats(stats, "stats")
     if scope not in SCOPES:
@@ -131,6 +136,14 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     average = _fraction(avg_bits, "avg_bits") if avg_bits is not None else None
 
     required = tuple(range(len(widths)))[-2:] if require_top_widths else ()
+    supers = [tuple(pair) for pair in stats.get("super_experts", [])] if protect_super_experts else []
+    fixed = {(parsed.moe_layers.index(layer), e): len(widths) - 1 for layer, e in supers}
+    keep_at_least = None
+    if DROPPED in widths:
+        keep_at_least = parsed.model.get("top_k")
+        if type(keep_at_least) is not int:
+            raise PlanError("bit width 0 (dropping experts) needs the stats' model.top_k, which moec calibrate "
+                            "records: run it again")
     if parsed.num_experts < len(required):
         raise PlanError(f"require_top_widths needs {len(required)} experts per layer, the stats have "
                         f"{parsed.num_experts}; turn it off")
@@ -141,12 +154,13 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
 
     if scope == "layer":
         per_layer = math.floor(average * parsed.num_experts)
-        smallest = _smallest_total(list(widths), required, parsed.num_experts, 1)
+        smallest = max(_smallest_totals(list(widths), required, parsed.num_experts, num_moe, fixed, keep_at_least))
         if per_layer < smallest:
             raise PlanError(f"avg_bits {avg_bits:g} is infeasible with bits {_widths_text(widths)}"
-                            f"{_required_text(widths, required)}: the smallest feasible budget is avg_bits "
+                            f"{_required_text(widths, required, fixed)}: the smallest feasible budget is avg_bits "
                             f"{smallest / parsed.num_experts:g} ({smallest} bits per layer)")
-        choice = _solve(cost, list(widths), [(np.array([m]), per_layer) for m in range(num_moe)], required)
+        choice = _solve(cost, list(widths), [(np.array([m]), per_layer) for m in range(num_moe)], required, fixed,
+                        keep_at_least)
         budget = {"avg_bits": float(avg_bits), "bytes": None}
     else:
         if params is None:
@@ -158,14 +172,14 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
             budget_bytes = size_bytes
         else:
             budget_bytes = avg_bits_budget_bytes(avg_bits, params, total_experts, group_size, target)
-        smallest = _smallest_total(width_bytes, required, parsed.num_experts, num_moe)
+        smallest = sum(_smallest_totals(width_bytes, required, parsed.num_experts, num_moe, fixed, keep_at_least))
         if budget_bytes < smallest:
             asked = f"avg_bits {avg_bits:g}" if avg_bits is not None else f"size budget {_show(size_budget)}"
             raise PlanError(f"{asked} ({budget_bytes} expert bytes) is infeasible with bits {_widths_text(widths)}"
-                            f"{_required_text(widths, required)}: the smallest feasible budget is {smallest} bytes "
+                            f"{_required_text(widths, required, fixed)}: the smallest feasible budget is {smallest} bytes "
                             f"({_format_bytes(smallest)}, avg_bits "
                             f"{_bytes_to_avg_bits(smallest, params, total_experts, group_size, target):g})")
-        choice = _solve(cost, width_bytes, [(np.arange(num_moe), budget_bytes)], required)
+        choice = _solve(cost, width_bytes, [(np.arange(num_moe), budget_bytes)], required, fixed, keep_at_least)
         budget = {"avg_bits": None if avg_bits is None else float(avg_bits), "bytes": budget_bytes}
 
     grid: list[list[int] | None] = [None] * parsed.num_layers
@@ -182,11 +196,12 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
             "loss_exponent": None if gamma is None else float(gamma), "candidate_bits": list(widths),
             "require_top_widths": bool(require_top_widths), "budget": budget, "params_per_expert": params,
             "predicted_loss": _grid_loss(parsed, grid, all_costs),
-            "predicted_expert_bytes": chosen_bytes,
+            "predicted_expert_bytes": chosen_bytes, "protect_super_experts": bool(protect_super_experts),
         },
         "non_expert": _non_expert_widths(non_expert),
         "quantization": {"method": method, "group_size": group_size},
         "pruning": {},
+        "super_experts": [list(pair) for pair in supers],
     }
     validate_plan(plan, parsed.num_layers, parsed.num_experts, source="plan")
     return plan
@@ -204,24 +219,36 @@ def _candidate_widths(stats: _Stats, bits: Sequence[int] | None) -> tuple[int, .
                 raise PlanError(f"unknown bit width {_show(width)}: the stats have quant_loss for "
                                 f"{_show(list(stats.widths))}")
     for width in widths:
-        if width not in PLAN_BIT_WIDTHS:
+        if width not in EXPERT_WIDTHS:
             raise PlanError(f"bit width {width} cannot be stored in a plan: expected one of "
-                            f"{_widths_text(PLAN_BIT_WIDTHS)}")
+                            f"{_widths_text(EXPERT_WIDTHS)}")
     return widths
 
 
-def _smallest_total(width_cost: list[int], required: tuple[int, ...], num_experts: int, num_layers: int) -> int:
-    """Least budget any allocation needs: the required widths once per layer, the cheapest width elsewhere."""
-    per_layer = sum(width_cost[j] for j in required) + (num_experts - len(required)) * min(width_cost)
-    return num_layers * per_layer
+def _smallest_totals(width_cost: list[int], required: tuple[int, ...], num_experts: int, num_layers: int,
+                     fixed: dict, keep_at_least: int | None) -> list[int]:
+    """Least budget each layer needs: its fixed experts at their widths, the required widths not
+    among them once, the cheapest width elsewhere (but no more experts dropped than
+    `keep_at_least` allows; width 0 is then the first and cheapest)."""
+    totals = []
+    for m in range(num_layers):
+        pinned = [j for (layer, _), j in fixed.items() if layer == m]
+        needed = [j for j in required if j not in pinned]
+        free = num_experts - len(pinned) - len(needed)
+        total = sum(width_cost[j] for j in pinned + needed) + free * min(width_cost)
+        if keep_at_least is not None:
+            total += max(0, keep_at_least - len(pinned) - len(needed)) * (min(width_cost[1:]) - width_cost[0])
+        totals.append(total)
+    return totals
 
 
 def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarray, int]],
-           required: tuple[int, ...]) -> np.ndarray:
+           required: tuple[int, ...], fixed: dict | None = None, keep_at_least: int | None = None) -> np.ndarray:
     """Width index per (moe layer, expert) minimizing `cost`, one binary per (layer, expert, width).
 
     Each budget row bounds sum(width_cost) over its layers; `required` width indices need one expert
-    per layer. The budget rows are rewritten as small integers (each expert takes exactly one width, so
+    per layer; `fixed` {(moe layer, expert): width index} are set; with `keep_at_least`, at most
+    experts - keep_at_least experts per layer take width 0 (the first width). The budget rows are rewritten as small integers (each expert takes exactly one width, so
     the cheapest width's cost is a constant) so that HiGHS's tolerances cannot overspend a byte.
     """
     layers, experts, num_widths = cost.shape
@@ -249,7 +276,13 @@ def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarr
     if required:
         protected = rows([index[m, :, j] for m in range(layers) for j in required], np.ones(experts))
         constraints.append(LinearConstraint(protected, 1, np.inf))
-    result = milp(objective.ravel(), integrality=np.ones(variables), bounds=Bounds(0, 1),
+    if keep_at_least is not None:
+        dropped = rows([index[m, :, 0] for m in range(layers)], np.ones(experts))
+        constraints.append(LinearConstraint(dropped, 0, experts - keep_at_least))
+    lower = np.zeros(variables)
+    for (m, e), j in (fixed or {}).items():
+        lower[index[m, e, j]] = 1
+    result = milp(objective.ravel(), integrality=np.ones(variables), bounds=Bounds(lower, 1),
                   constraints=constraints, options=_SOLVER_OPTIONS)
     if not result.success:
         raise PlanError(f"the MILP solver (HiGHS) found no allocation: {result.message}")
@@ -311,8 +344,11 @@ def _non_expert_widths(overrides: Mapping[str, int] | None) -> dict:
     return widths
 
 
-def _required_text(widths: Sequence[int], required: tuple[int, ...]) -> str:
-    if not required:
-        return ""
-    return (" and one expert per layer at each of " + " and ".join(f"{widths[j]} bits" for j in reversed(required))
-            + " (--no-top-widths drops that requirement)")
+def _required_text(widths: Sequence[int], required: tuple[int, ...], fixed: dict | None = None) -> str:
+    text = "" if not required else (" and one expert per layer at each of " +
+                                    " and ".join(f"{widths[j]} bits" for j in reversed(required)) +
+                                    " (--no-top-widths drops that requirement)")
+    if fixed:
+        text += (f" and the {len(fixed)} super experts at {widths[-1]} bits (--no-protect-super-experts "
+                 "drops that)")
+    return text
