@@ -76,7 +76,7 @@ def sample_curve(work: Path, targets: list[float]) -> list[dict]:
 def _perplexity_with_pruning(windows: np.ndarray, pruning: dict, attention_importance: bool = False,
                               renormalize: bool | None = None) -> float:
     """The sample's perplexity in PyTorch, its experts run by the Experts op's NumPy reference
-    pruning as `pruning` ({layer: (beta, protect_fraction)}) says; importance by the artifact's
+    pruning as `pruning` ({layer: {"beta": beta, "protect_fraction": p}}) says; importance by the artifact's
     proxy or by the paper's attention score; kept weights renormalized as the op does, unless
     `renormalize` says otherwise."""
     import functools
@@ -131,7 +131,7 @@ def importance_study(stats: dict, heldout: Path, target: float = 0.15) -> list[d
     windows, rows = _heldout_windows(heldout), []
     for protect, score in ((0.0, "none"), (0.1, "proxy"), (0.2, "proxy"), (0.1, "attention"), (0.2, "attention")):
         pruning = plan_pruning(stats, target, protect)
-        layers = {entry["layer"]: (entry["beta"], protect) for entry in pruning["layers"]}
+        layers = {entry["layer"]: {"beta": entry["beta"], "protect_fraction": protect} for entry in pruning["layers"]}
         rows.append({"protect_fraction": protect, "importance": score,
                      "predicted_pruned_fraction": pruning["predicted_pruned_fraction"],
                      "perplexity": _perplexity_with_pruning(windows, layers, score == "attention")})
@@ -145,7 +145,7 @@ def renormalization_study(stats: dict, heldout: Path, targets=(0.1, 0.15, 0.25, 
     windows, rows = _heldout_windows(heldout), []
     for target in targets:
         pruning = plan_pruning(stats, target)
-        layers = {entry["layer"]: (entry["beta"], 0.0) for entry in pruning["layers"]}
+        layers = {entry["layer"]: {"beta": entry["beta"]} for entry in pruning["layers"]}
         rows.append({"target": target, "predicted_pruned_fraction": pruning["predicted_pruned_fraction"],
                      "left_as_routed": _perplexity_with_pruning(windows, layers, renormalize=False),
                      "renormalized": _perplexity_with_pruning(windows, layers, renormalize=True)})

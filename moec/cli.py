@@ -149,9 +149,9 @@ def _plan(args) -> None:
             plot_sweep(rows, args.plot)
         print(f"wrote {args.out}: {len(rows)} Pareto points" + (f", plot {args.plot}" if args.plot else ""))
         return
-    plan = make_plan(stats, avg_bits=args.avg_bits, size_budget=args.size_budget, **options)
     if (args.protect_fraction or args.prune_rule != "beta") and args.prune_target is None:
         raise MoecError("--protect-fraction and --prune-rule need --prune-target")
+    plan = make_plan(stats, avg_bits=args.avg_bits, size_budget=args.size_budget, **options)
     if args.prune_target is not None:
         from moec.pruning import plan_pruning
 

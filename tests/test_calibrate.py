@@ -34,10 +34,11 @@ def text_file(tmp_path_factory):
 # Zaya's layers pass their router state to the next layer (see the test below)
 @pytest.mark.parametrize("arch", families([arch for arch in SUPPORTED if arch != "zaya"]))
 def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled):
-    """Calibrate, plan mixed 2/4/8-bit widths and 0.15 dynamic pruning, compile, verify and run: the
-    whole MC-MoE pipeline on every family (one compile covers the mixed plan and the pruning)."""
+    """Calibrate, plan mixed 2/4/8-bit widths and 0.15 dynamic pruning (beta in some layers, top-p in
+    others) with a super expert kept and an expert dropped, compile, verify and run: the whole
+    pipeline on every family (one compile covers all of it)."""
     model_dir = compiled(arch).model_dir
-    stats = calibrate(model_dir, data=text_file, samples=6, seq_len=32, progress=False)
+    stats = calibrate(model_dir, data=text_file, samples=6, seq_len=32, bits=(0, 2, 4, 8), progress=False)
     assert stats["format"] == "moec-stats/1" and stats["model"]["model_type"] == arch
     moe_layers = [entry["layer"] for entry in compiled(arch).record["moe_layers"]]
     assert [layer["layer"] for layer in stats["layers"]] == moe_layers
@@ -48,6 +49,7 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled):
             if e["frequency"]:
                 loss = e["quant_loss"]
                 assert loss["8"] < loss["4"] < loss["2"], (layer["layer"], loss)
+                assert loss["0"] > 0 and e["max_down_output"] > 0  # dropping it reroutes its tokens
             else:
                 assert e["routing_weight"] == 0 and all(v == 0 for v in e["quant_loss"].values())
         curve = layer["pruning"]
@@ -59,12 +61,28 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled):
         assert np.all(np.diff(curve["pruned_fraction"]) >= 0)
         assert 0 <= curve["pruned_fraction"][0] and curve["pruned_fraction"][-1] <= (top_k - 1) / top_k
         assert curve["pruned_fraction"][-1] > 0 and curve["relative_error"][-1] > 0
+        top_p = curve["top_p"]  # a lower p keeps fewer experts
+        assert np.all(np.diff(top_p["pruned_fraction"]) <= 0) and top_p["pruned_fraction"][0] > 0
+    peaks = [e["max_down_output"] for layer in stats["layers"] for e in layer["experts"]]
+    assert all(e["max_down_output"] > 0.1 * max(peaks) and layer["layer"] < 0.75 * stats["model"]["num_layers"]
+               for layer in stats["layers"] for i, e in enumerate(layer["experts"])
+               if [layer["layer"], i] in stats["super_experts"])
     for scope in ("layer", "global"):
         plan = make_plan(stats, avg_bits=4.0, bits=[2, 4, 8], scope=scope)
         bits = plan["experts"]["bits"]
         assert [i for i, row in enumerate(bits) if row is not None] == moe_layers
         assert all(b in (2, 4, 8) for row in bits if row for b in row)
     plan["quantization"]["group_size"] = 16
+    assert plan["super_experts"] == stats["super_experts"]
+    assert all(plan["experts"]["bits"][layer][e] == 8 for layer, e in plan["super_experts"])
+    plan["super_experts"] = plan["super_experts"] or [[moe_layers[0], 0]]  # one at least, for pruning to keep
+    # the last layer's least used expert dropped (its width 0), unless that leaves fewer than top-k
+    last = stats["layers"][-1]
+    dropped = [last["layer"], int(np.argmin([e["frequency"] for e in last["experts"]]))]
+    if stats["model"]["num_experts"] > top_k and dropped not in plan["super_experts"]:
+        plan["experts"]["bits"][dropped[0]][dropped[1]] = 0
+    else:
+        dropped = None
     if top_k == 1:
         with pytest.raises(PlanError, match="top-k is 1"):
             plan_pruning(stats, 0.15)
@@ -77,8 +95,16 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled):
     assert check["shipped_kernels"]["max_abs_logit_diff"] > 0  # int8 activations: measured, recorded
     if top_k > 1:
         assert "pruning as planned" in check["against"]
-        assert {entry["layer"] for entry in record["pruning"]["layers"]} == \
-            {e["layer"] for e in plan["pruning"]["layers"]}
+        assert record["pruning"]["layers"] == plan["pruning"]["layers"]
+    assert record["super_experts"] == plan["super_experts"]
+    assert record["dropped_experts"] == ([dropped] if dropped else [])
+    if dropped:  # no weights for it
+        import onnx
+
+        graph = onnx.load(str(tmp_path / "artifact" / "model.onnx"), load_external_data=False).graph
+        names = {i.name for i in graph.initializer}
+        assert not any(n.startswith(f"layers.{dropped[0]}.experts.{dropped[1]}.") for n in names)
+        assert any(n.startswith(f"layers.{dropped[0]}.experts.") for n in names)
     widths = {layer["layer"]: [e["bits"] for e in layer["experts"]] for layer in record["quantization"]["experts"]}
     assert all(row == plan["experts"]["bits"][layer] for layer, row in widths.items())
     assert len({b for row in widths.values() for b in row}) > 1, "the planner chose one width: not a mixed plan"
@@ -97,14 +123,25 @@ def test_calibrate_refuses_layers_that_pass_more_than_hidden_states(arch, compil
 
 
 def _plan_pruning(plan: dict, stats: dict, arch: str) -> None:
-    """Plan 0.15 dynamic pruning into `plan` (PhiMoE: what its router lets the rule reach)."""
-    reach = sum(max(layer["pruning"]["pruned_fraction"]) for layer in stats["layers"]) / stats["model"]["num_layers"]
-    assert (reach < 0.05) == (arch == "phimoe")
-    # PhiMoE's sparsemixer gives its second expert a weight near its first's, so the beta rule drops
-    # few: at most 2.6% of this model's activations
-    target = 0.15 if arch != "phimoe" else 0.9 * reach
-    plan["pruning"] = plan_pruning(stats, target)
-    assert plan["pruning"]["layers"] and plan["pruning"]["predicted_pruned_fraction"] >= target
+    """Plan 0.15 dynamic pruning into `plan` (PhiMoE: what its router lets the beta rule reach), the
+    beta rule's choice in every other layer, top-p's (planned for the same target) in the rest."""
+    def target(curve):
+        reach = sum(max(curve(layer)["pruned_fraction"]) for layer in stats["layers"]) / stats["model"]["num_layers"]
+        assert (reach < 0.05) == (arch == "phimoe")
+        # PhiMoE's sparsemixer mostly gives its second expert the weight of its first, so neither rule
+        # drops it: at most 2.6% of this model's activations
+        return 0.15 if arch != "phimoe" else 0.9 * reach
+
+    beta_target, top_p_target = target(lambda layer: layer["pruning"]), target(lambda layer: layer["pruning"]["top_p"])
+    plan["pruning"] = plan_pruning(stats, beta_target)
+    assert plan["pruning"]["layers"] and plan["pruning"]["predicted_pruned_fraction"] >= beta_target
+    top_p = plan_pruning(stats, top_p_target, rule="top_p")
+    assert top_p["predicted_pruned_fraction"] >= top_p_target
+    by_rule = [{layer["layer"]: layer for layer in rule["layers"]} for rule in (plan["pruning"], top_p)]
+    layers = sorted(set(by_rule[0]) | set(by_rule[1]))
+    plan["pruning"]["layers"] = [by_rule[i % 2].get(layer) or by_rule[1 - i % 2][layer] for i, layer in enumerate(layers)]
+    assert {rule for layer in plan["pruning"]["layers"] for rule in layer if rule != "layer"} == {"beta", "top_p"} \
+        or len(layers) == 1
 
 
 def _windows(model_dir, text_file, samples, seq_len):
@@ -155,6 +192,78 @@ def test_quant_loss_is_the_moe_output_error_of_quantizing_that_expert(compiled, 
     expected = torch.linalg.norm(outputs[1] - outputs[0]).item()
     measured = stats["layers"][layer]["experts"][expert]["quant_loss"][str(bits)]
     assert measured == pytest.approx(expected, rel=1e-3)
+
+
+def test_dropped_loss_is_the_moe_output_error_of_routing_that_experts_tokens_elsewhere(compiled, text_file):
+    """Width 0: Mixtral's router re-implemented here with the expert's logit at -inf, run inside
+    transformers' own model, against what calibrate measured through RoutingMask."""
+    import torch.nn.functional as F
+
+    c = compiled("mixtral")
+    layer, expert = 1, 2
+    stats = calibrate(c.model_dir, data=text_file, samples=4, seq_len=32, bits=(0,), progress=False)
+    ids = _windows(c.model_dir, text_file, 4, 32)
+    moe = c.model.model.layers[layer].mlp
+    router = moe.gate
+
+    def without_the_expert(hidden):
+        logits = F.linear(hidden.reshape(-1, router.hidden_dim), router.weight)
+        logits[:, expert] = -torch.inf
+        top, index = torch.topk(torch.softmax(logits.float(), dim=-1), router.top_k, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), index
+
+    outputs = []
+    handle = moe.register_forward_hook(lambda m, a, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            c.model(ids)
+            router.forward = without_the_expert
+            c.model(ids)
+    finally:
+        del router.forward
+        handle.remove()
+    expected = torch.linalg.norm(outputs[1] - outputs[0]).item()
+    assert expected > 0
+    assert stats["layers"][layer]["experts"][expert]["quant_loss"]["0"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_planted_super_expert_is_found_kept_at_the_top_width_and_never_pruned(text_file, tmp_path, capsys):
+    """One expert's down projection scaled 50x: calibrate names it (and no other), `moec inspect`
+    lists it, the plan keeps it at 8 bits, and a pruned artifact computes it for every token that
+    selected it, while the other second choices are dropped."""
+    model = save_tiny("mixtral", tmp_path / "planted")
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[1] *= 50
+    model.save_pretrained(tmp_path / "planted")
+    stats = calibrate(tmp_path / "planted", data=text_file, samples=4, seq_len=32, progress=False)
+    assert stats["super_experts"] == [[0, 1]]
+    peaks = [e["max_down_output"] for e in stats["layers"][0]["experts"]]
+    assert peaks[1] > 10 * max(peaks[:1] + peaks[2:])
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    assert main(["inspect", str(tmp_path / "stats.json")]) == 0
+    assert "super experts layer 0 expert 1 (max |down_proj output|" in capsys.readouterr().out
+    plan = make_plan(stats, avg_bits=3, bits=[2, 4, 8], require_top_widths=False)
+    assert plan["experts"]["bits"][0][1] == 8 and plan["super_experts"] == [[0, 1]]
+    assert make_plan(stats, avg_bits=3, bits=[2, 4, 8], require_top_widths=False,
+                     protect_super_experts=False)["super_experts"] == []
+    # beta 1 keeps only each token's top-1 (and the super expert)
+    plan["pruning"] = {"layers": [{"layer": 0, "beta": 1.0}], "protect_fraction": 0.0}
+    plan["quantization"]["group_size"] = 16
+    plan["non_expert"] = {key: "float" for key in plan["non_expert"]}  # layer 0's router sees what PyTorch's does
+    save_plan(plan, tmp_path / "plan.json")
+    moec.compile(tmp_path / "planted", tmp_path / "artifact", plan=tmp_path / "plan.json", progress=False)
+    prompt = np.array([[5, 17, 99, 3, 250, 41, 7, 88, 12, 201, 64, 9]])
+    routed = []
+    handle = model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, out: routed.append(out[2]))
+    with torch.no_grad():
+        model(torch.from_numpy(prompt))
+    handle.remove()
+    second = routed[0][:, 1].numpy()
+    artifact = Artifact(tmp_path / "artifact")
+    artifact.forward(prompt, np.ones_like(prompt), np.arange(prompt.shape[1])[None], artifact.empty_cache(1))
+    assert 0 < (second == 1).sum() < prompt.size  # the planted expert is some tokens' second choice
+    # layer 0: each token's top-1, and the planted expert where it came second; layer 1 unpruned
+    assert artifact.activations["computed"] == prompt.size + (second == 1).sum() + 2 * prompt.size
 
 
 def test_calibrate_peak_parameter_memory_is_about_one_layer(tmp_path, text_file, monkeypatch):

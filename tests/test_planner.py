@@ -210,6 +210,49 @@ def test_both_scopes_find_the_brute_force_optimum(seed, budget_position, require
     assert global_plan["objective"]["predicted_expert_bytes"] <= budget
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), budget_position=st.floats(0, 1), protect=st.booleans())
+def test_dropping_and_super_experts_find_the_brute_force_optimum(seed, budget_position, protect):
+    """Width 0 drops an expert (no bytes; at most experts - top_k a layer); a super expert sits at the
+    highest width; the solver's plan is the best allocation that obeys both."""
+    widths, params = (0, 2, 4), 3 * 64 * 256
+    stats = synthetic_stats(seed, widths=(2, 4))
+    for layer in stats["layers"]:
+        for expert in layer["experts"]:
+            expert["quant_loss"]["0"] = 4 * expert["quant_loss"]["2"]  # dropping costs more than 2 bits
+    stats["super_experts"] = [[1, seed % 4]]
+    cost = layer_costs(stats, widths)
+    combos = np.array(list(itertools.product(widths, repeat=8))).reshape(-1, 2, 4)
+    combo_cost = np.take_along_axis(cost[None], (combos // 2)[..., None], axis=3)[..., 0].sum(axis=2)
+    allowed = ((combos == 0).sum(axis=2) <= 4 - 2).all(axis=1)  # top-2 of 4: at most 2 dropped a layer
+    if protect:
+        allowed &= combos[:, 1, seed % 4] == 4
+    byte_cost = np.vectorize(lambda b: expert_bytes(params, int(b)))(combos).sum(axis=(1, 2))
+    smallest = byte_cost[allowed].min()
+    budget = int(smallest + budget_position * (byte_cost.max() - smallest))
+    plan = make_plan(stats, size_budget=budget, require_top_widths=False, params_per_expert=params,
+                     protect_super_experts=protect)
+    fits = allowed & (byte_cost <= budget)
+    assert plan["objective"]["predicted_loss"] == pytest.approx(combo_cost.sum(axis=1)[fits].min(), rel=1e-9)
+    assert plan["objective"]["predicted_expert_bytes"] <= budget
+    assert all(row.count(0) <= 2 for row in plan["experts"]["bits"])
+    assert plan["super_experts"] == ([[1, seed % 4]] if protect else [])
+    assert plan["objective"]["protect_super_experts"] is protect
+    if protect:
+        assert plan["experts"]["bits"][1][seed % 4] == 4
+        with pytest.raises(PlanError, match=r"and the 1 super experts at 4 bits \(--no-protect-super-experts"):
+            make_plan(stats, size_budget=int(smallest) - 1, require_top_widths=False, params_per_expert=params)
+
+
+def test_dropping_needs_the_stats_top_k_and_costs_no_bytes():
+    assert expert_bytes(1000, 0) == 0
+    stats = synthetic_stats(3, widths=(0, 2, 4))
+    del stats["model"]["top_k"]
+    with pytest.raises(PlanError, match="needs the stats' model.top_k"):
+        make_plan(stats, avg_bits=2, scope="layer")
+    assert make_plan(stats, avg_bits=2, bits=[2, 4], scope="layer", require_top_widths=False)
+
+
 # ---------------------------------------------------------------- budgets and bad input
 
 
@@ -541,6 +584,13 @@ def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch)
     (("quantization", "group_size"), 100, "quantization.group_size: expected a power of two >= 16, got 100"),
     (("quantization", "method"), "awq", "quantization.method: expected one of rtn, gptq, got \"awq\""),
     (("pruning",), [], "plan.json: pruning: expected an object, got []"),
+    (("non_expert", "attention"), 0, "plan.json: non_expert.attention: expected a bit width in {1,2,3,4,8}"),
+    (("super_experts",), [[1, 4]], "plan.json: super_experts[0]: expected a [layer, expert] pair of a MoE layer's "
+                                   "expert, not listed before, got [1, 4]"),
+    (("super_experts",), [[0, 1]], "super_experts[0]: expected a [layer, expert] pair"),
+    (("super_experts",), [[1, 1], [1, 1]], "super_experts[1]: expected a [layer, expert] pair"),
+    (("super_experts",), {"1": 1}, "plan.json: super_experts: expected a list of [layer, expert] pairs"),
+    (("objective", "protect_super_experts"), 1, "objective.protect_super_experts: expected true or false, got 1"),
     (("objective", "frequency_exponent"), float("nan"),
      "objective.frequency_exponent: expected a finite number >= 0, got NaN"),
     (("objective", "scope"), "model", "objective.scope: expected one of global, layer"),

@@ -61,6 +61,21 @@ def test_planner_prefers_the_insensitive_layer_and_scales_for_protection():
     assert {entry["layer"] for entry in protected["layers"]} == {0, 1}  # 60% of the tokens are exempt
 
 
+def test_the_top_p_rule_is_planned_from_its_own_curves():
+    """--prune-rule top-p: one p per layer from the top_p curves, the same least-error choice."""
+    stats = curve_stats([([0.1, 0.2, 0.3, 0.4], [0.5, 1.0, 1.5, 2.0]), ([0.1, 0.2, 0.3, 0.4], [0.05, 0.1, 0.15, 0.2])])
+    for layer in stats["layers"]:  # top-p: a lower p drops more
+        layer["pruning"]["top_p"] = {"top_p": [0.9, 0.7, 0.5, 0.3], "pruned_fraction": [0.05, 0.1, 0.2, 0.3],
+                                     "relative_error": [0.3, 0.6, 0.9, 1.2] if layer["layer"] else
+                                     [0.01, 0.02, 0.03, 0.04]}
+    pruning = plan_pruning(stats, 0.1, rule="top_p")
+    assert pruning["layers"] == [{"layer": 0, "top_p": 0.5}] and pruning["predicted_pruned_fraction"] == 0.1
+    assert plan_pruning(stats, 0.1)["layers"] == [{"layer": 1, "beta": 0.4}]  # the beta curves disagree
+    del stats["layers"][0]["pruning"]["top_p"], stats["layers"][1]["pruning"]["top_p"]
+    with pytest.raises(PlanError, match="no top_p pruning curves"):
+        plan_pruning(stats, 0.1, rule="top_p")
+
+
 @pytest.mark.parametrize("target, protect, message", [
     (0.0, 0.0, "--prune-target must be a fraction"),
     (1.5, 0.0, "--prune-target must be a fraction"),
@@ -94,6 +109,9 @@ def float_plan(layers: int, experts: int, pruning: dict) -> dict:
     ({"layers": [{"layer": 0}], "protect_fraction": 0.0}, "layers[0]: expected"),
     ({"layers": [], "protect_fraction": 1.0}, "protect_fraction: expected a number in [0, 1)"),
     ({"layers": [], "protect_fraction": 0.0, "beta": 0.3}, 'unknown key "beta"'),
+    ({"layers": [{"layer": 0, "top_p": 0.0}], "protect_fraction": 0.0}, "top_p: expected a number in (0, 1]"),
+    ({"layers": [{"layer": 0, "top_p": 0.5, "beta": 0.5}], "protect_fraction": 0.0}, "layers[0]: expected"),
+    ({"layers": [{"layer": 0, "top-p": 0.5}], "protect_fraction": 0.0}, "layers[0]: expected"),
 ])
 def test_bad_pruning_sections_are_refused_naming_the_field(pruning, message):
     with pytest.raises(PlanError) as error:
@@ -159,6 +177,27 @@ def test_cli_plans_pruning_and_runs_without_it(capsys, pruned, tmp_path):
                  "--prune-target", "0.9", "--out", str(tmp_path / "no.json")]) == 2
     assert "out of reach" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
+
+
+def test_cli_calibrates_dropping_and_plans_top_p_pruning_with_dropped_experts(capsys, pruned, tmp_path):
+    """`moec calibrate --bits 0,2,4,8`, then `moec plan --bits 0,2,4,8 --prune-rule top-p`: some
+    experts dropped under the byte budget, the super experts kept, top-p thresholds per layer."""
+    _, model_dir, text = pruned
+    stats_file = tmp_path / "stats.json"
+    assert main(["calibrate", str(model_dir), "--data", str(text), "--samples", "4", "--seq-len", "32",
+                 "--bits", "0,2,4,8", "--out", str(stats_file), "--quiet"]) == 0
+    capsys.readouterr()
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--stats", str(stats_file), "--avg-bits", "2", "--bits", "0,2,4,8", "--group-size", "32",
+                 "--no-top-widths", "--prune-target", "0.1", "--prune-rule", "top-p", "--out", str(plan)]) == 0
+    out = capsys.readouterr().out
+    written = json.loads(plan.read_text())
+    dropped = sum(row.count(0) for row in written["experts"]["bits"] if row)
+    assert dropped > 0 and f"{dropped} experts dropped" in out and "super experts kept at 8 bits" in out
+    assert all("top_p" in entry for entry in written["pruning"]["layers"]) and written["pruning"]["layers"]
+    assert main(["plan", "--stats", str(stats_file), "--avg-bits", "2", "--prune-rule", "top-p",
+                 "--out", str(tmp_path / "no.json")]) == 2
+    assert "--prune-rule need --prune-target" in capsys.readouterr().err
 
 
 def test_pruning_a_layer_without_experts_is_refused(compiled, tmp_path):
