@@ -65,7 +65,8 @@ def measure(model: Path, plan: dict, work: Path, name: str, heldout: Path) -> di
     artifact = work / name
     record = moec.compile(model, artifact, plan=work / f"{name}.json", force=True, progress=False)
     result = evaluate(artifact, heldout)
-    row = {"perplexity": round(result["perplexity"], 4), "pruned_fraction": round(result.get("pruned_fraction", 0.0), 4),
+    row = {"perplexity": round(result["perplexity"], 4),
+           "pruned_fraction": round(result.get("pruned_fraction", 0.0), 4),
            "expert_bytes": record["quantization"]["expert_bytes"], "total_bytes": record["bytes"]["total"],
            "dropped_experts": len(record["dropped_experts"]), "verified": record["verification"]["max_abs_logit_diff"]}
     print(name, row, flush=True)
@@ -117,8 +118,8 @@ def super_experts(stats: dict, work: Path, heldout: Path, scale: float, target: 
 
 
 def top_p_curve(stats: dict, work: Path, heldout: Path, targets: list[float]) -> list[dict]:
-    rows = [{"rule": "none", "target": 0.0, **measure(SAMPLE, plan_for(stats, SAMPLE, None), work, "curve-none",
-                                                         heldout)}]
+    unpruned = measure(SAMPLE, plan_for(stats, SAMPLE, None), work, "curve-none", heldout)
+    rows = [{"rule": "none", "target": 0.0, **unpruned}]
     for target in targets:
         for rule in ("beta", "top_p"):
             pruning = plan_pruning(stats, target, rule=rule)
@@ -135,7 +136,8 @@ def dropping(stats: dict, work: Path, heldout: Path) -> list[dict]:
         for bits in ((2, 4, 8), (0, 2, 4, 8)):
             plan = plan_for(stats, SAMPLE, avg_bits, bits=bits, protect=False)
             row = measure(SAMPLE, plan, work, f"drop-{avg_bits}-{''.join(map(str, bits))}", heldout)
-            rows.append({"avg_bits": avg_bits, "bits": list(bits), "predicted_loss": plan["objective"]["predicted_loss"],
+            rows.append({"avg_bits": avg_bits, "bits": list(bits),
+                         "predicted_loss": plan["objective"]["predicted_loss"],
                          **row})
     return rows
 

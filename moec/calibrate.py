@@ -185,9 +185,10 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
     Yields (layer, module, calls, block) for each sparse layer: its moec.experts.ExpertsLayer, its
     materialized experts module, what that module received from the family's own router, one
     (hidden [tokens, H] fp32, top_k_index, top_k_weights fp32) triple of NumPy arrays per batch of
-    sequences, and with `blocks` its MoE block and what that received (BlockInputs; else None). The layer computes in fp32 with its experts run by the Experts op's reference, which
-    upcasts one expert at a time (the routed experts stay in the checkpoint's dtype). The layer
-    stays materialized until the consumer asks for the next one; then it is freed.
+    sequences, and with `blocks` its MoE block and what that received (BlockInputs; else None).
+    The layer computes in fp32 with its experts run by the Experts op's reference, which upcasts
+    one expert at a time (the routed experts stay in the checkpoint's dtype). The layer stays
+    materialized until the consumer asks for the next one; then it is freed.
     """
     import torch
     from tqdm import tqdm

@@ -155,7 +155,8 @@ def _plan(args) -> None:
     if args.prune_target is not None:
         from moec.pruning import plan_pruning
 
-        plan["pruning"] = plan_pruning(stats, args.prune_target, args.protect_fraction, args.prune_rule.replace("-", "_"))
+        rule = args.prune_rule.replace("-", "_")
+        plan["pruning"] = plan_pruning(stats, args.prune_target, args.protect_fraction, rule)
     save_plan(plan, args.out)
     objective = plan["objective"]
     size = objective["predicted_expert_bytes"]

@@ -132,10 +132,12 @@ def summary(info: dict) -> str:
                   for layer, row in zip(info["moe_layers"], quantization["bits"])]
     lines.append("size by part " + ", ".join(f"{part} {mib(n)}" for part, n in info["size_breakdown"].items()))
     pruning = info["pruning"]
+
+    def rule(entry):
+        return " ".join(f"{key.replace('_', '-')} {entry[key]:g}" for key in ("beta", "top_p") if key in entry)
+
     lines.append("pruning      " + ("none" if not pruning else
-                                    ", ".join(f"layer {e['layer']} " + " ".join(f"{rule.replace('_', '-')} {e[rule]:g}"
-                                                                          for rule in ("beta", "top_p") if rule in e)
-                                              for e in pruning["layers"])
+                                    ", ".join(f"layer {e['layer']} {rule(e)}" for e in pruning["layers"])
                                     + f"; protect {pruning['protect_fraction']:g} (switch: prune_experts)"))
     for key, title in (("super_experts", "super experts (never pruned)"), ("dropped_experts", "dropped experts")):
         if info[key]:

@@ -74,7 +74,6 @@ class ExpertsSpec:
     keep_experts: tuple[int, ...] = ()  # never pruned (super experts)
     dropped: tuple[int, ...] = ()       # no weights, never routed to
 
-
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"experts activation {self.activation!r} is not one of {ACTIVATIONS}")

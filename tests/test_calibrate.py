@@ -139,7 +139,8 @@ def _plan_pruning(plan: dict, stats: dict, arch: str) -> None:
     assert top_p["predicted_pruned_fraction"] >= top_p_target
     by_rule = [{layer["layer"]: layer for layer in rule["layers"]} for rule in (plan["pruning"], top_p)]
     layers = sorted(set(by_rule[0]) | set(by_rule[1]))
-    plan["pruning"]["layers"] = [by_rule[i % 2].get(layer) or by_rule[1 - i % 2][layer] for i, layer in enumerate(layers)]
+    plan["pruning"]["layers"] = [by_rule[i % 2].get(layer) or by_rule[1 - i % 2][layer]
+                                 for i, layer in enumerate(layers)]
     assert {rule for layer in plan["pruning"]["layers"] for rule in layer if rule != "layer"} == {"beta", "top_p"} \
         or len(layers) == 1
 

@@ -18,5 +18,6 @@ from moec.planner.stats import STATS_FORMAT, load_stats
 from moec.planner.sweep import plot_sweep, sweep, write_sweep_table
 
 __all__ = ["DEFAULT_NON_EXPERT", "DROPPED", "EXPERT_WIDTHS", "FLOAT", "PLAN_BIT_WIDTHS", "PLAN_FORMAT",
-           "STATS_FORMAT", "PlanError", "avg_bits_budget_bytes", "expert_bytes", "load_plan", "load_stats", "make_plan", "parse_size",
-           "plot_sweep", "predicted_loss", "save_plan", "sweep", "validate_plan", "write_sweep_table"]
+           "STATS_FORMAT", "PlanError", "avg_bits_budget_bytes", "expert_bytes", "load_plan", "load_stats",
+           "make_plan", "parse_size", "plot_sweep", "predicted_loss", "save_plan", "sweep", "validate_plan",
+           "write_sweep_table"]

@@ -176,7 +176,8 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
         if budget_bytes < smallest:
             asked = f"avg_bits {avg_bits:g}" if avg_bits is not None else f"size budget {_show(size_budget)}"
             raise PlanError(f"{asked} ({budget_bytes} expert bytes) is infeasible with bits {_widths_text(widths)}"
-                            f"{_required_text(widths, required, fixed)}: the smallest feasible budget is {smallest} bytes "
+                            f"{_required_text(widths, required, fixed)}: the smallest feasible budget is "
+                            f"{smallest} bytes "
                             f"({_format_bytes(smallest)}, avg_bits "
                             f"{_bytes_to_avg_bits(smallest, params, total_experts, group_size, target):g})")
         choice = _solve(cost, width_bytes, [(np.arange(num_moe), budget_bytes)], required, fixed, keep_at_least)
@@ -248,8 +249,9 @@ def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarr
 
     Each budget row bounds sum(width_cost) over its layers; `required` width indices need one expert
     per layer; `fixed` {(moe layer, expert): width index} are set; with `keep_at_least`, at most
-    experts - keep_at_least experts per layer take width 0 (the first width). The budget rows are rewritten as small integers (each expert takes exactly one width, so
-    the cheapest width's cost is a constant) so that HiGHS's tolerances cannot overspend a byte.
+    experts - keep_at_least experts per layer take width 0 (the first width). The budget rows are
+    rewritten as small integers (each expert takes exactly one width, so the cheapest width's cost
+    is a constant) so that HiGHS's tolerances cannot overspend a byte.
     """
     layers, experts, num_widths = cost.shape
     variables = layers * experts * num_widths

@@ -21,7 +21,8 @@ def test_the_router_selects_only_the_remaining_experts_and_they_alone_are_comput
     model = moe_layers([0, 1], experts=4, k=2)
     RoutingAttributesPass({1: {"dropped": (0, 2)}})(model)
     assert MaskDroppedExpertsPass()(model).modified
-    selection = router_selections(next(n for n in model.graph if n.op_type == "Experts" and n.name.startswith("layers.1")))
+    layer_1 = next(n for n in model.graph if n.op_type == "Experts" and n.name.startswith("layers.1"))
+    selection = router_selections(layer_1)
     assert [s.op_type for s in selection] == ["TopK"] and selection[0].inputs[0].producer().op_type == "Where"
     # the top-k indices of layer 1 come from experts 1 and 3 only: expose them as an output
     indices = selection[0].outputs[1]
