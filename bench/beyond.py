@@ -9,12 +9,17 @@ only what the experts do moves it.
    planted model with that expert dropped (so its tokens go to other experts) shows the model now
    depends on it. `moec calibrate` on the planted model must name it; then at 2.5 average expert
    bits, perplexity with the protection (highest width, never pruned) and without, each with and
-   without dynamic pruning of --prune-target of the expert activations (beta rule).
+   without dynamic pruning of --prune-target of the expert activations (beta rule). The planted
+   model did not learn to use its super expert (it has a higher perplexity than the sample), so
+   damaging it can lower perplexity; each row also gives how far the artifact is from the planted
+   model itself: the mean KL divergence of its next-token distribution from the planted float
+   artifact's, and how often their top-1 tokens agree.
 2. Top-p routing. On the sample, for each --targets value, pruning planned by the beta rule and by
    the top-p rule: the pruned fraction the artifact counts and its perplexity.
 3. Expert dropping. On the sample, plans of 2.0 and 2.5 average expert bits from widths {2,4,8}
    and from {0,2,4,8} (0: dropped), under the same byte budget: experts dropped, expert bytes,
-   perplexity.
+   perplexity; with the planner's default loss exponent (MC-MoE's, 1) and with 2 (squared errors,
+   which add like independent noise).
 
 Run from the repository root:
     python bench/beyond.py [--workdir /tmp/moec-beyond] [--json FILE]
@@ -28,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "samples"))
 
@@ -39,6 +46,14 @@ from moec.pruning import plan_pruning  # noqa: E402
 
 SAMPLE = ROOT / "samples" / "tiny-mixtral"
 PLANTED_LAYER = 1  # in the first three quarters of the sample's 4 layers, where super experts are looked for
+FIDELITY_WINDOWS = 16
+
+
+def heldout_windows(heldout: Path, count: int) -> np.ndarray:
+    from moec.runtime import Tokenizer
+    from moec.text import read_text, token_windows
+
+    return token_windows(Tokenizer(SAMPLE).encode(read_text(heldout)[0]), count, 256)
 
 
 def isa_flags() -> str:
@@ -47,11 +62,11 @@ def isa_flags() -> str:
 
 
 def plan_for(stats: dict, model: Path, avg_bits: float | None, bits=(2, 4, 8), protect: bool = True,
-             pruning: dict | None = None) -> dict:
+             pruning: dict | None = None, gamma: float | None = None) -> dict:
     """A plan for `model`: the experts at `avg_bits` from `bits` (None: all in float), non-expert
     weights in float."""
     plan = make_plan(stats, avg_bits=avg_bits or 4.0, bits=list(bits), group_size=32, require_top_widths=False,
-                     protect_super_experts=protect, model=str(model))
+                     protect_super_experts=protect, model=str(model), gamma=gamma)
     if avg_bits is None:
         plan["experts"]["bits"] = [None if row is None else ["float"] * len(row) for row in plan["experts"]["bits"]]
     plan["non_expert"] = {key: "float" for key in DEFAULT_NON_EXPERT}
@@ -59,8 +74,30 @@ def plan_for(stats: dict, model: Path, avg_bits: float | None, bits=(2, 4, 8), p
     return plan
 
 
-def measure(model: Path, plan: dict, work: Path, name: str, heldout: Path) -> dict:
-    """Compile `plan` and evaluate the artifact."""
+def next_token_logits(artifact: Path, windows: np.ndarray) -> np.ndarray:
+    """The artifact's logits [windows, L, V] on token windows, a window at a time."""
+    from moec.runtime import Artifact
+
+    session = Artifact(artifact)
+    positions = np.arange(windows.shape[1])[None]
+    return np.stack([session.forward(w[None], np.ones_like(w[None]), positions, session.empty_cache(1))[0][0]
+                     for w in windows])
+
+
+def fidelity(logits: np.ndarray, reference: np.ndarray) -> dict:
+    """Mean KL(reference || artifact) of the next-token distributions, and top-1 agreement."""
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ref, got = log_softmax(reference.astype(np.float64)), log_softmax(logits.astype(np.float64))
+    return {"kl_to_reference": round(float((np.exp(ref) * (ref - got)).sum(-1).mean()), 5),
+            "top1_agreement": round(float((ref.argmax(-1) == got.argmax(-1)).mean()), 4)}
+
+
+def measure(model: Path, plan: dict, work: Path, name: str, heldout: Path, reference=None) -> dict:
+    """Compile `plan` and evaluate the artifact (and, given (windows, logits) of a reference
+    artifact, its fidelity to it)."""
     save_plan(plan, work / f"{name}.json")
     artifact = work / name
     record = moec.compile(model, artifact, plan=work / f"{name}.json", force=True, progress=False)
@@ -69,6 +106,9 @@ def measure(model: Path, plan: dict, work: Path, name: str, heldout: Path) -> di
            "pruned_fraction": round(result.get("pruned_fraction", 0.0), 4),
            "expert_bytes": record["quantization"]["expert_bytes"], "total_bytes": record["bytes"]["total"],
            "dropped_experts": len(record["dropped_experts"]), "verified": record["verification"]["max_abs_logit_diff"]}
+    if reference is not None:
+        windows, logits = reference
+        row |= fidelity(next_token_logits(artifact, windows), logits)
     print(name, row, flush=True)
     return row
 
@@ -103,15 +143,18 @@ def super_experts(stats: dict, work: Path, heldout: Path, scale: float, target: 
     dropped["experts"]["bits"][PLANTED_LAYER][expert] = 0
     report["float"] = {"sample": measure(SAMPLE, plan_for(stats, SAMPLE, None), work, "sample-float", heldout),
                        "planted": measure(planted, plan_for(planted_stats, planted, None), work, "planted-float",
-                                          heldout),
-                       "planted, super expert dropped": measure(planted, dropped, work, "planted-dropped", heldout)}
+                                          heldout)}
+    windows = heldout_windows(heldout, FIDELITY_WINDOWS)
+    reference = windows, next_token_logits(work / "planted-float", windows)
+    report["float"]["planted, super expert dropped"] = measure(planted, dropped, work, "planted-dropped", heldout,
+                                                               reference)
     pruning = plan_pruning(planted_stats, target)
     report["2.5 bits"] = {}
     for protect in (True, False):
         for pruned in (False, True):
             plan = plan_for(planted_stats, planted, 2.5, protect=protect, pruning=pruning if pruned else None)
             name = f"planted-2.5-{'protected' if protect else 'unprotected'}{'-pruned' if pruned else ''}"
-            row = measure(planted, plan, work, name, heldout)
+            row = measure(planted, plan, work, name, heldout, reference)
             row["super_expert_bits"] = plan["experts"]["bits"][PLANTED_LAYER][expert]
             report["2.5 bits"][name] = row
     return report
@@ -132,13 +175,15 @@ def top_p_curve(stats: dict, work: Path, heldout: Path, targets: list[float]) ->
 
 def dropping(stats: dict, work: Path, heldout: Path) -> list[dict]:
     rows = []
-    for avg_bits in (2.0, 2.5):
-        for bits in ((2, 4, 8), (0, 2, 4, 8)):
-            plan = plan_for(stats, SAMPLE, avg_bits, bits=bits, protect=False)
-            row = measure(SAMPLE, plan, work, f"drop-{avg_bits}-{''.join(map(str, bits))}", heldout)
-            rows.append({"avg_bits": avg_bits, "bits": list(bits),
-                         "predicted_loss": plan["objective"]["predicted_loss"],
-                         **row})
+    for gamma in (None, 2.0):
+        for avg_bits in (2.0, 2.5):
+            for bits in ((2, 4, 8), (0, 2, 4, 8)):
+                plan = plan_for(stats, SAMPLE, avg_bits, bits=bits, protect=False, gamma=gamma)
+                name = f"drop-{avg_bits}-{''.join(map(str, bits))}-loss-exponent-{gamma or 1}"
+                row = measure(SAMPLE, plan, work, name, heldout)
+                rows.append({"loss_exponent": gamma or 1.0, "avg_bits": avg_bits, "bits": list(bits),
+                             "predicted_loss": plan["objective"]["predicted_loss"],
+                             "widths": plan["experts"]["bits"], **row})
     return rows
 
 

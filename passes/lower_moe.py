@@ -11,8 +11,8 @@ Produces, in its place:
   - per expert e: gate/up/down MatMuls on just its rows with expert e's own initializers
     (`expert_weight_name`: `layers.{l}.experts.{e}.{gate,up,down}_proj`, [in, out]); a dropped
     expert (the node's `dropped`, never routed to: passes/mask_dropped_experts.py) has none;
-  - the outputs concatenated back in pair order, scaled by the routing weights and scatter-added
-    into their tokens' rows.
+  - the outputs concatenated back in pair order, scaled by the routing weights, scattered into
+    their (token, rank) slots and summed over the ranks.
 No token runs an expert it was not routed to and no weight is gathered per token. Per expert
 that is only its MatMuls and activation (5 nodes after onnxruntime's fusions, against 15 when each
 expert found, gathered and scattered its own tokens): at decode most experts are idle and each
@@ -186,20 +186,25 @@ def _expert(b: _Builder, x: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec
     return linear(hidden, "down")
 
 
-def _sorted_by_expert(b: _Builder, hidden: ir.Value, routed: ir.Value, dense_weights: ir.Value, num_experts: int):
-    """The (expert, token) pairs to compute, expert-major as NonZero lists them: each pair's token,
-    hidden row [n, H] and routing weight [n, 1], and each expert's pair count [E]."""
+def _sorted_by_expert(b: _Builder, hidden: ir.Value, routed: ir.Value, dense_weights: ir.Value,
+                      dense_ranks: ir.Value, num_experts: int):
+    """The (expert, token) pairs to compute, expert-major as NonZero lists them: each pair's
+    (token, rank in the token's top-k) [n, 2], hidden row [n, H] and routing weight [n, 1], and
+    each expert's pair count [E]."""
     last_axis = b.const(np.array([-1], np.int64))
     pairs = b.op("NonZero", routed)  # [2, n]: expert row, token column
+    by_pair = b.op("Transpose", pairs, perm=[1, 0])
     tokens = b.op("Gather", pairs, b.const(np.array(1, np.int64)), axis=0)
     rows = b.op("Gather", hidden, tokens, axis=0)
-    weights = b.op("Unsqueeze", b.op("GatherND", dense_weights, b.op("Transpose", pairs, perm=[1, 0])), last_axis)
+    weights = b.op("Unsqueeze", b.op("GatherND", dense_weights, by_pair), last_axis)
+    ranks = b.op("Cast", b.op("GatherND", dense_ranks, by_pair), to=ir.DataType.INT64)
+    slots = b.op("Concat", b.op("Unsqueeze", tokens, last_axis), b.op("Unsqueeze", ranks, last_axis), axis=1)
     # a zero column, so that zero tokens still reduce to [E] (onnxruntime keeps the input shape for
     # empty reductions)
     padded = b.op("Concat", routed, b.const(np.zeros((num_experts, 1), np.float32)), axis=1)
     counts = b.op("Cast", b.op("ReduceSum", padded, b.const(np.array([1], np.int64)), keepdims=0),
                   to=ir.DataType.INT64)
-    return tokens, rows, weights, counts
+    return slots, rows, weights, counts
 
 
 def _routed_experts(b: _Builder, experts: range, rows: list[ir.Value], stacked: _StackedArrays, spec: ExpertsSpec,
@@ -269,7 +274,11 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
         b.op("Cast", keep, to=ir.DataType.FLOAT)
     routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, selected, axis=1), perm=[1, 0])
     dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1), perm=[1, 0])
-    tokens, rows, pair_weights, counts = _sorted_by_expert(b, hidden, routed, dense_weights, num_experts)
+    top_k = b.op("Shape", indices, start=1)  # [k]
+    ranks = b.op("Expand", b.op("Range", b.const(np.float32(0)), b.op("Cast", b.op("Squeeze", top_k), to=ir.DataType.FLOAT),
+                                b.const(np.float32(1))), b.op("Shape", indices))
+    dense_ranks = b.op("Transpose", b.op("ScatterElements", zeros, indices, ranks, axis=1), perm=[1, 0])
+    slots, rows, pair_weights, counts = _sorted_by_expert(b, hidden, routed, dense_weights, dense_ranks, num_experts)
     pieces = b.op_multi("Split", rows, counts, axis=0, num_outputs=num_experts)
     for piece in pieces:  # typed: If subgraphs read them from the graph around them
         piece.type = ir.TensorType(dtype)
@@ -285,14 +294,22 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
                                                     stacked, spec, dtype))
 
     b.prefix = f"layers.{spec.layer}.moe"
-    # each pair's output, weighted, added into its token's row: per token in expert order, as the
-    # experts' own order of addition would be
+    # each pair's output, weighted, in its (token, rank) slot of a [T, k, H] tensor, then summed over
+    # the ranks (a MatMul with ones: onnxruntime's reductions mishandle zero tokens). Not one
+    # ScatterND adding into the tokens' rows: onnxruntime's CPU ScatterND with reduction="add"
+    # races on repeated indices across threads (measured: 17 of 100 runs wrong on 2 threads)
     expert_outputs = b.op("Concat", *outputs, axis=0)
     if dtype != ir.DataType.FLOAT:
         expert_outputs = b.op("Cast", expert_outputs, to=ir.DataType.FLOAT)
-    out = b.op("ScatterND", b.op("Mul", hidden32, b.const(np.float32(0))),
-               b.op("Unsqueeze", tokens, b.const(np.array([-1], np.int64))),
-               b.op("Mul", expert_outputs, pair_weights), reduction="add")
+    def filled(shape, value):
+        return b.op("ConstantOfShape", shape, value=ir.tensor(np.full(1, value, np.float32)))
+
+    slots_shape = b.op("Concat", b.op("Shape", hidden, end=1), top_k, b.const(np.array([hidden_size], np.int64)),
+                       axis=0)
+    by_rank = b.op("ScatterND", filled(slots_shape, 0), slots, b.op("Mul", expert_outputs, pair_weights))
+    ones = filled(b.op("Concat", top_k, b.const(np.array([1], np.int64)), axis=0), 1)
+    out = b.op("Squeeze", b.op("MatMul", b.op("Transpose", by_rank, perm=[0, 2, 1]), ones),
+               b.const(np.array([2], np.int64)))
     if dtype != ir.DataType.FLOAT:
         out = b.op("Cast", out, to=dtype)
     out.type, out.shape = hidden.type, hidden.shape
