@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan every avg-bits budget in the range; --out gets the Pareto table "
                              "(TSV, or markdown if it ends in .md)")
     p.add_argument("--bits", type=_bit_list, metavar="LIST",
-                   help="candidate widths, e.g. 2,3,4 (default: every width in the stats); 0 lets the solver "
-                        "drop experts (no weights, never routed to), if the stats measured it")
+                   help="candidate widths, e.g. 2,3,4 (default: every width in the stats but 0); 0 lets the "
+                        "solver drop experts (no weights, never routed to), if the stats measured it")
     p.add_argument("--scope", choices=("global", "layer"), default="global",
                    help="global: one byte budget, layers compete (default); layer: the paper's per-layer budget")
     p.add_argument("--alpha", type=float, default=1.0, help="frequency and loss exponent (default 1)")

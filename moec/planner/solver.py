@@ -112,7 +112,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     `model`: the model this plan is for; a mismatch with the stats' model raises PlanError.
     `target`: a compile target whose storage the byte budget and the predicted size count (containers,
     scale type); None packs every width as planned with float32 scales (MC-MoE's accounting).
-    Width 0 among `bits` drops an expert (no bytes, never routed to; its loss is calibrate's, with
+    Width 0 among `bits` (never by default) drops an expert (no bytes, never routed to; its loss is calibrate's, with
     the tokens routed anew): a layer keeps at least the stats' top-k experts.
     `protect_super_experts`: the stats' super experts take the highest candidate width, and the
     plan lists them, so that dynamic pruning never drops them either.
@@ -209,8 +209,8 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
 
 
 def _candidate_widths(stats: _Stats, bits: Sequence[int] | None) -> tuple[int, ...]:
-    if bits is None:
-        widths = stats.widths
+    if bits is None:  # dropping (width 0) only when asked: on the sample it cost more than it saved
+        widths = tuple(w for w in stats.widths if w != DROPPED)
     else:
         widths = tuple(sorted(set(bits)))
         if not widths:
