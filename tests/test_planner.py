@@ -230,8 +230,8 @@ def test_dropping_and_super_experts_find_the_brute_force_optimum(seed, budget_po
     byte_cost = np.vectorize(lambda b: expert_bytes(params, int(b)))(combos).sum(axis=(1, 2))
     smallest = byte_cost[allowed].min()
     budget = int(smallest + budget_position * (byte_cost.max() - smallest))
-    plan = make_plan(stats, size_budget=budget, require_top_widths=False, params_per_expert=params,
-                     protect_super_experts=protect)
+    plan = make_plan(stats, size_budget=budget, bits=list(widths), require_top_widths=False,
+                     params_per_expert=params, protect_super_experts=protect)
     fits = allowed & (byte_cost <= budget)
     assert plan["objective"]["predicted_loss"] == pytest.approx(combo_cost.sum(axis=1)[fits].min(), rel=1e-9)
     assert plan["objective"]["predicted_expert_bytes"] <= budget
@@ -241,7 +241,8 @@ def test_dropping_and_super_experts_find_the_brute_force_optimum(seed, budget_po
     if protect:
         assert plan["experts"]["bits"][1][seed % 4] == 4
         with pytest.raises(PlanError, match=r"and the 1 super experts at 4 bits \(--no-protect-super-experts"):
-            make_plan(stats, size_budget=int(smallest) - 1, require_top_widths=False, params_per_expert=params)
+            make_plan(stats, size_budget=int(smallest) - 1, bits=list(widths), require_top_widths=False,
+                      params_per_expert=params)
 
 
 def test_dropping_needs_the_stats_top_k_and_costs_no_bytes():
@@ -249,8 +250,9 @@ def test_dropping_needs_the_stats_top_k_and_costs_no_bytes():
     stats = synthetic_stats(3, widths=(0, 2, 4))
     del stats["model"]["top_k"]
     with pytest.raises(PlanError, match="needs the stats' model.top_k"):
-        make_plan(stats, avg_bits=2, scope="layer")
-    assert make_plan(stats, avg_bits=2, bits=[2, 4], scope="layer", require_top_widths=False)
+        make_plan(stats, avg_bits=2, bits=[0, 2, 4], scope="layer")
+    # dropping only when --bits names width 0, even if the stats measured it
+    assert make_plan(stats, avg_bits=2, scope="layer", require_top_widths=False)["objective"]["candidate_bits"] == [2, 4]
 
 
 # ---------------------------------------------------------------- budgets and bad input
