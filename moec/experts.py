@@ -172,7 +172,8 @@ def call_arguments(args: tuple, kwargs: dict) -> tuple:
 
 class RoutingMask(torch.overrides.TorchFunctionMode):
     """While active, no top-k over the `num_experts` experts selects one in `dropped`: a torch.topk
-    along the last axis reads its scores with the dropped experts at -inf, and so do the indices
+    along the last axis (of the experts, and perhaps more options after them: Zaya's "no expert")
+    reads its scores with the dropped experts at -inf, and so do the indices
     of a max or argmax there (a max's values stay as computed). That is what
     passes/mask_dropped_experts.py does to the router's TopK or ArgMax in the graph, so the PyTorch
     reference and calibration route as the artifact does, through the family's own router code.
@@ -194,9 +195,9 @@ class RoutingMask(torch.overrides.TorchFunctionMode):
         scores = args[0]
         dim = kwargs.get("dim", args[2] if kind == "topk" and len(args) > 2 else
                          args[1] if kind != "topk" and len(args) > 1 else -1 if kind == "topk" else None)
-        if dim is None or dim not in (-1, scores.dim() - 1) or scores.shape[-1] != self.num_experts:
+        if dim is None or dim not in (-1, scores.dim() - 1) or scores.shape[-1] < self.num_experts:
             return func(*args, **kwargs)
-        mask = torch.zeros(self.num_experts, dtype=torch.bool)
+        mask = torch.zeros(scores.shape[-1], dtype=torch.bool)  # the experts first, then any other options
         mask[self.dropped] = True
         masked = scores.masked_fill(mask, float("-inf"))
         self.selections += 1

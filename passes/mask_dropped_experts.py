@@ -4,11 +4,12 @@ Matches: `moec::Experts` nodes whose `dropped` attribute lists experts, and, wal
 node's top_k_index through the integer values it is computed from, the router's selection: the
 TopK whose indices it is, or the ArgMax (a router that picks one expert at a time, PhiMoE's
 sparsemixer).
-Produces: that selection reading its scores through Where(dropped, -inf, scores), so a token's
+Produces: that selection reading its scores through Where(dropped, -inf, scores) (the experts
+are the first positions of the scores' last axis, which may hold more options), so a token's
 top-k comes from the remaining experts; whatever else the router computes from its scores is
 unchanged (moec.experts.RoutingMask does the same in PyTorch, for the reference and calibration).
 The experts lowering, which runs after, computes no dropped expert.
-Requires: the router's selection to be found, over the experts on its last axis; a PassError
+Requires: the router's selection to be found, over the experts on its last axis; a MoecError
 names the layer otherwise.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from moec.errors import MoecError
 from moec.passes.lower_moe import is_moe_node, moe_spec
 
 SELECTIONS = ("TopK", "ArgMax")
@@ -40,10 +42,13 @@ def router_selections(node: ir.Node) -> list[ir.Node]:
 
 
 def _selects_along_last_axis(selection: ir.Node, num_experts: int) -> bool:
+    """Over the experts on the last axis (a router may score more options than experts, Zaya's
+    "no expert": the experts are the first `num_experts`)."""
     scores = selection.inputs[0]
     axis = selection.attributes.get_int("axis", -1 if selection.op_type == "TopK" else 0)
     rank = None if scores.shape is None else len(scores.shape)
-    return rank is not None and axis in (-1, rank - 1) and scores.shape[-1] == num_experts
+    width = None if rank is None else scores.shape[-1]
+    return rank is not None and axis in (-1, rank - 1) and isinstance(width, int) and width >= num_experts
 
 
 class MaskDroppedExpertsPass(ir.passes.InPlacePass):
@@ -56,12 +61,11 @@ class MaskDroppedExpertsPass(ir.passes.InPlacePass):
             num_experts = node.inputs[4].shape[0]
             selections = router_selections(node)
             if not selections or not all(_selects_along_last_axis(s, num_experts) for s in selections):
-                raise ir.passes.PassError(f"layer {spec.layer}: its router's selection of experts (a TopK or "
-                                          f"ArgMax over the {num_experts} experts) was not found, so moec cannot "
-                                          "drop experts there")
-            dropped = np.isin(np.arange(num_experts), spec.dropped)
+                raise MoecError(f"layer {spec.layer}: its router's selection of experts (a TopK or ArgMax over "
+                                f"the {num_experts} experts) was not found, so moec cannot drop experts there")
             for selection in selections:
                 scores = selection.inputs[0]
+                dropped = np.isin(np.arange(scores.shape[-1]), spec.dropped)
                 tape = ir.tape.Tape()
                 prefix = f"layers.{spec.layer}.dropped_experts/{selection.name}"
                 mask = tape.op("Constant", [], {"value": ir.tensor(dropped)}, name=f"{prefix}/mask")

@@ -91,11 +91,18 @@ def _mixed_plan(record, seed=0):
 
 @pytest.mark.parametrize("arch", families(["mixtral", "deepseek_v3", "gpt_oss", "qwen3_next", "zaya"]))
 def test_mixed_plan_compiles_verifies_and_runs(arch, compiled, tmp_path):
-    """Every width 2/4/8/float at random over the experts (each family's planned mixed plan is compiled
-    by test_calibrate_then_plan_every_family; Zaya, which calibrate refuses, has its mixed plan here)."""
+    """Every width 2/4/8/float at random over the experts, the last MoE layer's expert 1 dropped, and
+    top-p pruning keeping a super expert where the router has more than one expert a token (each
+    family's planned mixed plan is compiled by test_calibrate_then_plan_every_family; Zaya, which
+    calibrate refuses, has its mixed plan here)."""
     c = compiled(arch)
     plan_file = tmp_path / "plan.json"
     plan = _mixed_plan(c.record)
+    first, last = c.record["moe_layers"][0], c.record["moe_layers"][-1]
+    plan["experts"]["bits"][last["layer"]][1] = 0
+    if first["top_k"] > 1:
+        plan["pruning"] = {"layers": [{"layer": first["layer"], "top_p": 0.5}], "protect_fraction": 0.0}
+        plan["super_experts"] = [[first["layer"], 0]]
     save_plan(plan, plan_file)
     record = moec.compile(c.model_dir, tmp_path / "q", plan=plan_file, progress=False)
     check = record["verification"]
@@ -105,6 +112,8 @@ def test_mixed_plan_compiles_verifies_and_runs(arch, compiled, tmp_path):
     for layer in q["experts"]:
         assert [e["bits"] for e in layer["experts"]] == plan["experts"]["bits"][layer["layer"]]
     assert record["bytes"]["total"] < c.record["bytes"]["total"]
+    assert record["dropped_experts"] == [[last["layer"], 1]]
+    assert record["super_experts"] == plan.get("super_experts", [])
     tokens = [int(t[0]) for t in generate(Artifact(tmp_path / "q"), [[3, 14, 15, 92]], 5)]
     assert len(tokens) == 5
 

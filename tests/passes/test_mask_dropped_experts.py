@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 from graphs import moe_layers
 
+from moec.errors import MoecError
 from moec.passes.lower_moe import LowerMoEPass
 from moec.passes.mask_dropped_experts import MaskDroppedExpertsPass, router_selections
 from moec.passes.routing_attributes import RoutingAttributesPass
@@ -46,5 +47,5 @@ def test_a_router_without_a_top_k_over_the_experts_is_named():
     RoutingAttributesPass({3: {"dropped": (1,)}})(model)
     top = next(n for n in model.graph if n.op_type == "TopK")
     top.attributes["axis"] = ir.AttrInt64("axis", 0)  # over tokens, not experts
-    with pytest.raises(ir.passes.PassError, match="layer 3: its router's selection"):
+    with pytest.raises(MoecError, match="layer 3: its router's selection"):
         MaskDroppedExpertsPass()(model)
