@@ -1,7 +1,8 @@
 """The whole compression pipeline on the sample checkpoint, measured.
 
 calibrate → plan (global and per-layer, 2.5 and 3.0 average expert bits, widths 2/4/8; the paper's
-one-expert-at-each-top-width rule is off, since with 2/4/8 it alone needs 3.0 bits per layer) →
+one-expert-at-each-top-width rule is off, since with 2/4/8 it alone needs 3.0 bits per layer, and so
+is the super-expert protection, which MC-MoE does not have: an expert at 8 bits needs 2.75 per layer) →
 compile (RTN and GPTQ) → perplexity on the sample's held-out standard-library files, next to the float model,
 uniform 2/4/8-bit plans and the planned widths shuffled within each layer (same bytes).
 Run from the repository root: python bench/sample_pipeline.py [--workdir /tmp/moec-sample]
@@ -65,7 +66,7 @@ def main() -> None:
         for scope in ("global", "layer"):
             plans[f"planned {avg} ({scope})"] = make_plan(stats, avg_bits=avg, bits=[2, 4, 8], scope=scope,
                                                          group_size=GROUP, model=str(SAMPLE),
-                                                         require_top_widths=False)
+                                                         require_top_widths=False, protect_super_experts=False)
     print(f"calibrate on the sample: {calibrate_s:.1f} s ({stats['calibration']['samples']} x "
           f"{stats['calibration']['seq_len']} tokens)")
     for name, plan in plans.items():
