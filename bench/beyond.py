@@ -139,7 +139,7 @@ def super_experts(stats: dict, work: Path, heldout: Path, scale: float, target: 
               "largest_max_down_output": peaks[-1][0], "second_max_down_output": peaks[-2][0],
               "sample_super_experts": stats["super_experts"]}
     print(report, flush=True)
-    dropped = plan_for(planted_stats, planted, None)
+    dropped = plan_for(planted_stats, planted, None, protect=False)
     dropped["experts"]["bits"][PLANTED_LAYER][expert] = 0
     report["float"] = {"sample": measure(SAMPLE, plan_for(stats, SAMPLE, None), work, "sample-float", heldout),
                        "planted": measure(planted, plan_for(planted_stats, planted, None), work, "planted-float",

@@ -134,15 +134,14 @@ def _dropped_loss(layer, block: BlockInputs, full: list, expert: int) -> float:
     tokens routed to the remaining experts), summed over batches; `full` is its output unmasked."""
     import torch
 
-    from moec.experts import RoutingMask
+    from moec.experts import RoutingMask, selection_not_found
 
     mask = RoutingMask(layer.num_experts, [expert])
     loss = 0.0
     for dropped, exact in zip(_block_outputs(block, mask), full):
         loss += float(torch.linalg.vector_norm((dropped - exact).double()))
     if block.calls and not mask.selections:
-        raise MoecError(f"{layer.block_path} selects its experts outside the MoE block (no top-k over its "
-                        f"{layer.num_experts} experts there), so moec cannot measure dropping one")
+        raise selection_not_found(layer.block_path, layer.num_experts)
     return loss
 
 

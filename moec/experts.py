@@ -195,9 +195,9 @@ class RoutingMask(torch.overrides.TorchFunctionMode):
         scores = args[0]
         dim = kwargs.get("dim", args[2] if kind == "topk" and len(args) > 2 else
                          args[1] if kind != "topk" and len(args) > 1 else -1 if kind == "topk" else None)
-        if dim is None or dim not in (-1, scores.dim() - 1) or scores.shape[-1] < self.num_experts:
-            return func(*args, **kwargs)
-        mask = torch.zeros(scores.shape[-1], dtype=torch.bool)  # the experts first, then any other options
+        if type(dim) is not int or dim not in (-1, scores.dim() - 1) or scores.shape[-1] < self.num_experts:
+            return func(*args, **kwargs)  # torch.max(a, b) and the like: not a selection
+        mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)  # the experts, then other options
         mask[self.dropped] = True
         masked = scores.masked_fill(mask, float("-inf"))
         self.selections += 1
@@ -205,6 +205,12 @@ class RoutingMask(torch.overrides.TorchFunctionMode):
             values = func(*args, **kwargs).values
             return torch.return_types.max((values, func(masked, *args[1:], **kwargs).indices))
         return func(masked, *args[1:], **kwargs)
+
+
+def selection_not_found(block: str, num_experts: int) -> MoecError:
+    """The error for a MoE block in which RoutingMask saw no selection of experts."""
+    return MoecError(f"{block} selects its experts outside the MoE block (no top-k over its {num_experts} experts "
+                     "there), so moec cannot drop experts in it")
 
 
 def drop_experts(block: nn.Module, num_experts: int, dropped) -> list:
@@ -219,8 +225,7 @@ def drop_experts(block: nn.Module, num_experts: int, dropped) -> list:
     def leave(*_):
         mode.__exit__(None, None, None)
         if not mode.selections:
-            raise MoecError(f"{type(block).__name__} selects its experts outside the MoE block (no top-k over "
-                            f"its {num_experts} experts there), so moec cannot drop experts in it")
+            raise selection_not_found(type(block).__name__, num_experts)
 
     return [block.register_forward_pre_hook(enter), block.register_forward_hook(leave, always_call=True)]
 

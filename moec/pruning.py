@@ -17,7 +17,8 @@ at the least sum of squared relative errors (errors of different layers add up l
 noise, so pruning spreads over layers rather than piling into one): a multiple-choice knapsack,
 solved exactly with HiGHS.
 Protected tokens keep all their experts, so with protect_fraction p the prediction is (1 - p)
-times the curves (importance taken as independent of the routing weights).
+times the curves (importance taken as independent of the routing weights). The curves do not
+count super experts, which pruning keeps: with some protected the prediction is a little high.
 """
 
 from __future__ import annotations
@@ -52,15 +53,15 @@ def plan_pruning(stats: dict, target: float, protect_fraction: float = 0.0, rule
         raise PlanError(f"--protect-fraction must be in [0, 1), got {protect_fraction}")
     if rule not in RULES:
         raise PlanError(f"--prune-rule must be one of {', '.join(RULES)}, got {rule!r}")
-    layers = [layer for layer in stats["layers"] if _curve(layer, rule)]
+    curves = [(layer, _curve(layer, rule)) for layer in stats["layers"]]
+    layers = [layer for layer, curve in curves if curve]
     if not layers:
         raise PlanError(f"the stats hold no {rule} pruning curves (top-k is 1, or they come from a moec before "
                         f"{rule} curves were recorded): run moec calibrate again")
     # option 0 of each layer: no pruning; option j: the curve's j-th threshold
-    options = [[(OFF[rule], 0.0, 0.0)] + list(zip(_curve(layer, rule)[rule],
-                                                  np.asarray(_curve(layer, rule)["pruned_fraction"]) *
-                                                  (1 - protect_fraction),
-                                                  _curve(layer, rule)["relative_error"])) for layer in layers]
+    options = [[(OFF[rule], 0.0, 0.0)] + list(zip(curve[rule], np.asarray(curve["pruned_fraction"]) *
+                                                  (1 - protect_fraction), curve["relative_error"]))
+               for _, curve in curves if curve]
     best = sum(max(fraction for _, fraction, _ in row) for row in options) / len(stats["layers"])
     if best < target:
         raise PlanError(f"--prune-target {target:g} is out of reach: pruning every layer at its strongest "

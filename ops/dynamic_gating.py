@@ -81,6 +81,8 @@ def prune(weights: np.ndarray, spec, token_importance: np.ndarray | None = None,
     if token_importance is not None and spec.protect_fraction > 0:
         keep |= protected_tokens(token_importance, spec.protect_fraction)[:, None]
     if spec.keep_experts:
+        if top_k_index is None:
+            raise ValueError("keep_experts needs top_k_index")
         keep |= np.isin(top_k_index, spec.keep_experts)
     kept = np.where(keep, weights, np.float32(0))
     if renormalize:

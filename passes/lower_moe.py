@@ -272,6 +272,9 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     zeros = b.op("ConstantOfShape", tokens_by_experts, value=ir.tensor(np.zeros(1, np.float32)))
     selected = b.op("Expand", b.const(np.float32(1)), b.op("Shape", indices)) if keep is None else \
         b.op("Cast", keep, to=ir.DataType.FLOAT)
+    if spec.dropped:  # a router may still name one, at weight 0 (Zaya writes "no expert" as expert 0)
+        alive = b.const(np.isin(np.arange(num_experts), spec.dropped, invert=True).astype(np.float32))
+        selected = b.op("Mul", selected, b.op("Gather", alive, indices))
     routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, selected, axis=1), perm=[1, 0])
     dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1), perm=[1, 0])
     top_k = b.op("Shape", indices, start=1)  # [k]

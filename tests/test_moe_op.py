@@ -70,9 +70,9 @@ def random_routing(rng, tokens: int) -> tuple[np.ndarray, np.ndarray]:
 def run_lowered(spec, weights, hidden, index, routing, prune=True, experts_per_subgraph=None):
     model = experts_graph(spec, weights)
     assert LowerMoEPass(experts_per_subgraph)(model).modified
-    gating = ["DynamicGating"] if spec.beta > 0 else []
+    gating = ["DynamicGating"] if spec.prunes else []
     assert [n.op_type for n in model.graph if n.domain == "moec"] == gating
-    assert [v.name for v in model.graph.inputs][3:] == ([PRUNE_SWITCH] if spec.beta > 0 else [])
+    assert [v.name for v in model.graph.inputs][3:] == ([PRUNE_SWITCH] if spec.prunes else [])
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     switch = {} if prune else {PRUNE_SWITCH: np.array(False)}
     return session.run(None, {"hidden": hidden, "top_k_index": index, "top_k_weights": routing, **switch})[0]
@@ -127,6 +127,22 @@ def test_pruning_switch_off_computes_plain_top_k():
     assert np.abs(plain - pruned).max() > 1e-3  # the pruning drops something here
     np.testing.assert_allclose(run_lowered(spec, weights, hidden, index, routing, prune=False), plain,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_dropped_expert_a_router_still_names_at_weight_0_is_not_computed():
+    """Zaya writes a token's "no expert" as expert 0 with weight 0: with expert 0 dropped, the
+    lowering (which has no weights for it) computes the rest, as the reference does."""
+    import dataclasses
+
+    spec = dataclasses.replace(SPECS["silu"], dropped=(0,))
+    rng = np.random.default_rng(12)
+    weights = random_weights(rng, spec)
+    hidden = rng.normal(size=(9, H)).astype(np.float32)
+    _, routing = random_routing(rng, 9)
+    index = np.array([rng.choice(np.arange(1, E), size=K, replace=False) for _ in range(9)], np.int64)
+    index[::2, -1], routing[::2, -1] = 0, 0.0  # every other token names expert 0, at weight 0
+    np.testing.assert_allclose(run_lowered(spec, weights, hidden, index, routing),
+                               stacked_reference(hidden, index, routing, **weights, spec=spec), rtol=1e-4, atol=1e-4)
 
 
 def test_lowering_upcasts_experts_stored_in_bf16():

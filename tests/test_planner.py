@@ -245,6 +245,27 @@ def test_dropping_and_super_experts_find_the_brute_force_optimum(seed, budget_po
                       params_per_expert=params)
 
 
+def test_a_dropped_super_expert_and_bad_stats_super_experts_are_refused(plan):
+    plan["super_experts"] = [[1, 2]]
+    plan["experts"]["bits"][1][2] = 0
+    with pytest.raises(PlanError, match=re.escape("super_experts[0]: [1, 2] is a super expert, which experts.bits "
+                                                  "drops (width 0)")):
+        validate_plan(plan)
+    stats = synthetic_stats(4, num_layers=3, dense_layers=(0,))
+    for bad in ([[0, 1]], [[1, 4]], [[1]], "1,2"):
+        stats["super_experts"] = bad
+        with pytest.raises(PlanError, match="super_experts: expected \\[layer, expert\\] pairs of the MoE layers"):
+            make_plan(stats, avg_bits=3, scope="layer")
+
+
+def test_width_0_is_never_a_top_width_and_never_the_only_one():
+    stats = synthetic_stats(5, widths=(0, 2, 4))
+    plan = make_plan(stats, avg_bits=4, bits=[0, 4], scope="layer")  # the top-width rule asks for one at 4 bits
+    assert all(row == [4, 4, 4, 4] for row in plan["experts"]["bits"])
+    with pytest.raises(PlanError, match="width 0 alone would drop every expert"):
+        make_plan(stats, avg_bits=2, bits=[0], scope="layer")
+
+
 def test_dropping_needs_the_stats_top_k_and_costs_no_bytes():
     assert expert_bytes(1000, 0) == 0
     stats = synthetic_stats(3, widths=(0, 2, 4))
@@ -587,10 +608,10 @@ def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch)
     (("quantization", "method"), "awq", "quantization.method: expected one of rtn, gptq, got \"awq\""),
     (("pruning",), [], "plan.json: pruning: expected an object, got []"),
     (("non_expert", "attention"), 0, "plan.json: non_expert.attention: expected a bit width in {1,2,3,4,8}"),
-    (("super_experts",), [[1, 4]], "plan.json: super_experts[0]: expected a [layer, expert] pair of a MoE layer's "
-                                   "expert, not listed before, got [1, 4]"),
-    (("super_experts",), [[0, 1]], "super_experts[0]: expected a [layer, expert] pair"),
-    (("super_experts",), [[1, 1], [1, 1]], "super_experts[1]: expected a [layer, expert] pair"),
+    (("super_experts",), [[1, 4]], "plan.json: super_experts[0]: [1, 4] is not an expert of a MoE layer"),
+    (("super_experts",), [[0, 1]], "super_experts[0]: [0, 1] is not an expert of a MoE layer"),
+    (("super_experts",), [[1, 1], [1, 1]], "super_experts[1]: [1, 1] is listed twice"),
+    (("super_experts",), [[1, -1]], "super_experts[0]: expected a [layer, expert] pair, got [1, -1]"),
     (("super_experts",), {"1": 1}, "plan.json: super_experts: expected a list of [layer, expert] pairs"),
     (("objective", "protect_super_experts"), 1, "objective.protect_super_experts: expected true or false, got 1"),
     (("objective", "frequency_exponent"), float("nan"),

@@ -98,11 +98,15 @@ def _validate_super_experts(pairs: Any, grid: list, where: str) -> None:
         raise PlanError(f"{where}: expected a list of [layer, expert] pairs, got {_show(pairs)}")
     seen = set()
     for i, pair in enumerate(pairs):
-        ok = isinstance(pair, list) and len(pair) == 2 and all(type(n) is int and n >= 0 for n in pair)
-        if not ok or tuple(pair) in seen or pair[0] >= len(grid) or grid[pair[0]] is None \
-                or pair[1] >= len(grid[pair[0]]):
-            raise PlanError(f"{where}[{i}]: expected a [layer, expert] pair of a MoE layer's expert, not listed "
-                            f"before, got {_show(pair)}")
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(n) is int and n >= 0 for n in pair)):
+            raise PlanError(f"{where}[{i}]: expected a [layer, expert] pair, got {_show(pair)}")
+        layer, expert = pair
+        if layer >= len(grid) or grid[layer] is None or expert >= len(grid[layer]):
+            raise PlanError(f"{where}[{i}]: {_show(pair)} is not an expert of a MoE layer")
+        if tuple(pair) in seen:
+            raise PlanError(f"{where}[{i}]: {_show(pair)} is listed twice")
+        if grid[layer][expert] == DROPPED:
+            raise PlanError(f"{where}[{i}]: {_show(pair)} is a super expert, which experts.bits drops (width 0)")
         seen.add(tuple(pair))
 
 
@@ -121,7 +125,8 @@ def _validate_pruning(pruning: Any, where: str) -> None:
             raise PlanError(f"{where}: missing field {_show(key)}")
     layers = pruning["layers"]
     if not isinstance(layers, list):
-        raise PlanError(f'{where}.layers: expected a list of {{"layer": int, "beta": number}}, got {_show(layers)}')
+        raise PlanError(f'{where}.layers: expected a list of {{"layer": int, "beta" or "top_p": number}}, '
+                        f'got {_show(layers)}')
     seen = set()
     for i, entry in enumerate(layers):
         if not isinstance(entry, dict) or len(entry) != 2 or "layer" not in entry or \

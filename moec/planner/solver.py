@@ -135,7 +135,10 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     size_bytes = parse_size(size_budget) if size_budget is not None else None
     average = _fraction(avg_bits, "avg_bits") if avg_bits is not None else None
 
-    required = tuple(range(len(widths)))[-2:] if require_top_widths else ()
+    quantized = [j for j, width in enumerate(widths) if width != DROPPED]
+    if not quantized:
+        raise PlanError("bits: width 0 alone would drop every expert; give at least one width to keep them at")
+    required = tuple(quantized[-2:]) if require_top_widths else ()
     supers = [tuple(pair) for pair in stats.get("super_experts", [])] if protect_super_experts else []
     fixed = {(parsed.moe_layers.index(layer), e): len(widths) - 1 for layer, e in supers}
     keep_at_least = None

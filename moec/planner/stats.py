@@ -101,4 +101,10 @@ def _parse_stats(stats: Any, source: str) -> _Stats:
                 raise PlanError(f"{source}: layer {index}: every expert has {name} 0, so experts cannot be weighed")
             values[row] /= total
     assert widths is not None
+    supers = stats.get("super_experts", [])
+    if not isinstance(supers, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and pair[0] in by_index and type(pair[1]) is int
+            and 0 <= pair[1] < num_experts for pair in supers):
+        raise PlanError(f"{source}: super_experts: expected [layer, expert] pairs of the MoE layers' experts, "
+                        f"got {_show(supers)}")
     return _Stats(model, num_layers, num_experts, moe_layers, widths, frequency, routing_weight, np.array(losses))
