@@ -278,8 +278,9 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, selected, axis=1), perm=[1, 0])
     dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1), perm=[1, 0])
     top_k = b.op("Shape", indices, start=1)  # [k]
-    ranks = b.op("Expand", b.op("Range", b.const(np.float32(0)), b.op("Cast", b.op("Squeeze", top_k), to=ir.DataType.FLOAT),
-                                b.const(np.float32(1))), b.op("Shape", indices))
+    k_float = b.op("Cast", b.op("Squeeze", top_k), to=ir.DataType.FLOAT)
+    ranks = b.op("Expand", b.op("Range", b.const(np.float32(0)), k_float, b.const(np.float32(1))),
+                 b.op("Shape", indices))
     dense_ranks = b.op("Transpose", b.op("ScatterElements", zeros, indices, ranks, axis=1), perm=[1, 0])
     slots, rows, pair_weights, counts = _sorted_by_expert(b, hidden, routed, dense_weights, dense_ranks, num_experts)
     pieces = b.op_multi("Split", rows, counts, axis=0, num_outputs=num_experts)
@@ -304,6 +305,7 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     expert_outputs = b.op("Concat", *outputs, axis=0)
     if dtype != ir.DataType.FLOAT:
         expert_outputs = b.op("Cast", expert_outputs, to=ir.DataType.FLOAT)
+
     def filled(shape, value):
         return b.op("ConstantOfShape", shape, value=ir.tensor(np.full(1, value, np.float32)))
 

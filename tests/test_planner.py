@@ -273,7 +273,8 @@ def test_dropping_needs_the_stats_top_k_and_costs_no_bytes():
     with pytest.raises(PlanError, match="needs the stats' model.top_k"):
         make_plan(stats, avg_bits=2, bits=[0, 2, 4], scope="layer")
     # dropping only when --bits names width 0, even if the stats measured it
-    assert make_plan(stats, avg_bits=2, scope="layer", require_top_widths=False)["objective"]["candidate_bits"] == [2, 4]
+    plan = make_plan(stats, avg_bits=2, scope="layer", require_top_widths=False)
+    assert plan["objective"]["candidate_bits"] == [2, 4]
 
 
 # ---------------------------------------------------------------- budgets and bad input
