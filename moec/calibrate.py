@@ -219,8 +219,9 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
             for handle in handles:
                 handle.remove()
             for layer in here:
-                block = BlockInputs(stream.model.get_submodule(layer.block_path), block_received[layer.path])
-                yield layer, stream.model.get_submodule(layer.path), received[layer.path], block if blocks else None
+                block = BlockInputs(stream.model.get_submodule(layer.block_path), block_received[layer.path]) \
+                    if blocks else None
+                yield layer, stream.model.get_submodule(layer.path), received[layer.path], block
             decoder_layer = received = block_received = None
             stream.unload(path)
 

@@ -193,8 +193,10 @@ class RoutingMask(torch.overrides.TorchFunctionMode):
         if kind is None or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
             return func(*args, **kwargs)
         scores = args[0]
-        dim = kwargs.get("dim", args[2] if kind == "topk" and len(args) > 2 else
-                         args[1] if kind != "topk" and len(args) > 1 else -1 if kind == "topk" else None)
+        if kind == "topk":  # topk(input, k, dim=-1)
+            dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
+        else:  # max(input, dim) / argmax(input, dim)
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
         if type(dim) is not int or dim not in (-1, scores.dim() - 1) or scores.shape[-1] < self.num_experts:
             return func(*args, **kwargs)  # torch.max(a, b) and the like: not a selection
         mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)  # the experts, then other options

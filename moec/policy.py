@@ -89,6 +89,11 @@ def check_plan_fits(plan: dict, layers, num_layers: int) -> None:
             raise MoecError(f"plan.json: experts.bits[{layer}] must be null (layer {layer} has no experts)")
 
 
+def prunes(change: dict) -> bool:
+    """Whether a layer's routing change (layer_routing) prunes dynamically."""
+    return "beta" in change or "top_p" in change
+
+
 def check_routing_fits(routing: dict, layers) -> None:
     """Only sparse layers with more than one routed expert per token can prune; a super expert must
     be one of its layer's experts; a layer keeps at least its top-k experts."""
@@ -96,9 +101,9 @@ def check_routing_fits(routing: dict, layers) -> None:
     for number, change in routing.items():
         layer = sparse.get(number)
         if layer is None:
-            section = "pruning.layers" if "beta" in change or "top_p" in change else "super_experts"
+            section = "pruning.layers" if prunes(change) else "super_experts"
             raise MoecError(f"plan.json: {section} names layer {number}, which has no routed experts")
-        if ("beta" in change or "top_p" in change) and layer.top_k < 2:
+        if prunes(change) and layer.top_k < 2:
             raise MoecError(f"plan.json: pruning.layers names layer {number}, which routes each token to one "
                             "expert: there is nothing to prune")
         outside = [e for e in change.get("keep_experts", ()) if not 0 <= e < layer.num_experts]

@@ -86,8 +86,9 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
 def pruning_record(routing: dict) -> dict | None:
     """Which layers prune by which rule (beta or top_p), the importance the artifact uses, and its switch."""
     from moec.ops.moe import PRUNE_SWITCH
+    from moec.policy import prunes
 
-    pruned = {layer: change for layer, change in routing.items() if "beta" in change or "top_p" in change}
+    pruned = {layer: change for layer, change in routing.items() if prunes(change)}
     if not pruned:
         return None
     return {"layers": [{"layer": layer, **{key: change[key] for key in ("beta", "top_p") if key in change}}

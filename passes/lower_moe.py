@@ -277,10 +277,8 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
         selected = b.op("Mul", selected, b.op("Gather", alive, indices))
     routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, selected, axis=1), perm=[1, 0])
     dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1), perm=[1, 0])
-    top_k = b.op("Shape", indices, start=1)  # [k]
-    k_float = b.op("Cast", b.op("Squeeze", top_k), to=ir.DataType.FLOAT)
-    ranks = b.op("Expand", b.op("Range", b.const(np.float32(0)), k_float, b.const(np.float32(1))),
-                 b.op("Shape", indices))
+    top_k = indices.shape[1]  # static in a traced graph (moec.trace_cache reads the router's k off it)
+    ranks = b.op("Expand", b.const(np.arange(top_k, dtype=np.float32)), b.op("Shape", indices))
     dense_ranks = b.op("Transpose", b.op("ScatterElements", zeros, indices, ranks, axis=1), perm=[1, 0])
     slots, rows, pair_weights, counts = _sorted_by_expert(b, hidden, routed, dense_weights, dense_ranks, num_experts)
     pieces = b.op_multi("Split", rows, counts, axis=0, num_outputs=num_experts)
@@ -305,16 +303,12 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     expert_outputs = b.op("Concat", *outputs, axis=0)
     if dtype != ir.DataType.FLOAT:
         expert_outputs = b.op("Cast", expert_outputs, to=ir.DataType.FLOAT)
-
-    def filled(shape, value):
-        return b.op("ConstantOfShape", shape, value=ir.tensor(np.full(1, value, np.float32)))
-
-    slots_shape = b.op("Concat", b.op("Shape", hidden, end=1), top_k, b.const(np.array([hidden_size], np.int64)),
+    slots_shape = b.op("Concat", b.op("Shape", hidden, end=1), b.const(np.array([top_k, hidden_size], np.int64)),
                        axis=0)
-    by_rank = b.op("ScatterND", filled(slots_shape, 0), slots, b.op("Mul", expert_outputs, pair_weights))
-    ones = filled(b.op("Concat", top_k, b.const(np.array([1], np.int64)), axis=0), 1)
-    out = b.op("Squeeze", b.op("MatMul", b.op("Transpose", by_rank, perm=[0, 2, 1]), ones),
-               b.const(np.array([2], np.int64)))
+    by_rank = b.op("ScatterND", b.op("ConstantOfShape", slots_shape, value=ir.tensor(np.zeros(1, np.float32))),
+                   slots, b.op("Mul", expert_outputs, pair_weights))
+    out = b.op("Squeeze", b.op("MatMul", b.op("Transpose", by_rank, perm=[0, 2, 1]),
+                               b.const(np.ones((top_k, 1), np.float32))), b.const(np.array([2], np.int64)))
     if dtype != ir.DataType.FLOAT:
         out = b.op("Cast", out, to=dtype)
     out.type, out.shape = hidden.type, hidden.shape

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from moec.errors import MoecError
-from moec.passes.lower_moe import is_moe_node, moe_spec
+from moec.passes.lower_moe import is_moe_node, moe_inputs, moe_spec
 
 SELECTIONS = ("TopK", "ArgMax")
 INTEGERS = frozenset((ir.DataType.INT64, ir.DataType.INT32))
@@ -55,10 +55,10 @@ class MaskDroppedExpertsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for node in list(model.graph):
-            if not is_moe_node(node) or not moe_spec(node).dropped:
+            spec = moe_spec(node) if is_moe_node(node) else None
+            if spec is None or not spec.dropped:
                 continue
-            spec = moe_spec(node)
-            num_experts = node.inputs[4].shape[0]
+            num_experts = moe_inputs(node)["down"].shape[0]
             selections = router_selections(node)
             if not selections or not all(_selects_along_last_axis(s, num_experts) for s in selections):
                 raise MoecError(f"layer {spec.layer}: its router's selection of experts (a TopK or ArgMax over "

@@ -54,6 +54,8 @@ def moe_layers(layers: list[int], hidden: int = 8, inter: int = 6, experts: int 
             for out in node.outputs:
                 out.dtype = FLOAT if out is not top.outputs[1] else ir.DataType.INT64
         logits.outputs[0].shape = ir.Shape(["T", experts])
+        for out in top.outputs:
+            out.shape = ir.Shape(["T", k])
         nodes += [logits, top, weights, experts_node]
         current = experts_node.outputs[0]
     current.name = "y"
