@@ -6,8 +6,14 @@ experts top-8, intermediate 512, 16 KV heads), every system runs in a fresh proc
 threads, a 128-token prompt and 64 greedy tokens with the KV cache (median of the repeats after a
 warm-up; every system is measured in each of the rounds, round-robin, and its fastest round kept):
   - transformers in PyTorch, fp32 and bf16;
-  - llama.cpp through llama-cpp-python: F16 GGUF from its converter, quantized to Q2_K, Q4_K_M, Q8_0;
-  - moec artifacts planned at 2.5, 4 and 8 average expert bits (calibrated on the built-in corpus).
+  - llama.cpp through llama-cpp-python: F16 GGUF from its converter, quantized to Q2_K, Q3_K_S, Q4_K_M, Q8_0;
+  - mobius-onnx (PyPI, Microsoft's ONNX GenAI model builder): `mobius build --config DIR OUT --ep cpu
+    --optimize --dtype f32` (GroupQueryAttention, SkipSimplifiedLayerNormalization), run by plain
+    onnxruntime. In float32: it quantizes only checkpoints that arrive quantized (a
+    quantization_config, or a GGUF through `mobius build-gguf --keep-quantized`, whose importer
+    takes neither model here: OLMoE is not among its GGUF architectures, and it reads the Mixtral
+    GGUF as a dense Llama and stops on missing MLP weights);
+  - moec artifacts planned at 2.5, 3, 4 and 8 average expert bits (calibrated on the built-in corpus).
 One table per model: weight bytes, prefill and decode tok/s, peak RSS, and decode as a fraction of
 the bandwidth limit (measured read bandwidth / weight bytes read per decoded token). It also checks
 that the 8-bit artifact generates through moec's runtime (IO binding, tuned session options)
@@ -48,8 +54,8 @@ MODELS = {
                        "num_experts": 64, "num_experts_per_tok": 8, "max_position_embeddings": 4096,
                        "tie_word_embeddings": False}},
 }
-MOEC_BITS = (2.5, 4, 8)
-GGUF_TYPES = ("Q2_K", "Q4_K_M", "Q8_0")
+MOEC_BITS = (2.5, 3, 4, 8)
+GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M", "Q8_0")
 EXPERT_NAME = re.compile(r"\.experts\.")
 EMBEDDING_NAME = re.compile(r"embed_tokens")
 
@@ -171,6 +177,51 @@ print(json.dumps(bench({str(artifact)!r}, prompt_len={args.prompt_len}, gen_len=
     return fresh_process(code)
 
 
+def mobius_build(model_dir: Path, workdir: Path) -> Path:
+    out = workdir / "mobius-f32"
+    if not (out / "model.onnx").is_file():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        start = time.perf_counter()
+        subprocess.run(["mobius", "build", "--config", str(model_dir), str(partial), "--ep", "cpu", "--optimize",
+                        "--dtype", "f32"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        partial.rename(out)
+        print(f"  mobius build: {time.perf_counter() - start:.0f} s", flush=True)
+    return out
+
+
+def mobius_speed(model: Path, args) -> dict:
+    """Greedy prefill and decode of a mobius-onnx model (inputs: ids, attention mask, past KV) in plain onnxruntime."""
+    code = f"""
+import json, statistics, time, numpy as np, onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads = {args.threads}
+session = ort.InferenceSession({str(model / "model.onnx")!r}, options, providers=["CPUExecutionProvider"])
+pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+names = [o.name for o in session.get_outputs()]
+prompt = np.random.default_rng(0).integers(0, 2048, (1, {args.prompt_len}))
+prefill, decode = [], []
+for run in range({1 + args.repeats}):
+    past = {{i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in pasts}}
+    start = time.perf_counter()
+    ids, total = prompt, {args.prompt_len}
+    for step in range({1 + args.gen_len}):
+        feeds = {{"input_ids": ids, "attention_mask": np.ones((1, total), np.int64)}}
+        out = dict(zip(names, session.run(None, feeds | past)))
+        past = {{i.name: out[i.name.replace("past_key_values.", "present.")] for i in pasts}}
+        ids = out["logits"][:, -1:].argmax(-1)
+        total += 1
+        if step == 0:
+            prefilled = time.perf_counter()
+    if run:
+        prefill.append(prefilled - start)
+        decode.append(time.perf_counter() - prefilled)
+print(json.dumps({{"prefill_tok_s": {args.prompt_len} / statistics.median(prefill),
+                  "decode_tok_s": {args.gen_len} / statistics.median(decode)}}))
+"""
+    return fresh_process(code)
+
+
 def moec(*argv: str) -> None:
     subprocess.run([sys.executable, "-m", "moec", *argv], check=True, stdout=subprocess.DEVNULL)
 
@@ -246,6 +297,12 @@ def compare(name: str, args) -> dict:
                          "active_bytes": llamacpp.active_bytes(ggufs[kind], top_k, experts)},
                         functools.partial(llamacpp.measure, ggufs[kind], prompt_len=args.prompt_len,
                                           gen_len=args.gen_len, threads=args.threads, repeats=args.repeats)))
+    mobius = mobius_build(model_dir, workdir)
+    sizes = artifact_sizes(mobius)
+    # its MoE computes every expert on every token (masked after): a token reads all its weights but one embedding row
+    systems.append(({"system": "mobius-onnx f32", "bytes": sum(sizes.values()),
+                     "active_bytes": active_bytes(sizes, experts, experts, vocab)},
+                    functools.partial(mobius_speed, mobius, args)))
     artifacts = moec_artifacts(model_dir, workdir, args)
     for bits, artifact in artifacts.items():
         sizes = artifact_sizes(artifact)
@@ -311,7 +368,8 @@ def main() -> None:
         print(json.dumps(results, indent=1))
         return
     m = results["machine"]
-    print(f"\n{m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB; {args.threads} threads; read bandwidth "
+    print(f"\n{m['cpu']} (ISA: {' '.join(m['isa']) or 'none of AVX2/AVX-512/VNNI/AMX'}), {m['cores']} cores, "
+          f"{m['memory_gib']:.0f} GiB; {args.threads} threads; read bandwidth "
           f"{m['read_bandwidth_gb_s']:.1f} GB/s with {args.threads} threads; prompt {args.prompt_len}, "
           f"{args.gen_len} decoded tokens, median of {args.repeats}, fastest of {args.rounds} rounds\n")
     print("\n\n".join(table(r) for r in results["models"]))
@@ -323,7 +381,10 @@ def machine(args) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory / 2**30,
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    isa = sorted(f for f in flags if f in ("avx2", "avx_vnni", "avx512_vnni") or f.startswith(("avx512", "amx")))
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "memory_gib": memory / 2**30,
             "read_bandwidth_gb_s": args.bandwidth / 1e9, "threads": args.threads}
 
 

@@ -1,7 +1,11 @@
 """A 128-expert, top-8 Qwen3-MoE-proportioned random model (small hidden size): compile time,
-node count, session-creation time and a short greedy run of the artifact.
+node count, session-creation time and a short greedy run of the artifact, in float or with every
+expert at `--bits` (blocks of 64: two a row of its 128-wide experts, as QMoE needs); `--per-expert`
+compiles the quantized experts one by one, as moec did before it handed layers of many experts to
+QMoE (it raises moec.targets.cpu.QMOE_MIN_EXPERTS above 128).
 
-Run from the repository root: python bench/many_experts.py [--workdir /tmp/moec-many] [--layers 4]
+Run from the repository root:
+    python bench/many_experts.py [--workdir /tmp/moec-many] [--layers 4] [--bits 4 [--per-expert]]
 """
 
 import argparse
@@ -18,13 +22,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/moec-many", type=Path)
     parser.add_argument("--layers", default=4, type=int)
+    parser.add_argument("--bits", type=int, choices=(2, 4, 8), help="every expert at this width (default: float)")
+    parser.add_argument("--per-expert", action="store_true", help="no QMoE: each quantized expert on its own")
     args = parser.parse_args()
     import onnx
     import torch
     import transformers
 
     import moec
+    import moec.targets.cpu
+    from moec.planner import DEFAULT_NON_EXPERT, save_plan
     from moec.runtime import Artifact, generate
+
+    if args.per_expert:
+        moec.targets.cpu.QMOE_MIN_EXPERTS = 129
 
     model_dir, artifact = args.workdir / "qwen3-moe-128", args.workdir / "artifact"
     torch.manual_seed(0)
@@ -35,8 +46,14 @@ def main() -> None:
     transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(ROOT / "samples" / "tiny-mixtral" / name, model_dir / name)
+    plan = None
+    if args.bits:
+        plan = args.workdir / f"plan-{args.bits}.json"
+        save_plan({"format": "moec-plan/1", "model": str(model_dir),
+                   "experts": {"bits": [[args.bits] * 128] * args.layers}, "non_expert": DEFAULT_NON_EXPERT,
+                   "quantization": {"method": "rtn", "group_size": 64}, "pruning": {}}, plan)
     start = time.perf_counter()
-    record = moec.compile(model_dir, artifact, force=True, progress=False)
+    record = moec.compile(model_dir, artifact, plan=plan, force=True, progress=False)
     compile_s = time.perf_counter() - start
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
 
@@ -50,7 +67,9 @@ def main() -> None:
     start = time.perf_counter()
     tokens = [int(step[0]) for step in generate(session, [[11, 22, 33, 44]], 32)]
     decode_s = (time.perf_counter() - start) / len(tokens)
-    result = {"layers": args.layers, "experts": 128, "top_k": 8, "parameters": record["parameters"]["total"],
+    result = {"layers": args.layers, "experts": 128, "top_k": 8, "bits": args.bits or "float",
+              "lowering": "per expert" if args.per_expert or not args.bits else "QMoE",
+              "parameters": record["parameters"]["total"],
               "compile_s": round(compile_s, 1), "nodes": nodes, "top_level_nodes": len(graph.node),
               "expert_subgraphs": subgraphs, "session_create_s": round(session_s, 2),
               "seconds_per_token": round(decode_s, 4), "verification": record["verification"]["max_abs_logit_diff"],

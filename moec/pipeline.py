@@ -115,7 +115,8 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             if plan_data is not None:
                 check_routing_fits(routing, layers)
         with stages.stage("lower"):
-            specs = quantization_specs(plan_data, product_weights(graph), [layer.block_path for layer in layers],
+            specs = quantization_specs(plan_data, product_weights(graph, target.quantized_embeddings),
+                                       [layer.block_path for layer in layers],
                                        target, prequantized)
             graph = ir.passes.PassManager(target.passes(specs, routing))(graph).model
         record = build_record(checkpoint, layers, graph, target, skeleton, plan_data, routing, specs, expert_tokens)

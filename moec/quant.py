@@ -144,3 +144,15 @@ def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
     for i in range(per_byte):  # codes are < 2**bits, so the shifted fields never overlap
         packed |= padded[:, i::per_byte] << np.uint8(i * bits)
     return packed
+
+
+def repack_rows(packed: np.ndarray, bits: int, new_bits: int, width: int) -> np.ndarray:
+    """Packed codes [..., bytes] of `width` values a row at `bits`, packed again at `new_bits` (a wider
+    container holds the same codes: verification runs 2-bit experts in 4-bit kernels)."""
+    per_byte = 8 // bits
+    rows = packed.reshape(-1, packed.shape[-1])
+    values = np.zeros((rows.shape[0], rows.shape[1] * per_byte), np.uint8)
+    for i in range(per_byte):
+        values[:, i::per_byte] = (rows >> np.uint8(i * bits)) & np.uint8(2**bits - 1)
+    repacked = _pack_rows(values[:, :width], new_bits)
+    return repacked.reshape(*packed.shape[:-1], repacked.shape[-1])

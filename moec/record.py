@@ -37,9 +37,10 @@ def build_record(checkpoint, layers, graph, target, model, plan: dict | None, ro
 
 
 def quantization_record(plan: dict, layers, graph, quantized: dict, expert_tokens: dict) -> dict:
-    """Per expert: width (0: dropped), the container MatMulNBits stores it in, bytes (of its initializers in
-    `graph`), quantizer and calibration tokens; totals, averages, and the experts GPTQ had too
-    few tokens for."""
+    """Per expert: width (0: dropped), its kernel (MatMulNBits per projection, or its layer's QMoE node
+    of that width) and the container it is stored in, bytes (of its initializers in `graph`; a QMoE
+    group's shared evenly), quantizer and calibration tokens; totals, averages, and the experts GPTQ
+    had too few tokens for."""
     import re
 
     from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
@@ -47,6 +48,7 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
     from moec.planner.sizes import DROPPED
 
     experts, expert_bytes, weighted_bits = [], 0, 0.0
+    fused = _qmoe_groups(graph)
     for layer in layers:
         row = []
         projections = layer.spec.projections
@@ -58,8 +60,14 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
                 row.append({"bits": FLOAT, "stored_bits": 32, "bytes": 4 * layer.expert_parameters(), "quantizer": None})
             else:
                 q = parts[0]
-                nbytes = sum(_stored_bytes(graph, expert_weight_name(layer.layer, e, p)) for p in projections)
-                row.append({"bits": q.bits, "stored_bits": q.stored_bits, "bytes": nbytes,
+                group = fused.get((layer.layer, e))
+                if group is None:
+                    kernel = "com.microsoft.MatMulNBits"
+                    nbytes = sum(_stored_bytes(graph, expert_weight_name(layer.layer, e, p)) for p in projections)
+                else:
+                    kernel, (prefix, size) = "com.microsoft.QMoE", group
+                    nbytes = sum(_stored_bytes(graph, f"{prefix}.{fc}") for fc in ("fc1", "fc2")) // size
+                row.append({"bits": q.bits, "stored_bits": q.stored_bits, "kernel": kernel, "bytes": nbytes,
                             "quantizer": q.method})
             if expert_tokens:
                 row[-1]["calibration_tokens"] = expert_tokens.get(expert_weight_name(layer.layer, e, "up"), 0)
@@ -73,7 +81,8 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
     repacked = {q.bits: q.stored_bits for q in quantized.values() if q.stored_bits != q.bits}
     return {
         "method": plan["quantization"]["method"], "group_size": plan["quantization"]["group_size"],
-        "kernel": "com.microsoft.MatMulNBits",
+        "kernels": {kernel: sum(x.get("kernel") == kernel for layer in experts for x in layer["experts"])
+                    for kernel in ("com.microsoft.MatMulNBits", "com.microsoft.QMoE")},
         "widths_in_larger_containers": {str(b): repacked[b] for b in sorted(repacked)},
         "expert_bytes": expert_bytes, "avg_expert_bits": weighted_bits / params,
         "rtn_fallback_experts": [[layer["layer"], e] for layer in experts for e, x in enumerate(layer["experts"])
@@ -97,6 +106,20 @@ def pruning_record(routing: dict) -> dict | None:
             "importance": "L1 norm of the token's hidden state at the MoE input (proxy for the paper's "
                           "attention received x L1 norm)",
             "switch": f"input {PRUNE_SWITCH} (bool, default true); fed false, the artifact runs plain top-k"}
+
+
+def _qmoe_groups(graph) -> dict[tuple[int, int], tuple[str, int]]:
+    """(layer, expert) -> (initializer prefix, experts in the group) for the experts a QMoE node
+    computes (passes/lower_moe.py lists each group's experts in `{prefix}.experts`)."""
+    import re
+
+    groups = {}
+    for name, value in graph.graph.initializers.items():
+        match = re.fullmatch(r"layers\.(\d+)\.experts\.\d+bit\.experts", name)
+        if match:
+            ids = value.const_value.numpy().tolist()
+            groups |= {(int(match[1]), e): (name.removesuffix(".experts"), len(ids)) for e in ids}
+    return groups
 
 
 def _stored_bytes(graph, name: str) -> int:

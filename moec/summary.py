@@ -14,6 +14,7 @@ from moec.policy import weight_category
 from moec.runtime import MODEL_FILE, read_record
 
 PACKED_SUFFIXES = (".q", ".scales", ".zero_points", ".bias")
+QMOE_GROUP_PATTERN = r"layers\.\d+\.experts\.\d+bit\.(fc1|fc2|experts)"  # passes/lower_moe.py's QMoE groups
 
 
 def describe_stats(path: str | Path) -> dict:
@@ -98,7 +99,7 @@ def size_breakdown(graph, moe_blocks: list[str]) -> dict[str, int]:
 def _component(name: str, moe_blocks: list[str]) -> str:
     for suffix in PACKED_SUFFIXES:
         name = name.removesuffix(suffix)
-    if re.fullmatch(EXPERT_WEIGHT_PATTERN, name):
+    if re.fullmatch(EXPERT_WEIGHT_PATTERN, name) or re.fullmatch(QMOE_GROUP_PATTERN, name):
         return "routed experts"
     category = weight_category(name, moe_blocks)
     if category is None and ("router" in name or any(name.startswith(block + ".") for block in moe_blocks)):
@@ -128,6 +129,10 @@ def summary(info: dict) -> str:
     if quantization:
         lines.append(f"quantized    {quantization['method']} group {quantization['group_size']}, "
                      f"{quantization['avg_expert_bits']:.2f} avg expert bits, experts {mib(quantization['expert_bytes'])}")
+        kernels = [f"{n} experts in {kernel.removeprefix('com.microsoft.')}"
+                   for kernel, n in quantization.get("kernels", {}).items() if n]
+        if kernels:
+            lines.append("  kernels    " + ", ".join(kernels))
         lines += [f"  layer {layer:<3} bits {' '.join(f'{b:>2}' if b != 'float' else 'fp' for b in row)}"
                   for layer, row in zip(info["moe_layers"], quantization["bits"])]
     lines.append("size by part " + ", ".join(f"{part} {mib(n)}" for part, n in info["size_breakdown"].items()))

@@ -62,8 +62,10 @@ def verify(folder: Path, target, probe: np.ndarray, reference: list[np.ndarray],
 
 @contextmanager
 def _exact_kernels(model_file: Path):
-    """A copy of the model file (beside it, sharing its external data) with every MatMulNBits set
-    to accuracy_level 0 (fp32 activations)."""
+    """A copy of the model file (beside it, sharing its external data) with every MatMulNBits and QMoE
+    set to accuracy_level 0 (fp32 activations). onnxruntime's 2-bit QMoE has no exact mode (its LUT
+    kernel rounds activations whatever the level), so the copy runs those experts' codes, scales
+    and zero points in a 4-bit QMoE, which is exact, repacked into a file of its own beside it."""
     import onnx
 
     def nodes(graph):  # and those of subgraphs (If branches)
@@ -74,16 +76,60 @@ def _exact_kernels(model_file: Path):
                     yield from nodes(attr.g)
 
     model = onnx.load(str(model_file), load_external_data=False)
-    for node in nodes(model.graph):
-        for attr in node.attribute:
-            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
-                attr.i = 0
     exact = model_file.with_name(f".exact-{model_file.name}")
-    onnx.save(model, str(exact))
+    repacked = model_file.with_name(f".exact-{model_file.name}.data")
     try:
+        with open(repacked, "wb") as data:
+            for node in nodes(model.graph):
+                for attr in node.attribute:
+                    if node.op_type in ("MatMulNBits", "QMoE") and attr.name == "accuracy_level":
+                        attr.i = 0
+                if node.op_type == "QMoE" and _attribute(node, "expert_weight_bits") == 2:
+                    _widen_qmoe(model, node, model_file.parent, data, repacked.name)
+        onnx.save(model, str(exact))
         yield exact
     finally:
-        exact.unlink()
+        exact.unlink(missing_ok=True)
+        repacked.unlink(missing_ok=True)
+
+
+def _attribute(node, name: str):
+    import onnx
+
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def _widen_qmoe(model, node, folder: Path, data, data_name: str) -> None:
+    """Point a 2-bit QMoE node at 4-bit copies of its codes and zero points (written to `data`), in
+    place of the 2-bit ones (read by no other node)."""
+    import onnx
+    from onnx.numpy_helper import from_array, to_array
+
+    from moec.quant import repack_rows
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    blocks = {11: 3, 12: 6}  # a zero point input's scales: its row's width is their blocks
+    for index in (2, 5, 11, 12):  # fc1 and fc2 codes, then their zero points
+        stored = initializers[node.input[index]]
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(stored)
+        if onnx.external_data_helper.uses_external_data(tensor):  # small ones are stored inline
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+        array = to_array(tensor)
+        width = initializers[node.input[blocks[index]]].dims[-1] if index in blocks else array.shape[-1] * 4
+        wide = from_array(repack_rows(array, 2, 4, width), f"{stored.name}.as4bit")
+        offset = data.tell()
+        data.write(wide.raw_data)
+        wide.ClearField("raw_data")
+        wide.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(data.tell() - offset))):
+            wide.external_data.add(key=key, value=value)
+        model.graph.initializer.remove(stored)
+        model.graph.initializer.append(wide)
+        node.input[index] = wide.name
+    for attr in node.attribute:
+        if attr.name == "expert_weight_bits":
+            attr.i = 4
 
 
 def _run(model_file: Path, providers: list[str], probe: np.ndarray) -> list[np.ndarray]:

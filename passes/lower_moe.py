@@ -12,7 +12,14 @@ Produces, in its place:
     (`expert_weight_name`: `layers.{l}.experts.{e}.{gate,up,down}_proj`, [in, out]); a dropped
     expert (the node's `dropped`, never routed to: passes/mask_dropped_experts.py) has none;
   - the outputs concatenated back in pair order, scaled by the routing weights, scattered into
-    their (token, rank) slots and summed over the ranks.
+    their (token, rank) slots and summed over the ranks;
+  - with `fused` (a FusedExperts: the quantization specs and the widths onnxruntime's
+    com.microsoft.QMoE computes), the layer's quantized experts of each such width as one QMoE node
+    instead: it selects each token's kept experts of its width (router_probs 1 for them, 0 for the
+    rest) and weighs them by router_weights, zero outside the group, so it computes no other pair;
+    gate and up are packed interleaved (swiglu_fusion=1). The groups' outputs and the per-expert
+    part add up to the layer's output. Experts QMoE cannot express (float, a width it does not
+    take, an activation or block size it lacks) stay per expert.
 No token runs an expert it was not routed to and no weight is gathered per token. Per expert
 that is only its MatMuls and activation (5 nodes after onnxruntime's fusions, against 15 when each
 expert found, gathered and scattered its own tokens): at decode most experts are idle and each
@@ -21,6 +28,10 @@ node costs microseconds.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
@@ -28,6 +39,26 @@ from moec.ops.dynamic_gating import OP_TYPE as GATING_OP_TYPE
 from moec.ops.dynamic_gating import function_proto
 from moec.ops.moe import (ACTIVATIONS_OUTPUT, DOMAIN, INPUT_NAMES, OP_TYPE, PRUNE_SWITCH, ExpertsSpec,
                           expert_bias, expert_projection, expert_weight_name)
+from moec.quant import Quantizer, pack_matmul_nbits
+
+QMOE_WIDTHS = (2, 4, 8)  # the containers com.microsoft.QMoE computes (one per node)
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """Which experts the lowering hands to com.microsoft.QMoE: in layers of at least `min_experts`
+    experts, the quantized ones (by `specs`, the plan's quantization map) stored at one of `widths`,
+    run at `accuracy_level`."""
+
+    specs: Mapping[str, Quantizer]
+    widths: frozenset[int]
+    accuracy_level: int
+    min_experts: int = 0
+
+
+def qmoe_group_name(layer: int, bits: int) -> str:
+    """The prefix of a QMoE group's initializers; `{prefix}.experts` lists the experts it computes."""
+    return f"layers.{layer}.experts.{bits}bit"
 
 
 def is_moe_node(node: ir.Node) -> bool:
@@ -247,9 +278,177 @@ def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, experts: range, rows:
     return output
 
 
-def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | None = None) -> None:
+def _qmoe_groups(spec: ExpertsSpec, stacked: _StackedArrays, fused: FusedExperts | None,
+                 dtype: ir.DataType) -> dict[tuple[int, int], list[int]]:
+    """{(stored width, block size): experts} that QMoE computes in this layer: quantized experts whose
+    three projections share a width in `fused.widths` and a block size QMoE takes (a power of two
+    dividing hidden and intermediate sizes at least twice: its 4/8-bit kernels need two blocks a
+    row), for the gated activations it has (SiLU, and gpt-oss's clamped SwiGLU), in float32."""
+    num_experts, hidden_size, intermediate = stacked.dims(spec)
+    if fused is None or num_experts < fused.min_experts or dtype != ir.DataType.FLOAT or spec.gate == "none" or \
+            spec.activation not in ("silu", "clamped_swiglu"):
+        return {}
+    groups = {}
+    for e in range(num_experts):
+        quantizers = [fused.specs.get(expert_weight_name(spec.layer, e, p)) for p in spec.projections]
+        if e in spec.dropped or None in quantizers:
+            continue
+        kinds = {(q.stored_bits, q.group_size) for q in quantizers}
+        if len(kinds) != 1:
+            continue
+        (bits, block), = kinds
+        if bits in fused.widths and block >= 16 and block & (block - 1) == 0 and \
+                min(hidden_size, intermediate) >= 2 * block and not hidden_size % block and not intermediate % block:
+            groups.setdefault((bits, block), []).append(e)
+    return groups
+
+
+class _PackedGroup:
+    """A QMoE group's weight inputs (QMOE_INPUTS), computed together when the first is read and
+    dropped once all were read: gate and up interleaved row by row into fc1, down as fc2, each
+    expert quantized by its own spec (GPTQ's result where it has one) and packed as MatMulNBits
+    packs a weight, then stacked."""
+
+    def __init__(self, stacked: _StackedArrays, spec: ExpertsSpec, experts: list[int], fused: FusedExperts,
+                 bits: int, block: int):
+        self.stacked, self.spec, self.experts, self.fused = stacked, spec, experts, fused
+        self.bits, self.block = bits, block
+        self.has_bias = {"fc1": dict.get(stacked, "gate_up_bias") is not None,
+                         "fc2": dict.get(stacked, "down_bias") is not None}
+        self._arrays, self._unread = None, set()
+
+    def _quantized(self, expert: int, proj: str):
+        quantizer = self.fused.specs[expert_weight_name(self.spec.layer, expert, proj)]
+        if quantizer.result is not None:
+            return quantizer.result
+        weight = np.asarray(expert_projection(self.stacked, expert, proj, self.spec), np.float32)
+        return quantizer(weight)
+
+    def _compute(self) -> dict[str, np.ndarray]:
+        parts = {name: [] for name in QMOE_INPUTS}
+        for e in self.experts:
+            gate, up, down = (self._quantized(e, p) for p in ("gate", "up", "down"))
+            pairs = ((gate.codes, up.codes), (gate.scales, up.scales), (gate.zeros, up.zeros))
+            fc1 = [np.empty((2 * g.shape[0], *g.shape[1:]), g.dtype) for g, _ in pairs]
+            for array, (g, u) in zip(fc1, pairs):  # rows gate, up, gate, up, ...
+                array[0::2], array[1::2] = g, u
+            for fc, (codes, scales, zeros) in (("fc1", fc1), ("fc2", (down.codes, down.scales, down.zeros))):
+                packed, scales, zeros = pack_matmul_nbits(codes, scales, zeros, self.bits, self.block)
+                parts[f"{fc}.q"].append(packed.reshape(packed.shape[0], -1))
+                parts[f"{fc}.scales"].append(scales)
+                parts[f"{fc}.zero_points"].append(zeros)
+            if self.has_bias["fc1"]:
+                gate_bias, up_bias = (np.asarray(expert_bias(self.stacked, e, p, self.spec), np.float32)
+                                      for p in ("gate", "up"))
+                bias = np.empty(2 * gate_bias.shape[0], np.float32)
+                bias[0::2], bias[1::2] = gate_bias, up_bias
+                parts["fc1.bias"].append(bias)
+            if self.has_bias["fc2"]:
+                parts["fc2.bias"].append(np.asarray(expert_bias(self.stacked, e, "down", self.spec), np.float32))
+        return {name: np.stack(arrays) for name, arrays in parts.items() if arrays}
+
+    def tensor(self, name: str, dtype: ir.DataType, shape: list[int]) -> ir.LazyTensor:
+        def read():
+            if self._arrays is None:
+                self._arrays = self._compute()
+                self._unread = set(self._arrays)
+            array = self._arrays[name]
+            self._unread.discard(name)
+            if not self._unread:
+                self._arrays = None
+            return ir.tensor(array)
+
+        return ir.LazyTensor(read, dtype=dtype, shape=ir.Shape(shape))
+
+
+QMOE_INPUTS = ("fc1.q", "fc1.scales", "fc1.bias", "fc2.q", "fc2.scales", "fc2.bias", "fc1.zero_points",
+               "fc2.zero_points")
+
+
+def _qmoe(b: _Builder, hidden: ir.Value, dense_selected: ir.Value, dense_weights: ir.Value, top_k: int,
+          stacked: _StackedArrays, spec: ExpertsSpec, experts: list[int], fused: FusedExperts, bits: int,
+          block: int) -> ir.Value:
+    """One com.microsoft.QMoE over `experts` (one width): router_probs 1 for each token's kept
+    experts of the group and 0 elsewhere, so its top-k picks exactly those (padded with zero-weight
+    pairs, which QMoE skips), and router_weights their routing weights."""
+    _, hidden_size, intermediate = stacked.dims(spec)
+    prefix = qmoe_group_name(spec.layer, bits)
+    ids = b.weight(ir.tensor(np.array(experts, np.int64)), f"{prefix}.experts")
+    probs = b.op("Gather", dense_selected, ids, axis=1)
+    weights = b.op("Gather", dense_weights, ids, axis=1)
+    packed = _PackedGroup(stacked, spec, experts, fused, bits, block)
+    count, u8, f32 = len(experts), ir.DataType.UINT8, ir.DataType.FLOAT
+    shapes = {"fc1.q": (u8, [count, 2 * intermediate, hidden_size * bits // 8]),
+              "fc1.scales": (f32, [count, 2 * intermediate, hidden_size // block]),
+              "fc1.bias": (f32, [count, 2 * intermediate]),
+              "fc2.q": (u8, [count, hidden_size, intermediate * bits // 8]),
+              "fc2.scales": (f32, [count, hidden_size, intermediate // block]),
+              "fc2.bias": (f32, [count, hidden_size]),
+              "fc1.zero_points": (u8, [count, 2 * intermediate, -(-hidden_size // block * bits // 8)]),
+              "fc2.zero_points": (u8, [count, hidden_size, -(-intermediate // block * bits // 8)])}
+    inputs = {name: None if name.endswith("bias") and not packed.has_bias[name[:3]] else
+              b.weight(packed.tensor(name, *shapes[name]), f"{prefix}.{name}") for name in QMOE_INPUTS}
+    swiglu = {"activation_alpha": 1.0, "activation_beta": 0.0} if spec.activation == "silu" else \
+        {"activation_alpha": spec.swiglu_alpha, "activation_beta": 1.0, "swiglu_limit": spec.swiglu_limit}
+    b.prefix = prefix
+    fc1_fc2 = [inputs[name] for name in QMOE_INPUTS[:6]]  # then fc3 (absent: gate and up are fused in fc1)
+    zero_points = [inputs["fc1.zero_points"], inputs["fc2.zero_points"], None]
+    out = b.op("QMoE", hidden, probs, *fc1_fc2, None, None, None, *zero_points, weights, domain="com.microsoft",
+               name=f"QMoE ({bits}-bit)", k=min(top_k, count), activation_type="swiglu", swiglu_fusion=1,
+               expert_weight_bits=bits, block_size=block, accuracy_level=fused.accuracy_level,
+               normalize_routing_weights=0, **swiglu)
+    out.type, out.shape = hidden.type, hidden.shape
+    return out
+
+
+def _per_expert(b: _Builder, graph: ir.Graph, hidden: ir.Value, indices: ir.Value, dense_selected: ir.Value,
+                dense_weights: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec, skipped: set[int],
+                dtype: ir.DataType, experts_per_subgraph: int | None) -> ir.Value:
+    """The sum [T, H] (float32) of the routed experts computed one by one, but for `skipped` (never
+    routed here: dropped, or computed by QMoE)."""
+    num_experts, hidden_size, _ = stacked.dims(spec)
+    zeros = b.op("ConstantOfShape", b.op("Shape", dense_selected), value=ir.tensor(np.zeros(1, np.float32)))
+    top_k = indices.shape[1]  # static in a traced graph (moec.trace_cache reads the router's k off it)
+    ranks = b.op("Expand", b.const(np.arange(top_k, dtype=np.float32)), b.op("Shape", indices))
+    dense_ranks = b.op("Transpose", b.op("ScatterElements", zeros, indices, ranks, axis=1), perm=[1, 0])
+    routed, routed_weights = (b.op("Transpose", dense, perm=[1, 0]) for dense in (dense_selected, dense_weights))
+    slots, rows, pair_weights, counts = _sorted_by_expert(b, hidden, routed, routed_weights, dense_ranks, num_experts)
+    pieces = b.op_multi("Split", rows, counts, axis=0, num_outputs=num_experts)
+    for piece in pieces:  # typed: If subgraphs read them from the graph around them
+        piece.type = ir.TensorType(dtype)
+    spec_here = dataclasses.replace(spec, dropped=tuple(sorted(skipped)))
+    if experts_per_subgraph is None or num_experts <= experts_per_subgraph:
+        outputs = _routed_experts(b, range(num_experts), pieces, stacked, spec_here, dtype)
+    else:
+        outputs = []
+        for first in range(0, num_experts, experts_per_subgraph):
+            experts = range(first, min(first + experts_per_subgraph, num_experts))
+            if set(experts) <= skipped:
+                continue
+            outputs.append(_routed_experts_subgraph(b, graph, experts, pieces[experts.start:experts.stop], counts,
+                                                    stacked, spec_here, dtype))
+
+    b.prefix = f"layers.{spec.layer}.moe"
+    # each pair's output, weighted, in its (token, rank) slot of a [T, k, H] tensor, then summed over
+    # the ranks (a MatMul with ones: onnxruntime's reductions mishandle zero tokens). Not one
+    # ScatterND adding into the tokens' rows: onnxruntime's CPU ScatterND with reduction="add"
+    # races on repeated indices across threads (measured: 17 of 100 runs wrong on 2 threads)
+    expert_outputs = b.op("Concat", *outputs, axis=0)
+    if dtype != ir.DataType.FLOAT:
+        expert_outputs = b.op("Cast", expert_outputs, to=ir.DataType.FLOAT)
+    slots_shape = b.op("Concat", b.op("Shape", hidden, end=1), b.const(np.array([top_k, hidden_size], np.int64)),
+                       axis=0)
+    by_rank = b.op("ScatterND", b.op("ConstantOfShape", slots_shape, value=ir.tensor(np.zeros(1, np.float32))),
+                   slots, b.op("Mul", expert_outputs, pair_weights))
+    return b.op("Squeeze", b.op("MatMul", b.op("Transpose", by_rank, perm=[0, 2, 1]),
+                                b.const(np.ones((top_k, 1), np.float32))), b.const(np.array([2], np.int64)))
+
+
+def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | None = None,
+                   fused: FusedExperts | None = None) -> None:
     """Replace one Experts node by its routed standard-op graph; a layer with more experts than
-    `experts_per_subgraph` computes them in If subgraphs of that many."""
+    `experts_per_subgraph` computes them in If subgraphs of that many, and `fused` hands experts
+    to QMoE (see the module docstring)."""
     graph = model.graph
     spec = moe_spec(node)
     inputs = moe_inputs(node)
@@ -275,40 +474,27 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     if spec.dropped:  # a router may still name one, at weight 0 (Zaya writes "no expert" as expert 0)
         alive = b.const(np.isin(np.arange(num_experts), spec.dropped, invert=True).astype(np.float32))
         selected = b.op("Mul", selected, b.op("Gather", alive, indices))
-    routed = b.op("Transpose", b.op("ScatterElements", zeros, indices, selected, axis=1), perm=[1, 0])
-    dense_weights = b.op("Transpose", b.op("ScatterElements", zeros, indices, weights, axis=1), perm=[1, 0])
-    top_k = indices.shape[1]  # static in a traced graph (moec.trace_cache reads the router's k off it)
-    ranks = b.op("Expand", b.const(np.arange(top_k, dtype=np.float32)), b.op("Shape", indices))
-    dense_ranks = b.op("Transpose", b.op("ScatterElements", zeros, indices, ranks, axis=1), perm=[1, 0])
-    slots, rows, pair_weights, counts = _sorted_by_expert(b, hidden, routed, dense_weights, dense_ranks, num_experts)
-    pieces = b.op_multi("Split", rows, counts, axis=0, num_outputs=num_experts)
-    for piece in pieces:  # typed: If subgraphs read them from the graph around them
-        piece.type = ir.TensorType(dtype)
-    if experts_per_subgraph is None or num_experts <= experts_per_subgraph:
-        outputs = _routed_experts(b, range(num_experts), pieces, stacked, spec, dtype)
-    else:
-        outputs = []
-        for first in range(0, num_experts, experts_per_subgraph):
-            experts = range(first, min(first + experts_per_subgraph, num_experts))
-            if set(experts) <= set(spec.dropped):
-                continue
-            outputs.append(_routed_experts_subgraph(b, graph, experts, pieces[experts.start:experts.stop], counts,
-                                                    stacked, spec, dtype))
-
+    # [T, E]: 1 where the token computes the expert, and its routing weight there
+    dense_selected = b.op("ScatterElements", zeros, indices, selected, axis=1)
+    dense_weights = b.op("ScatterElements", zeros, indices, b.op("Mul", weights, selected), axis=1)
+    groups = _qmoe_groups(spec, stacked, fused, dtype)
+    fused_experts = {e for experts in groups.values() for e in experts}
+    skipped = fused_experts | set(spec.dropped)
+    parts = []
+    if len(skipped) < num_experts:
+        rest = dense_selected
+        if fused_experts:
+            unfused = np.isin(np.arange(num_experts), sorted(fused_experts), invert=True)
+            rest = b.op("Mul", dense_selected, b.const(unfused.astype(np.float32)))
+        parts.append(_per_expert(b, graph, hidden, indices, rest, dense_weights, stacked, spec, skipped, dtype,
+                                 experts_per_subgraph))
+    for (bits, block), experts in groups.items():
+        parts.append(_qmoe(b, hidden, dense_selected, dense_weights, indices.shape[1], stacked, spec, experts,
+                           fused, bits, block))
     b.prefix = f"layers.{spec.layer}.moe"
-    # each pair's output, weighted, in its (token, rank) slot of a [T, k, H] tensor, then summed over
-    # the ranks (a MatMul with ones: onnxruntime's reductions mishandle zero tokens). Not one
-    # ScatterND adding into the tokens' rows: onnxruntime's CPU ScatterND with reduction="add"
-    # races on repeated indices across threads (measured: 17 of 100 runs wrong on 2 threads)
-    expert_outputs = b.op("Concat", *outputs, axis=0)
-    if dtype != ir.DataType.FLOAT:
-        expert_outputs = b.op("Cast", expert_outputs, to=ir.DataType.FLOAT)
-    slots_shape = b.op("Concat", b.op("Shape", hidden, end=1), b.const(np.array([top_k, hidden_size], np.int64)),
-                       axis=0)
-    by_rank = b.op("ScatterND", b.op("ConstantOfShape", slots_shape, value=ir.tensor(np.zeros(1, np.float32))),
-                   slots, b.op("Mul", expert_outputs, pair_weights))
-    out = b.op("Squeeze", b.op("MatMul", b.op("Transpose", by_rank, perm=[0, 2, 1]),
-                               b.const(np.ones((top_k, 1), np.float32))), b.const(np.array([2], np.int64)))
+    out = parts[0]
+    for part in parts[1:]:
+        out = b.op("Add", out, part)
     if dtype != ir.DataType.FLOAT:
         out = b.op("Cast", out, to=dtype)
     out.type, out.shape = hidden.type, hidden.shape
@@ -323,19 +509,22 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
 class LowerMoEPass(ir.passes.InPlacePass):
     """Lower every moec::Experts node (the 3-D expert initializers it leaves unused are for
     RemoveUnusedNodesPass to drop). Layers with more than `experts_per_subgraph` experts compute
-    them in If subgraphs of that many (the default: never)."""
+    them in If subgraphs of that many (the default: never); `fused` hands experts to QMoE."""
 
-    def __init__(self, experts_per_subgraph: int | None = None):
+    def __init__(self, experts_per_subgraph: int | None = None, fused: FusedExperts | None = None):
         super().__init__()
         self.experts_per_subgraph = experts_per_subgraph
+        self.fused = fused
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes = [n for n in model.graph if is_moe_node(n)]
         for node in nodes:
-            lower_moe_node(model, node, self.experts_per_subgraph)
+            lower_moe_node(model, node, self.experts_per_subgraph, self.fused)
         if nodes:
             if any(n.domain == DOMAIN and n.op_type == GATING_OP_TYPE for n in model.graph):
                 function = ir.serde.deserialize_function(function_proto())
                 model.functions[function.identifier()] = function
             model.opset_imports.setdefault(DOMAIN, 1)
+            if any(n.op_type == "QMoE" for n in model.graph):
+                model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified=bool(nodes))

@@ -39,7 +39,7 @@ def product_weight(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
     return weight.const_value, True
 
 
-class _Packed:
+class PackedWeight:
     """A weight's three MatMulNBits inputs, computed together when the first is read and dropped
     once all three were read (the writer reads them one after another), so no more than one
     weight's codes are held at a time."""
@@ -89,13 +89,13 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
             spec = self.specs.get(name)
             if spec is None:
                 continue
-            self._replace(model.graph, node, name, _Packed(*weight, spec))
+            self._replace(model.graph, node, name, PackedWeight(*weight, spec))
             modified = True
         if modified:
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified)
 
-    def _replace(self, root: ir.Graph, node: ir.Node, name: str, packed: _Packed) -> None:
+    def _replace(self, root: ir.Graph, node: ir.Node, name: str, packed: PackedWeight) -> None:
         """Put MatMulNBits in the node's place (in whichever graph holds it), its initializers in `root`."""
         q = packed.quantizer
         bits = q.stored_bits

@@ -83,11 +83,11 @@ def tokenize_corpus(tokenizer, texts):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def build_model(tokenizer):
+def build_model(tokenizer, hidden_size=128, intermediate_size=160):
     config = MixtralConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=160,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention
@@ -125,6 +125,8 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (default: %(default)s)")
     parser.add_argument("--corpus-bytes", type=int, default=3_000_000, help="stdlib text to read (default: %(default)s)")
+    parser.add_argument("--hidden-size", type=int, default=128, help="(default: %(default)s)")
+    parser.add_argument("--intermediate-size", type=int, default=160, help="each expert's (default: %(default)s)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -137,7 +139,7 @@ def main():
     print(f"corpus: {len(train_texts)} files, {len(data):,} tokens (vocab {len(tokenizer)}); "
           f"{len(heldout_texts)} files held out")
 
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, args.hidden_size, args.intermediate_size)
     # transformers 5 keeps each layer's experts as fused 3-D weights; its default
     # "grouped_mm" experts kernel runs on CPU and is as fast as "eager" here
     # ("batched_mm" is ~50x slower), so we leave the experts implementation alone.

@@ -34,6 +34,9 @@ class Target:
     session_options: Mapping
     # (target, quantization specs by weight name, routing changes by layer) -> the passes, in order
     pass_list: Callable[..., list]
+    # whether its lowering quantizes embedding tables to the plan's `embedding` width
+    # (GatherBlockQuantized); where not, they stay in float
+    quantized_embeddings: bool = False
 
     def passes(self, specs: Mapping, routing: Mapping) -> list:
         """The target's lowering, configured by the plan's data (for onnx-ir's PassManager)."""

@@ -1,7 +1,8 @@
 """CPU target: onnxruntime's CPU execution provider.
 
 Lowers the Experts nodes to routed graphs (each layer's routed tokens Split by expert, each expert
-just its own MatMuls and activation), turns quantized weights into
+just its own MatMuls and activation; in layers of many experts, the 2- and 4-bit ones as one
+com.microsoft.QMoE node per width), turns the other quantized weights into
 MatMulNBits with accuracy_level 4 (int8 activations per block: measured 10-17x faster than fp32
 for decode-shaped products), and drops the exporter's per-node debug metadata (a third of the file).
 """
@@ -16,19 +17,31 @@ from moec.targets import Target
 # the current lowering (5 nodes an expert, 15 then), 8 layers of 64 experts, top-8: 2.5 s with
 # subgraphs of 8 against 7.3 s flat, and decode within noise of each other.
 EXPERTS_PER_SUBGRAPH = 8
+# the widths whose experts onnxruntime's com.microsoft.QMoE computes, one node per width and layer.
+# Not 8: its 8-bit kernel always rounds activations to int8, so verification could not run it
+# exactly (2-bit codes verify in a 4-bit QMoE, which is exact; moec.verify)
+QMOE_WIDTHS = frozenset((2, 4))
+# ... in layers of at least this many experts. Measured (bench/compare.py's models, 2.5-bit plans, 2
+# threads, AVX2): 64 experts top-8, QMoE decodes at 130-137 tok/s against 84-95 per expert, and
+# prefills at 548-580 against 707-760; 8 experts top-2, it decodes within noise of per expert
+# (101-126 against 79-130) and prefills at half the speed (339-348 against 537-692): onnxruntime's
+# 2-bit QMoE kernel is slow on many tokens, and a layer of few experts pays little per expert.
+QMOE_MIN_EXPERTS = 16
 
 
 def _passes(target: Target, specs, routing) -> list:
     import onnx_ir.passes.common as common
 
-    from moec.passes.lower_moe import LowerMoEPass
+    from moec.passes.gather_block_quantized import GatherBlockQuantizedPass
+    from moec.passes.lower_moe import FusedExperts, LowerMoEPass
     from moec.passes.matmul_nbits import MatMulNBitsPass
     from moec.passes.mask_dropped_experts import MaskDroppedExpertsPass
     from moec.passes.routing_attributes import RoutingAttributesPass
 
-    return [RoutingAttributesPass(routing), MaskDroppedExpertsPass(), LowerMoEPass(EXPERTS_PER_SUBGRAPH),
-            MatMulNBitsPass(specs, target.accuracy_level), common.RemoveUnusedNodesPass(),
-            common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]
+    fused = FusedExperts(specs, QMOE_WIDTHS, target.accuracy_level, QMOE_MIN_EXPERTS)
+    return [RoutingAttributesPass(routing), MaskDroppedExpertsPass(), LowerMoEPass(EXPERTS_PER_SUBGRAPH, fused),
+            MatMulNBitsPass(specs, target.accuracy_level), GatherBlockQuantizedPass(specs),
+            common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]
 
 
 TARGET = Target(
@@ -48,4 +61,5 @@ TARGET = Target(
     session_options={"intra_op_num_threads": 0, "graph_optimization_level": "ORT_ENABLE_ALL",
                      "enable_cpu_mem_arena": True, "config_entries": {"session.intra_op.allow_spinning": "1"}},
     pass_list=_passes,
+    quantized_embeddings=True,
 )

