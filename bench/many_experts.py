@@ -68,7 +68,8 @@ def main() -> None:
     tokens = [int(step[0]) for step in generate(session, [[11, 22, 33, 44]], 32)]
     decode_s = (time.perf_counter() - start) / len(tokens)
     result = {"layers": args.layers, "experts": 128, "top_k": 8, "bits": args.bits or "float",
-              "lowering": "per expert" if args.per_expert or not args.bits else "QMoE",
+              "lowering": "QMoE" if record["quantization"] and record["quantization"]["kernels"]["com.microsoft.QMoE"]
+              else "per expert",
               "parameters": record["parameters"]["total"],
               "compile_s": round(compile_s, 1), "nodes": nodes, "top_level_nodes": len(graph.node),
               "expert_subgraphs": subgraphs, "session_create_s": round(session_s, 2),

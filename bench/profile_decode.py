@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-PARTS = (("MoE", re.compile(r"experts|\.moe/|mlp|QMoE|DynamicGating|router|gate", re.I)),
+PARTS = (("norms", re.compile(r"norm", re.I)),
+         ("MoE", re.compile(r"experts|\.moe/|mlp|QMoE|DynamicGating|router|gate", re.I)),
          ("attention", re.compile(r"self_attn|attention|rotary|GroupQueryAttention", re.I)),
-         ("norms", re.compile(r"norm", re.I)),
          ("embedding and head", re.compile(r"embed|lm_head", re.I)))
 
 
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--threads", default=2, type=int)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.steps < 1 or args.prompt_len < 1:
+        parser.error("--steps and --prompt-len must be at least 1")
     import onnxruntime as ort
 
     from moec.runtime import empty_past

@@ -11,15 +11,16 @@ EXTERNAL_DATA_FILE = MODEL_FILE + ".data"
 
 
 def in_layer_order(graph, experts_paths: list[str]) -> None:
-    """Order the initializers by decoder layer, a layer's routed experts after the rest, so writing
-    them materializes each experts module once."""
+    """Order the initializers by decoder layer, a layer's routed experts (per expert, and its QMoE
+    groups) after the rest, so writing them materializes each experts module once."""
     import re
 
-    from moec.ops.moe import EXPERT_WEIGHT_PATTERN
+    from moec.ops.moe import EXPERT_WEIGHT_PATTERN, QMOE_GROUP_PATTERN
 
     def key(value) -> tuple[int, bool]:
         found = re.search(r"(?:^|\.)layers\.(\d+)\.", value.name)
-        in_block = bool(re.match(EXPERT_WEIGHT_PATTERN, value.name)) or \
+        patterns = (EXPERT_WEIGHT_PATTERN, QMOE_GROUP_PATTERN + r"\.")
+        in_block = any(re.match(pattern, value.name) for pattern in patterns) or \
             any(value.name.startswith(path + ".") for path in experts_paths)
         return (int(found[1]) if found else -1, in_block)
 

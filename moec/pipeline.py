@@ -115,7 +115,9 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
             if plan_data is not None:
                 check_routing_fits(routing, layers)
         with stages.stage("lower"):
-            specs = quantization_specs(plan_data, product_weights(graph, target.quantized_embeddings),
+            embedding_group = plan_data["quantization"]["group_size"] \
+                if plan_data is not None and target.quantized_embeddings else None
+            specs = quantization_specs(plan_data, product_weights(graph, embedding_group),
                                        [layer.block_path for layer in layers],
                                        target, prequantized)
             graph = ir.passes.PassManager(target.passes(specs, routing))(graph).model

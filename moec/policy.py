@@ -115,10 +115,11 @@ def check_routing_fits(routing: dict, layers) -> None:
                             f"experts, leaving fewer than the {layer.top_k} each token is routed to")
 
 
-def product_weights(model, embeddings: bool = False) -> list[str]:
+def product_weights(model, embedding_group: int | None = None) -> list[str]:
     """The weights a plan can quantize in a traced model (onnx-ir): every constant weight of a
     MatMul or Gemm, each routed expert's projections by the name the experts lowering gives them,
-    and with `embeddings` (a target that lowers them: GatherBlockQuantized) each table a Gather reads."""
+    and with `embedding_group` (a target that lowers tables to GatherBlockQuantized, and the plan's
+    group size) each table a Gather reads whose rows hold whole groups."""
     from moec.passes.gather_block_quantized import embedding_weight
     from moec.passes.lower_moe import is_moe_node, moe_spec
     from moec.passes.matmul_nbits import product_weight
@@ -131,7 +132,8 @@ def product_weights(model, embeddings: bool = False) -> list[str]:
                       for p in spec.projections]
         elif product_weight(node) is not None:
             names.append(node.inputs[1].name)
-        elif embeddings and embedding_weight(node) is not None and node.inputs[0].name not in names:
+        elif embedding_group and (table := embedding_weight(node)) is not None and \
+                not table.shape[1] % embedding_group and node.inputs[0].name not in names:
             names.append(node.inputs[0].name)
     return names
 

@@ -48,7 +48,7 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
     from moec.planner.sizes import DROPPED
 
     experts, expert_bytes, weighted_bits = [], 0, 0.0
-    fused = _qmoe_groups(graph)
+    fused = _qmoe_experts(graph)
     for layer in layers:
         row = []
         projections = layer.spec.projections
@@ -108,17 +108,19 @@ def pruning_record(routing: dict) -> dict | None:
             "switch": f"input {PRUNE_SWITCH} (bool, default true); fed false, the artifact runs plain top-k"}
 
 
-def _qmoe_groups(graph) -> dict[tuple[int, int], tuple[str, int]]:
+def _qmoe_experts(graph) -> dict[tuple[int, int], tuple[str, int]]:
     """(layer, expert) -> (initializer prefix, experts in the group) for the experts a QMoE node
     computes (passes/lower_moe.py lists each group's experts in `{prefix}.experts`)."""
     import re
 
+    from moec.ops.moe import QMOE_GROUP_PATTERN
+
     groups = {}
     for name, value in graph.graph.initializers.items():
-        match = re.fullmatch(r"layers\.(\d+)\.experts\.\d+bit\.experts", name)
+        match = re.fullmatch(QMOE_GROUP_PATTERN + r"\.experts", name)
         if match:
             ids = value.const_value.numpy().tolist()
-            groups |= {(int(match[1]), e): (name.removesuffix(".experts"), len(ids)) for e in ids}
+            groups |= {(int(match["layer"]), e): (name.removesuffix(".experts"), len(ids)) for e in ids}
     return groups
 
 

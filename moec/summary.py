@@ -9,12 +9,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from moec.ops.moe import EXPERT_WEIGHT_PATTERN
+from moec.ops.moe import EXPERT_WEIGHT_PATTERN, QMOE_GROUP_PATTERN
 from moec.policy import weight_category
 from moec.runtime import MODEL_FILE, read_record
 
 PACKED_SUFFIXES = (".q", ".scales", ".zero_points", ".bias")
-QMOE_GROUP_PATTERN = r"layers\.\d+\.experts\.\d+bit\.(fc1|fc2|experts)"  # passes/lower_moe.py's QMoE groups
 
 
 def describe_stats(path: str | Path) -> dict:
@@ -99,7 +98,7 @@ def size_breakdown(graph, moe_blocks: list[str]) -> dict[str, int]:
 def _component(name: str, moe_blocks: list[str]) -> str:
     for suffix in PACKED_SUFFIXES:
         name = name.removesuffix(suffix)
-    if re.fullmatch(EXPERT_WEIGHT_PATTERN, name) or re.fullmatch(QMOE_GROUP_PATTERN, name):
+    if re.fullmatch(EXPERT_WEIGHT_PATTERN, name) or re.fullmatch(QMOE_GROUP_PATTERN + r"\.(fc1|fc2|experts)", name):
         return "routed experts"
     category = weight_category(name, moe_blocks)
     if category is None and ("router" in name or any(name.startswith(block + ".") for block in moe_blocks)):

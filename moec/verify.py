@@ -19,8 +19,9 @@ def verify(folder: Path, target, probe: np.ndarray, reference: list[np.ndarray],
            pruned: bool = False) -> dict:
     """Run the artifact on `probe`; compare logits (and each layer's KV cache) with the reference.
 
-    The check that fails the build runs every MatMulNBits in exact arithmetic (accuracy_level 0),
-    so any packing, graph or kernel error shows up against the target's tolerance (absolute, plus a
+    The check that fails the build runs every MatMulNBits and QMoE in exact arithmetic
+    (accuracy_level 0; a 2-bit QMoE's codes in a 4-bit one), so any packing, graph or kernel
+    error shows up against the target's tolerance (absolute, plus a
     fraction of the reference's logit range for float16 targets) and is located by the first layer
     whose KV cache differs. The artifact as shipped (int8 activations per block on CPU) is
     measured too and recorded, not enforced: its rounding can flip a near-tied routing decision,

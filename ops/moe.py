@@ -46,9 +46,16 @@ PRUNE_SWITCH = "prune_experts"  # run-time switch: bool scalar graph input, defa
 ACTIVATIONS_OUTPUT = "expert_activations"  # per layer ".{layer}": (token, expert) pairs computed, int64
 PROJECTIONS = ("gate", "up", "down")
 EXPERT_WEIGHT_PATTERN = r"layers\.(?P<layer>\d+)\.experts\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj"
+# the initializers of a layer's experts of one width computed together (com.microsoft.QMoE on CPU):
+# `{prefix}.fc1.q` ... and `{prefix}.experts`, the experts the group holds
+QMOE_GROUP_PATTERN = r"layers\.(?P<layer>\d+)\.experts\.(?P<bits>\d+)bit"
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu", "softcapped_swiglu")
 GATED_ONLY = frozenset(("clamped_swiglu", "clamped_silu", "softcapped_swiglu"))
 GATE_LAYOUTS = ("concatenated", "interleaved", "none")
+
+
+def qmoe_group_name(layer: int, bits: int) -> str:
+    return f"layers.{layer}.experts.{bits}bit"
 
 
 def expert_weight_name(layer: int, expert: int, proj: str) -> str:

@@ -44,8 +44,11 @@ class GatherBlockQuantizedPass(ir.passes.InPlacePass):
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             table = embedding_weight(node)
             spec = None if table is None else self.specs.get(node.inputs[0].name)
-            if spec is None or table.shape[1] % spec.group_size:  # its rows hold whole blocks only
+            if spec is None:
                 continue
+            if table.shape[1] % spec.group_size:  # moec.policy.product_weights gives no spec to such a table
+                raise ValueError(f"{node.inputs[0].name}: rows of {table.shape[1]} are no whole number of "
+                                 f"blocks of {spec.group_size}")
             self._replace(model.graph, node, node.inputs[0].name, PackedWeight(table, False, spec))
             modified = True
         if modified:

@@ -38,10 +38,8 @@ import onnx_ir as ir
 from moec.ops.dynamic_gating import OP_TYPE as GATING_OP_TYPE
 from moec.ops.dynamic_gating import function_proto
 from moec.ops.moe import (ACTIVATIONS_OUTPUT, DOMAIN, INPUT_NAMES, OP_TYPE, PRUNE_SWITCH, ExpertsSpec,
-                          expert_bias, expert_projection, expert_weight_name)
+                          expert_bias, expert_projection, expert_weight_name, qmoe_group_name)
 from moec.quant import Quantizer, pack_matmul_nbits
-
-QMOE_WIDTHS = (2, 4, 8)  # the containers com.microsoft.QMoE computes (one per node)
 
 
 @dataclass(frozen=True)
@@ -54,11 +52,6 @@ class FusedExperts:
     widths: frozenset[int]
     accuracy_level: int
     min_experts: int = 0
-
-
-def qmoe_group_name(layer: int, bits: int) -> str:
-    """The prefix of a QMoE group's initializers; `{prefix}.experts` lists the experts it computes."""
-    return f"layers.{layer}.experts.{bits}bit"
 
 
 def is_moe_node(node: ir.Node) -> bool:
@@ -279,11 +272,14 @@ def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, experts: range, rows:
 
 
 def _qmoe_groups(spec: ExpertsSpec, stacked: _StackedArrays, fused: FusedExperts | None,
-                 dtype: ir.DataType) -> dict[tuple[int, int], list[int]]:
-    """{(stored width, block size): experts} that QMoE computes in this layer: quantized experts whose
+                 dtype: ir.DataType) -> dict[int, tuple[int, list[int]]]:
+    """{stored width: (block size, experts)} that QMoE computes in this layer: quantized experts whose
     three projections share a width in `fused.widths` and a block size QMoE takes (a power of two
     dividing hidden and intermediate sizes at least twice: its 4/8-bit kernels need two blocks a
-    row), for the gated activations it has (SiLU, and gpt-oss's clamped SwiGLU), in float32."""
+    row), the group's first expert's (a plan has one), for the gated activations it has (SiLU, and
+    gpt-oss's clamped SwiGLU), in float32. QMoE skips a pair whose routing weight is not above 1e-8,
+    so this assumes non-negative routing weights, as softmax and sigmoid routers give (every
+    supported family: the every-family test verifies each through QMoE)."""
     num_experts, hidden_size, intermediate = stacked.dims(spec)
     if fused is None or num_experts < fused.min_experts or dtype != ir.DataType.FLOAT or spec.gate == "none" or \
             spec.activation not in ("silu", "clamped_swiglu"):
@@ -298,8 +294,9 @@ def _qmoe_groups(spec: ExpertsSpec, stacked: _StackedArrays, fused: FusedExperts
             continue
         (bits, block), = kinds
         if bits in fused.widths and block >= 16 and block & (block - 1) == 0 and \
-                min(hidden_size, intermediate) >= 2 * block and not hidden_size % block and not intermediate % block:
-            groups.setdefault((bits, block), []).append(e)
+                min(hidden_size, intermediate) >= 2 * block and not hidden_size % block and not intermediate % block \
+                and groups.setdefault(bits, (block, []))[0] == block:
+            groups[bits][1].append(e)
     return groups
 
 
@@ -325,8 +322,14 @@ class _PackedGroup:
         return quantizer(weight)
 
     def _compute(self) -> dict[str, np.ndarray]:
-        parts = {name: [] for name in QMOE_INPUTS}
-        for e in self.experts:
+        stacked = {}  # filled an expert at a time: no more than the group's packed bytes held
+
+        def put(name, index, array):
+            if name not in stacked:
+                stacked[name] = np.empty((len(self.experts), *array.shape), array.dtype)
+            stacked[name][index] = array
+
+        for index, e in enumerate(self.experts):
             gate, up, down = (self._quantized(e, p) for p in ("gate", "up", "down"))
             pairs = ((gate.codes, up.codes), (gate.scales, up.scales), (gate.zeros, up.zeros))
             fc1 = [np.empty((2 * g.shape[0], *g.shape[1:]), g.dtype) for g, _ in pairs]
@@ -334,18 +337,18 @@ class _PackedGroup:
                 array[0::2], array[1::2] = g, u
             for fc, (codes, scales, zeros) in (("fc1", fc1), ("fc2", (down.codes, down.scales, down.zeros))):
                 packed, scales, zeros = pack_matmul_nbits(codes, scales, zeros, self.bits, self.block)
-                parts[f"{fc}.q"].append(packed.reshape(packed.shape[0], -1))
-                parts[f"{fc}.scales"].append(scales)
-                parts[f"{fc}.zero_points"].append(zeros)
+                put(f"{fc}.q", index, packed.reshape(packed.shape[0], -1))
+                put(f"{fc}.scales", index, scales)
+                put(f"{fc}.zero_points", index, zeros)
             if self.has_bias["fc1"]:
                 gate_bias, up_bias = (np.asarray(expert_bias(self.stacked, e, p, self.spec), np.float32)
                                       for p in ("gate", "up"))
                 bias = np.empty(2 * gate_bias.shape[0], np.float32)
                 bias[0::2], bias[1::2] = gate_bias, up_bias
-                parts["fc1.bias"].append(bias)
+                put("fc1.bias", index, bias)
             if self.has_bias["fc2"]:
-                parts["fc2.bias"].append(np.asarray(expert_bias(self.stacked, e, "down", self.spec), np.float32))
-        return {name: np.stack(arrays) for name, arrays in parts.items() if arrays}
+                put("fc2.bias", index, np.asarray(expert_bias(self.stacked, e, "down", self.spec), np.float32))
+        return stacked
 
     def tensor(self, name: str, dtype: ir.DataType, shape: list[int]) -> ir.LazyTensor:
         def read():
@@ -478,7 +481,7 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     dense_selected = b.op("ScatterElements", zeros, indices, selected, axis=1)
     dense_weights = b.op("ScatterElements", zeros, indices, b.op("Mul", weights, selected), axis=1)
     groups = _qmoe_groups(spec, stacked, fused, dtype)
-    fused_experts = {e for experts in groups.values() for e in experts}
+    fused_experts = {e for _, experts in groups.values() for e in experts}
     skipped = fused_experts | set(spec.dropped)
     parts = []
     if len(skipped) < num_experts:
@@ -488,7 +491,7 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
             rest = b.op("Mul", dense_selected, b.const(unfused.astype(np.float32)))
         parts.append(_per_expert(b, graph, hidden, indices, rest, dense_weights, stacked, spec, skipped, dtype,
                                  experts_per_subgraph))
-    for (bits, block), experts in groups.items():
+    for bits, (block, experts) in groups.items():
         parts.append(_qmoe(b, hidden, dense_selected, dense_weights, indices.shape[1], stacked, spec, experts,
                            fused, bits, block))
     b.prefix = f"layers.{spec.layer}.moe"

@@ -4,7 +4,8 @@ Lowers the Experts nodes to routed graphs (each layer's routed tokens Split by e
 just its own MatMuls and activation; in layers of many experts, the 2- and 4-bit ones as one
 com.microsoft.QMoE node per width), turns the other quantized weights into
 MatMulNBits with accuracy_level 4 (int8 activations per block: measured 10-17x faster than fp32
-for decode-shaped products), and drops the exporter's per-node debug metadata (a third of the file).
+for decode-shaped products) and the embedding table into GatherBlockQuantized, and drops the
+exporter's per-node debug metadata (a third of the file).
 """
 
 from moec.targets import Target

@@ -31,9 +31,21 @@ def test_rows_come_back_as_the_quantizer_dequantizes_them(bits):
     np.testing.assert_allclose(session.run(None, {"ids": ids})[0], expected, rtol=1e-6, atol=1e-6)
 
 
-def test_tables_without_a_spec_or_whole_blocks_or_gathered_across_stay_float():
-    table = np.ones((50, 48), np.float32)
-    for model, specs in ((_lookup_graph(table), {}), (_lookup_graph(table), {"embed.weight": Quantizer(8, 32, 8)}),
-                         (_lookup_graph(np.ones((64, 50), np.float32), axis=1), {"embed.weight": Quantizer(8, 32, 8)})):
+def test_tables_without_a_spec_or_gathered_across_stay_float_and_partial_blocks_are_refused():
+    spec = {"embed.weight": Quantizer(8, 32, 8)}
+    for model, specs in ((_lookup_graph(np.ones((50, 64), np.float32)), {}),
+                         (_lookup_graph(np.ones((64, 50), np.float32), axis=1), spec)):
         assert not GatherBlockQuantizedPass(specs)(model).modified
         assert [n.op_type for n in model.graph] == ["Gather"]
+    with pytest.raises(ValueError, match="rows of 48 are no whole number of blocks of 32"):
+        GatherBlockQuantizedPass(spec)(_lookup_graph(np.ones((50, 48), np.float32)))
+
+
+def test_the_policy_offers_only_tables_of_whole_groups():
+    """gpt-oss's hidden size 2880 is no whole number of 128-groups: its table stays float."""
+    from moec.policy import product_weights
+
+    for width, group, offered in ((64, 32, True), (48, 32, False), (2880, 128, False), (2880, 64, True)):
+        names = product_weights(_lookup_graph(np.ones((10, width), np.float32)), embedding_group=group)
+        assert (names == ["embed.weight"]) == offered
+    assert product_weights(_lookup_graph(np.ones((10, 64), np.float32))) == []  # a target that keeps tables float
