@@ -23,10 +23,11 @@ EXPERTS_PER_SUBGRAPH = 8
 # exactly (2-bit codes verify in a 4-bit QMoE, which is exact; moec.verify)
 QMOE_WIDTHS = frozenset((2, 4))
 # ... in layers of at least this many experts. Measured (bench/compare.py's models, 2.5-bit plans, 2
-# threads, AVX2): 64 experts top-8, QMoE decodes at 130-137 tok/s against 84-95 per expert, and
-# prefills at 548-580 against 707-760; 8 experts top-2, it decodes within noise of per expert
-# (101-126 against 79-130) and prefills at half the speed (339-348 against 537-692): onnxruntime's
-# 2-bit QMoE kernel is slow on many tokens, and a layer of few experts pays little per expert.
+# threads, an AVX-512 host, alternating runs): 64 experts top-8, QMoE decodes at 130-137 tok/s
+# against 82-95 per expert and prefills at 548-580 against 691-760; 8 experts top-2, it decodes at
+# 101-126 against 79-130 (noise) and prefills at half the speed (339-348 against 537-692):
+# onnxruntime's 2-bit QMoE kernel is slow on many tokens, and a layer of few experts pays little
+# per expert.
 QMOE_MIN_EXPERTS = 16
 
 
