@@ -137,6 +137,13 @@ def fresh_process(code: str) -> dict:
     return json.loads(lines[-2]) | {"peak_rss_mb": float(lines[-1])}
 
 
+def speeds(args) -> str:
+    """The last line of a measuring program (fresh_process): tok/s from the median of its `prefill`
+    and `decode` times."""
+    return (f'print(json.dumps({{"prefill_tok_s": {args.prompt_len} / statistics.median(prefill), '
+            f'"decode_tok_s": {args.gen_len} / statistics.median(decode)}}))')
+
+
 def transformers_speed(model_dir: Path, dtype: str, args, device: str = "cpu") -> dict:
     sync = "torch.cuda.synchronize()" if device == "cuda" else "pass"  # wait for the GPU before reading the clock
     code = f"""
@@ -161,8 +168,7 @@ with torch.inference_mode():
         if run:
             prefill.append(prefilled - start)
             decode.append(time.perf_counter() - prefilled)
-print(json.dumps({{"prefill_tok_s": {args.prompt_len} / statistics.median(prefill),
-                  "decode_tok_s": {args.gen_len} / statistics.median(decode)}}))
+{speeds(args)}
 """
     return fresh_process(code)
 
@@ -218,8 +224,7 @@ for run in range({1 + args.repeats}):
     if run:
         prefill.append(prefilled - start)
         decode.append(time.perf_counter() - prefilled)
-print(json.dumps({{"prefill_tok_s": {args.prompt_len} / statistics.median(prefill),
-                  "decode_tok_s": {args.gen_len} / statistics.median(decode)}}))
+{speeds(args)}
 """
     return fresh_process(code)
 

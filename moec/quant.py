@@ -59,6 +59,25 @@ def block_params(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]
     return scale, np.clip(np.round(-low / scale), 0, qmax)
 
 
+class ComputedTogether:
+    """Arrays made together by `compute()` (a dict) when the first is read and dropped once each was
+    read: the writer reads a weight's initializers one after another, so no more than one weight's
+    (or one QMoE group's) packed arrays are held at a time."""
+
+    def __init__(self, compute):
+        self._compute, self._arrays, self._unread = compute, None, set()
+
+    def read(self, key) -> np.ndarray:
+        if self._arrays is None:
+            self._arrays = self._compute()
+            self._unread = set(self._arrays)
+        array = self._arrays[key]
+        self._unread.discard(key)
+        if not self._unread:
+            self._arrays = None
+        return array
+
+
 ROWS_PER_TASK = 256  # output rows quantized together: a task's temporaries are a few MB
 
 

@@ -63,14 +63,7 @@ class GatherBlockQuantizedPass(ir.passes.InPlacePass):
         shapes = {"q": (ir.DataType.UINT8, [rows, width * bits // 8]),
                   "scales": (packed.weight.dtype, [rows, blocks]),
                   "zero_points": (ir.DataType.UINT8, [rows, -(-blocks * bits // 8)])}
-        inputs = []
-        for index, (suffix, (dtype, shape)) in enumerate(shapes.items()):
-            tensor = ir.LazyTensor(lambda index=index, shape=shape: ir.tensor(packed.read(index).reshape(shape)),
-                                   dtype=dtype, shape=ir.Shape(shape))
-            tensor.name = f"{name}.{suffix}"
-            initializer = ir.Value(name=tensor.name, type=ir.TensorType(dtype), shape=tensor.shape, const_value=tensor)
-            root.register_initializer(initializer)
-            inputs.append(initializer)
+        inputs = packed.initializers(root, name, shapes)
         tape = ir.tape.Tape()
         out = tape.op("GatherBlockQuantized", [inputs[0], node.inputs[1], *inputs[1:]],
                       {"bits": bits, "block_size": q.group_size, "gather_axis": 0, "quantize_axis": 1},

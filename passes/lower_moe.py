@@ -28,7 +28,6 @@ node costs microseconds.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from moec.ops.dynamic_gating import OP_TYPE as GATING_OP_TYPE
 from moec.ops.dynamic_gating import function_proto
 from moec.ops.moe import (ACTIVATIONS_OUTPUT, DOMAIN, INPUT_NAMES, OP_TYPE, PRUNE_SWITCH, ExpertsSpec,
                           expert_bias, expert_projection, expert_weight_name, qmoe_group_name)
-from moec.quant import Quantizer, pack_matmul_nbits
+from moec.quant import ComputedTogether, Quantizer, pack_matmul_nbits
 
 
 @dataclass(frozen=True)
@@ -232,11 +231,12 @@ def _sorted_by_expert(b: _Builder, hidden: ir.Value, routed: ir.Value, dense_wei
 
 
 def _routed_experts(b: _Builder, experts: range, rows: list[ir.Value], stacked: _StackedArrays, spec: ExpertsSpec,
-                    dtype: ir.DataType) -> list[ir.Value]:
-    """Each expert's output on its own rows (one Split output each); dropped experts have none."""
+                    skipped: set[int], dtype: ir.DataType) -> list[ir.Value]:
+    """Each expert's output on its own rows (one Split output each); `skipped` ones (dropped, or
+    computed by QMoE) have none."""
     outputs = []
     for e, x in zip(experts, rows):
-        if e in spec.dropped:  # never routed to: its rows are always empty
+        if e in skipped:  # never routed here: its rows are always empty
             continue
         b.prefix = f"layers.{spec.layer}.experts.{e}"
         outputs.append(_expert(b, x, stacked, spec, e, dtype))
@@ -244,14 +244,15 @@ def _routed_experts(b: _Builder, experts: range, rows: list[ir.Value], stacked: 
 
 
 def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, experts: range, rows: list[ir.Value], counts: ir.Value,
-                             stacked: _StackedArrays, spec: ExpertsSpec, dtype: ir.DataType) -> ir.Value:
+                             stacked: _StackedArrays, spec: ExpertsSpec, skipped: set[int],
+                             dtype: ir.DataType) -> ir.Value:
     """The experts' outputs, concatenated, as the then-branch of an If that runs only when some token
     is routed to one of these experts (else all their rows are empty, and so is the output). Why:
     onnxruntime's session creation grows about quadratically with the nodes of one graph (128
     experts x 8 layers: 46 s flat, 8 s with a subgraph per layer), while a subgraph is planned on its own."""
     inner = _Builder(None, b.prefix)
     inner.count = b.count
-    outputs = _routed_experts(inner, experts, rows, stacked, spec, dtype)
+    outputs = _routed_experts(inner, experts, rows, stacked, spec, skipped, dtype)
     result = inner.op("Concat", *outputs, axis=0)
     b.count, b.prefix = inner.count, f"layers.{spec.layer}.experts.{experts.start}-{experts.stop - 1}"
     for value in inner.tape.initializers:  # weights live in the main graph, where they are written and packed
@@ -301,8 +302,8 @@ def _qmoe_groups(spec: ExpertsSpec, stacked: _StackedArrays, fused: FusedExperts
 
 
 class _PackedGroup:
-    """A QMoE group's weight inputs (QMOE_INPUTS), computed together when the first is read and
-    dropped once all were read: gate and up interleaved row by row into fc1, down as fc2, each
+    """A QMoE group's weight inputs (QMOE_INPUTS), computed together when written
+    (moec.quant.ComputedTogether): gate and up interleaved row by row into fc1, down as fc2, each
     expert quantized by its own spec (GPTQ's result where it has one) and packed as MatMulNBits
     packs a weight, then stacked."""
 
@@ -312,7 +313,7 @@ class _PackedGroup:
         self.bits, self.block = bits, block
         self.has_bias = {"fc1": dict.get(stacked, "gate_up_bias") is not None,
                          "fc2": dict.get(stacked, "down_bias") is not None}
-        self._arrays, self._unread = None, set()
+        self.arrays = ComputedTogether(self._compute)
 
     def _quantized(self, expert: int, proj: str):
         quantizer = self.fused.specs[expert_weight_name(self.spec.layer, expert, proj)]
@@ -351,17 +352,7 @@ class _PackedGroup:
         return stacked
 
     def tensor(self, name: str, dtype: ir.DataType, shape: list[int]) -> ir.LazyTensor:
-        def read():
-            if self._arrays is None:
-                self._arrays = self._compute()
-                self._unread = set(self._arrays)
-            array = self._arrays[name]
-            self._unread.discard(name)
-            if not self._unread:
-                self._arrays = None
-            return ir.tensor(array)
-
-        return ir.LazyTensor(read, dtype=dtype, shape=ir.Shape(shape))
+        return ir.LazyTensor(lambda: ir.tensor(self.arrays.read(name)), dtype=dtype, shape=ir.Shape(shape))
 
 
 QMOE_INPUTS = ("fc1.q", "fc1.scales", "fc1.bias", "fc2.q", "fc2.scales", "fc2.bias", "fc1.zero_points",
@@ -378,7 +369,7 @@ def _qmoe(b: _Builder, hidden: ir.Value, dense_selected: ir.Value, dense_weights
     prefix = qmoe_group_name(spec.layer, bits)
     ids = b.weight(ir.tensor(np.array(experts, np.int64)), f"{prefix}.experts")
     probs = b.op("Gather", dense_selected, ids, axis=1)
-    weights = b.op("Gather", dense_weights, ids, axis=1)
+    weights = b.op("Mul", b.op("Gather", dense_weights, ids, axis=1), probs)  # 0 for a pair padding its top-k
     packed = _PackedGroup(stacked, spec, experts, fused, bits, block)
     count, u8, f32 = len(experts), ir.DataType.UINT8, ir.DataType.FLOAT
     shapes = {"fc1.q": (u8, [count, 2 * intermediate, hidden_size * bits // 8]),
@@ -404,13 +395,12 @@ def _qmoe(b: _Builder, hidden: ir.Value, dense_selected: ir.Value, dense_weights
     return out
 
 
-def _per_expert(b: _Builder, graph: ir.Graph, hidden: ir.Value, indices: ir.Value, dense_selected: ir.Value,
-                dense_weights: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec, skipped: set[int],
-                dtype: ir.DataType, experts_per_subgraph: int | None) -> ir.Value:
+def _per_expert(b: _Builder, graph: ir.Graph, hidden: ir.Value, indices: ir.Value, zeros: ir.Value,
+                dense_selected: ir.Value, dense_weights: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec,
+                skipped: set[int], dtype: ir.DataType, experts_per_subgraph: int | None) -> ir.Value:
     """The sum [T, H] (float32) of the routed experts computed one by one, but for `skipped` (never
-    routed here: dropped, or computed by QMoE)."""
+    routed here: dropped, or computed by QMoE); `zeros` is the layer's [T, E] of zeros."""
     num_experts, hidden_size, _ = stacked.dims(spec)
-    zeros = b.op("ConstantOfShape", b.op("Shape", dense_selected), value=ir.tensor(np.zeros(1, np.float32)))
     top_k = indices.shape[1]  # static in a traced graph (moec.trace_cache reads the router's k off it)
     ranks = b.op("Expand", b.const(np.arange(top_k, dtype=np.float32)), b.op("Shape", indices))
     dense_ranks = b.op("Transpose", b.op("ScatterElements", zeros, indices, ranks, axis=1), perm=[1, 0])
@@ -419,9 +409,8 @@ def _per_expert(b: _Builder, graph: ir.Graph, hidden: ir.Value, indices: ir.Valu
     pieces = b.op_multi("Split", rows, counts, axis=0, num_outputs=num_experts)
     for piece in pieces:  # typed: If subgraphs read them from the graph around them
         piece.type = ir.TensorType(dtype)
-    spec_here = dataclasses.replace(spec, dropped=tuple(sorted(skipped)))
     if experts_per_subgraph is None or num_experts <= experts_per_subgraph:
-        outputs = _routed_experts(b, range(num_experts), pieces, stacked, spec_here, dtype)
+        outputs = _routed_experts(b, range(num_experts), pieces, stacked, spec, skipped, dtype)
     else:
         outputs = []
         for first in range(0, num_experts, experts_per_subgraph):
@@ -429,7 +418,7 @@ def _per_expert(b: _Builder, graph: ir.Graph, hidden: ir.Value, indices: ir.Valu
             if set(experts) <= skipped:
                 continue
             outputs.append(_routed_experts_subgraph(b, graph, experts, pieces[experts.start:experts.stop], counts,
-                                                    stacked, spec_here, dtype))
+                                                    stacked, spec, skipped, dtype))
 
     b.prefix = f"layers.{spec.layer}.moe"
     # each pair's output, weighted, in its (token, rank) slot of a [T, k, H] tensor, then summed over
@@ -479,7 +468,7 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
         selected = b.op("Mul", selected, b.op("Gather", alive, indices))
     # [T, E]: 1 where the token computes the expert, and its routing weight there
     dense_selected = b.op("ScatterElements", zeros, indices, selected, axis=1)
-    dense_weights = b.op("ScatterElements", zeros, indices, b.op("Mul", weights, selected), axis=1)
+    dense_weights = b.op("ScatterElements", zeros, indices, weights, axis=1)
     groups = _qmoe_groups(spec, stacked, fused, dtype)
     fused_experts = {e for _, experts in groups.values() for e in experts}
     skipped = fused_experts | set(spec.dropped)
@@ -489,8 +478,8 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
         if fused_experts:
             unfused = np.isin(np.arange(num_experts), sorted(fused_experts), invert=True)
             rest = b.op("Mul", dense_selected, b.const(unfused.astype(np.float32)))
-        parts.append(_per_expert(b, graph, hidden, indices, rest, dense_weights, stacked, spec, skipped, dtype,
-                                 experts_per_subgraph))
+        parts.append(_per_expert(b, graph, hidden, indices, zeros, rest, dense_weights, stacked, spec, skipped,
+                                 dtype, experts_per_subgraph))
     for bits, (block, experts) in groups.items():
         parts.append(_qmoe(b, hidden, dense_selected, dense_weights, indices.shape[1], stacked, spec, experts,
                            fused, bits, block))

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from moec.passes.lower_moe import is_moe_node
-from moec.quant import Quantizer, pack_matmul_nbits
+from moec.quant import ComputedTogether, Quantizer, pack_matmul_nbits
 
 
 def product_weight(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
@@ -40,31 +40,35 @@ def product_weight(node: ir.Node) -> tuple[ir.TensorProtocol, bool] | None:
 
 
 class PackedWeight:
-    """A weight's three MatMulNBits inputs, computed together when the first is read and dropped
-    once all three were read (the writer reads them one after another), so no more than one
-    weight's codes are held at a time."""
+    """A weight's three packed inputs (`q`, `scales`, `zero_points`: MatMulNBits' layout, which
+    GatherBlockQuantized reads too), computed together when written (moec.quant.ComputedTogether)."""
 
     def __init__(self, weight: ir.TensorProtocol, k_by_n: bool, quantizer: Quantizer):
         self.weight, self.k_by_n, self.quantizer = weight, k_by_n, quantizer
-        self._arrays, self._unread = None, set()
+        self.arrays = ComputedTogether(self._pack)
 
-    def read(self, index: int) -> np.ndarray:
-        if self._arrays is None:
-            q = self.quantizer.result  # computed ahead (GPTQ): the float weight need not be read
-            if q is None:
-                weight = self.weight.numpy()
-                q = self.quantizer(weight.T if self.k_by_n else weight)
-            codes, scales, zeros = pack_matmul_nbits(q.codes, q.scales, q.zeros, self.quantizer.stored_bits, q.group_size)
-            self._arrays = codes, scales.astype(self.weight.dtype.numpy(), copy=False), zeros
-            self._unread = {0, 1, 2}
-        array = self._arrays[index]
-        self._unread.discard(index)
-        if not self._unread:
-            self._arrays = None
-        return array
+    def _pack(self) -> dict[str, np.ndarray]:
+        q = self.quantizer.result  # computed ahead (GPTQ): the float weight need not be read
+        if q is None:
+            weight = self.weight.numpy()
+            q = self.quantizer(weight.T if self.k_by_n else weight)
+        codes, scales, zeros = pack_matmul_nbits(q.codes, q.scales, q.zeros, self.quantizer.stored_bits, q.group_size)
+        return {"q": codes, "scales": scales.astype(self.weight.dtype.numpy(), copy=False), "zero_points": zeros}
 
-    def tensor(self, index: int, dtype: ir.DataType, shape: list[int]) -> ir.LazyTensor:
-        return ir.LazyTensor(lambda: ir.tensor(self.read(index)), dtype=dtype, shape=ir.Shape(shape))
+    def initializers(self, root: ir.Graph, name: str, shapes: dict) -> list[ir.Value]:
+        """`{name}.{q,scales,zero_points}` as lazy initializers of root, `shapes` giving each its
+        (dtype, shape) (the packed arrays are reshaped to it)."""
+        values = []
+        for suffix, (dtype, shape) in shapes.items():
+            def array(suffix=suffix, shape=shape):
+                return ir.tensor(self.arrays.read(suffix).reshape(shape))
+
+            tensor = ir.LazyTensor(array, dtype=dtype, shape=ir.Shape(shape))
+            tensor.name = f"{name}.{suffix}"
+            value = ir.Value(name=tensor.name, type=ir.TensorType(dtype), shape=tensor.shape, const_value=tensor)
+            root.register_initializer(value)
+            values.append(value)
+        return values
 
 
 class MatMulNBitsPass(ir.passes.InPlacePass):
@@ -105,13 +109,7 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
                   "scales": (packed.weight.dtype, [n, blocks]),
                   "zero_points": (ir.DataType.UINT8, [n, -(-blocks * bits // 8)])}
         tape = ir.tape.Tape()
-        inputs = [node.inputs[0]]
-        for index, (suffix, (dtype, shape)) in enumerate(shapes.items()):
-            tensor = packed.tensor(index, dtype, shape)
-            tensor.name = f"{name}.{suffix}"
-            initializer = ir.Value(name=tensor.name, type=ir.TensorType(dtype), shape=tensor.shape, const_value=tensor)
-            root.register_initializer(initializer)
-            inputs.append(initializer)
+        inputs = [node.inputs[0], *packed.initializers(root, name, shapes)]
         out = tape.op("MatMulNBits", inputs, {"K": k, "N": n, "bits": bits, "block_size": q.group_size,
                                               "accuracy_level": self.accuracy_level},
                       domain="com.microsoft", name=f"{node.name or name} ({q.bits}-bit)")
