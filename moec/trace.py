@@ -183,12 +183,42 @@ def _export_rewrites(model: nn.Module):
     stack = contextlib.ExitStack()
     stack.enter_context(EXPORT_REWRITES.get(model.config.model_type, contextlib.nullcontext)())
     stack.enter_context(exportable_linear_attention(model))
+    stack.enter_context(_grouped_query_sdpa())
     return stack
 
 
-def trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], opset: int = 21) -> ir.Model:
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers.integrations.sdpa_attention.use_gqa_in_sdpa
+
+
+@contextlib.contextmanager
+def _grouped_query_sdpa():
+    """transformers' own switch for calling scaled_dot_product_attention with `enable_gqa` (keys and
+    values per KV head) instead of repeating them per query head first: the Attention node then
+    reads the cache as it is, without an Expand and Reshape of it per layer and step."""
+    import os
+
+    saved = os.environ.get(GQA_SWITCH)
+    os.environ[GQA_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[GQA_SWITCH]
+        else:
+            os.environ[GQA_SWITCH] = saved
+
+
+# ONNX opset 23 has Attention (grouped-query, with the mask), RotaryEmbedding and RMSNormalization:
+# torch.onnx writes transformers' scaled_dot_product_attention as one Attention node and onnxscript's
+# optimizer folds the rotary and the norms into theirs, so a decode step runs a quarter fewer nodes
+# (Mixtral-proportioned, 8 layers: 884 against 1,256; decode 121 against 97 tok/s, 2 threads)
+OPSET = 23
+
+
+def trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], opset: int = OPSET) -> ir.Model:
     """Export a model with a KV cache, its experts as moec::Experts nodes (the model's experts
-    modules tagged by moec.experts.experts_layers); dynamic batch, sequence and past length.
+    modules tagged by moec.experts.experts_layers) and its attention as opset 23 Attention nodes;
+    dynamic batch, sequence and past length.
 
     The model is a skeleton on the meta device: the graph comes from shapes alone, and
     `weights[state key]()` gives each weight's value when the artifact's bytes are written, so a

@@ -33,7 +33,7 @@ import functools
 
 import numpy as np
 from onnxscript import BOOL, FLOAT, INT64, script  # module level: onnxscript resolves annotations here
-from onnxscript import opset21 as op
+from onnxscript import opset23 as op  # the opset moec.trace exports with: a function must import the model's
 from onnxscript.values import Opset
 
 from moec.ops.moe import DOMAIN

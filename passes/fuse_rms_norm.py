@@ -1,7 +1,8 @@
 """Fuse RMSNorm into onnxruntime's com.microsoft.SkipSimplifiedLayerNormalization.
 
-Matches: the RMSNorm subgraphs (Pow, ReduceMean, Add epsilon, Sqrt/Reciprocal, Mul, Mul by the
-scale) that onnxscript's ORT fusion rules recognize, with or without the residual Add before them.
+Matches: opset 23 RMSNormalization over the last axis (what moec.trace exports), and the RMSNorm
+subgraphs (Pow, ReduceMean, Add epsilon, Sqrt/Reciprocal, Mul, Mul by the scale) that onnxscript's
+ORT fusion rules recognize, with or without the residual Add before them.
 Produces: SkipSimplifiedLayerNormalization (accumulating in float32, so a large hidden state cannot
 overflow float16 in its square); a norm without an Add before it gets a zero skip, and a per-head
 norm ([batch, sequence, heads, head size]) runs on its rows flattened and is shaped back.
@@ -20,8 +21,13 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
     SimplifiedLayerNormalization they emit is in the ONNX domain, where onnx.checker knows no such op)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for node in [n for n in model.graph if n.op_type == "RMSNormalization" and n.domain == ""]:
+            if _attribute(node, "axis", -1) == -1:  # as the ORT rules write it, for their skip fusion to match
+                node.op_type = "SimplifiedLayerNormalization"
+                node.attributes["stash_type"] = ir.AttrInt64("stash_type", 1)
         fused = fuse_rms_normalization(model) + fuse_skip_rms_normalization(model)
-        for node in [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization" and n.domain == ""]:
+        simplified = [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization" and n.domain == ""]
+        for node in simplified:
             x, scale = node.inputs[:2]
             flat = x.shape is None or len(x.shape) not in (2, 3)
             before, after = [], []
@@ -32,11 +38,15 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
                 x = before[-1].outputs[0]
             zero = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(0, np.float32))})
             skip = ir.node("Mul", [x, zero.outputs[0]])
-            epsilon = node.attributes["epsilon"].value if "epsilon" in node.attributes else 1e-5
+            epsilon = _attribute(node, "epsilon", 1e-5)
             norm = ir.node("SkipSimplifiedLayerNormalization", [x, skip.outputs[0], scale], domain="com.microsoft",
                            attributes={"epsilon": epsilon}, name=node.name)
             if flat:
                 after = [ir.node("Reshape", [norm.outputs[0], shape.outputs[0]])]
             ir.convenience.replace_nodes_and_values(model.graph, node, [node], [*before, zero, skip, norm, *after],
                                                     node.outputs[:1], (after or [norm])[-1].outputs[:1])
-        return ir.passes.PassResult(model, modified=bool(fused))
+        return ir.passes.PassResult(model, modified=bool(fused) or bool(simplified))
+
+
+def _attribute(node: ir.Node, name: str, default):
+    return node.attributes[name].value if name in node.attributes else default

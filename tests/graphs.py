@@ -21,7 +21,7 @@ def initializer(name: str, array: np.ndarray) -> ir.Value:
 
 def model(inputs, nodes, outputs, initializers=(), opsets=None) -> ir.Model:
     graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=initializers,
-                     opset_imports={"": 21, **(opsets or {})})
+                     opset_imports={"": 23, **(opsets or {})})
     return ir.Model(graph, ir_version=10)
 
 

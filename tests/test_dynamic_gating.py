@@ -54,7 +54,7 @@ def run_gating(weights, indices, importance, enabled, spec):
          info("importance", onnx.TensorProto.FLOAT, ["T"]), info("enabled", onnx.TensorProto.BOOL, []),
          info("keep_experts", onnx.TensorProto.BOOL, [NUM_EXPERTS])],
         [info("kept", onnx.TensorProto.FLOAT, ["T", k]), info("keep", onnx.TensorProto.BOOL, ["T", k])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("moec", 1)],
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("moec", 1)],
                               functions=[function_proto()], ir_version=10)
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -46,7 +46,7 @@ def experts_graph(spec: ExpertsSpec, weights: dict[str, np.ndarray]) -> ir.Model
                    attributes=spec.attributes(), domain="moec")
     node.outputs[0].name = "output"
     graph = ir.Graph([hidden, index, routing], node.outputs, nodes=[node], initializers=initializers,
-                     opset_imports={"": 21, "moec": 1})
+                     opset_imports={"": 23, "moec": 1})
     return ir.Model(graph, ir_version=10)
 
 

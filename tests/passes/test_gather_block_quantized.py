@@ -14,7 +14,7 @@ def _lookup_graph(table: np.ndarray, axis: int = 0) -> ir.Model:
     w = ir.Value(name="embed.weight", const_value=ir.tensor(table, name="embed.weight"))
     node = ir.node("Gather", [w, ids], attributes={"axis": axis})
     node.outputs[0].name = "y"
-    graph = ir.Graph([ids], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 21})
+    graph = ir.Graph([ids], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 23})
     return ir.Model(graph, ir_version=10)
 
 

@@ -24,7 +24,7 @@ def _product_graph(weight_nk: np.ndarray, gemm: bool, bias: np.ndarray | None) -
     else:
         node = ir.node("MatMul", [x, w])
     node.outputs[0].name = "y"
-    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=inits, opset_imports={"": 21})
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=inits, opset_imports={"": 23})
     return ir.Model(graph, ir_version=10)
 
 
