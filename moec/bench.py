@@ -27,7 +27,8 @@ def bench(path: str | Path, *, prompt_len: int = 128, gen_len: int = 64, threads
     for run in range(warmup + repeats):
         artifact.activations = {"computed": 0, "top_k": 0}
         start = time.perf_counter()
-        logits, past = artifact.forward(prompt, np.ones_like(prompt), np.arange(prompt_len)[None], artifact.empty_cache(1))
+        logits, past = artifact.forward(prompt, np.ones_like(prompt), np.arange(prompt_len)[None],
+                                        artifact.empty_cache(1, capacity=prompt_len + gen_len))
         token = logits[:, -1].argmax(-1)[:, None]
         prefilled = time.perf_counter()
         for step in range(gen_len):

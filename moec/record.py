@@ -20,6 +20,7 @@ def build_record(checkpoint, layers, graph, target, model, plan: dict | None, ro
         "providers": list(target.providers),
         "session_options": dict(target.session_options),
         "opset": graph.opset_imports.get("", None),
+        "kv_in_place": kv_in_place(graph),
         "num_layers": config.num_hidden_layers,
         "moe_layers": [
             {"layer": layer.layer, "num_experts": layer.num_experts, "top_k": layer.top_k,
@@ -34,6 +35,14 @@ def build_record(checkpoint, layers, graph, target, model, plan: dict | None, ro
         "super_experts": [[layer, e] for layer, change in routing.items() for e in change.get("keep_experts", ())],
         "dropped_experts": [[layer, e] for layer, change in routing.items() for e in change.get("dropped", ())],
     }
+
+
+def kv_in_place(graph) -> list[str]:
+    """The past inputs a GroupQueryAttention node reads (passes/group_query_attention.py): a runner
+    may bind each to its present output as one buffer with room for the whole sequence, which the
+    node then appends to in place (moec.runtime does)."""
+    return [value.name for node in graph.graph if node.op_type == "GroupQueryAttention"
+            for value in node.inputs[3:5] if value is not None]
 
 
 def quantization_record(plan: dict, layers, graph, quantized: dict, expert_tokens: dict) -> dict:

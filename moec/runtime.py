@@ -44,6 +44,7 @@ class Artifact:
         self.pruning = "off" if not prune else "on" if self.record.get("pruning") else "none"
         self.switches = {PRUNE_SWITCH: np.array(False)} if self.pruning == "off" and self.record.get("pruning") else {}
         self.present_of = {i.name: present_name(i.name) for i in self.past_inputs}
+        self.in_place = set(self.record.get("kv_in_place", ()))
         top_k = {int(layer["layer"]): int(layer["top_k"]) for layer in self.record.get("moe_layers", [])}
         self.top_k_of = {name: top_k[int(name.rpartition(".")[2])] for name in self.output_names
                          if name.startswith(ACTIVATIONS_OUTPUT + ".")}  # each MoE layer's count output
@@ -51,10 +52,12 @@ class Artifact:
         config = json.loads((self.path / "config.json").read_text())
         self.eos_token_ids = _eos_ids(self.path, config)
 
-    def empty_cache(self, batch: int) -> dict[str, ort.OrtValue]:
-        """Zero-length past keys/values for a fresh sequence, on the session's device."""
+    def empty_cache(self, batch: int, capacity: int = 0) -> dict[str, ort.OrtValue]:
+        """The past for a fresh sequence, on the session's device: zero-length keys and values, but
+        where the graph appends in place (`kv_in_place`) a buffer of `capacity` tokens, which each
+        step then fills without copying the cache (forward binds it as its own present)."""
         return {name: ort.OrtValue.ortvalue_from_numpy(array, self.device)
-                for name, array in empty_past(self.session, batch).items()}
+                for name, array in empty_past(self.session, batch, capacity, self.in_place).items()}
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: dict[str, ort.OrtValue]) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
@@ -64,17 +67,24 @@ class Artifact:
                 "position_ids": position_ids.astype(np.int64), **self.switches}
         for name, value in host.items():  # as OrtValues: the switch is an initializer-backed input
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+        shared = {}  # present name -> its past's buffer, where the buffer has room for this step
         for name, value in past.items():
             binding.bind_ortvalue_input(name, value)
+            if name in self.in_place and value.shape()[2] >= attention_mask.shape[1]:
+                shared[self.present_of[name]] = value
         for name in self.output_names:
-            binding.bind_output(name, "cpu" if name == "logits" or name in self.top_k_of else self.device)
+            if name in shared:
+                binding.bind_ortvalue_output(name, shared[name])
+            else:
+                binding.bind_output(name, "cpu" if name == "logits" or name in self.top_k_of else self.device)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self.output_names, binding.get_outputs()))
         for name, top_k in self.top_k_of.items():
             self.activations["computed"] += int(outputs[name].numpy())
             self.activations["top_k"] += input_ids.size * top_k
         logits = outputs["logits"].numpy().astype(np.float32, copy=False)  # float16 on CUDA targets
-        return logits, {past: outputs[present] for past, present in self.present_of.items()}
+        # a shared buffer is passed on as the OrtValue that owns it (get_outputs' view of it does not)
+        return logits, {past: shared.get(present, outputs[present]) for past, present in self.present_of.items()}
 
 
 def present_name(past_name: str) -> str:
@@ -82,19 +92,20 @@ def present_name(past_name: str) -> str:
     return "present." + past_name.removeprefix("past_key_values.")
 
 
-def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+def empty_past(session: ort.InferenceSession, batch: int, capacity: int = 0,
+               in_place: set[str] = frozenset()) -> dict[str, np.ndarray]:
     """A fresh sequence's past inputs in the session's dtype (float16 for CUDA artifacts): keys and
-    values [batch, kv heads, 0, head size], and zeros for a linear-attention layer's conv and
-    recurrent state, as each input declares it."""
+    values [batch, kv heads, 0, head size] (`capacity` tokens of zeros for those `in_place`), and
+    zeros for a linear-attention layer's conv and recurrent state, as each input declares it."""
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    return {i.name: np.zeros(empty_shape(i.shape, batch), dtypes[i.type]) for i in session.get_inputs()
-            if i.name.startswith("past_key_values.")}
+    return {i.name: np.zeros(empty_shape(i.shape, batch, capacity if i.name in in_place else 0), dtypes[i.type])
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
 
 
-def empty_shape(shape, batch: int) -> tuple[int, ...]:
-    """A past input's shape at the start of a sequence: the batch first, no past tokens where the
-    length is dynamic (keys and values), the declared size elsewhere (state)."""
-    return (batch, *(d if isinstance(d, int) else 0 for d in shape[1:]))
+def empty_shape(shape, batch: int, tokens: int = 0) -> tuple[int, ...]:
+    """A past input's shape at the start of a sequence: the batch first, `tokens` where the length is
+    dynamic (keys and values), the declared size elsewhere (state)."""
+    return (batch, *(d if isinstance(d, int) else tokens for d in shape[1:]))
 
 
 def session_options(record: dict, threads: int | None = None) -> ort.SessionOptions:
@@ -158,7 +169,7 @@ def generate(artifact: Artifact, sequences: list[list[int]], max_new_tokens: int
     A finished sequence (EOS) keeps yielding its EOS token until all are finished.
     """
     ids, mask = left_pad(sequences)
-    past = artifact.empty_cache(len(sequences))
+    past = artifact.empty_cache(len(sequences), capacity=ids.shape[1] + max_new_tokens)
     done = np.zeros(len(sequences), bool)
     eos_ids = sorted(artifact.eos_token_ids)
     step_ids = ids

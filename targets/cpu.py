@@ -1,11 +1,12 @@
 """CPU target: onnxruntime's CPU execution provider.
 
-Lowers the Experts nodes to routed graphs (each layer's routed tokens Split by expert, each expert
-just its own MatMuls and activation; in layers of many experts, the 2- and 4-bit ones as one
-com.microsoft.QMoE node per width), turns the other quantized weights into
-MatMulNBits with accuracy_level 4 (int8 activations per block: measured 10-17x faster than fp32
-for decode-shaped products) and the embedding table into GatherBlockQuantized, and drops the
-exporter's per-node debug metadata (a third of the file).
+Lowers attention with a KV cache onto com.microsoft.GroupQueryAttention (which appends to a
+shared past/present buffer in place), the Experts nodes to routed graphs (each layer's routed
+tokens Split by expert, each expert just its own MatMuls and activation; in layers of many
+experts, the 2- and 4-bit ones as one com.microsoft.QMoE node per width), turns the other
+quantized weights into MatMulNBits with accuracy_level 4 (int8 activations per block: measured
+10-17x faster than fp32 for decode-shaped products) and the embedding table into
+GatherBlockQuantized, and drops the exporter's per-node debug metadata (a third of the file).
 """
 
 from moec.targets import Target
@@ -35,13 +36,15 @@ def _passes(target: Target, specs, routing) -> list:
     import onnx_ir.passes.common as common
 
     from moec.passes.gather_block_quantized import GatherBlockQuantizedPass
+    from moec.passes.group_query_attention import GroupQueryAttentionPass
     from moec.passes.lower_moe import FusedExperts, LowerMoEPass
     from moec.passes.matmul_nbits import MatMulNBitsPass
     from moec.passes.mask_dropped_experts import MaskDroppedExpertsPass
     from moec.passes.routing_attributes import RoutingAttributesPass
 
     fused = FusedExperts(specs, QMOE_WIDTHS, target.accuracy_level, QMOE_MIN_EXPERTS)
-    return [RoutingAttributesPass(routing), MaskDroppedExpertsPass(), LowerMoEPass(EXPERTS_PER_SUBGRAPH, fused),
+    return [GroupQueryAttentionPass(), RoutingAttributesPass(routing), MaskDroppedExpertsPass(),
+            LowerMoEPass(EXPERTS_PER_SUBGRAPH, fused),
             MatMulNBitsPass(specs, target.accuracy_level), GatherBlockQuantizedPass(specs),
             common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]
 

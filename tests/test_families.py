@@ -21,7 +21,11 @@ def test_prefill_and_decode_logits_match_transformers(compiled, arch, batch):
     c = compiled(arch)
     artifact = Artifact(c.artifact_dir)
     ids, mask = left_pad(PROMPTS[batch])
-    cache, past = DynamicCache(config=c.model.config), artifact.empty_cache(batch)
+    cache = DynamicCache(config=c.model.config)
+    # the past fed back as it comes (each present one step longer), and the past as a buffer with room
+    # for the whole sequence, which attention appends to in place where it can (kv_in_place)
+    pasts = {"concatenated": artifact.empty_cache(batch),
+             "in place": artifact.empty_cache(batch, capacity=ids.shape[1] + DECODE_STEPS + 1)}
     step = ids
     for i in range(1 + DECODE_STEPS):
         pos = positions(mask, step.shape[1])
@@ -29,10 +33,11 @@ def test_prefill_and_decode_logits_match_transformers(compiled, arch, batch):
             expected = c.model(input_ids=torch.from_numpy(step), attention_mask=torch.from_numpy(mask),
                                position_ids=torch.from_numpy(pos), cache=cache,
                                use_cache=True).logits.numpy()
-        logits, past = artifact.forward(step, mask, pos, past)
         real = mask[:, -step.shape[1]:].astype(bool)  # padded positions carry no meaning
-        diff = np.abs(logits - expected)[real].max()
-        assert diff < TOLERANCE, f"{arch} batch {batch} step {i}: max |logit diff| {diff:.3g}"
+        for kind, past in pasts.items():
+            logits, pasts[kind] = artifact.forward(step, mask, pos, past)
+            diff = np.abs(logits - expected)[real].max()
+            assert diff < TOLERANCE, f"{arch} batch {batch} step {i}, past {kind}: max |logit diff| {diff:.3g}"
         step = logits[:, -1].argmax(-1)[:, None]
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
     assert artifact.record["verification"]["max_abs_logit_diff"] < TOLERANCE
@@ -93,3 +98,13 @@ def test_unsupported_families_are_refused_in_one_line(arch, tmp_path):
     assert "\n" not in str(refused.value) and arch in str(refused.value)
     assert any(reason in str(refused.value) for reason in ("does not export yet", "torch.onnx cannot export"))
     assert not (tmp_path / "artifact").exists()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe", "qwen3_moe"])
+def test_plain_attention_appends_to_its_cache_in_place(compiled, arch):
+    """Families whose every layer caches keys and values and attends through scaled_dot_product_attention
+    lower each layer onto GroupQueryAttention, and the record lets the runtime share each past with its
+    present (the numbers: test_prefill_and_decode_logits_match_transformers, both kinds of past)."""
+    c = compiled(arch)
+    pasts = [i.name for i in Artifact(c.artifact_dir).past_inputs]
+    assert sorted(c.record["kv_in_place"]) == sorted(pasts) and len(pasts) == 2 * c.model.config.num_hidden_layers
