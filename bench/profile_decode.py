@@ -42,7 +42,7 @@ def main() -> None:
         parser.error("--steps and --prompt-len must be at least 1")
     import onnxruntime as ort
 
-    from moec.runtime import empty_past
+    from moec.runtime import empty_past, present_name, read_record
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -51,16 +51,32 @@ def main() -> None:
     session = ort.InferenceSession(str(args.artifact / "model.onnx"), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == "logits")
-    past = empty_past(session, 1)
+    # as moec's runtime runs it: a past the graph appends to in place is one buffer with room for the
+    # whole sequence, bound as its present too
+    in_place = set(read_record(args.artifact).get("kv_in_place", ()))
+    past = {name: ort.OrtValue.ortvalue_from_numpy(array)
+            for name, array in empty_past(session, 1, args.prompt_len + args.steps, in_place).items()}
     step = np.random.default_rng(0).integers(0, vocab, (1, args.prompt_len))
     seen = 0
     for index in range(1 + args.steps):
         total = seen + step.shape[1]
         feeds = {"input_ids": step, "attention_mask": np.ones((1, total), np.int64),
                  "position_ids": np.arange(seen, total)[None]}
-        outputs = dict(zip(names, session.run(None, feeds | past)))
-        past = {name: outputs[name.replace("past_key_values.", "present.")] for name in past}
-        seen, step = total, outputs["logits"][:, -1:].argmax(-1)
+        binding = session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in past.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in names:
+            shared = name.replace("present.", "past_key_values.", 1)
+            if shared in in_place:
+                binding.bind_ortvalue_output(name, past[shared])
+            else:
+                binding.bind_output(name)
+        session.run_with_iobinding(binding)
+        outputs = dict(zip(names, binding.get_outputs()))
+        past = {name: past[name] if name in in_place else outputs[present_name(name)] for name in past}
+        seen, step = total, outputs["logits"].numpy()[:, -1:].argmax(-1)
     profile = Path(session.end_profiling())
     events = json.loads(profile.read_text())
     profile.unlink()
