@@ -65,6 +65,7 @@ def describe(path: str | Path) -> dict:
         "bytes": record["bytes"],
         "source_weight_bytes": record["source_model"]["weight_bytes"],
         "nodes": sum(ops.values()),
+        "kv_in_place": record.get("kv_in_place", []),
         "op_types": dict(ops.most_common()),
         "size_breakdown": size_breakdown(graph, [entry["experts_module"].rpartition(".")[0] for entry in layers]),
         "pruning": record.get("pruning"),
@@ -124,6 +125,10 @@ def summary(info: dict) -> str:
         f"graph        {info['nodes']} nodes; "
         + ", ".join(f"{op} {n}" for op, n in list(info["op_types"].items())[:6]),
     ]
+    if info["kv_in_place"]:
+        layers_in_place = sorted({int(name.split(".")[1]) for name in info["kv_in_place"]})
+        lines.append(f"kv cache     appended in place in {len(layers_in_place)} layers "
+                     f"({_ranges(layers_in_place)}: GroupQueryAttention)")
     quantization = info["quantization"]
     if quantization:
         lines.append(f"quantized    {quantization['method']} group {quantization['group_size']}, "

@@ -168,9 +168,11 @@ def test_inspect(capsys, compiled):
     c = compiled("qwen2_moe")
     code, out, _ = run_cli(capsys, "inspect", c.artifact_dir)
     assert code == 0 and "qwen2_moe" in out and "2 MoE: 0, 2" in out and "6 per layer" in out
+    assert "appended in place in 3 layers (0-2: GroupQueryAttention)" in out
     code, out, _ = run_cli(capsys, "inspect", c.artifact_dir, "--json")
     info = json.loads(out)
     assert info["moe_layers"] == [0, 2] and info["experts_per_layer"] == [6]
+    assert info["kv_in_place"] == c.record["kv_in_place"] and len(info["kv_in_place"]) == 6
     assert info["bytes"]["total"] == c.record["bytes"]["total"]
     # every stored byte is in some part: the initializers' lengths add up to the external data (plus the
     # few inline constants, which live in model.onnx)
