@@ -72,6 +72,11 @@ class Artifact:
             binding.bind_ortvalue_input(name, value)
             if name in self.in_place and value.shape()[2] >= attention_mask.shape[1]:
                 shared[self.present_of[name]] = value
+            elif name in self.in_place and value.shape()[2] != attention_mask.shape[1] - input_ids.shape[1]:
+                # read as a whole past it would hold rows that were never written
+                raise MoecError(f"{name} holds {value.shape()[2]} tokens: neither room for the "
+                                f"{attention_mask.shape[1]} this step reaches nor exactly the earlier ones "
+                                "(give empty_cache a capacity of at least the sequence's length)")
         for name in self.output_names:
             if name in shared:
                 binding.bind_ortvalue_output(name, shared[name])

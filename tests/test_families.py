@@ -108,3 +108,13 @@ def test_plain_attention_appends_to_its_cache_in_place(compiled, arch):
     c = compiled(arch)
     pasts = [i.name for i in Artifact(c.artifact_dir).past_inputs]
     assert sorted(c.record["kv_in_place"]) == sorted(pasts) and len(pasts) == 2 * c.model.config.num_hidden_layers
+
+
+def test_a_kv_buffer_too_small_for_the_step_is_refused(compiled):
+    from moec.errors import MoecError
+
+    artifact = Artifact(compiled("mixtral").artifact_dir)
+    ids, mask = left_pad(PROMPTS[1])
+    past = artifact.empty_cache(1, capacity=ids.shape[1] - 2)  # the prompt alone needs more
+    with pytest.raises(MoecError, match="holds 5 tokens"):
+        artifact.forward(ids, mask, positions(mask, ids.shape[1]), past)
