@@ -14,12 +14,15 @@ GENAI_MODEL_TYPE = "llama"
 GENAI_SESSION_OPTIONS = ("intra_op_num_threads", "graph_optimization_level", "enable_cpu_mem_arena")
 
 
-def genai_config(config: dict, past_shapes: dict[str, tuple], session_options: dict) -> tuple[dict | None, str | None]:
+def genai_config(config: dict, past_shapes: dict[str, tuple], session_options: dict,
+                 kv_in_place: list[str] = ()) -> tuple[dict | None, str | None]:
     """(genai_config.json content, None), or (None, why the artifact cannot fit onnxruntime-genai).
 
     `past_shapes` are the past_key_values inputs' names and shapes (keys and values [batch, kv heads,
     past, head size]); `session_options` the target's (the ones genai's decoder session takes are
-    passed on)."""
+    passed on). Where every past is appended to in place (`kv_in_place`: GroupQueryAttention), genai
+    keeps one buffer per past for the whole sequence (its past_present_share_buffer): measured on the
+    OLMoE-proportioned 2.5-bit artifact, 108.6-111.9 tok/s against 95.7-96.8 concatenating."""
     states = sorted({name.rpartition(".")[2] for name in past_shapes if not name.endswith((".key", ".value"))})
     if states:
         return None, ("onnxruntime-genai's decoder has slots for keys and values only; this model also carries "
@@ -58,6 +61,7 @@ def genai_config(config: dict, past_shapes: dict[str, tuple], session_options: d
             },
         },
         "search": {"do_sample": False, "max_length": config.get("max_position_embeddings", 4096), "min_length": 0,
-                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "num_beams": 1, "num_return_sequences": 1,
+                   "past_present_share_buffer": bool(kv_in_place) and set(kv_in_place) == set(past_shapes),
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }, None

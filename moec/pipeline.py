@@ -122,7 +122,8 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
                                        target, prequantized)
             graph = ir.passes.PassManager(target.passes(specs, routing))(graph).model
         record = build_record(checkpoint, layers, graph, target, skeleton, plan_data, routing, specs, expert_tokens)
-        genai, genai_unsupported = genai_config(checkpoint.config, past_shapes(graph), target.session_options)
+        genai, genai_unsupported = genai_config(checkpoint.config, past_shapes(graph), target.session_options,
+                                                record["kv_in_place"])
         record["onnxruntime_genai"] = {"config": GENAI_CONFIG_FILE, "model_type": GENAI_MODEL_TYPE} \
             if genai is not None else {"unsupported": genai_unsupported}
         with stages.stage("save"):

@@ -34,6 +34,8 @@ def test_sample_generates_the_same_text_in_genai(sample_artifact):
     prompt = [int(t) for t in og.Tokenizer(model).encode("def main(")]
     assert prompt == Tokenizer(sample_artifact).encode("def main(")
     assert genai_tokens(sample_artifact, prompt, 24) == moec_tokens(sample_artifact, prompt, 24)
+    # every layer appends to its cache in place, so genai keeps one buffer per past
+    assert json.loads((sample_artifact / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "phimoe"])
@@ -43,6 +45,8 @@ def test_other_families_generate_the_same_tokens_in_genai(compiled, arch):
     prompt = [5, 17, 99, 3, 250, 41]
     expected = moec_tokens(artifact, prompt, 16)
     assert genai_tokens(artifact, prompt, 16) == expected and len(set(expected)) > 1
+    shared = json.loads((artifact / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    assert shared == (arch != "gpt_oss")  # gpt-oss's attention (sinks) keeps concatenating its cache
 
 
 def test_a_pruned_artifact_runs_in_genai_with_pruning_on(tmp_path, compiled):
