@@ -68,15 +68,17 @@ class Artifact:
         for name, value in host.items():  # as OrtValues: the switch is an initializer-backed input
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
         shared = {}  # present name -> its past's buffer, where the buffer has room for this step
+        total = attention_mask.shape[1]
         for name, value in past.items():
             binding.bind_ortvalue_input(name, value)
-            if name in self.in_place and value.shape()[2] >= attention_mask.shape[1]:
+            held = value.shape()[2] if name in self.in_place else None
+            if held is not None and held >= total:
                 shared[self.present_of[name]] = value
-            elif name in self.in_place and value.shape()[2] != attention_mask.shape[1] - input_ids.shape[1]:
+            elif held is not None and held != total - input_ids.shape[1]:
                 # read as a whole past it would hold rows that were never written
-                raise MoecError(f"{name} holds {value.shape()[2]} tokens: neither room for the "
-                                f"{attention_mask.shape[1]} this step reaches nor exactly the earlier ones "
-                                "(give empty_cache a capacity of at least the sequence's length)")
+                raise MoecError(f"{name} holds {held} tokens: neither room for the {total} this step reaches "
+                                "nor exactly the earlier ones (give empty_cache a capacity of at least the "
+                                "sequence's length)")
         for name in self.output_names:
             if name in shared:
                 binding.bind_ortvalue_output(name, shared[name])

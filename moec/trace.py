@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Mapping
+from unittest import mock
 import numpy as np
 import onnx_ir as ir
 import torch
@@ -178,34 +180,16 @@ EXPORT_REWRITES = {
 
 
 def _export_rewrites(model: nn.Module):
-    """The family's rewrite, and the gated delta rule made exportable wherever the family's
-    modeling module computes one."""
+    """The family's rewrite, the gated delta rule made exportable wherever the family's modeling
+    module computes one, and grouped-query sdpa."""
     stack = contextlib.ExitStack()
     stack.enter_context(EXPORT_REWRITES.get(model.config.model_type, contextlib.nullcontext)())
     stack.enter_context(exportable_linear_attention(model))
-    stack.enter_context(_grouped_query_sdpa())
+    # transformers' own switch (read by integrations.sdpa_attention.use_gqa_in_sdpa) for calling
+    # scaled_dot_product_attention with `enable_gqa`, keys and values per KV head, instead of repeating
+    # them per query head first: the Attention node then reads the cache as it is
+    stack.enter_context(mock.patch.dict(os.environ, {"TRANSFORMERS_SDPA_FORCE_GQA": "1"}))
     return stack
-
-
-GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers.integrations.sdpa_attention.use_gqa_in_sdpa
-
-
-@contextlib.contextmanager
-def _grouped_query_sdpa():
-    """transformers' own switch for calling scaled_dot_product_attention with `enable_gqa` (keys and
-    values per KV head) instead of repeating them per query head first: the Attention node then
-    reads the cache as it is, without an Expand and Reshape of it per layer and step."""
-    import os
-
-    saved = os.environ.get(GQA_SWITCH)
-    os.environ[GQA_SWITCH] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[GQA_SWITCH]
-        else:
-            os.environ[GQA_SWITCH] = saved
 
 
 # ONNX opset 23 has Attention (grouped-query, with the mask), RotaryEmbedding and RMSNormalization:

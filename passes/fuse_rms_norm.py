@@ -22,7 +22,7 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         for node in [n for n in model.graph if n.op_type == "RMSNormalization" and n.domain == ""]:
-            if _attribute(node, "axis", -1) == -1:  # as the ORT rules write it, for their skip fusion to match
+            if node.attributes.get_int("axis", -1) == -1:  # as the ORT rules write it, for their skip fusion to match
                 node.op_type = "SimplifiedLayerNormalization"
                 node.attributes["stash_type"] = ir.AttrInt64("stash_type", 1)
         fused = fuse_rms_normalization(model) + fuse_skip_rms_normalization(model)
@@ -38,7 +38,7 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
                 x = before[-1].outputs[0]
             zero = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(0, np.float32))})
             skip = ir.node("Mul", [x, zero.outputs[0]])
-            epsilon = _attribute(node, "epsilon", 1e-5)
+            epsilon = node.attributes.get_float("epsilon", 1e-5)
             norm = ir.node("SkipSimplifiedLayerNormalization", [x, skip.outputs[0], scale], domain="com.microsoft",
                            attributes={"epsilon": epsilon}, name=node.name)
             if flat:
@@ -46,7 +46,3 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
             ir.convenience.replace_nodes_and_values(model.graph, node, [node], [*before, zero, skip, norm, *after],
                                                     node.outputs[:1], (after or [norm])[-1].outputs[:1])
         return ir.passes.PassResult(model, modified=bool(fused) or bool(simplified))
-
-
-def _attribute(node: ir.Node, name: str, default):
-    return node.attributes[name].value if name in node.attributes else default

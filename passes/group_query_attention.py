@@ -62,8 +62,8 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
 def _match(graph: ir.Graph, node: ir.Node):
     """(Attention node, its (key, value) past inputs, their Concats), or None."""
     if node.op_type != "Attention" or node.domain != "" or len(node.inputs) < 3 or \
-            any(v is not None for v in node.inputs[4:]) or _attr(node, "is_causal", 0) or \
-            _attr(node, "qk_matmul_output_mode", 0) or any(o.uses() for o in node.outputs[1:]):
+            any(v is not None for v in node.inputs[4:]) or node.attributes.get_int("is_causal", 0) or \
+            node.attributes.get_int("qk_matmul_output_mode", 0) or any(o.uses() for o in node.outputs[1:]):
         return None
     query, keys, values = node.inputs[:3]
     mask = node.inputs[3] if len(node.inputs) > 3 else None
@@ -74,7 +74,7 @@ def _match(graph: ir.Graph, node: ir.Node):
     for slot, value in (("key", keys), ("value", values)):
         concat = value.producer()
         if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2 or \
-                _attr(concat, "axis", None) not in (2, -2):
+                concat.attributes.get_int("axis") not in (2, -2):
             return None
         past = concat.inputs[0]
         found = PAST.match(past.name or "")
@@ -109,9 +109,9 @@ def _lower(graph: ir.Graph, node: ir.Node, pasts, concats, seqlens_k, total32) -
         bias = tape.op("Where", [mask, _const(tape, np.float32(0)), _const(tape, np.float32(-np.inf))])
     attributes = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 0}
     if "scale" in node.attributes:
-        attributes["scale"] = _attr(node, "scale", None)
-    if _attr(node, "softcap", 0.0):
-        attributes["softcap"] = _attr(node, "softcap", 0.0)
+        attributes["scale"] = node.attributes.get_float("scale")
+    if node.attributes.get_float("softcap", 0.0):
+        attributes["softcap"] = node.attributes.get_float("softcap")
     out, *presents = tape.op_multi_out(
         "GroupQueryAttention",
         [tokens_major(query), tokens_major(concats[0].inputs[1]), tokens_major(concats[1].inputs[1]), *pasts,
@@ -135,9 +135,8 @@ def _past_shape_from_mask(graph: ir.Graph, shape_node: ir.Node, past: ir.Value, 
     tape = ir.tape.Tape()
     whole = tape.op("Concat", [tape.op("Shape", [past], {"start": 0, "end": 2}), past_tokens,
                                tape.op("Shape", [past], {"start": 3, "end": 4})], {"axis": 0})
-    end = _attr(shape_node, "end", None)
-    sliced = tape.op("Slice", [whole, _const(tape, [_attr(shape_node, "start", 0)]),
-                               _const(tape, [4 if end is None else end])])
+    sliced = tape.op("Slice", [whole, _const(tape, [shape_node.attributes.get_int("start", 0)]),
+                               _const(tape, [shape_node.attributes.get_int("end", 4)])])
     nodes = _named(tape.nodes, shape_node.name or f"{past.name}.shape")
     ir.convenience.replace_nodes_and_values(graph, shape_node, [shape_node], nodes,
                                             shape_node.outputs, [sliced])
@@ -156,7 +155,3 @@ def _named(nodes: list[ir.Node], prefix: str) -> list[ir.Node]:
 def _const(tape: ir.tape.Tape, value) -> ir.Value:
     return tape.op("Constant", [], {"value": ir.tensor(np.asarray(value, np.int64) if isinstance(value, list)
                                                        else np.asarray(value))})
-
-
-def _attr(node: ir.Node, name: str, default):
-    return node.attributes[name].value if name in node.attributes else default
