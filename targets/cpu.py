@@ -19,10 +19,9 @@ from moec.targets import Target
 # the current lowering (5 nodes an expert, 15 then), 8 layers of 64 experts, top-8: 2.5 s with
 # subgraphs of 8 against 7.3 s flat, and decode within noise of each other.
 EXPERTS_PER_SUBGRAPH = 8
-# the widths whose experts onnxruntime's com.microsoft.QMoE computes, one node per width and layer.
-# Not 8: its 8-bit kernel always rounds activations to int8, so verification could not run it
-# exactly (2-bit codes verify in a 4-bit QMoE, which is exact; moec.verify)
-QMOE_WIDTHS = frozenset((2, 4))
+# the widths whose experts onnxruntime's com.microsoft.QMoE computes, one node per width and layer
+# (verification runs each exactly: moec.verify)
+QMOE_WIDTHS = frozenset((2, 4, 8))
 # ... in layers of at least this many experts. Measured (bench/compare.py's models, 2.5-bit plans, 2
 # threads, an AVX-512 host, alternating runs): 64 experts top-8, QMoE decodes at 130-137 tok/s
 # against 82-95 per expert and prefills at 548-580 against 691-760; 8 experts top-2, it decodes at

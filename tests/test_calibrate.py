@@ -36,8 +36,8 @@ def text_file(tmp_path_factory):
 def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, monkeypatch):
     """Calibrate, plan mixed 2/4/8-bit widths and 0.15 dynamic pruning (beta in some layers, top-p in
     others) with a super expert kept and an expert dropped, compile, verify and run: the whole
-    pipeline on every family (one compile covers all of it). Every layer hands its 2- and 4-bit
-    experts to QMoE where it can express them (the CPU target does so only in layers of many
+    pipeline on every family (one compile covers all of it). Every layer hands its 2-, 4- and
+    8-bit experts to QMoE where it can express them (the CPU target does so only in layers of many
     experts), so the verification covers that lowering in each family."""
     import moec.targets.cpu
 

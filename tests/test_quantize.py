@@ -181,11 +181,16 @@ def test_eval_cli_json(capsys, compiled, tmp_path):
     assert result["tokens"] == 30 and result["perplexity"] > 1 and result["runtime"] == "onnxruntime"
 
 
-@pytest.mark.parametrize("bits,layer0_packs", [(4, 8), (8, 12)])  # 4: a QMoE node, 8: per expert
-def test_verification_catches_a_packing_bug_and_names_the_layer(bits, layer0_packs, compiled, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bits,fused,layer0_packs", [(2, True, 8), (4, True, 8), (8, True, 8), (8, False, 12)])
+def test_verification_catches_a_packing_bug_and_names_the_layer(bits, fused, layer0_packs, compiled, tmp_path,
+                                                                monkeypatch):
     """A wrong kernel input (here: scales off by 1% in layer 0's experts) fails the build, whether the
-    experts are one QMoE node (4 experts x fc1, fc2) or MatMulNBits each (4 experts x 3 projections)."""
+    experts are one QMoE node (4 experts x fc1, fc2) at any width or MatMulNBits each (4 experts x 3
+    projections)."""
+    import moec.targets.cpu
     from moec.passes import lower_moe, matmul_nbits
+
+    monkeypatch.setattr(moec.targets.cpu, "QMOE_MIN_EXPERTS", 0 if fused else 1000)
 
     real_pack = matmul_nbits.pack_matmul_nbits
     calls = []

@@ -144,14 +144,17 @@ def test_a_layer_of_few_experts_is_not_fused_and_float_activations_only():
     assert not [n for n in model.graph if n.op_type == "QMoE"]
 
 
-def test_verification_runs_2_bit_qmoe_exactly_in_a_4_bit_kernel(tmp_path):
-    """onnxruntime's 2-bit QMoE rounds activations (it is off by percents); the verification copy
-    repacks its codes and zero points for the exact 4-bit kernel and matches to float rounding."""
+def test_verification_runs_2_and_8_bit_qmoe_exactly(tmp_path):
+    """onnxruntime's 2- and 8-bit QMoE round activations to int8 (off by percents); the verification
+    copy repacks 2-bit codes and zero points for the exact 4-bit kernel, and makes 8-bit scales
+    overridable, which sends QMoE to dequantize-and-SGEMM: one QMoE per width, float experts per
+    expert, and the copy matches to float rounding."""
     from moec.verify import _exact_kernels
 
-    model, stacked, specs = _quantized_layers({e: 2 for e in range(8)})
-    LowerMoEPass(None, FusedExperts(specs, frozenset((2, 4)), accuracy_level=4))(model)
-    assert [n.attributes["expert_weight_bits"].value for n in model.graph if n.op_type == "QMoE"] == [2, 2]
+    model, stacked, specs = _quantized_layers({0: 2, 1: 8, 2: 4, 3: None, 4: 2, 5: 8, 6: 4, 7: 8})
+    LowerMoEPass(None, FusedExperts(specs, frozenset((2, 4, 8)), accuracy_level=4))(model)
+    assert sorted(n.attributes["expert_weight_bits"].value for n in model.graph if n.op_type == "QMoE") == \
+        [2, 2, 4, 4, 8, 8]
     ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=1024)
     x = np.random.default_rng(1).normal(size=(9, 64)).astype(np.float32)
     expected = _routed_reference(x, stacked)
