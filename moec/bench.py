@@ -28,12 +28,13 @@ def bench(path: str | Path, *, prompt_len: int = 128, gen_len: int = 64, threads
         artifact.activations = {"computed": 0, "top_k": 0}
         start = time.perf_counter()
         logits, past = artifact.forward(prompt, np.ones_like(prompt), np.arange(prompt_len)[None],
-                                        artifact.empty_cache(1, capacity=prompt_len + gen_len))
+                                        artifact.empty_cache(1, capacity=prompt_len + gen_len), logits_to_keep=1)
         token = logits[:, -1].argmax(-1)[:, None]
         prefilled = time.perf_counter()
         for step in range(gen_len):
             total = prompt_len + step + 1
-            logits, past = artifact.forward(token, np.ones((1, total), np.int64), np.array([[total - 1]]), past)
+            logits, past = artifact.forward(token, np.ones((1, total), np.int64), np.array([[total - 1]]), past,
+                                            logits_to_keep=1)
             token = logits[:, -1].argmax(-1)[:, None]
         done = time.perf_counter()
         if run >= warmup:

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moec.errors import MoecError
-from moec.ops.moe import ACTIVATIONS_OUTPUT, PRUNE_SWITCH
+from moec.ops.moe import ACTIVATIONS_OUTPUT, LOGITS_TO_KEEP, PRUNE_SWITCH
 
 MODEL_FILE = "model.onnx"
 RECORD_FILE = "moec.json"
@@ -40,6 +40,7 @@ class Artifact:
         # next step's past without a copy through NumPy
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.keeps_logits = any(i.name == LOGITS_TO_KEEP for i in self.session.get_overridable_initializers())
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.pruning = "off" if not prune else "on" if self.record.get("pruning") else "none"
         self.switches = {PRUNE_SWITCH: np.array(False)} if self.pruning == "off" and self.record.get("pruning") else {}
@@ -60,11 +61,14 @@ class Artifact:
                 for name, array in empty_past(self.session, batch, capacity, self.in_place).items()}
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: dict[str, ort.OrtValue]) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
-        """One step: logits [B, S, V] and the next past (this step's presents, left on the device)."""
+                past: dict[str, ort.OrtValue], logits_to_keep: int = 0) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
+        """One step: logits [B, S, V] (of the last `logits_to_keep` positions only, where that is not
+        0 and the artifact takes it) and the next past (this step's presents, left on the device)."""
         binding = self.session.io_binding()
         host = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                 "position_ids": position_ids.astype(np.int64), **self.switches}
+        if self.keeps_logits:
+            host[LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
         for name, value in host.items():  # as OrtValues: the switch is an initializer-backed input
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
         shared = {}  # present name -> its past's buffer, where the buffer has room for this step
@@ -124,6 +128,9 @@ def session_options(record: dict, threads: int | None = None) -> ort.SessionOpti
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                                tuned.get("graph_optimization_level", "ORT_ENABLE_ALL"))
     options.enable_cpu_mem_arena = tuned.get("enable_cpu_mem_arena", True)
+    # errors only: at every load onnxruntime warns that the run-time switches (logits_to_keep,
+    # prune_experts) are initializers listed among the inputs, which is what makes them optional
+    options.log_severity_level = 3
     for key, value in tuned.get("config_entries", {}).items():
         options.add_session_config_entry(key, value)
     return options
@@ -181,7 +188,7 @@ def generate(artifact: Artifact, sequences: list[list[int]], max_new_tokens: int
     eos_ids = sorted(artifact.eos_token_ids)
     step_ids = ids
     for _ in range(max_new_tokens):
-        logits, past = artifact.forward(step_ids, mask, positions(mask, step_ids.shape[1]), past)
+        logits, past = artifact.forward(step_ids, mask, positions(mask, step_ids.shape[1]), past, logits_to_keep=1)
         token = logits[:, -1].argmax(-1)
         if eos_ids:
             token = np.where(done, eos_ids[0], token)

@@ -44,6 +44,9 @@ FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 # the lowered artifact's pruning interface (pure names, so the runtime can read them without onnxscript)
 PRUNE_SWITCH = "prune_experts"  # run-time switch: bool scalar graph input, default true
 ACTIVATIONS_OUTPUT = "expert_activations"  # per layer ".{layer}": (token, expert) pairs computed, int64
+# int64 scalar graph input, default 0: only the last N positions get logits (0: all), as transformers'
+# `logits_to_keep`; generation keeps 1, so a prompt does not pay the head once per token
+LOGITS_TO_KEEP = "logits_to_keep"
 PROJECTIONS = ("gate", "up", "down")
 EXPERT_WEIGHT_PATTERN = r"layers\.(?P<layer>\d+)\.experts\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj"
 # the initializers of a layer's experts of one width computed together (com.microsoft.QMoE on CPU):

@@ -15,8 +15,9 @@ Produces, in its place:
     their (token, rank) slots and summed over the ranks;
   - with `fused` (a FusedExperts: the quantization specs and the widths onnxruntime's
     com.microsoft.QMoE computes), the layer's quantized experts of each such width as one QMoE node
-    instead: it selects each token's kept experts of its width (router_probs 1 for them, 0 for the
-    rest) and weighs them by router_weights, zero outside the group, so it computes no other pair;
+    instead: its router_probs and router_weights are both the kept routing weights of the group's
+    experts (zero for a pair not kept): its top-k picks each token's kept experts of its width (at
+    most k of them have a positive weight) and it computes no pair whose weight is zero;
     gate and up are packed interleaved (swiglu_fusion=1). The groups' outputs and the per-expert
     part add up to the layer's output. Experts QMoE cannot express (float, a width it does not
     take, an activation or block size it lacks) stay per expert.
@@ -359,17 +360,17 @@ QMOE_INPUTS = ("fc1.q", "fc1.scales", "fc1.bias", "fc2.q", "fc2.scales", "fc2.bi
                "fc2.zero_points")
 
 
-def _qmoe(b: _Builder, hidden: ir.Value, dense_selected: ir.Value, dense_weights: ir.Value, top_k: int,
+def _qmoe(b: _Builder, hidden: ir.Value, dense_weights: ir.Value, top_k: int,
           stacked: _StackedArrays, spec: ExpertsSpec, experts: list[int], fused: FusedExperts, bits: int,
           block: int) -> ir.Value:
-    """One com.microsoft.QMoE over `experts` (one width): router_probs 1 for each token's kept
-    experts of the group and 0 elsewhere, so its top-k picks exactly those (padded with zero-weight
-    pairs, which QMoE skips), and router_weights their routing weights."""
+    """One com.microsoft.QMoE over `experts` (one width), given the layer's kept routing weights
+    [T, E] (zero where not computed) as both router_probs and router_weights: a token has at most k
+    positive weights, so QMoE's top-k picks exactly its kept experts of the group (padded with
+    zero-weight pairs, which it skips) and weighs them by their routing weights."""
     _, hidden_size, intermediate = stacked.dims(spec)
     prefix = qmoe_group_name(spec.layer, bits)
     ids = b.weight(ir.tensor(np.array(experts, np.int64)), f"{prefix}.experts")
-    probs = b.op("Gather", dense_selected, ids, axis=1)
-    weights = b.op("Mul", b.op("Gather", dense_weights, ids, axis=1), probs)  # 0 for a pair padding its top-k
+    weights = b.op("Gather", dense_weights, ids, axis=1)
     packed = _PackedGroup(stacked, spec, experts, fused, bits, block)
     count, u8, f32 = len(experts), ir.DataType.UINT8, ir.DataType.FLOAT
     shapes = {"fc1.q": (u8, [count, 2 * intermediate, hidden_size * bits // 8]),
@@ -387,7 +388,7 @@ def _qmoe(b: _Builder, hidden: ir.Value, dense_selected: ir.Value, dense_weights
     b.prefix = prefix
     fc1_fc2 = [inputs[name] for name in QMOE_INPUTS[:6]]  # then fc3 (absent: gate and up are fused in fc1)
     zero_points = [inputs["fc1.zero_points"], inputs["fc2.zero_points"], None]
-    out = b.op("QMoE", hidden, probs, *fc1_fc2, None, None, None, *zero_points, weights, domain="com.microsoft",
+    out = b.op("QMoE", hidden, weights, *fc1_fc2, None, None, None, *zero_points, weights, domain="com.microsoft",
                name=f"QMoE ({bits}-bit)", k=min(top_k, count), activation_type="swiglu", swiglu_fusion=1,
                expert_weight_bits=bits, block_size=block, accuracy_level=fused.accuracy_level,
                normalize_routing_weights=0, **swiglu)
@@ -461,28 +462,31 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     tokens_by_experts = b.op("Concat", b.op("Shape", hidden, end=1), b.const(np.array([num_experts], np.int64)),
                              axis=0)
     zeros = b.op("ConstantOfShape", tokens_by_experts, value=ir.tensor(np.zeros(1, np.float32)))
-    selected = b.op("Expand", b.const(np.float32(1)), b.op("Shape", indices)) if keep is None else \
-        b.op("Cast", keep, to=ir.DataType.FLOAT)
+    selected = None if keep is None else b.op("Cast", keep, to=ir.DataType.FLOAT)  # [T, k]: 1 where computed
     if spec.dropped:  # a router may still name one, at weight 0 (Zaya writes "no expert" as expert 0)
-        alive = b.const(np.isin(np.arange(num_experts), spec.dropped, invert=True).astype(np.float32))
-        selected = b.op("Mul", selected, b.op("Gather", alive, indices))
-    # [T, E]: 1 where the token computes the expert, and its routing weight there
-    dense_selected = b.op("ScatterElements", zeros, indices, selected, axis=1)
+        alive = b.op("Gather", b.const(np.isin(np.arange(num_experts), spec.dropped, invert=True)
+                                       .astype(np.float32)), indices)
+        selected = alive if selected is None else b.op("Mul", selected, alive)
+    if selected is not None:
+        weights = b.op("Mul", weights, selected)
+    # [T, E]: the routing weight where the token computes the expert, else 0
     dense_weights = b.op("ScatterElements", zeros, indices, weights, axis=1)
     groups = _qmoe_groups(spec, stacked, fused, dtype)
     fused_experts = {e for _, experts in groups.values() for e in experts}
     skipped = fused_experts | set(spec.dropped)
     parts = []
     if len(skipped) < num_experts:
-        rest = dense_selected
+        if selected is None:
+            selected = b.op("Expand", b.const(np.float32(1)), b.op("Shape", indices))
+        rest = b.op("ScatterElements", zeros, indices, selected, axis=1)  # [T, E]: 1 where computed
         if fused_experts:
             unfused = np.isin(np.arange(num_experts), sorted(fused_experts), invert=True)
-            rest = b.op("Mul", dense_selected, b.const(unfused.astype(np.float32)))
+            rest = b.op("Mul", rest, b.const(unfused.astype(np.float32)))
         parts.append(_per_expert(b, graph, hidden, indices, zeros, rest, dense_weights, stacked, spec, skipped,
                                  dtype, experts_per_subgraph))
     for bits, (block, experts) in groups.items():
-        parts.append(_qmoe(b, hidden, dense_selected, dense_weights, indices.shape[1], stacked, spec, experts,
-                           fused, bits, block))
+        parts.append(_qmoe(b, hidden, dense_weights, indices.shape[1], stacked, spec, experts, fused, bits,
+                           block))
     b.prefix = f"layers.{spec.layer}.moe"
     out = parts[0]
     for part in parts[1:]:

@@ -38,6 +38,9 @@ def generate(artifact: Path, prompt_ids: list[int], max_new_tokens: int) -> list
     # tokens, head size]; a linear-attention layer's state (fixed size) starts as zeros
     past = {i.name: np.zeros([1, *(d if isinstance(d, int) else 0 for d in i.shape[1:])], np.float32)
             for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    # logits of the last position only: a prompt's other positions would each pay the vocabulary-sized head
+    optional = [i.name for i in session.get_overridable_initializers()]
+    keep_last = {"logits_to_keep": np.array(1, np.int64)} if "logits_to_keep" in optional else {}
     stop = eos_token_ids(artifact)
     step = np.array([prompt_ids], np.int64)
     seen, generated = 0, []
@@ -47,7 +50,7 @@ def generate(artifact: Path, prompt_ids: list[int], max_new_tokens: int) -> list
             "input_ids": step,
             "attention_mask": np.ones((1, total), np.int64),
             "position_ids": np.arange(seen, total, dtype=np.int64)[None],
-            **past})))
+            **keep_last, **past})))
         past = {name: outputs[name.replace("past_key_values.", "present.")] for name in past}
         token = int(outputs["logits"][0, -1].argmax())
         generated.append(token)

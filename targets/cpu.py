@@ -36,13 +36,14 @@ def _passes(target: Target, specs, routing) -> list:
 
     from moec.passes.gather_block_quantized import GatherBlockQuantizedPass
     from moec.passes.group_query_attention import GroupQueryAttentionPass
+    from moec.passes.logits_to_keep import LogitsToKeepPass
     from moec.passes.lower_moe import FusedExperts, LowerMoEPass
     from moec.passes.matmul_nbits import MatMulNBitsPass
     from moec.passes.mask_dropped_experts import MaskDroppedExpertsPass
     from moec.passes.routing_attributes import RoutingAttributesPass
 
     fused = FusedExperts(specs, QMOE_WIDTHS, target.accuracy_level, QMOE_MIN_EXPERTS)
-    return [GroupQueryAttentionPass(), RoutingAttributesPass(routing), MaskDroppedExpertsPass(),
+    return [LogitsToKeepPass(), GroupQueryAttentionPass(), RoutingAttributesPass(routing), MaskDroppedExpertsPass(),
             LowerMoEPass(EXPERTS_PER_SUBGRAPH, fused),
             MatMulNBitsPass(specs, target.accuracy_level), GatherBlockQuantizedPass(specs),
             common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]

@@ -38,6 +38,10 @@ def test_prefill_and_decode_logits_match_transformers(compiled, arch, batch):
             logits, pasts[kind] = artifact.forward(step, mask, pos, past)
             diff = np.abs(logits - expected)[real].max()
             assert diff < TOLERANCE, f"{arch} batch {batch} step {i}, past {kind}: max |logit diff| {diff:.3g}"
+        if i == 0:  # the head on the last position only, as generation runs it
+            last, _ = artifact.forward(step, mask, pos, artifact.empty_cache(batch), logits_to_keep=1)
+            assert artifact.keeps_logits and last.shape[1] == 1
+            assert np.abs(last[:, 0] - expected[:, -1]).max() < TOLERANCE
         step = logits[:, -1].argmax(-1)[:, None]
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
     assert artifact.record["verification"]["max_abs_logit_diff"] < TOLERANCE
