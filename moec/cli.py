@@ -16,8 +16,8 @@ from moec.errors import MoecError
 
 
 def _quiet_onnxruntime() -> None:
-    """onnxruntime's warnings are hints for graph authors (e.g. that a pruned artifact's optional
-    prune_experts input is not constant-folded), noise for someone running a command."""
+    """onnxruntime's warnings are hints for graph authors (e.g. that the optional inputs
+    logits_to_keep and prune_experts are not constant-folded), noise for someone running a command."""
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)

@@ -128,9 +128,6 @@ def session_options(record: dict, threads: int | None = None) -> ort.SessionOpti
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                                tuned.get("graph_optimization_level", "ORT_ENABLE_ALL"))
     options.enable_cpu_mem_arena = tuned.get("enable_cpu_mem_arena", True)
-    # errors only: at every load onnxruntime warns that the run-time switches (logits_to_keep,
-    # prune_experts) are initializers listed among the inputs, which is what makes them optional
-    options.log_severity_level = 3
     for key, value in tuned.get("config_entries", {}).items():
         options.add_session_config_entry(key, value)
     return options
