@@ -2,10 +2,11 @@
 
 Builds a graph of just the artifact's MatMulNBits, QMoE and GatherBlockQuantized nodes (If branches
 included) with their weights, each fed one token's random activations: every non-expert node,
-and in each MoE layer the top_k experts of one random routing (the same routing for per-expert
-MatMulNBits and QMoE groups). It times that graph (median of the runs) beside the whole artifact's
-decode step, and gives both as a fraction of the bandwidth limit (read bandwidth / the weight bytes
-the floor graph reads). What the floor cannot reach, no graph change can: only a faster kernel.
+and in each MoE layer the top_k experts of a random routing, a new one each run (per-expert
+MatMulNBits and QMoE groups alike). It times that graph (median of the runs) beside the whole
+artifact's decode step, and gives both as a fraction of the bandwidth limit (read bandwidth / the
+weight bytes a token reads: the non-expert ones and top_k / experts of the experts'). What the
+floor cannot reach, no graph change can: only a faster kernel.
 
     python bench/kernel_floor.py ARTIFACT [--threads 2] [--runs 200] [--seed 0] [--json]
 """
@@ -46,8 +47,12 @@ def _nbytes(tensor) -> int:
     return len(tensor.raw_data) if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).nbytes
 
 
-def floor_model(artifact: Path, seed: int):
-    """(the floor graph, its feeds, the weight bytes it reads)."""
+def floor_model(artifact: Path, seed: int, routings: int = 32):
+    """(the floor graph, a list of feeds, one per random routing, the weight bytes a token reads on
+    average). Every expert's MatMulNBits is in the graph with an input of its own, of one row where
+    the routing picks the expert and of none elsewhere (0.7 us); a QMoE group's router input picks
+    the routing's experts of the group. The runs cycle through the routings, so that, as in decoding,
+    the experts read change from token to token and the last token's are not still in the cache."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -55,56 +60,67 @@ def floor_model(artifact: Path, seed: int):
 
     record = read_record(artifact)
     rng = np.random.default_rng(seed)
-    routed = {m["layer"]: set(rng.choice(m["num_experts"], m["top_k"], replace=False).tolist())
-              for m in record["moe_layers"]}
+    layers = {m["layer"]: m for m in record["moe_layers"]}
     model = onnx.load(str(artifact / MODEL_FILE))
     initializers = {t.name: t for t in model.graph.initializer}
-    nodes, inputs, feeds, used, read = [], {}, {}, {}, 0
+    nodes, inputs, used, read = [], {}, {}, 0.0
+    experts_in, groups = [], []  # (input, layer, expert, K); (router input, layer, the group's experts)
 
-    def activation(name, shape, dtype=np.float32, values=None):
-        if name not in feeds:
-            feeds[name] = rng.standard_normal(shape).astype(dtype) if values is None else values
-            inputs[name] = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(feeds[name].dtype),
-                                                         list(shape))
+    def declare(name, dtype, shape):
+        inputs[name] = helper.make_tensor_value_info(name, dtype, shape)
         return name
 
     for index, node in enumerate(n for n in _nodes(model.graph) if n.op_type in KERNELS):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         weights = [name for name in node.input if name in initializers]
+        weight_bytes = sum(_nbytes(initializers[w]) for w in weights)
         expert = EXPERT_WEIGHT.search(node.input[1])
-        if node.op_type == "MatMulNBits":
-            if expert and int(expert.group(2)) not in routed.get(int(expert.group(1)), ()):
-                continue
-            first = activation(f"x{attrs['K']}", (1, attrs["K"]))
+        if node.op_type == "MatMulNBits" and expert:
+            layer = int(expert.group(1))
+            first = declare(f"x{index}", TensorProto.FLOAT, [None, attrs["K"]])
+            experts_in.append((first, layer, int(expert.group(2)), attrs["K"]))
             node_inputs = [first, *node.input[1:]]
-            read += sum(_nbytes(initializers[w]) for w in weights)
+            read += weight_bytes * layers[layer]["top_k"] / layers[layer]["num_experts"]
+        elif node.op_type == "MatMulNBits":
+            first = declare(f"x{attrs['K']}", TensorProto.FLOAT, [1, attrs["K"]])
+            node_inputs = [first, *node.input[1:]]
+            read += weight_bytes
         elif node.op_type == "QMoE":
-            layer = int(re.search(r"layers\.(\d+)\.", node.input[2]).group(1))
-            members = onnx.numpy_helper.to_array(initializers[node.input[2].rsplit(".", 2)[0] + ".experts"]) \
-                if node.input[2].rsplit(".", 2)[0] + ".experts" in initializers else None
-            if members is None:
-                raise SystemExit(f"{node.name}: no expert list beside its weights")
-            mine = [i for i, e in enumerate(members.tolist()) if e in routed[layer]]
-            hidden = onnx.numpy_helper.to_array(initializers[node.input[5]]).shape[1]  # fc2 rows
-            probs = np.zeros((1, len(members)), np.float32)
-            probs[0, mine] = 1
-            first = activation("x_moe", (1, hidden))
-            probs_name = activation(f"probs{index}", probs.shape, values=probs)
-            node_inputs = [first, probs_name, *node.input[2:14], probs_name]
-            share = len(mine) / len(members)  # of the stacked experts, the routed ones are read
-            read += share * sum(_nbytes(initializers[w]) for w in weights if not w.endswith(".experts"))
+            prefix = node.input[2].rsplit(".", 2)[0]  # {prefix}.fc1.q beside {prefix}.experts
+            members = onnx.numpy_helper.to_array(initializers[f"{prefix}.experts"]).tolist()
+            layer = int(re.search(r"layers\.(\d+)\.", prefix).group(1))
+            hidden = initializers[node.input[5]].dims[1]  # fc2's rows
+            first = declare(f"x_moe{hidden}", TensorProto.FLOAT, [1, hidden])
+            router = declare(f"router{index}", TensorProto.FLOAT, [1, len(members)])
+            groups.append((router, layer, members))
+            node_inputs = [first, router, *node.input[2:14], router]
+            stacked = sum(_nbytes(initializers[w]) for w in weights if not w.endswith(".experts"))
+            read += stacked * layers[layer]["top_k"] / layers[layer]["num_experts"]
         else:  # an embedding row
             vocab = initializers[node.input[0]].dims[0]
-            indices = activation("token", (1, 1), np.int64, rng.integers(0, vocab, (1, 1)))
-            node_inputs = [node.input[0], indices, *node.input[2:]]
-            read += sum(_nbytes(initializers[w]) for w in weights) / vocab
+            node_inputs = [node.input[0], declare("token", TensorProto.INT64, [1, 1]), *node.input[2:]]
+            read += weight_bytes / vocab
         for name in weights:
             used[name] = initializers[name]
-        out = f"y{index}"
-        nodes.append(helper.make_node(node.op_type, node_inputs, [out], domain=node.domain, **attrs))
+        nodes.append(helper.make_node(node.op_type, node_inputs, [f"y{index}"], domain=node.domain, **attrs))
     outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes]
     graph = helper.make_graph(nodes, "kernel_floor", list(inputs.values()), outputs, list(used.values()))
     floor = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+    shared = {name: rng.standard_normal([int(d.dim_value) for d in v.type.tensor_type.shape.dim]).astype(np.float32)
+              for name, v in inputs.items() if name.startswith("x") and name not in {e[0] for e in experts_in}}
+    feeds = []
+    for _ in range(routings):
+        routed = {layer: set(rng.choice(m["num_experts"], m["top_k"], replace=False).tolist())
+                  for layer, m in layers.items()}
+        feed = dict(shared)
+        if "token" in inputs:
+            feed["token"] = rng.integers(0, 1000, (1, 1))
+        for name, layer, expert, k in experts_in:
+            feed[name] = rng.standard_normal((int(expert in routed[layer]), k)).astype(np.float32)
+        for name, layer, members in groups:
+            feed[name] = np.array([[float(e in routed[layer]) for e in members]], np.float32)
+        feeds.append(feed)
     return floor, feeds, read
 
 
@@ -124,12 +140,12 @@ def main() -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(floor.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    for _ in range(10):
-        session.run(None, feeds)
+    for run in range(10):
+        session.run(None, feeds[run % len(feeds)])
     times = []
-    for _ in range(args.runs):
+    for run in range(args.runs):
         start = time.perf_counter()
-        session.run(None, feeds)
+        session.run(None, feeds[run % len(feeds)])
         times.append(time.perf_counter() - start)
     floor_s = statistics.median(times)
     decode = bench(args.artifact, threads=args.threads, repeats=3)["decode_tok_s"]
