@@ -1,9 +1,10 @@
 """CPU target: onnxruntime's CPU execution provider.
 
-Lowers attention with a KV cache onto com.microsoft.GroupQueryAttention (which appends to a
-shared past/present buffer in place), the Experts nodes to routed graphs (each layer's routed
-tokens Split by expert, each expert just its own MatMuls and activation; in layers of many
-experts, the 2- and 4-bit ones as one com.microsoft.QMoE node per width), turns the other
+Gives the graph a logits_to_keep input, lowers attention with a KV cache onto
+com.microsoft.GroupQueryAttention (which appends to a shared past/present buffer in place), the
+Experts nodes to routed graphs (each layer's routed tokens Split by expert, each expert just its
+own MatMuls and activation; in layers of many experts, the quantized ones as one
+com.microsoft.QMoE node per width), turns the other
 quantized weights into MatMulNBits with accuracy_level 4 (int8 activations per block: measured
 10-17x faster than fp32 for decode-shaped products) and the embedding table into
 GatherBlockQuantized, and drops the exporter's per-node debug metadata (a third of the file).
