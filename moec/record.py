@@ -134,6 +134,14 @@ def _qmoe_experts(graph) -> dict[tuple[int, int], tuple[str, int]]:
 
 
 def _stored_bytes(graph, name: str) -> int:
-    """Bytes of the MatMulNBits initializers (packed codes, scales, zero points) of weight `name`."""
-    return sum(graph.graph.initializers[f"{name}.{suffix}"].const_value.nbytes
-               for suffix in ("q", "scales", "zero_points"))
+    """Bytes of the MatMulNBits initializers (packed codes, scales, zero points) of weight `name`;
+    of a product merged with its siblings (passes/merge_sibling_products.py: `{a}+{name}+....q`),
+    its rows' share."""
+    initializers = graph.graph.initializers
+    merged = next((base for base in (n.removesuffix(".split") for n in initializers if n.endswith(".split"))
+                   if name in base.split("+")), name)
+    total = sum(initializers[f"{merged}.{suffix}"].const_value.nbytes for suffix in ("q", "scales", "zero_points"))
+    if merged == name:
+        return total
+    rows = initializers[f"{merged}.split"].const_value.numpy().tolist()
+    return total * rows[merged.split("+").index(name)] // sum(rows)

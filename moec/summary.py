@@ -99,6 +99,7 @@ def size_breakdown(graph, moe_blocks: list[str]) -> dict[str, int]:
 def _component(name: str, moe_blocks: list[str]) -> str:
     for suffix in PACKED_SUFFIXES:
         name = name.removesuffix(suffix)
+    name = name.removesuffix(".split").split("+")[0]  # products merged with their siblings share a part
     if re.fullmatch(EXPERT_WEIGHT_PATTERN, name) or re.fullmatch(QMOE_GROUP_PATTERN + r"\.(fc1|fc2|experts)", name):
         return "routed experts"
     category = weight_category(name, moe_blocks)

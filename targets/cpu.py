@@ -41,12 +41,13 @@ def _passes(target: Target, specs, routing) -> list:
     from moec.passes.lower_moe import FusedExperts, LowerMoEPass
     from moec.passes.matmul_nbits import MatMulNBitsPass
     from moec.passes.mask_dropped_experts import MaskDroppedExpertsPass
+    from moec.passes.merge_sibling_products import MergeSiblingProductsPass
     from moec.passes.routing_attributes import RoutingAttributesPass
 
     fused = FusedExperts(specs, QMOE_WIDTHS, target.accuracy_level, QMOE_MIN_EXPERTS)
     return [LogitsToKeepPass(), GroupQueryAttentionPass(), RoutingAttributesPass(routing), MaskDroppedExpertsPass(),
             LowerMoEPass(EXPERTS_PER_SUBGRAPH, fused),
-            MatMulNBitsPass(specs, target.accuracy_level), GatherBlockQuantizedPass(specs),
+            MatMulNBitsPass(specs, target.accuracy_level), MergeSiblingProductsPass(), GatherBlockQuantizedPass(specs),
             common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]
 
 
