@@ -57,7 +57,7 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
     from moec.planner.sizes import DROPPED
 
     experts, expert_bytes, weighted_bits = [], 0, 0.0
-    fused = _qmoe_experts(graph)
+    fused, merged = _qmoe_experts(graph), _merged_products(graph)
     for layer in layers:
         row = []
         projections = layer.spec.projections
@@ -72,10 +72,11 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
                 group = fused.get((layer.layer, e))
                 if group is None:
                     kernel = "com.microsoft.MatMulNBits"
-                    nbytes = sum(_stored_bytes(graph, expert_weight_name(layer.layer, e, p)) for p in projections)
+                    nbytes = sum(_stored_bytes(graph, expert_weight_name(layer.layer, e, p), merged)
+                                 for p in projections)
                 else:
                     kernel, (prefix, size) = "com.microsoft.QMoE", group
-                    nbytes = sum(_stored_bytes(graph, f"{prefix}.{fc}") for fc in ("fc1", "fc2")) // size
+                    nbytes = sum(_stored_bytes(graph, f"{prefix}.{fc}", merged) for fc in ("fc1", "fc2")) // size
                 row.append({"bits": q.bits, "stored_bits": q.stored_bits, "kernel": kernel, "bytes": nbytes,
                             "quantizer": q.method})
             if expert_tokens:
@@ -84,7 +85,7 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
             # a float expert counts at the 32 bits it is stored in
             weighted_bits += row[-1]["stored_bits" if row[-1]["bits"] == FLOAT else "bits"] * layer.expert_parameters()
         experts.append({"layer": layer.layer, "experts": row})
-    non_expert = {name: {"bits": q.bits, "stored_bits": q.stored_bits, "bytes": _stored_bytes(graph, name)}
+    non_expert = {name: {"bits": q.bits, "stored_bits": q.stored_bits, "bytes": _stored_bytes(graph, name, merged)}
                   for name, q in quantized.items() if not re.fullmatch(EXPERT_WEIGHT_PATTERN, name)}
     params = sum(layer.num_experts * layer.expert_parameters() for layer in layers)
     repacked = {q.bits: q.stored_bits for q in quantized.values() if q.stored_bits != q.bits}
@@ -133,15 +134,20 @@ def _qmoe_experts(graph) -> dict[tuple[int, int], tuple[str, int]]:
     return groups
 
 
-def _stored_bytes(graph, name: str) -> int:
+def _stored_bytes(graph, name: str, merged: dict[str, tuple[str, int]]) -> int:
     """Bytes of the MatMulNBits initializers (packed codes, scales, zero points) of weight `name`;
-    of a product merged with its siblings (passes/merge_sibling_products.py: `{a}+{name}+....q`),
-    its rows' share."""
+    of a product merged with its siblings (`merged`, from _merged_products), its rows' share."""
     initializers = graph.graph.initializers
-    merged = next((base for base in (n.removesuffix(".split") for n in initializers if n.endswith(".split"))
-                   if name in base.split("+")), name)
-    total = sum(initializers[f"{merged}.{suffix}"].const_value.nbytes for suffix in ("q", "scales", "zero_points"))
-    if merged == name:
+    product, index = merged.get(name, (name, None))
+    total = sum(initializers[f"{product}.{suffix}"].const_value.nbytes for suffix in ("q", "scales", "zero_points"))
+    if index is None:
         return total
-    rows = initializers[f"{merged}.split"].const_value.numpy().tolist()
-    return total * rows[merged.split("+").index(name)] // sum(rows)
+    rows = initializers[f"{product}.split"].const_value.numpy().tolist()
+    return total * rows[index] // sum(rows)
+
+
+def _merged_products(graph) -> dict[str, tuple[str, int]]:
+    """weight -> (the product it was merged into, its place there): passes/merge_sibling_products.py
+    names a merged product's initializers `{a}+{b}+....q` and gives each part's rows in `....split`."""
+    bases = (name.removesuffix(".split") for name in graph.graph.initializers if name.endswith(".split"))
+    return {part: (base, index) for base in bases for index, part in enumerate(base.split("+"))}
