@@ -26,7 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import machine, read_bandwidth  # noqa: E402
 
-EXPERT_WEIGHT = re.compile(r"layers\.(\d+)\.experts\.(\d+)\.")
+from moec.ops.moe import EXPERT_WEIGHT_PATTERN, QMOE_GROUP_PATTERN  # noqa: E402
+
 KERNELS = ("MatMulNBits", "QMoE", "GatherBlockQuantized")
 
 
@@ -74,11 +75,11 @@ def floor_model(artifact: Path, seed: int, routings: int = 32):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         weights = [name for name in node.input if name in initializers]
         weight_bytes = sum(_nbytes(initializers[w]) for w in weights)
-        expert = EXPERT_WEIGHT.search(node.input[1])
+        expert = re.match(EXPERT_WEIGHT_PATTERN, node.input[1])  # a merged gate+up: its first part's
         if node.op_type == "MatMulNBits" and expert:
-            layer = int(expert.group(1))
+            layer = int(expert["layer"])
             first = declare(f"x{index}", TensorProto.FLOAT, [None, attrs["K"]])
-            experts_in.append((first, layer, int(expert.group(2)), attrs["K"]))
+            experts_in.append((first, layer, int(expert["expert"]), attrs["K"]))
             node_inputs = [first, *node.input[1:]]
             read += weight_bytes * layers[layer]["top_k"] / layers[layer]["num_experts"]
         elif node.op_type == "MatMulNBits":
@@ -86,9 +87,9 @@ def floor_model(artifact: Path, seed: int, routings: int = 32):
             node_inputs = [first, *node.input[1:]]
             read += weight_bytes
         elif node.op_type == "QMoE":
-            prefix = node.input[2].rsplit(".", 2)[0]  # {prefix}.fc1.q beside {prefix}.experts
-            members = onnx.numpy_helper.to_array(initializers[f"{prefix}.experts"]).tolist()
-            layer = int(re.search(r"layers\.(\d+)\.", prefix).group(1))
+            group = re.match(QMOE_GROUP_PATTERN, node.input[2])  # {prefix}.fc1.q beside {prefix}.experts
+            members = onnx.numpy_helper.to_array(initializers[f"{group[0]}.experts"]).tolist()
+            layer = int(group["layer"])
             hidden = initializers[node.input[5]].dims[1]  # fc2's rows
             first = declare(f"x_moe{hidden}", TensorProto.FLOAT, [1, hidden])
             router = declare(f"router{index}", TensorProto.FLOAT, [1, len(members)])

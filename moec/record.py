@@ -137,17 +137,21 @@ def _qmoe_experts(graph) -> dict[tuple[int, int], tuple[str, int]]:
 def _stored_bytes(graph, name: str, merged: dict[str, tuple[str, int]]) -> int:
     """Bytes of the MatMulNBits initializers (packed codes, scales, zero points) of weight `name`;
     of a product merged with its siblings (`merged`, from _merged_products), its rows' share."""
+    from moec.ops.moe import MERGED_ROWS
+
     initializers = graph.graph.initializers
     product, index = merged.get(name, (name, None))
     total = sum(initializers[f"{product}.{suffix}"].const_value.nbytes for suffix in ("q", "scales", "zero_points"))
     if index is None:
         return total
-    rows = initializers[f"{product}.split"].const_value.numpy().tolist()
+    rows = initializers[f"{product}{MERGED_ROWS}"].const_value.numpy().tolist()
     return total * rows[index] // sum(rows)
 
 
 def _merged_products(graph) -> dict[str, tuple[str, int]]:
     """weight -> (the product it was merged into, its place there): passes/merge_sibling_products.py
     names a merged product's initializers `{a}+{b}+....q` and gives each part's rows in `....split`."""
-    bases = (name.removesuffix(".split") for name in graph.graph.initializers if name.endswith(".split"))
-    return {part: (base, index) for base in bases for index, part in enumerate(base.split("+"))}
+    from moec.ops.moe import MERGED_JOIN, MERGED_ROWS
+
+    bases = (name.removesuffix(MERGED_ROWS) for name in graph.graph.initializers if name.endswith(MERGED_ROWS))
+    return {part: (base, index) for base in bases for index, part in enumerate(base.split(MERGED_JOIN))}

@@ -9,7 +9,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from moec.ops.moe import EXPERT_WEIGHT_PATTERN, QMOE_GROUP_PATTERN
+from moec.ops.moe import EXPERT_WEIGHT_PATTERN, MERGED_JOIN, MERGED_ROWS, QMOE_GROUP_PATTERN
 from moec.policy import weight_category
 from moec.runtime import MODEL_FILE, read_record
 
@@ -99,7 +99,7 @@ def size_breakdown(graph, moe_blocks: list[str]) -> dict[str, int]:
 def _component(name: str, moe_blocks: list[str]) -> str:
     for suffix in PACKED_SUFFIXES:
         name = name.removesuffix(suffix)
-    name = name.removesuffix(".split").split("+")[0]  # products merged with their siblings share a part
+    name = name.removesuffix(MERGED_ROWS).split(MERGED_JOIN)[0]  # merged sibling products share a part
     if re.fullmatch(EXPERT_WEIGHT_PATTERN, name) or re.fullmatch(QMOE_GROUP_PATTERN + r"\.(fc1|fc2|experts)", name):
         return "routed experts"
     category = weight_category(name, moe_blocks)

@@ -52,6 +52,9 @@ EXPERT_WEIGHT_PATTERN = r"layers\.(?P<layer>\d+)\.experts\.(?P<expert>\d+)\.(?P<
 # the initializers of a layer's experts of one width computed together (com.microsoft.QMoE on CPU):
 # `{prefix}.fc1.q` ... and `{prefix}.experts`, the experts the group holds
 QMOE_GROUP_PATTERN = r"layers\.(?P<layer>\d+)\.experts\.(?P<bits>\d+)bit"
+# products merged with their siblings (passes/merge_sibling_products.py): initializers named after
+# theirs joined by MERGED_JOIN (`{a}+{b}.q` ...), and `{a}+{b}{MERGED_ROWS}` each one's rows
+MERGED_JOIN, MERGED_ROWS = "+", ".split"
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu", "softcapped_swiglu")
 GATED_ONLY = frozenset(("clamped_swiglu", "clamped_silu", "softcapped_swiglu"))
 GATE_LAYOUTS = ("concatenated", "interleaved", "none")

@@ -19,6 +19,8 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from moec.ops.moe import MERGED_JOIN, MERGED_ROWS
+
 SUFFIXES = ("q", "scales", "zero_points")
 
 
@@ -58,20 +60,20 @@ class MergeSiblingProductsPass(ir.passes.InPlacePass):
     @staticmethod
     def _merge(root: ir.Graph, nodes: list[ir.Node]) -> None:
         graph = nodes[0].graph
-        base = "+".join(n.inputs[1].name.removesuffix(".q") for n in nodes)
+        base = MERGED_JOIN.join(n.inputs[1].name.removesuffix(".q") for n in nodes)
         weights = []
         for index, suffix in enumerate(SUFFIXES, start=1):
             value = _concatenated([n.inputs[index] for n in nodes], f"{base}.{suffix}")
             root.register_initializer(value)  # weights live in the main graph, as the experts lowering keeps them
             weights.append(value)
         sizes = [n.attributes["N"].value for n in nodes]
-        split_sizes = ir.Value(name=f"{base}.split",
-                               const_value=ir.tensor(np.array(sizes, np.int64), name=f"{base}.split"))
+        split_sizes = ir.Value(name=f"{base}{MERGED_ROWS}",
+                               const_value=ir.tensor(np.array(sizes, np.int64), name=f"{base}{MERGED_ROWS}"))
         root.register_initializer(split_sizes)
         attrs = {name: attr.value for name, attr in nodes[0].attributes.items()} | {"N": sum(sizes)}
         names = [n.name or n.outputs[0].name for n in nodes]
         product = ir.node("MatMulNBits", [nodes[0].inputs[0], *weights], attributes=attrs, domain="com.microsoft",
-                          name="+".join(names))
+                          name=MERGED_JOIN.join(names))
         product.outputs[0].name = f"{product.name}:out"
         product.outputs[0].dtype = weights[1].dtype  # the scales': the activations' dtype
         split = ir.node("Split", [product.outputs[0], split_sizes], attributes={"axis": -1}, num_outputs=len(nodes),
