@@ -42,7 +42,8 @@ def _compile(args) -> None:
         quantization = record["quantization"]
         bits = f", {quantization['avg_expert_bits']:.2f} avg expert bits" if quantization else ""
         print(f"wrote {args.out}: {size:.2f} MiB, {len(record['moe_layers'])} MoE layers{bits}, "
-              f"max logit diff vs {check['against']} {check['max_abs_logit_diff']:.2e}")
+              f"max logit diff vs {check['against']} {check['max_abs_logit_diff']:.2e} "
+              f"(prefill and {len(check['steps']) - 1} cached decode steps)")
 
 
 def _model_to_compile(model_dir: str | None, plan: str | None) -> str:

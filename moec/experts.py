@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moec.errors import MoecError
+from moec.errors import MoecError, Unsupported
 from moec.ops.moe import ExpertsSpec, expert_weight_name, expert_weights, experts_reference
 
 TRACE_IMPLEMENTATION = "moec"
@@ -54,13 +54,13 @@ def _softcaps(act) -> dict:
 
 
 def _activation(module: nn.Module) -> str:
-    """The moec name of the experts' `act_fn`; MoecError if moec has no entry for it."""
+    """The moec name of the experts' `act_fn`; ValueError if moec has no entry for it."""
     act = getattr(module, "act_fn", None)
     kind = getattr(act, "__name__", None) if callable(act) and not isinstance(act, nn.Module) else type(act).__name__
     if isinstance(act, nn.GELU):
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
     if kind not in ACT_FNS:
-        raise MoecError(f"{type(module).__name__} uses the activation {kind}, for which moec has no entry")
+        raise ValueError(f"{type(module).__name__} uses the activation {kind}, for which moec has no entry")
     return ACT_FNS[kind]
 
 
@@ -103,26 +103,26 @@ def stacked_weights(module: nn.Module) -> dict[str, torch.Tensor | None]:
             "down_bias": getattr(module, "down_proj_bias", None) if module.has_bias else None}
 
 
-def experts_spec(module: nn.Module, layer: int, path: str) -> ExpertsSpec:
-    """The node attributes of an experts module; MoecError for what moec cannot express."""
+def experts_spec(module: nn.Module, layer: int, path: str, model_type: str) -> ExpertsSpec:
+    """The node attributes of an experts module; Unsupported for what moec cannot express."""
     from transformers.integrations.moe import _default_apply_gate
 
     name = type(module).__name__
     if getattr(module, "has_post_expert_norm", False):
-        raise MoecError(f"{path} ({name}) normalizes each expert's output (has_post_expert_norm), "
-                        "which moec's experts op does not express")
+        raise Unsupported(model_type, "experts", f"{path} ({name}) normalizes each expert's output "
+                          "(has_post_expert_norm), which moec's experts op does not express")
     layout = {"gate": "concatenated" if module.has_gate else "none", "transposed": bool(module.is_transposed)}
     apply_gate = type(module)._apply_gate
-    if module.has_gate and apply_gate is not _default_apply_gate:
-        entry = GATE_FUNCTIONS.get(apply_gate.__qualname__)
-        if entry is None:
-            raise MoecError(f"{path} ({name}) computes its gate with {apply_gate.__qualname__}, "
-                            "for which moec has no entry")
-        return ExpertsSpec(layer=layer, **{**layout, **entry(module)})
     try:
+        if module.has_gate and apply_gate is not _default_apply_gate:
+            entry = GATE_FUNCTIONS.get(apply_gate.__qualname__)
+            if entry is None:
+                raise Unsupported(model_type, "experts", f"{path} ({name}) computes its gate with "
+                                  f"{apply_gate.__qualname__}, for which moec has no entry")
+            return ExpertsSpec(layer=layer, **{**layout, **entry(module)})
         return ExpertsSpec(layer=layer, activation=_activation(module), **layout)
-    except MoecError as e:
-        raise MoecError(f"{path}: {e}") from None
+    except ValueError as e:  # an activation moec has no entry for
+        raise Unsupported(model_type, "experts", f"{path}: {e}") from None
 
 
 def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
@@ -135,7 +135,7 @@ def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
         found = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
         if found is None:
             raise MoecError(f"{path} ({type(module).__name__}) is not inside a decoder layer (layers.N)")
-        spec = experts_spec(module, int(found[1]), path)
+        spec = experts_spec(module, int(found[1]), path, model.config.model_type)
         module.moec_spec = spec
         stacked = stacked_weights(module)
         down = stacked["down"]

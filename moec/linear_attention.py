@@ -60,13 +60,13 @@ def exportable_rule(query, key, value, g, beta, chunk_size=64, initial_state=Non
 def exportable_linear_attention(model: torch.nn.Module):
     """While tracing, the model's modeling module computes the gated delta rule with
     moec::gated_delta_rule (a no-op for a family without the rule)."""
-    from moec.errors import MoecError
+    from moec.errors import Unsupported
 
     modeling = importlib.import_module(type(model).__module__)
     for function, rule in UNEXPORTED_RULES.items():
         if hasattr(modeling, function):
-            raise MoecError(f"{model.config.model_type}: its linear attention computes {rule}, which moec does not "
-                            "export yet")
+            raise Unsupported(model.config.model_type, "attention", f"its linear attention computes {rule}, "
+                              "which moec does not export yet")
     saved = {name: getattr(modeling, name) for name in RULE_FUNCTIONS if hasattr(modeling, name)}
     for name in saved:
         setattr(modeling, name, exportable_rule)

@@ -87,7 +87,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     from moec.reference import streamed_reference
     from moec.targets import get_target
     from moec.trace_cache import traced
-    from moec.verify import verification_input, verify
+    from moec.verify import DECODE_STEPS, verification_input, verify
     from moec.weights import ResidentPart, StreamingModel
 
     checkpoint = open_checkpoint(model_dir)
@@ -140,12 +140,12 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
         with stages.stage("check"):
             onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
         record |= artifact_files(staging)
-        probe = verification_input(skeleton.config.vocab_size)
+        (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))  # what verification opens the artifact by
         with stages.stage("reference"):
-            reference = streamed_reference(stream, layers, probe, past_shapes(graph), specs, routing)
+            reference = streamed_reference(stream, layers, verification_input(skeleton.config.vocab_size),
+                                           DECODE_STEPS, list(past_shapes(graph)), specs, routing)
         with stages.stage("verify"):
-            record["verification"] = verify(staging, target, probe, reference,
-                                            quantized=bool(specs), pruned=bool(routing))
+            record["verification"] = verify(staging, target, reference, quantized=bool(specs), pruned=bool(routing))
         record["seconds"] = stages.seconds
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2))
     return record

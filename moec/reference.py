@@ -20,14 +20,17 @@ from moec.experts import REFERENCE_IMPLEMENTATION, set_implementation
 from moec.ops.moe import EXPERT_WEIGHT_PATTERN
 
 
-def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple[int, ...]], specs: dict,
-                       routing: dict) -> list[np.ndarray]:
-    """Logits and every layer's KV cache of the transformers model on `probe`, as the artifact
-    returns them, materializing each part (decoder layer, embeddings, head, ...) only for its own
-    call. Where `specs` (moec.policy.quantization_specs) has a weight the reference computes with it
-    quantized and dequantized, and a layer in `routing` (moec.policy.layer_routing) prunes and
-    drops experts as planned."""
-    from moec.trace import KVCacheModel
+def streamed_reference(stream, layers, prompt: np.ndarray, decode_steps: int, past_names: list[str], specs: dict,
+                       routing: dict) -> list[dict[str, np.ndarray]]:
+    """What the transformers model computes for `prompt` [1, S] and then `decode_steps` greedy tokens,
+    one forward per step with the cache the model keeps for itself (so the check does not lean on
+    moec's own reading of caches): per step its `input_ids`, `logits` and, for each past the artifact
+    takes, the cache's tensor under the present's name. Each part (decoder layer, embeddings, head, ...)
+    is materialized only for its own call. Where `specs` (moec.policy.quantization_specs) has a weight
+    the reference computes with it quantized and dequantized, and a layer in `routing`
+    (moec.policy.layer_routing) prunes and drops experts as planned."""
+    from moec.runtime import present_name
+    from moec.trace import cache_tensor, past_slot
     from moec.weights import part_of
 
     model = stream.model
@@ -41,11 +44,19 @@ def streamed_reference(stream, layers, probe: np.ndarray, pasts: dict[str, tuple
             module = model.get_submodule(path)
             handles += [module.register_forward_pre_hook(lambda *_, path=path: _load(stream, path, specs)),
                         module.register_forward_hook(lambda *_, path=path: stream.unload(path))]
-        ids = torch.from_numpy(probe)
+        steps, ids, cache, seen = [], torch.from_numpy(prompt), None, 0
         with torch.no_grad():
-            outputs = KVCacheModel(model, list(pasts))(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None],
-                                                       *[torch.zeros(shape) for shape in pasts.values()])
-        return [t.float().numpy() for t in outputs]
+            for _ in range(1 + decode_steps):
+                total = seen + ids.shape[1]
+                out = model(input_ids=ids, attention_mask=torch.ones(ids.shape[0], total, dtype=torch.int64),
+                            position_ids=torch.arange(seen, total)[None], cache=cache, use_cache=True)
+                cache, seen = out.cache, total
+                # copies: the model updates its cache's tensors in place on the next step
+                steps.append({"input_ids": ids.numpy(), "logits": out.logits.float().numpy().copy(),
+                              **{present_name(name): cache_tensor(cache.layers[layer], slot).float().numpy().copy()
+                                 for name in past_names for layer, slot in [past_slot(name)]}})
+                ids = out.logits[:, -1:].argmax(-1)
+        return steps
     finally:
         for handle in handles:
             handle.remove()

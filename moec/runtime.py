@@ -25,16 +25,20 @@ class Artifact:
 
     `prune=False` runs a dynamically pruned artifact with pruning off (its prune_experts input).
     `activations` counts, over every forward, the (token, expert) pairs the MoE layers computed
-    and the pairs plain top-k routing would have computed."""
+    and the pairs plain top-k routing would have computed. `model_file` (a variant of the model
+    beside it, as verification runs) and `log_severity` (onnxruntime's, for this session) are for
+    moec's own checks."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 prune: bool = True):
+                 prune: bool = True, model_file: str = MODEL_FILE, log_severity: int | None = None):
         self.path = Path(path)
-        model_file = self.path / MODEL_FILE
-        if not model_file.is_file():
-            raise MoecError(f"{self.path} is not a moec artifact (no {MODEL_FILE})")
+        if not (self.path / model_file).is_file():
+            raise MoecError(f"{self.path} is not a moec artifact (no {model_file})")
         self.record = read_record(self.path)
-        self.session = ort.InferenceSession(str(model_file), session_options(self.record, threads),
+        options = session_options(self.record, threads)
+        if log_severity is not None:
+            options.log_severity_level = log_severity
+        self.session = ort.InferenceSession(str(self.path / model_file), options,
                                             providers=providers or available_providers(self.record.get("providers")))
         # the KV cache lives where the model runs: present outputs are bound there and fed back as the
         # next step's past without a copy through NumPy

@@ -155,6 +155,10 @@ def summary(info: dict) -> str:
     if verification:
         lines.append(f"verified     max |logit diff| {verification['max_abs_logit_diff']:.2e} "
                      f"vs {verification['against']} (tolerance {verification['tolerance']:g})")
+        if "steps" in verification:  # artifacts built before cached decode was verified have none
+            steps = (f"{step['step']}{' of %d tokens' % step['tokens'] if step['tokens'] > 1 else ''} "
+                     f"{step['max_abs_logit_diff']:.1e}" for step in verification["steps"])
+            lines.append(f"  steps      {', '.join(steps)}; pasts fed back {' and '.join(verification['pasts'])}")
     return "\n".join(lines)
 
 

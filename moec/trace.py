@@ -19,7 +19,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from moec.errors import MoecError, error_chain
+from moec.errors import MoecError, Unsupported, error_chain
 from moec.linear_attention import exportable_linear_attention, onnx_gated_delta_rule
 from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
@@ -49,29 +49,33 @@ class KVCacheModel(nn.Module):
     def __init__(self, model: nn.Module, past_names: list[str]):
         super().__init__()
         self.model = model
-        self.slots = [_slot_of(name) for name in past_names]
+        self.slots = [past_slot(name) for name in past_names]
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        cache = _cache(self.model.config.num_hidden_layers, self.slots, past)
+        cache = _cache(self.model.config.num_hidden_layers, self.slots, past,
+                       attention_mask.shape[1] - input_ids.shape[1])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, cache=cache, use_cache=True)
-        return (out.logits, *[_present(out.cache.layers[layer], slot) for layer, slot in self.slots])
+        return (out.logits, *[cache_tensor(out.cache.layers[layer], slot) for layer, slot in self.slots])
 
 
 # a linear-attention layer's state slots (transformers' LinearAttentionLayer keeps `{slot}_states`)
 STATE_SLOTS = frozenset(("conv", "recurrent"))
 
 
-def _slot_of(name: str) -> tuple[int, str]:
+def past_slot(name: str) -> tuple[int, str]:
+    """past_key_values.{layer}.{slot} -> (layer, slot)."""
     _, layer, slot = name.split(".")
     return int(layer), slot
 
 
-def _cache(num_layers: int, slots: list[tuple[int, str]], past):
-    """A DynamicCache holding `past`: keys and values in DynamicLayers, conv and recurrent state in
-    LinearAttentionLayers marked as continuing (a fresh sequence's state is zeros, which is what
-    transformers starts from), both in a LinearAttentionAndFullAttentionLayer, and a DummyLayer
-    where a layer caches nothing."""
+def _cache(num_layers: int, slots: list[tuple[int, str]], past, past_length):
+    """A DynamicCache holding `past` (`past_length` tokens): keys and values in DynamicLayers, conv
+    and recurrent state in LinearAttentionLayers marked as continuing (a fresh sequence's state is
+    zeros, which is what transformers starts from) and counting the tokens they have seen (since
+    transformers 5.25 a cache's sequence length, and so the masks' query offset, is read from its
+    first layer, which may be a linear one), both in a LinearAttentionAndFullAttentionLayer, and a
+    DummyLayer where a layer caches nothing."""
     from transformers import DynamicCache
     from transformers.cache_utils import DummyLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
 
@@ -93,11 +97,12 @@ def _cache(num_layers: int, slots: list[tuple[int, str]], past):
             if "conv" in t:
                 layer.conv_kernel_size[0] = t["conv"].shape[-1]
             layer.has_previous_state[0] = True
+            layer.cumulative_length_linear = torch.tensor(past_length)
             cache.layers[i] = layer
     return cache
 
 
-def _present(layer, slot: str):
+def cache_tensor(layer, slot: str):
     """The cache layer's tensor of a slot: its keys or values, or its (first) conv or recurrent state."""
     return getattr(layer, f"{slot}s") if slot in ("key", "value") else getattr(layer, f"{slot}_states")[0]
 
@@ -115,21 +120,21 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> dict[str, tuple[int
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
     if type(out.cache) is not DynamicCache:
-        raise MoecError(f"{model.config.model_type}: the model keeps its own cache class {type(out.cache).__name__}, "
-                        "which moec does not export yet")
+        raise Unsupported(model.config.model_type, "cache", f"the model keeps its own cache class "
+                          f"{type(out.cache).__name__}, which moec does not export yet")
     shapes = {}
     for i, layer in enumerate(out.cache.layers):
         if type(layer) is DummyLayer:  # an MLP-only layer: nothing to carry
             continue
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer,
                                LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer):
-            raise MoecError(f"{model.config.model_type}: decoder layer {i} keeps a {type(layer).__name__} cache "
-                            "(state beyond keys, values and one conv and recurrent state), which moec does not "
-                            "export yet")
+            raise Unsupported(model.config.model_type, "cache", f"decoder layer {i} keeps a {type(layer).__name__} "
+                              "cache (state beyond keys, values and one conv and recurrent state), which moec does "
+                              "not export yet")
         if getattr(layer, "number_of_states", 1) != 1:
-            raise MoecError(f"{model.config.model_type}: decoder layer {i} keeps {layer.number_of_states} "
-                            "linear-attention states (moec exports one conv and one recurrent state per layer), "
-                            "which moec does not export yet")
+            raise Unsupported(model.config.model_type, "cache", f"decoder layer {i} keeps {layer.number_of_states} "
+                              "linear-attention states (moec exports one conv and one recurrent state per layer), "
+                              "which moec does not export yet")
         if isinstance(layer, DynamicLayer):
             shapes |= {f"past_key_values.{i}.{slot}": (batch, t.shape[1], past, t.shape[3])
                        for slot, t in (("key", layer.keys), ("value", layer.values))}
@@ -233,7 +238,8 @@ def _export_errors(model_type: str):
             raise cause from None
         text = str(cause).strip()
         first = text.splitlines()[0][:200] if text else ""
-        raise MoecError(f"{model_type}: torch.onnx cannot export it ({type(cause).__name__}: {first})") from None
+        raise Unsupported(model_type, "export", f"torch.onnx cannot export it ({type(cause).__name__}: {first})") \
+            from None
 
 
 def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], opset: int) -> ir.Model:

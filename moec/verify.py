@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,50 +15,105 @@ def verification_input(vocab_size: int, tokens: int = 8) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab_size, (1, tokens), dtype=np.int64)
 
 
-def verify(folder: Path, target, probe: np.ndarray, reference: list[np.ndarray], quantized: bool,
+# single-token steps after the prefill, each feeding the presents back as the next past
+DECODE_STEPS = 2
+
+
+def verify(folder: Path, target, reference: list[dict[str, np.ndarray]], quantized: bool,
            pruned: bool = False) -> dict:
-    """Run the artifact on `probe`; compare logits (and each layer's KV cache) with the reference.
+    """Run the artifact over the reference's steps (moec.reference.streamed_reference: a prefill, then
+    single-token decode steps) feeding each step's presents back as the next past, the way runners
+    do: as they come (each present one step longer) and, where the graph appends in place
+    (`kv_in_place`), as buffers for the whole sequence, the way moec's runtime does. Every step's
+    logits and presents are compared with the reference; MoecError at the first that differs, naming
+    the step and the first layer whose present differs.
 
     The check that fails the build runs every MatMulNBits and QMoE in exact arithmetic
-    (accuracy_level 0; a 2-bit QMoE's codes in a 4-bit one), so any packing, graph or kernel
-    error shows up against the target's tolerance (absolute, plus a
-    fraction of the reference's logit range for float16 targets) and is located by the first layer
-    whose KV cache differs. The artifact as shipped (int8 activations per block on CPU) is
-    measured too and recorded, not enforced: its rounding can flip a near-tied routing decision,
-    which moves logits by more than any fixed tolerance without anything being wrong.
+    (accuracy_level 0; a 2-bit QMoE's codes in a 4-bit one), so any packing, graph, cache or kernel
+    error shows up against the target's tolerance (absolute, plus a fraction of the reference's range
+    for float16 targets). The artifact as shipped (int8 activations per block on CPU) is measured
+    too and recorded, not enforced: its rounding can flip a near-tied routing decision, which moves
+    logits by more than any fixed tolerance without anything being wrong.
     """
-    from moec.runtime import available_providers
+    from moec.runtime import Artifact, available_providers
 
     providers = available_providers(list(target.providers))
-    if quantized:
-        with _exact_kernels(folder / MODEL_FILE) as exact:
-            outputs = _run(exact, providers, probe)
-    else:
-        outputs = _run(folder / MODEL_FILE, providers, probe)
-    diff = float(np.abs(outputs[0] - reference[0]).max())
-    tolerance = target.verify_tolerance + target.verify_relative_tolerance * float(np.ptp(reference[0]))
-    if not diff <= tolerance:
-        layer = next((i // 2 for i, (got, want) in enumerate(zip(outputs[1:], reference[1:]))
-                      if not np.abs(got - want).max() <= tolerance), None)
-        if layer is None:
-            where = "; every KV cache matches, so the error is in the last layer's MLP/MoE or the head"
-        elif layer == 0:
-            where = "; the KV cache of layer 0 differs: the error is in layer 0's attention projections"
-        else:
-            where = (f"; the KV cache first differs at layer {layer}: the error is in layer {layer - 1}'s "
-                     f"MLP/MoE or layer {layer}'s attention projections")
-        raise MoecError(f"verification failed: artifact logits differ from the reference by {diff:.3g} "
-                        f"(tolerance {tolerance:.3g}){where}")
+    with _exact_kernels(folder / MODEL_FILE) if quantized else nullcontext(folder / MODEL_FILE) as model_file:
+        artifact = Artifact(folder, providers, model_file=model_file.name, log_severity=3)
+        pasts = {"as they come": 0} | ({"in place": sum(step["input_ids"].shape[1] for step in reference)}
+                                       if artifact.in_place else {})
+        steps = [{"step": _step_name(i), "tokens": int(s["input_ids"].shape[1])} for i, s in enumerate(reference)]
+        for kind, capacity in pasts.items():
+            for i, (got, want) in enumerate(zip(_run(artifact, reference, capacity, kind), reference)):
+                tolerance = _tolerance(target, want["logits"])
+                diff = float(np.abs(got["logits"] - want["logits"]).max())
+                differing = next((name for name in want if name.startswith("present.")
+                                  and not _max_diff(got[name], want[name]) <= _tolerance(target, want[name])), None)
+                if not diff <= tolerance or differing is not None:
+                    raise MoecError(f"verification failed at {_step_name(i)} (past fed back {kind}): artifact logits "
+                                    f"differ from the reference by {diff:.3g} (tolerance {tolerance:.3g})"
+                                    f"{_where(differing)}")
+                steps[i]["max_abs_logit_diff"] = max(diff, steps[i].get("max_abs_logit_diff", 0.0))
     against = "PyTorch with the same dequantized weights" if quantized else \
         "PyTorch with the MoE op's NumPy reference in the pruned layers" if pruned else \
         "transformers fp32, routed experts by the Experts op's NumPy reference"
-    result = {"max_abs_logit_diff": diff, "tolerance": tolerance, "tokens": int(probe.size),
+    result = {"max_abs_logit_diff": max(step["max_abs_logit_diff"] for step in steps),
+              "tolerance": max(_tolerance(target, step["logits"]) for step in reference),
+              "tokens": sum(step["tokens"] for step in steps), "steps": steps, "pasts": list(pasts),
               "against": against + (", pruning as planned" if pruned and quantized else "")}
     if quantized:
-        shipped = float(np.abs(_run(folder / MODEL_FILE, providers, probe)[0] - reference[0]).max())
-        result["shipped_kernels"] = {"max_abs_logit_diff": shipped,
-                                     "relative_to_logit_range": shipped / float(np.ptp(reference[0]))}
+        shipped = _run(Artifact(folder, providers, log_severity=3), reference, 0, "as they come, kernels as shipped")
+        diff = max(float(np.abs(got["logits"] - want["logits"]).max()) for got, want in zip(shipped, reference))
+        result["shipped_kernels"] = {"max_abs_logit_diff": diff,
+                                     "relative_to_logit_range": diff / float(np.ptp(reference[0]["logits"]))}
     return result
+
+
+def _step_name(index: int) -> str:
+    return "prefill" if index == 0 else f"decode step {index}"
+
+
+def _tolerance(target, reference: np.ndarray) -> float:
+    return target.verify_tolerance + target.verify_relative_tolerance * float(np.ptp(reference))
+
+
+def _max_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """Keys and values are compared over the tokens both hold: transformers' own cache keeps a
+    sliding-window layer's last window only, the artifact every token."""
+    if got.shape != want.shape and got.ndim == 4 and got.shape[2] >= want.shape[2]:
+        got = got[:, :, got.shape[2] - want.shape[2]:]
+    return float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+
+
+def _where(present: str | None) -> str:
+    """Where the error lies, from the first present (in layer order) that differs."""
+    if present is None:
+        return "; every present matches, so the error is in the last layer's MLP/MoE or the head"
+    layer = int(present.split(".")[1])
+    if layer == 0:
+        return f"; {present} differs first: the error is in layer 0's attention or cache"
+    return (f"; {present} differs first: the error is in layer {layer - 1}'s MLP/MoE or layer {layer}'s "
+            "attention or cache")
+
+
+def _run(artifact, reference: list[dict[str, np.ndarray]], capacity: int, kind: str):
+    """The artifact's logits and presents (float32) at each of the reference's steps (batch 1), from an
+    empty cache whose in-place pasts hold `capacity` tokens (0: each present is fed back as it comes);
+    a step onnxruntime cannot run fails verification."""
+    past, seen = artifact.empty_cache(1, capacity), 0
+    for i, step in enumerate(reference):
+        ids = step["input_ids"]
+        seen += ids.shape[1]
+        try:
+            logits, past = artifact.forward(ids, np.ones((1, seen), np.int64),
+                                            np.arange(seen - ids.shape[1], seen)[None], past)
+        except Exception as e:  # onnxruntime's errors are RuntimeErrors of its own kinds
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise MoecError(f"verification failed at {_step_name(i)} (past fed back {kind}): onnxruntime cannot "
+                            f"run the artifact ({first})") from None
+        presents = {artifact.present_of[name]: value.numpy()[:, :, :seen] if name in artifact.in_place
+                    else value.numpy() for name, value in past.items()}
+        yield {name: value.astype(np.float32) for name, value in {"logits": logits, **presents}.items()}
 
 
 @contextmanager
@@ -147,16 +202,3 @@ def _overridable_scales(model, node) -> None:
     for index in (3, 6):
         scales = initializers[node.input[index]]
         model.graph.input.append(onnx.helper.make_tensor_value_info(scales.name, scales.data_type, scales.dims))
-
-
-def _run(model_file: Path, providers: list[str], probe: np.ndarray) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    from moec.runtime import empty_past
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # not the exact copy's warnings that it keeps scales overridable
-    session = ort.InferenceSession(str(model_file), options, providers=providers)
-    feeds = {"input_ids": probe, "attention_mask": np.ones_like(probe), "position_ids": np.arange(probe.shape[1])[None]}
-    outputs = session.run(None, feeds | empty_past(session, 1))
-    return [o.astype(np.float32) if o.dtype == np.float16 else o for o in outputs]
