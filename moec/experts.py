@@ -44,9 +44,20 @@ GATE_FUNCTIONS = {
     "DeepseekV4Experts._apply_gate": lambda m: dict(activation="clamped_silu", swiglu_limit=float(m.limit)),
     "HYV4Experts._apply_gate": lambda m: dict(activation="clamped_silu", swiglu_limit=float(m.swiglu_limit)),
     "BeamExperts._apply_gate": lambda m: dict(activation=_activation(m)),  # act(gate) * up, in float32
+    "BailingHybridExperts._apply_gate": lambda m: _clipped(m, m.limit),
     "Inkling2Experts._apply_gate": lambda m: dict(activation="softcapped_swiglu", **_softcaps(m.act_fn)),
     "Inkling2LoopExperts._apply_gate": lambda m: dict(activation="softcapped_swiglu", **_softcaps(m.act_fn)),
 }
+
+
+def _clipped(module: nn.Module, limit: float | None) -> dict:
+    """act(gate) clipped above at `limit` times up clipped to ±limit; no limit: act(gate) * up."""
+    activation = _activation(module)
+    if limit is None:
+        return dict(activation=activation)
+    if activation != "silu":
+        raise ValueError(f"{type(module).__name__} clips {activation}, for which moec has no entry")
+    return dict(activation="silu_clipped", swiglu_limit=float(limit))
 
 
 def _softcaps(act) -> dict:

@@ -21,6 +21,7 @@ Activations, with g = gate and u = up (gate-less experts: act(u)):
     silu, gelu, gelu_tanh, relu, relu2   act(g) * u
     clamped_swiglu   (gpt-oss)           g' = min(g, limit), u' = clip(u, ±limit): (u' + 1) g' sigmoid(alpha g')
     clamped_silu     (DeepSeek-V4)       silu(min(g, limit)) * clip(u, ±limit)
+    silu_clipped     (Ling, bailing)     min(silu(g), limit) * clip(u, ±limit)
     softcapped_swiglu (Inkling2)         cap_g(g) sigmoid(g) cap_u(u), cap(x) = c tanh(x / c)
 Output: sum over the token's experts of weight x expert(hidden) [T, H].
 """
@@ -55,8 +56,9 @@ QMOE_GROUP_PATTERN = r"layers\.(?P<layer>\d+)\.experts\.(?P<bits>\d+)bit"
 # products merged with their siblings (passes/merge_sibling_products.py): initializers named after
 # theirs joined by MERGED_JOIN (`{a}+{b}.q` ...), and `{a}+{b}{MERGED_ROWS}` each one's rows
 MERGED_JOIN, MERGED_ROWS = "+", ".split"
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu", "softcapped_swiglu")
-GATED_ONLY = frozenset(("clamped_swiglu", "clamped_silu", "softcapped_swiglu"))
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu", "silu_clipped",
+               "softcapped_swiglu")
+GATED_ONLY = frozenset(("clamped_swiglu", "clamped_silu", "silu_clipped", "softcapped_swiglu"))
 GATE_LAYOUTS = ("concatenated", "interleaved", "none")
 
 
@@ -231,6 +233,9 @@ def expert_hidden(x: np.ndarray, expert: Expert, spec: ExpertsSpec) -> np.ndarra
         if spec.activation == "clamped_swiglu":
             return ((up + 1.0) * gate * sigmoid(spec.swiglu_alpha * gate)).astype(np.float32)
         return (activation(gate, "silu") * up).astype(np.float32)
+    if spec.activation == "silu_clipped":
+        limit = spec.swiglu_limit
+        return (np.minimum(activation(gate, "silu"), limit) * np.clip(up, -limit, limit)).astype(np.float32)
     return (activation(gate, spec.activation) * up).astype(np.float32)
 
 

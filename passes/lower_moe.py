@@ -205,6 +205,11 @@ def _expert(b: _Builder, x: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec
         else:
             glu = b.op("Mul", gate, b.op("Sigmoid", b.op("Mul", gate, scalar(spec.swiglu_alpha))))
             hidden = b.op("Mul", b.op("Add", up, scalar(1.0)), glu)
+    elif spec.activation == "silu_clipped":
+        limit = spec.swiglu_limit
+        gate = linear(x, "gate")
+        hidden = b.op("Mul", b.op("Clip", b.op("Mul", gate, b.op("Sigmoid", gate)), None, scalar(limit)),
+                      b.op("Clip", up, scalar(-limit), scalar(limit)))
     else:
         hidden = b.op("Mul", act(linear(x, "gate")), up)
     return linear(hidden, "down")

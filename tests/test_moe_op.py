@@ -27,6 +27,7 @@ SPECS = {
     "clamped-swiglu-interleaved": ExpertsSpec(layer=0, activation="clamped_swiglu", gate="interleaved",
                                               transposed=True, swiglu_limit=0.5),
     "clamped-silu": ExpertsSpec(layer=0, activation="clamped_silu", swiglu_limit=0.5),
+    "silu-clipped": ExpertsSpec(layer=0, activation="silu_clipped", swiglu_limit=0.5),
     "softcapped-swiglu": ExpertsSpec(layer=0, activation="softcapped_swiglu", gate_softcap=0.7, up_softcap=1.3),
     "silu-pruned": ExpertsSpec(layer=0, beta=0.5, protect_fraction=0.3),
     "clamped-swiglu-pruned": ExpertsSpec(layer=0, activation="clamped_swiglu", gate="interleaved", transposed=True,
