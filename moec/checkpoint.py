@@ -8,6 +8,7 @@ which moec.weights dequantizes as it reads them.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,28 @@ class Checkpoint:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
 
 
+class UntestedTransformers(UserWarning):
+    """The installed transformers lies outside the range moec's suite passed on (pyproject.toml's)."""
+
+
+def _warn_if_untested_transformers() -> None:
+    """A user may install a transformers newer than moec was tested with (docs/compatibility.md);
+    the release may have changed a family, which verification then catches."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    try:
+        tested = next(r.specifier for r in map(Requirement, requires("moec") or []) if r.name == "transformers")
+    except (PackageNotFoundError, StopIteration):  # run from a source tree, not installed
+        return
+    installed = version("transformers")
+    if not tested.contains(installed, prereleases=True):
+        warnings.warn(f"transformers {installed} is outside the versions moec was tested with ({tested}): every "
+                      "compile verifies prefill and cached decode against it, so a family it changed is refused "
+                      "or fails verification rather than written wrong", UntestedTransformers, stacklevel=3)
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Check the folder, its config.json and its weights; raise MoecError naming the problem."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -72,6 +95,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise MoecError(f"unsupported model_type {checkpoint.model_type!r} in {config_file}: transformers has no "
                         "causal language model of that type")
     _check_format(checkpoint, config_file)
+    _warn_if_untested_transformers()
     if not checkpoint.weight_files:
         pickled = [f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES]
         hint = (f" (found {', '.join(sorted(pickled))}: moec never loads pickle files; "

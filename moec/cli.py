@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import moec
 from moec.errors import MoecError
@@ -345,8 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """moec's own warnings as `moec: warning: …` lines; others as Python shows them."""
+    from moec.checkpoint import UntestedTransformers
+
+    if issubclass(category, UntestedTransformers):
+        print(f"moec: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warnings
     try:
         args.func(args)
     except MoecError as e:

@@ -248,3 +248,22 @@ def test_runtime_does_not_import_torch(compiled):
               "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_transformers_outside_the_tested_range_is_named_in_one_warning_line(capsys, monkeypatch, tmp_path):
+    """A user may override the lock with a newer transformers (docs/compatibility.md): moec says so
+    once, in one line, and goes on (verification decides whether the model compiles)."""
+    import importlib.metadata
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "tiny-mixtral"
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0.0" if name == "transformers" else real(name))
+    code, _, err = run_cli(capsys, "compile", sample, "--out", tmp_path / "a", "--target", "nope")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 2, err
+    assert lines[0].startswith("moec: warning: transformers 99.0.0 is outside the versions moec was tested with")
+    assert lines[1].startswith("moec: error: unknown target")
+    monkeypatch.setattr(importlib.metadata, "version", real)
+    code, _, err = run_cli(capsys, "compile", sample, "--out", tmp_path / "a", "--target", "nope")
+    assert "warning" not in err
