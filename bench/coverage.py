@@ -1,11 +1,11 @@
-"""Which MoE model types of the installed transformers moec compiles: the README's coverage table.
+"""Which MoE model types of the installed transformers moec compiles: docs/models.md's coverage table.
 
 A model type counts when transformers can build it as a causal language model
 (`AutoModelForCausalLM`; a multimodal family through its text decoder's config) and its modeling
 code decorates an experts class with `use_experts_implementation`. For each, the suite's tiny
 random model (tests/tiny.py) is saved and compiled in float; the row says "supported" with the
 verification error and the trace (torch.onnx export) time, or the one-line reason compile refused
-it. A type without a tiny config is listed as untried.
+it with its reason code (moec.errors.Unsupported). A type without a tiny config is listed as untried.
 
     python bench/coverage.py [--types mixtral,olmoe] [--json] [--markdown FILE]
 """
@@ -43,7 +43,7 @@ def moe_model_types() -> list[str]:
 def try_type(model_type: str, configs: dict, work: Path) -> dict:
     import moec
     import tiny
-    from moec.errors import MoecError
+    from moec.errors import MoecError, Unsupported
 
     if model_type not in configs:
         return {"model_type": model_type, "status": "untried", "reason": "no tiny config in tests/tiny.py"}
@@ -52,7 +52,8 @@ def try_type(model_type: str, configs: dict, work: Path) -> dict:
     try:
         record = moec.compile(work / model_type / "model", work / model_type / "artifact", force=True, progress=False)
     except MoecError as e:
-        return {"model_type": model_type, "status": "refused", "reason": str(e)}
+        code = f"[{e.reason}] " if isinstance(e, Unsupported) else ""
+        return {"model_type": model_type, "status": "refused", "reason": f"{code}{e}"}
     except Exception as e:  # a bug to fix: reported, not hidden
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return {"model_type": model_type, "status": "error", "reason": f"{type(e).__name__}: {first}"[:300]}

@@ -1,4 +1,5 @@
-"""Verification: the artifact run on a probe against the PyTorch reference, in exact arithmetic."""
+"""Verification: the artifact run on a prefill and cached decode steps against the PyTorch reference,
+in exact arithmetic."""
 
 from __future__ import annotations
 

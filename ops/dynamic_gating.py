@@ -22,7 +22,7 @@ expert in keep_experts is kept by every token that selected it, whatever its ran
 The kept weights are scaled back to the token's top-k weight sum (RENORMALIZE), whatever the
 family's router computed, so no family knowledge is needed: measured on the sample at the same
 pruned fractions (0.10 to 0.35), that lost 0.3 to 0.65 less perplexity than leaving them as the
-router gave them (bench/pruning.py; the README's pruning section). beta = 0 and top_p = 1 is the
+router gave them (bench/pruning.py; docs/measurements.md's pruning section). beta = 0 and top_p = 1 is the
 plain routing, bit for bit.
 
 The op is an ONNX function authored with onnxscript: any onnxruntime runs it without a custom
@@ -63,8 +63,8 @@ def prune(weights: np.ndarray, spec, token_importance: np.ndarray | None = None,
           renormalize: bool = RENORMALIZE, top_k_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The pruning rules on a routing's weights [T, k] (spec: its beta, top_p, protect_fraction and
     keep_experts, which need `top_k_index`): (kept weights, keep mask). `renormalize` scales the kept
-    weights back to the top-k sum, as the op does (False: the alternative the README's measurement
-    compares)."""
+    weights back to the top-k sum, as the op does (False: the alternative docs/measurements.md's
+    measurement compares)."""
     weights = np.asarray(weights, np.float32)
     top1 = weights.max(-1, keepdims=True)
     keep = np.ones(weights.shape, bool)

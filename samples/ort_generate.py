@@ -19,6 +19,10 @@ from tokenizers import Tokenizer
 
 # take the session options moec tuned for the artifact's target from model.onnx's metadata (ort_config)
 os.environ.setdefault("ORT_LOAD_CONFIG_FROM_MODEL", "1")
+# errors only: onnxruntime's load-time warning that the overridable inputs (logits_to_keep,
+# prune_experts) are not constants is true and expected (docs/artifact.md); a session's own
+# log_severity_level gives way to the options read from the model, the default logger's does not
+ort.set_default_logger_severity(3)
 
 
 def eos_token_ids(artifact: Path) -> set[int]:
