@@ -39,14 +39,14 @@ def install(venv: Path, version: str) -> None:
     that moec's range excludes a version it has not been tested with, and installs it)."""
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([*pip, "-c", str(LOCK), "torch==2.13.0", "-e", f"{ROOT}[test]"], check=True)
-    subprocess.run([*pip, f"transformers=={version}"], check=True)
+    subprocess.run([*pip, "-c", str(LOCK), "torch==2.13.0", "-e", f"{ROOT}[test]"], check=True, stdout=sys.stderr)
+    subprocess.run([*pip, f"transformers=={version}"], check=True, stdout=sys.stderr)
 
 
 def run_family_tests(venv: Path, pytest_args: list[str]) -> Path:
     report = venv / "families.xml"
     subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", FAMILY_TESTS, "-q", "-p", "no:cacheprovider",
-                    f"--junitxml={report}", *pytest_args], cwd=ROOT)
+                    f"--junitxml={report}", *pytest_args], cwd=ROOT, stdout=sys.stderr)
     return report
 
 

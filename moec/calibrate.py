@@ -27,6 +27,7 @@ Hessians for error-compensating quantization are not stored: the same streaming 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -73,6 +74,10 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
 
     stacked, stored = float32_views(module), stacked_weights(module)
     full = _block_outputs(block) if 0 in bits else []
+    # a block that is its decoder layer (Gemma 4 keeps its experts beside attention) mixes tokens:
+    # it reruns whole
+    merged = _merged_call(block.calls, [len(indices) for _, indices, _ in calls]) \
+        if 0 in bits and not re.search(r"(?:^|\.)layers\.\d+$", layer.block_path) else None
     outputs = [np.zeros((x.shape[0], indices.shape[1], x.shape[1]), np.float32) for x, indices, _ in calls]
     for e in range(experts):
         picks = [np.nonzero(indices == e) for _, indices, _ in calls]
@@ -91,7 +96,7 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
         expert = None
         for j, width in enumerate(bits):
             if width == 0:
-                quant_loss[e, j] = _dropped_loss(layer, block, full, e)
+                quant_loss[e, j] = _dropped_loss(layer, block, full, calls, e, merged)
                 continue
             # each projection upcast alone and quantized, gate and up for the hidden activations, then
             # down: a Mixtral-8x7B expert adds about 0.7 GB, as when it was computed exactly
@@ -115,34 +120,98 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
     }
 
 
-def _block_outputs(block: BlockInputs, mask=None) -> list:
-    """The MoE block's output (float32) on each call it received, routed under `mask` if given."""
-    import contextlib
-
+def _block_outputs(block: BlockInputs) -> list:
+    """The MoE block's output (float32) on each call it received."""
     import torch
 
-    outputs = []
-    with torch.no_grad(), mask or contextlib.nullcontext():
-        for args, kwargs in block.calls:
-            out = block.module(*args, **kwargs)
-            outputs.append((out[0] if isinstance(out, tuple) else out).float())
-    return outputs
+    with torch.no_grad():
+        return [_output(block.module(*args, **kwargs)) for args, kwargs in block.calls]
 
 
-def _dropped_loss(layer, block: BlockInputs, full: list, expert: int) -> float:
+def _dropped_loss(layer, block: BlockInputs, full: list, calls: list, expert: int, merged) -> float:
     """L2 norm of the MoE block's output error with `expert` masked out of its router's top-k (its
-    tokens routed to the remaining experts), summed over batches; `full` is its output unmasked."""
+    tokens routed to the remaining experts), summed over batches; `full` is its output unmasked and
+    `calls` what its experts received (their top_k_index). The mask changes only the tokens whose
+    top-k held the expert, so the block (router, experts, shared experts: each token on its own)
+    reruns once, on just those tokens of every batch (`merged`: _merged_call of its calls): k/E of
+    the tokens on average, instead of every token once per expert. A block whose calls cannot be
+    cut to tokens (`merged` None) reruns whole, batch by batch."""
     import torch
 
     from moec.experts import RoutingMask, selection_not_found
 
     mask = RoutingMask(layer.num_experts, [expert])
-    loss = 0.0
-    for dropped, exact in zip(_block_outputs(block, mask), full):
-        loss += float(torch.linalg.vector_norm((dropped - exact).double()))
+    routed = [np.flatnonzero((indices == expert).any(axis=1)) for _, indices, _ in calls]
+    exact = [out.reshape(-1, out.shape[-1]) for out in full]
+    with torch.no_grad(), mask:
+        if merged is None:
+            errors = [_output(block.module(*args, **kwargs)).reshape(want.shape) - want
+                      for (args, kwargs), want in zip(block.calls, exact)]
+        else:
+            offsets = np.cumsum([0] + [len(want) for want in exact])
+            args, kwargs = _token_rows(merged, np.concatenate([r + o for r, o in zip(routed, offsets)]), offsets[-1])
+            dropped = torch.split(_output(block.module(*args, **kwargs)).reshape(-1, exact[0].shape[1]),
+                                  [len(r) for r in routed])
+            errors = [got - want[torch.from_numpy(r)] for got, want, r in zip(dropped, exact, routed)]
     if block.calls and not mask.selections:
         raise selection_not_found(layer.block_path, layer.num_experts)
-    return loss
+    return sum(float(torch.linalg.vector_norm(error.double())) for error in errors)
+
+
+def _output(out):
+    """A MoE block's output (float32), without what some families return beside it (router logits)."""
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
+def _merged_call(calls: list, tokens: list[int]):
+    """A block's calls (args, kwargs), the i-th on tokens[i] tokens, as one call: each per-token
+    tensor ([batch, sequence, ...] or [tokens, ...]) flattened and concatenated as one sequence [1,
+    all tokens, ...], everything else the same in every call; None where the calls differ otherwise
+    or the first argument is not per-token."""
+    import torch
+
+    def merge(values: list):
+        first = values[0]
+        if isinstance(first, (tuple, list, dict)):
+            keys = list(first.keys() if isinstance(first, dict) else range(len(first)))
+            if any(type(v) is not type(first) or len(v) != len(keys) or
+                   isinstance(v, dict) and list(v.keys()) != keys for v in values):
+                raise ValueError
+            merged = {k: merge([v[k] for v in values]) for k in keys}
+            return merged if isinstance(first, dict) else type(first)(merged.values())
+        if all(_per_token(v, t) for v, t in zip(values, tokens)):
+            return torch.cat([v.reshape(t, *v.shape[1 if v.shape[0] == t else 2:]) for v, t in zip(values, tokens)])
+        if all(v is first for v in values) or not torch.is_tensor(first) and all(v == first for v in values):
+            return first
+        raise ValueError
+
+    if not calls or not calls[0][0] or not _per_token(calls[0][0][0], tokens[0]):
+        return None
+    try:
+        return merge(calls)  # [[args, kwargs], ...]: per-token tensors as [all tokens, ...]
+    except ValueError:
+        return None
+
+
+def _token_rows(value, rows: np.ndarray, tokens: int):
+    """A call's arguments (tensors, and tuples, lists and dicts of them) with every per-token tensor
+    ([tokens, ...]) cut to `rows`, as one sequence [1, rows, ...]; everything else as it is."""
+    import torch
+
+    if isinstance(value, (tuple, list)):
+        return type(value)(_token_rows(v, rows, tokens) for v in value)
+    if isinstance(value, dict):
+        return {k: _token_rows(v, rows, tokens) for k, v in value.items()}
+    if not _per_token(value, tokens):
+        return value
+    return value[torch.from_numpy(rows)][None]
+
+
+def _per_token(value, tokens: int) -> bool:
+    import torch
+
+    return torch.is_tensor(value) and value.dim() >= 1 and (
+        value.shape[0] == tokens or value.dim() >= 2 and value.shape[0] * value.shape[1] == tokens)
 
 
 def _pruning_curve(spec, rule: str, thresholds: tuple, routing_weights: list, outputs: list) -> dict:

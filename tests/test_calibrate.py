@@ -323,3 +323,40 @@ def test_cli_calibrate_with_builtin_corpus_then_plan(capsys, tmp_path, compiled)
     plan = json.loads(plan_file.read_text())
     assert plan["format"] == "moec-plan/1" and len(plan["experts"]["bits"]) == 2
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("arch", families(["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "granitemoe", "phimoe",
+                                           "glm4_moe", "qwen3_next"]))
+def test_dropped_loss_reruns_only_the_experts_tokens_and_equals_the_full_rerun(arch, compiled, text_file):
+    """Width 0 reruns the MoE block once on the tokens whose top-k held the expert, not on every
+    token of every batch: the same loss as the whole block rerun with the expert masked (within
+    1e-6 relative) for routers of every kind (softmax, sigmoid with groups, top-k then softmax,
+    sparsemixer, a shared expert's gate)."""
+    from moec.calibrate import _block_outputs, _dropped_loss, _merged_call, moe_inputs
+    from moec.experts import RoutingMask
+
+    c = compiled(arch)
+    windows = _windows(c.model_dir, text_file, 6, 32).numpy()
+    checked = 0
+    for layer, _, calls, block in moe_inputs(open_checkpoint(c.model_dir), windows, progress=False, blocks=True):
+        full = _block_outputs(block)
+        merged = _merged_call(block.calls, [len(indices) for _, indices, _ in calls])
+        assert merged is not None
+        rows = []
+        handle = block.module.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[:-1].numel()))
+        try:
+            for expert in range(layer.num_experts):
+                routed = sum(int((indices == expert).any(axis=1).sum()) for _, indices, _ in calls)
+                if not routed:
+                    continue
+                rows.clear()
+                incremental = _dropped_loss(layer, block, full, calls, expert, merged)
+                assert rows == [routed]  # one call, on only the expert's tokens
+                with RoutingMask(layer.num_experts, [expert]):
+                    rerun = sum(torch.linalg.vector_norm((dropped - exact).double()).item()
+                                for dropped, exact in zip(_block_outputs(block), full))
+                assert incremental == pytest.approx(rerun, rel=1e-6, abs=0), (layer.layer, expert)
+                checked += 1
+        finally:
+            handle.remove()
+    assert checked > 2
