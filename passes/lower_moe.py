@@ -474,8 +474,10 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
         selected = alive if selected is None else b.op("Mul", selected, alive)
     if selected is not None:
         weights = b.op("Mul", weights, selected)
-    # [T, E]: the routing weight where the token computes the expert, else 0
-    dense_weights = b.op("ScatterElements", zeros, indices, weights, axis=1)
+    # [T, E]: the routing weight where the token computes the expert, else 0; added up where a token's
+    # top-k names an expert twice (LongCat-Flash maps its zero-computation experts, at weight 0, onto
+    # real ones, which may be among the token's own)
+    dense_weights = b.op("ScatterElements", zeros, indices, weights, axis=1, reduction="add")
     groups = _qmoe_groups(spec, stacked, fused, dtype)
     fused_experts = {e for _, experts in groups.values() for e in experts}
     skipped = fused_experts | set(spec.dropped)

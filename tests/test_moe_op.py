@@ -117,6 +117,21 @@ def test_lowering_in_expert_subgraphs_matches_reference(name, tokens):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_a_token_naming_an_expert_twice_gets_both_weights():
+    """LongCat-Flash hands its experts a top-k in which a zero-computation expert, at weight 0, is
+    renamed as a real expert, which may be one the token already chose: the lowering adds the two
+    weights up (a plain scatter would keep one of them) and matches the reference."""
+    spec = SPECS["silu"]
+    rng = np.random.default_rng(7)
+    weights = random_weights(rng, spec)
+    hidden = rng.normal(size=(6, H)).astype(np.float32)
+    index, routing = random_routing(rng, 6)
+    index[:, 1], routing[:, 1] = index[:, 0], 0.0  # every token names its first expert again, at weight 0
+    index[0, 1], routing[0, 1] = index[0, 0], 0.3  # and one names it twice with weight
+    expected = stacked_reference(hidden, index, routing, **weights, spec=spec)
+    np.testing.assert_allclose(run_lowered(spec, weights, hidden, index, routing), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_pruning_switch_off_computes_plain_top_k():
     spec = SPECS["silu-pruned"]
     rng = np.random.default_rng(11)

@@ -49,15 +49,16 @@ def configs() -> dict:
                                          residual_multiplier=0.7, attention_multiplier=0.2),
         "gpt_oss": t.GptOssConfig(**COMMON, head_dim=16, intermediate_size=48, num_hidden_layers=2,
                                   num_local_experts=4, num_experts_per_tok=2, sliding_window=16),
-        **_more_configs(),
+        **{arch: config for arch, config in _more_configs().items() if config is not None},
     }
 
 
 def _cfg(model_type: str, **kwargs):
-    """Config of `model_type` from COMMON overridden by `kwargs`."""
+    """Config of `model_type` from COMMON overridden by `kwargs`; None where the installed
+    transformers has no such type (one older than the type)."""
     from transformers import CONFIG_MAPPING
 
-    return CONFIG_MAPPING[model_type](**{**COMMON, **kwargs})
+    return CONFIG_MAPPING[model_type](**{**COMMON, **kwargs}) if model_type in CONFIG_MAPPING else None
 
 
 # Multi-head latent attention (DeepSeek-style) sizes shared by the MLA families.
@@ -256,17 +257,38 @@ def _more_configs() -> dict:
                               make_ngram_vocab_size_divisible_by=8, heads_per_ngram=2, split_ngram_parts=4,
                               indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                               indexer_compress_ratio=2, layer_types=["linear_attention", "indexed_attention"])
+    # new in transformers 5.25
+    out["ergo"] = c("ergo", head_dim=16, first_dense_intermediate_size=96, num_dense_blocks=1, moe_intermediate_size=32,
+                    shared_intermediate_size=48, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                    moe_routed_scaling_factor=1.5, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    mlp_layer_types=["dense", "sparse", "sparse"])
+    out["minicpm5_moe"] = c("minicpm5_moe", head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                            n_group=1, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=True,
+                            mlp_layer_types=["dense", "sparse", "sparse"])
+    # LongCat-Flash's router also picks among "zero-computation" experts (its input passed through)
+    out["longcat_flash"] = c("longcat_flash", **MLA, head_dim=8, qk_head_dim=16, num_layers=2, ffn_hidden_size=96,
+                             moe_topk=2, n_routed_experts=8, zero_expert_num=4, expert_ffn_hidden_size=32,
+                             routed_scaling_factor=1.5)
+    out["kolibri1_1"] = c("kolibri1_1", head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                          num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
+                          layer_types=["sliding_attention", "indexed_attention", "sliding_attention"],
+                          index_layers=[1], kv_source_layers=[0, 1, 2], index_topk=4, index_pool_size=64,
+                          index_compression=2, index_num_heads=2, index_num_local_tokens=4, index_num_sink_tokens=1,
+                          mlp_only_layers=[0], mlp_only_intermediate_size=96)
     return out
 
 
 ARCHITECTURES = tuple(configs())
 # the model types moec compiles (bench/coverage.py lists why the others are refused)
-SUPPORTED = ("afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1",
-             "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite",
-             "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
-             "hy_v3", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax_m2",
-             "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
-             "solar_open", "zaya")
+SUPPORTED = tuple(arch for arch in (
+    "afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ergo",
+    "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite", "gpt_oss",
+    "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "kolibri1",
+    "laguna", "lara_mini", "lfm2_moe", "longcat_flash", "mellum", "mimo_v2_flash", "minicpm5_moe", "minimax_m2",
+    "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next",
+    "solar_open", "zaya") if arch in ARCHITECTURES)
 REFUSED = tuple(arch for arch in ARCHITECTURES if arch not in SUPPORTED)
 
 
