@@ -158,11 +158,14 @@ def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
 
 
 def checkpoint_experts_layers(stream) -> list[ExpertsLayer]:
-    """experts_layers of a StreamingModel's skeleton; MoecError when the checkpoint has none."""
+    """experts_layers of a StreamingModel's skeleton; Unsupported when the checkpoint has none (a dense
+    model, or a family whose installed transformers does not run its experts through the interface:
+    LongCat-Flash before 5.25)."""
     layers = experts_layers(stream.model)
     if not layers:
-        raise MoecError(f"{stream.checkpoint.path}: model_type {stream.checkpoint.model_type!r} has no sparse MoE "
-                        "layers (no experts module using transformers' experts interface)")
+        raise Unsupported(stream.checkpoint.model_type, "experts", f"{stream.checkpoint.path} (model_type "
+                          f"{stream.checkpoint.model_type!r}) has no sparse MoE layers (no experts module using "
+                          "transformers' experts interface)")
     return layers
 
 
