@@ -202,7 +202,7 @@ def _token_rows(value, rows: np.ndarray, tokens: int):
         return type(value)(_token_rows(v, rows, tokens) for v in value)
     if isinstance(value, dict):
         return {k: _token_rows(v, rows, tokens) for k, v in value.items()}
-    if not _per_token(value, tokens):
+    if not (torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == tokens):
         return value
     return value[torch.from_numpy(rows)][None]
 
