@@ -271,6 +271,7 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
     batches = [torch.from_numpy(w) for w in np.array_split(windows, -(-len(windows) // BATCH_SEQUENCES))]
     with torch.no_grad():
         hidden, calls = _embed(stream, batches)
+        handed = [{} for _ in hidden]  # per batch: the outputs the last layer hands on to the next
         for i, path in enumerate(tqdm(stream.layer_paths(), desc=desc, unit="layer", disable=not progress)):
             decoder_layer = stream.load(path)
             here = [layer for layer in layers if layer.layer == i]
@@ -282,9 +283,12 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
                 handles += [stream.model.get_submodule(layer.block_path).register_forward_pre_hook(
                     lambda _, args, kwargs, calls=block_received[layer.path]: calls.append((args, kwargs)),
                     with_kwargs=True) for layer in here]
-            for b, (args, kwargs) in enumerate(calls[i]):
+            for b, call in enumerate(calls[i]):
+                args, kwargs = _with_outputs(call, handed[b])
                 out = decoder_layer(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
+                handed[b] = {LayerOutput(i, k): value for k, value in enumerate(out[1:], 1)} \
+                    if isinstance(out, tuple) else {}
             for handle in handles:
                 handle.remove()
             for layer in here:
@@ -340,18 +344,37 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
     }
 
 
+class LayerOutput(NamedTuple):
+    """Stands, in a recorded layer call, for output `index` (> 0) of decoder layer `layer`, which the
+    model body hands on to the next layer (GLM-MoE-DSA's indexer top-k, Zaya's router state); the
+    layer-by-layer replay puts the real output in its place."""
+
+    layer: int
+    index: int
+
+
 def _embed(stream, batches):
     """Embed every batch and record each decoder layer's call arguments (masks, rotary, ...) by
-    running the model body with its layers replaced by pass-through recorders."""
+    running the model body with its layers replaced by pass-through recorders. Where the body unpacks
+    a layer's output into more than the hidden states, the recorders return LayerOutput markers for
+    the rest, which the next layer's recorded call then holds."""
+    import re
+
     import torch
+
+    class Unpacked(torch.Tensor):
+        """The recorders' first answer: a body that unpacks it says how many outputs it expects."""
+
+        def __iter__(self):
+            return iter(lambda: None, object())  # endless: Python's unpacking error names the count
 
     class Recorder(torch.nn.Module):
         """Stands in for a decoder layer; the body may read the layer's attributes (Nemotron-H
         its block_type), which come from the real one."""
 
-        def __init__(self, layer, calls, inputs=None):
+        def __init__(self, index, layer, calls, inputs, outputs):
             super().__init__()
-            self.calls, self.inputs = calls, inputs
+            self.index, self.calls, self.inputs, self.outputs = index, calls, inputs, outputs
             object.__setattr__(self, "layer", layer)  # not a submodule: stays out of the body's tensors
 
         def __getattr__(self, name):
@@ -364,32 +387,49 @@ def _embed(stream, batches):
             self.calls.append((args, kwargs))
             if self.inputs is not None:
                 self.inputs.append(hidden_states)
-            return hidden_states
+            if self.outputs is None:
+                return hidden_states.as_subclass(Unpacked)
+            return hidden_states if self.outputs == 1 else \
+                (hidden_states, *(LayerOutput(self.index, k) for k in range(1, self.outputs)))
 
     from moec.weights import part_of
 
     body = stream.model.model
     real_layers = body.layers
-    calls = [[] for _ in real_layers]
-    hidden = []
     # what the body runs before its first layer (embeddings, rotary, per-layer input projections, ...)
     layer_paths = stream.layer_paths()
     names = [name for name, _ in [*body.named_parameters(prefix="model"), *body.named_buffers(prefix="model")]]
     parts = sorted({part_of(name.rpartition(".")[0], layer_paths) for name in names} - set(layer_paths))
     for part in parts:
         stream.load(part)
-    body.layers = torch.nn.ModuleList([Recorder(layer, c, hidden if i == 0 else None)
-                                       for i, (layer, c) in enumerate(zip(real_layers, calls))])
+    outputs = None  # how many values the body takes from each layer, once a first run has told
     try:
-        for batch in batches:
-            body(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
-    except ValueError as e:  # the body unpacking a recorder's single output
-        if "unpack" not in str(e):
-            raise
-        raise MoecError(f"{stream.model.config.model_type}: its decoder layers hand each other more than the hidden "
-                        "states, which moec calibrate does not stream layer by layer yet") from None
+        for attempt in range(2):
+            calls, hidden = [[] for _ in real_layers], []
+            body.layers = torch.nn.ModuleList([Recorder(i, layer, c, hidden if i == 0 else None, outputs)
+                                               for i, (layer, c) in enumerate(zip(real_layers, calls))])
+            try:
+                for batch in batches:
+                    body(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+                break
+            except (ValueError, TypeError, AttributeError) as e:  # the body unpacking, or using, what a recorder gave
+                expected = re.search(r"unpack \(expected (\d+)", str(e))
+                if attempt or expected is None:
+                    raise MoecError(f"{stream.model.config.model_type}: its model body computes with what one decoder "
+                                    "layer hands the next, which moec calibrate does not stream layer by layer yet") \
+                        from None
+                outputs = int(expected.group(1))
     finally:
         body.layers = real_layers
+    if outputs is None:
+        hidden = [h.as_subclass(torch.Tensor) for h in hidden]
     for part in parts:
         stream.unload(part)
     return hidden, calls
+
+
+def _with_outputs(call, outputs: dict):
+    """A recorded layer call with each LayerOutput marker replaced by the output it stands for."""
+    args, kwargs = call
+    real = lambda value: outputs[value] if isinstance(value, LayerOutput) else value  # noqa: E731
+    return [real(a) for a in args], {key: real(value) for key, value in kwargs.items()}

@@ -4,7 +4,9 @@ onnxruntime-genai runs the artifact as a generic decoder-only model (its "llama"
 inputs, outputs and KV-cache names are the optimum ones moec exports, and every family's own
 computation (routing, pruning, sliding windows, scalings) is inside the graph. What genai cannot
 hold is a cache whose keys and values differ in shape across layers or from each other (one
-`head_size` and `num_key_value_heads` for all): DeepSeek-V3's compressed MLA cache is such a case.
+`head_size` and `num_key_value_heads` for all): DeepSeek-V3's compressed MLA cache is such a case;
+nor can it carry anything else from step to step (a linear-attention state, a sparse-attention
+indexer's keys).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def genai_config(config: dict, past_shapes: dict[str, tuple], session_options: d
     states = sorted({name.rpartition(".")[2] for name in past_shapes if not name.endswith((".key", ".value"))})
     if states:
         return None, ("onnxruntime-genai's decoder has slots for keys and values only; this model also carries "
-                      f"linear-attention state ({', '.join(states)}) from step to step")
+                      f"{', '.join(states)} (linear-attention state or an indexer's keys) from step to step")
     layouts = {(shape[1], shape[3]) for shape in past_shapes.values()}
     if len(layouts) != 1:
         return None, ("onnxruntime-genai takes one KV-cache layout (num_key_value_heads, head_size) for every "

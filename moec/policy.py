@@ -119,10 +119,14 @@ def product_weights(model, embedding_group: int | None = None) -> list[str]:
     """The weights a plan can quantize in a traced model (onnx-ir): every constant weight of a
     MatMul or Gemm, each routed expert's projections by the name the experts lowering gives them,
     and with `embedding_group` (a target that lowers tables to GatherBlockQuantized, and the plan's
-    group size) each table a Gather reads whose rows hold whole groups."""
+    group size) each table a Gather reads whose rows hold whole groups. A MatMul weight that is a
+    checkpoint tensor as stored (STORED_AS_IS: the product's [K, N] operand, not an
+    nn.Linear's [N, K] weight transposed; Inkling's bare relative-logit bank) stays float: the
+    quantizers group a checkpoint tensor along its rows, here the wrong axis."""
     from moec.passes.gather_block_quantized import embedding_weight
     from moec.passes.lower_moe import is_moe_node, moe_spec
     from moec.passes.matmul_nbits import product_weight
+    from moec.passes.transpose_weights import STORED_AS_IS
 
     names = []
     for node in model.graph:
@@ -130,8 +134,9 @@ def product_weights(model, embedding_group: int | None = None) -> list[str]:
             spec = moe_spec(node)
             names += [expert_weight_name(spec.layer, e, p) for e in range(node.inputs[3].shape[0])
                       for p in spec.projections]
-        elif product_weight(node) is not None:
-            names.append(node.inputs[1].name)
+        elif (product := product_weight(node)) is not None:
+            if not (product[1] and node.inputs[1].meta.get(STORED_AS_IS)):
+                names.append(node.inputs[1].name)
         elif embedding_group and (table := embedding_weight(node)) is not None and \
                 not table.shape[1] % embedding_group and node.inputs[0].name not in names:
             names.append(node.inputs[0].name)

@@ -53,7 +53,7 @@ def streamed_reference(stream, layers, prompt: np.ndarray, decode_steps: int, pa
                 cache, seen = out.cache, total
                 # copies: the model updates its cache's tensors in place on the next step
                 steps.append({"input_ids": ids.numpy(), "logits": out.logits.float().numpy().copy(),
-                              **{present_name(name): cache_tensor(cache.layers[layer], slot).float().numpy().copy()
+                              **{present_name(name): cache_tensor(cache, layer, slot).float().numpy().copy()
                                  for name in past_names for layer, slot in [past_slot(name)]}})
                 ids = out.logits[:, -1:].argmax(-1)
         return steps
@@ -91,5 +91,5 @@ def set_dequantized_weights(model, part: str, quantizers: dict) -> None:
     each one `quantizers` has, quantized and dequantized (routed experts: see moec.experts)."""
     for name, quantizer in quantizers.items():
         if name.startswith(part + ".") and not re.fullmatch(EXPERT_WEIGHT_PATTERN, name):
-            weight = model.get_submodule(name.removesuffix(".weight")).weight
+            weight = model.get_parameter(name)  # a module's weight, or a bare parameter (Inkling's `proj`)
             weight.data.copy_(torch.from_numpy(quantizer(weight.detach().numpy()).dequantize()).reshape(weight.shape))

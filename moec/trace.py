@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from moec.errors import MoecError, Unsupported, error_chain
-from moec.linear_attention import exportable_linear_attention, onnx_gated_delta_rule
+from moec.linear_attention import (exportable_lightning_attention, exportable_linear_attention,
+                                   onnx_gated_delta_rule, onnx_selective_scan)
 from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
-from moec.passes.transpose_weights import TransposeWeightsPass
+from moec.passes.transpose_weights import STORED_AS_IS, TransposeWeightsPass
 from moec.runtime import present_name
 
 
@@ -44,29 +45,51 @@ class KVCacheModel(nn.Module):
     """Flat cache signature: (input_ids, attention_mask, position_ids, past...) → (logits, present...),
     the naming optimum and onnxruntime-genai use. `past_names` name each past input
     `past_key_values.{layer}.{slot}`: slots key and value for attention layers, conv and recurrent
-    for a linear-attention or SSM layer's state (transformers' LinearAttentionLayer)."""
+    for a linear-attention or SSM layer's state (transformers' LinearAttentionLayer), indexer_key for
+    a sparse-attention indexer's keys. `cache_class` is the cache the model builds for itself."""
 
-    def __init__(self, model: nn.Module, past_names: list[str]):
+    def __init__(self, model: nn.Module, past_names: list[str], cache_class: type):
         super().__init__()
         self.model = model
         self.slots = [past_slot(name) for name in past_names]
+        self.cache_class = cache_class
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        cache = _cache(self.model.config.num_hidden_layers, self.slots, past,
-                       attention_mask.shape[1] - input_ids.shape[1])
+        layers = max(self.model.config.num_hidden_layers, 1 + max((layer for layer, _ in self.slots), default=0))
+        if hasattr(self.cache_class, "set_linear_cache"):
+            cache = _cache_beside_layers(self.cache_class, layers, self.slots, past)
+        else:
+            cache = _cache(layers, self.slots, past, attention_mask.shape[1] - input_ids.shape[1])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, cache=cache, use_cache=True)
-        return (out.logits, *[cache_tensor(out.cache.layers[layer], slot) for layer, slot in self.slots])
+        return (out.logits, *[cache_tensor(out.cache, layer, slot) for layer, slot in self.slots])
 
 
-# a linear-attention layer's state slots (transformers' LinearAttentionLayer keeps `{slot}_states`)
-STATE_SLOTS = frozenset(("conv", "recurrent"))
+# a linear-attention layer's state kinds (transformers' LinearAttentionLayer keeps `{kind}_states`, one
+# per state index): slot `conv` or `recurrent` for its first state, `conv{k}` or `recurrent{k}` for
+# state k of a layer that keeps several (Inkling's four short convolutions)
+STATE_KINDS = ("conv", "recurrent")
+# the slots that grow by a token per step, kept by a cache layer as `{slot}s`, and their token axis:
+# keys and values [batch, kv heads, tokens, head size]; a sparse-attention indexer's keys
+# (transformers' DynamicIndexedLayer) [batch, tokens, index head size]
+SEQUENCE_AXIS = {"key": 2, "value": 2, "indexer_key": 1}
 
 
 def past_slot(name: str) -> tuple[int, str]:
     """past_key_values.{layer}.{slot} -> (layer, slot)."""
     _, layer, slot = name.split(".")
     return int(layer), slot
+
+
+def state_slot(slot: str) -> tuple[str, int] | None:
+    """A state slot's (kind, state index): conv -> (conv, 0), recurrent2 -> (recurrent, 2); None for
+    keys, values and indexer keys."""
+    kind = slot.rstrip("0123456789")
+    return (kind, int(slot[len(kind):] or 0)) if kind in STATE_KINDS else None
+
+
+def _state_name(kind: str, index: int) -> str:
+    return kind if index == 0 else f"{kind}{index}"
 
 
 def _cache(num_layers: int, slots: list[tuple[int, str]], past, past_length):
@@ -77,7 +100,8 @@ def _cache(num_layers: int, slots: list[tuple[int, str]], past, past_length):
     first layer, which may be a linear one), both in a LinearAttentionAndFullAttentionLayer, and a
     DummyLayer where a layer caches nothing."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DummyLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
+    from transformers.cache_utils import (DummyLayer, DynamicIndexedLayer, LinearAttentionAndFullAttentionLayer,
+                                          LinearAttentionLayer)
 
     tensors: list[dict] = [{} for _ in range(num_layers)]
     for (layer, slot), tensor in zip(slots, past):
@@ -86,62 +110,94 @@ def _cache(num_layers: int, slots: list[tuple[int, str]], past, past_length):
     for i, t in enumerate(tensors):
         if not t:
             cache.layers[i] = DummyLayer()
-        elif STATE_SLOTS & t.keys():
-            layer = LinearAttentionAndFullAttentionLayer() if "key" in t else LinearAttentionLayer()
+        elif "indexer_key" in t:
+            layer = DynamicIndexedLayer()
+            layer.update(t["key"], t["value"])
+            layer.update_indexer(t["indexer_key"])
+            cache.layers[i] = layer
+        elif states := {state_slot(slot): tensor for slot, tensor in t.items() if state_slot(slot)}:
+            count = 1 + max(index for _, index in states)
+            layer = (LinearAttentionAndFullAttentionLayer if "key" in t else LinearAttentionLayer)(number_of_states=count)
             if "key" in t:
                 layer.update(t["key"], t["value"])
-            for slot in STATE_SLOTS & t.keys():
-                getattr(layer, f"{slot}_states")[0] = t[slot].clone()  # cloned: transformers updates in place
-                getattr(layer, f"is_{slot}_states_initialized")[0] = True
-                layer.dtype, layer.device = t[slot].dtype, t[slot].device
-            if "conv" in t:
-                layer.conv_kernel_size[0] = t["conv"].shape[-1]
-            layer.has_previous_state[0] = True
+            for (kind, index), tensor in states.items():
+                getattr(layer, f"{kind}_states")[index] = tensor.clone()  # cloned: transformers updates in place
+                getattr(layer, f"is_{kind}_states_initialized")[index] = True
+                layer.dtype, layer.device = tensor.dtype, tensor.device
+                if kind == "conv":
+                    layer.conv_kernel_size[index] = tensor.shape[-1]
+                layer.has_previous_state[index] = True
             layer.cumulative_length_linear = torch.tensor(past_length)
             cache.layers[i] = layer
     return cache
 
 
-def cache_tensor(layer, slot: str):
-    """The cache layer's tensor of a slot: its keys or values, or its (first) conv or recurrent state."""
-    return getattr(layer, f"{slot}s") if slot in ("key", "value") else getattr(layer, f"{slot}_states")[0]
+def _cache_beside_layers(cache_class: type, num_layers: int, slots: list[tuple[int, str]], past):
+    """A cache that keeps its linear-attention states beside its layers (MiniMax's MiniMaxCache: a
+    `linear_cache` list), filled through its own methods as the model fills it."""
+    cache = cache_class()
+    tensors: list[dict] = [{} for _ in range(num_layers)]
+    for (layer, slot), tensor in zip(slots, past):
+        tensors[layer][slot] = tensor
+    for i, t in enumerate(tensors):
+        if "key" in t:
+            cache.update(t["key"], t["value"], i)
+        if "recurrent" in t:
+            cache.set_linear_cache(i, t["recurrent"])
+    return cache
 
 
-def cache_inputs(model: nn.Module, batch: int, past: int) -> dict[str, tuple[int, ...]]:
-    """Each past input's name and shape, probed by running one token with the cache the family
-    builds for itself: the layout is the model's own (DeepSeek-V3 caches its compressed MLA latent,
-    not per-head keys and values; Qwen3-Next's linear-attention layers keep a conv and a recurrent
-    state). A layer whose cache holds anything else (an indexer's keys, compressed blocks, several
-    states) is refused by name."""
-    from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer,
-                                          LinearAttentionAndFullAttentionLayer,
+def cache_tensor(cache, layer: int, slot: str):
+    """A cache's tensor of a layer's slot: its keys or values (or indexer keys), or its (first) conv or
+    recurrent state, which a cache that keeps them beside its layers (MiniMax's) keeps in `linear_cache`."""
+    if slot == "recurrent" and hasattr(cache, "linear_cache"):
+        return cache.linear_cache[layer]
+    layer = cache.layers[layer]
+    if slot in SEQUENCE_AXIS:
+        return getattr(layer, f"{slot}s")
+    kind, index = state_slot(slot)
+    return getattr(layer, f"{kind}_states")[index]
+
+
+def cache_inputs(model: nn.Module, batch: int, past: int) -> tuple[dict[str, tuple[int, ...]], type]:
+    """Each past input's name and shape, and the cache's class, probed by running one token with the
+    cache the family builds for itself: the layout is the model's own (DeepSeek-V3 caches its
+    compressed MLA latent, not per-head keys and values; Qwen3-Next's linear-attention layers keep a
+    conv and a recurrent state; DeepSeek-V3.2's indexer its own keys; MiniMax its lightning
+    attention's state beside the layers). A layer whose cache holds anything else (compressed
+    blocks, several states) is refused by name."""
+    from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicIndexedLayer, DynamicLayer,
+                                          DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer,
                                           LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer)
 
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
-    if type(out.cache) is not DynamicCache:
+    linear = getattr(out.cache, "linear_cache", None)  # linear-attention states beside the layers (MiniMax)
+    if type(out.cache) is not DynamicCache and not (isinstance(out.cache, DynamicCache) and isinstance(linear, list)):
         raise Unsupported(model.config.model_type, "cache", f"the model keeps its own cache class "
                           f"{type(out.cache).__name__}, which moec does not export yet")
     shapes = {}
+    for i, state in enumerate(linear or []):
+        if isinstance(state, torch.Tensor):
+            shapes[f"past_key_values.{i}.recurrent"] = (batch, *state.shape[1:])
     for i, layer in enumerate(out.cache.layers):
-        if type(layer) is DummyLayer:  # an MLP-only layer: nothing to carry
-            continue
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer,
+        if type(layer) is DummyLayer or (type(layer) is DynamicLayer and not layer.is_initialized):
+            continue  # an MLP-only layer, or one whose state the cache keeps beside it: nothing to carry
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, DynamicIndexedLayer, LinearAttentionLayer,
                                LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer):
             raise Unsupported(model.config.model_type, "cache", f"decoder layer {i} keeps a {type(layer).__name__} "
-                              "cache (state beyond keys, values and one conv and recurrent state), which moec does "
-                              "not export yet")
-        if getattr(layer, "number_of_states", 1) != 1:
-            raise Unsupported(model.config.model_type, "cache", f"decoder layer {i} keeps {layer.number_of_states} "
-                              "linear-attention states (moec exports one conv and one recurrent state per layer), "
-                              "which moec does not export yet")
+                              "cache (state beyond keys, values, indexer keys and linear-attention states), which "
+                              "moec does not export yet")
         if isinstance(layer, DynamicLayer):
             shapes |= {f"past_key_values.{i}.{slot}": (batch, t.shape[1], past, t.shape[3])
                        for slot, t in (("key", layer.keys), ("value", layer.values))}
+        if isinstance(layer, DynamicIndexedLayer) and layer.is_indexer_initialized:
+            shapes[f"past_key_values.{i}.indexer_key"] = (batch, past, layer.indexer_keys.shape[2])
         if isinstance(layer, LinearAttentionLayer):
-            shapes |= {f"past_key_values.{i}.{slot}": (batch, *getattr(layer, f"{slot}_states")[0].shape[1:])
-                       for slot in sorted(STATE_SLOTS) if getattr(layer, f"is_{slot}_states_initialized")[0]}
-    return shapes
+            shapes |= {f"past_key_values.{i}.{_state_name(kind, k)}": (batch, *getattr(layer, f"{kind}_states")[k].shape[1:])
+                       for kind in STATE_KINDS for k in range(layer.number_of_states)
+                       if getattr(layer, f"is_{kind}_states_initialized")[k]}
+    return shapes, type(out.cache)
 
 
 @contextlib.contextmanager
@@ -181,6 +237,8 @@ def _real_valued_rotary(module_name: str, rotary_class: str):
 EXPORT_REWRITES = {
     "deepseek_v2": functools.partial(_real_valued_rotary, "transformers.models.deepseek_v2.modeling_deepseek_v2",
                                      "DeepseekV2RotaryEmbedding"),
+    "minimax": functools.partial(exportable_lightning_attention, "transformers.models.minimax.modeling_minimax",
+                                 "MiniMaxLightningAttention"),
 }
 
 
@@ -250,34 +308,42 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
         attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
         position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-        shapes = cache_inputs(model, batch, past)
+        shapes, cache_class = cache_inputs(model, batch, past)
         pasts = [torch.zeros(s) for s in shapes.values()]
     tokens = {0: "batch", 1: "sequence"}
     dynamic_shapes = (tokens, {0: "batch", 1: "total_sequence"}, tokens,  # torch.onnx names the axes
-                      tuple({0: "batch", 2: "past_sequence"} if name.endswith((".key", ".value")) else {0: "batch"}
-                            for name in shapes))
+                      tuple({0: "batch", SEQUENCE_AXIS[past_slot(name)[1]]: "past_sequence"}
+                            if past_slot(name)[1] in SEQUENCE_AXIS else {0: "batch"} for name in shapes))
     inputs = ["input_ids", "attention_mask", "position_ids", *shapes]
     outputs = ["logits", *map(present_name, shapes)]
+    config = model.config
     model.requires_grad_(False)  # the same graph, exported a sixth faster (no autograd bookkeeping)
     with warnings.catch_warnings(), _export_rewrites(model), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            KVCacheModel(model, list(shapes)).eval(), (input_ids, attention_mask, position_ids, *pasts),
+            KVCacheModel(model, list(shapes), cache_class).eval(), (input_ids, attention_mask, position_ids, *pasts),
             dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
             custom_translation_table={torch.ops.moec.experts.default: _onnx_experts,
-                                      torch.ops.moec.gated_delta_rule.default: onnx_gated_delta_rule},
+                                      torch.ops.moec.gated_delta_rule.default: onnx_gated_delta_rule,
+                                      torch.ops.moec.selective_scan.default: onnx_selective_scan},
         )
         bind_weights(program.model, weights, strip_prefix="model.")
         TransposeWeightsPass()(program.model)  # before the constant folder, which would materialize them
         program.optimize()
     model = program.model
     NameWeightsPass(strip_prefix="model.")(model)  # KVCacheModel's attribute
+    layers = [node.attributes["layer"].value for node in model.graph if node.op_type == moe_op.OP_TYPE]
+    if repeated := sorted({layer for layer in layers if layers.count(layer) > 1}):
+        raise Unsupported(config.model_type, "experts", f"decoder layer {repeated[0]} runs its experts "
+                          f"{layers.count(repeated[0])} times per token (a looped layer), which moec does not "
+                          "lower yet")
     return model
 
 
 def bind_weights(model: ir.Model, weights: Mapping[str, Callable[[], np.ndarray]], strip_prefix: str) -> None:
-    """Give every initializer exported from a meta-device tensor a lazy value read by `weights`."""
+    """Give every initializer exported from a meta-device tensor a lazy value read by `weights`,
+    marked as the checkpoint's tensor in its stored layout (STORED_AS_IS)."""
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if not getattr(getattr(tensor, "raw", None), "is_meta", False):  # torch.onnx's TorchTensor
@@ -287,6 +353,7 @@ def bind_weights(model: ir.Model, weights: Mapping[str, Callable[[], np.ndarray]
             raise MoecError(f"the traced graph has a weight {key!r} that no module of the model holds")
         value.const_value = ir.LazyTensor(functools.partial(_read, weights[key], tensor.dtype),
                                           dtype=tensor.dtype, shape=tensor.shape, name=name)
+        value.meta[STORED_AS_IS] = True
 
 
 def _read(read: Callable[[], np.ndarray], dtype: ir.DataType) -> ir.Tensor:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+# the value meta key marking an initializer that holds a checkpoint tensor in its stored layout
+# (set by the front end when it binds the weights); this pass's transposed copies do not carry it
+STORED_AS_IS = "moec.stored_as_is"
+
 
 def transposed(tensor: ir.TensorProtocol, perm: list[int] | None) -> ir.LazyTensor:
     """`tensor` transposed by `perm` (reversed axes when None), computed when read, as a view:

@@ -2,8 +2,9 @@
 
 No moec import: this is the template to copy into an application. The artifact's model.onnx
 takes input_ids, attention_mask, position_ids and past_key_values.{i}.key|value (and, for a
-linear-attention layer such as Qwen3-Next's, past_key_values.{i}.conv|recurrent: its state), and
-returns logits and present.{i}.*; each step feeds the previous step's presents back as the past.
+linear-attention layer such as Qwen3-Next's, past_key_values.{i}.conv|recurrent: its state; for a
+sparse-attention indexer such as DeepSeek-V3.2's, past_key_values.{i}.indexer_key), and returns
+logits and present.{i}.*; each step feeds the previous step's presents back as the past.
 
     python samples/ort_generate.py out/tiny-mixtral --prompt "def main(" --max-new-tokens 48
 """

@@ -31,13 +31,12 @@ def text_file(tmp_path_factory):
     return path
 
 
-# Zaya's layers pass their router state to the next layer (see the test below). Ergo's experts module
-# calls the experts interface once per route (its hidden states repeated k times, top-1, each route
-# normed by its expert before the weighted sum): the graph's experts node is top-1, while calibrate
+# Ergo's experts module calls the experts interface once per route (its hidden states repeated k
+# times, top-1, each route normed by its expert before the weighted sum): the graph's experts node is top-1, while calibrate
 # reads the module's own top-k call, so a plan that prunes it is refused at compile (moec cannot
 # prune inside that node yet). LongCat-Flash renames its routes to zero-computation experts as real
 # experts at weight 0, which calibrate still counts as routed
-@pytest.mark.parametrize("arch", families([arch for arch in SUPPORTED if arch not in ("zaya", "ergo", "longcat_flash")]))
+@pytest.mark.parametrize("arch", families([arch for arch in SUPPORTED if arch not in ("ergo", "longcat_flash")]))
 def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, monkeypatch):
     """Calibrate, plan mixed 2/4/8-bit widths and 0.15 dynamic pruning (beta in some layers, top-p in
     others) with a super expert kept and an expert dropped, compile, verify and run: the whole
@@ -125,14 +124,29 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, m
     assert len(list(generate(Artifact(tmp_path / "artifact"), [[3, 14, 15, 92]], 5))) == 5
 
 
-@pytest.mark.parametrize("arch", families(["zaya"]))
-def test_calibrate_refuses_layers_that_pass_more_than_hidden_states(arch, compiled, text_file):
-    """Calibration replays each decoder layer from its recorded inputs; Zaya's layers also hand
-    their router state to the next one, so it is refused in one line (compile takes plans as usual:
-    test_mixed_plan_compiles_verifies_and_runs)."""
-    with pytest.raises(MoecError) as refused:
-        calibrate(compiled(arch).model_dir, data=text_file, samples=2, seq_len=16, progress=False)
-    assert "\n" not in str(refused.value) and "zaya" in str(refused.value)
+@pytest.mark.parametrize("arch", families([arch for arch in ("zaya", "glm_moe_dsa", "hy_v4") if arch in SUPPORTED]))
+def test_layers_that_hand_on_more_than_hidden_states_calibrate_as_the_model_routes(arch, compiled, text_file):
+    """Calibration replays each decoder layer from its recorded inputs; Zaya's layers also hand their
+    router state to the next one, GLM-MoE-DSA's and HY-V4's their indexer's top-k (which a "shared"
+    indexer layer reuses). The replay gives each layer what the one before handed on: every expert's
+    token count equals that of transformers' own forward on the same tokens."""
+    from moec.experts import call_arguments, experts_layers
+
+    c = compiled(arch)
+    stats = calibrate(c.model_dir, data=text_file, samples=4, seq_len=32, progress=False)
+    routed = {}
+    handles = [c.model.get_submodule(layer.path).register_forward_pre_hook(
+        lambda _, args, kwargs, layer=layer.layer: routed.setdefault(layer, []).append(call_arguments(args, kwargs)[1]),
+        with_kwargs=True) for layer in experts_layers(c.model)]
+    with torch.no_grad():
+        c.model(_windows(c.model_dir, text_file, 4, 32))
+    for handle in handles:
+        handle.remove()
+    assert [layer["layer"] for layer in stats["layers"]] == sorted(routed)
+    for layer in stats["layers"]:
+        indices = torch.cat([calls.flatten() for calls in routed[layer["layer"]]])
+        counts = torch.bincount(indices[indices < len(layer["experts"])], minlength=len(layer["experts"]))
+        assert [e["frequency"] for e in layer["experts"]] == counts.tolist(), layer["layer"]
 
 
 def _plan_pruning(plan: dict, stats: dict, arch: str) -> None:

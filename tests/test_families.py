@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
 
 from moec.runtime import Artifact, generate, left_pad, positions
 from tiny import REFUSED, families
@@ -21,7 +20,7 @@ def test_prefill_and_decode_logits_match_transformers(compiled, arch, batch):
     c = compiled(arch)
     artifact = Artifact(c.artifact_dir)
     ids, mask = left_pad(PROMPTS[batch])
-    cache = DynamicCache(config=c.model.config)
+    cache = None  # the cache the model builds for itself (MiniMax's own class), then carried along
     # the past fed back as it comes (each present one step longer), and the past as a buffer with room
     # for the whole sequence, which attention appends to in place where it can (kv_in_place)
     pasts = {"concatenated": artifact.empty_cache(batch),
@@ -30,9 +29,9 @@ def test_prefill_and_decode_logits_match_transformers(compiled, arch, batch):
     for i in range(1 + DECODE_STEPS):
         pos = positions(mask, step.shape[1])
         with torch.no_grad():
-            expected = c.model(input_ids=torch.from_numpy(step), attention_mask=torch.from_numpy(mask),
-                               position_ids=torch.from_numpy(pos), cache=cache,
-                               use_cache=True).logits.numpy()
+            out = c.model(input_ids=torch.from_numpy(step), attention_mask=torch.from_numpy(mask),
+                          position_ids=torch.from_numpy(pos), cache=cache, use_cache=True)
+        expected, cache = out.logits.numpy(), out.cache
         real = mask[:, -step.shape[1]:].astype(bool)  # padded positions carry no meaning
         for kind, past in pasts.items():
             logits, pasts[kind] = artifact.forward(step, mask, pos, past)

@@ -71,8 +71,12 @@ def test_deepseek_mla_cache_is_declared_unsupported(compiled):
     json.loads((c.artifact_dir / "moec.json").read_text())  # the record on disk says so too
 
 
-def test_linear_attention_state_is_declared_unsupported(compiled):
-    """genai's decoder has key and value slots only; Qwen3-Next also carries conv and recurrent state."""
-    c = compiled("qwen3_next")
-    assert "linear-attention state (conv, recurrent)" in c.record["onnxruntime_genai"]["unsupported"]
+@pytest.mark.parametrize("arch, carried", [pytest.param(arch, carried, marks=pytest.mark.xdist_group(arch)) for
+                                           arch, carried in (("qwen3_next", "conv, recurrent"),
+                                                             ("deepseek_v32", "indexer_key"))])
+def test_state_beyond_keys_and_values_is_declared_unsupported(compiled, arch, carried):
+    """genai's decoder has key and value slots only; Qwen3-Next also carries conv and recurrent state,
+    DeepSeek-V3.2 its indexer's keys."""
+    c = compiled(arch)
+    assert f"also carries {carried} (" in c.record["onnxruntime_genai"]["unsupported"]
     assert not (c.artifact_dir / "genai_config.json").exists()
