@@ -58,7 +58,10 @@ def run(arch: str, work: Path, avg_bits: float, text: Path) -> dict:
     model, stats, plan, artifact = (work / arch / name for name in ("model", "stats.json", "plan.json", "artifact"))
     row = {"model_type": arch}
     if not model.exists():
-        tiny.save_tiny(arch, model, seed=0, **SHAPES[arch], max_position_embeddings=4096)
+        from transformers import CONFIG_MAPPING
+
+        config = CONFIG_MAPPING[arch](**{**tiny.COMMON, **SHAPES[arch], "max_position_embeddings": 4096})
+        tiny.save_tiny(arch, model, seed=0, config=config)
     config = json.loads((model / "config.json").read_text())
     for step, out, args in (("calibrate", stats, ["calibrate", str(model), "--data", str(text), "--samples", "8",
                                                   "--seq-len", "128", "--out", str(stats)]),

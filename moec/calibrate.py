@@ -26,6 +26,7 @@ Hessians for error-compensating quantization are not stored: the same streaming 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import time
@@ -40,6 +41,7 @@ from moec.text import read_text, token_windows
 STATS_FORMAT = "moec-stats/1"
 DEFAULT_BITS = (2, 4, 8)
 BATCH_SEQUENCES = 8
+KNOWN_BYTES = 2**29  # the known route outputs one width-0 rerun of a MoE block holds
 PRUNING_BETAS = tuple(round(0.025 * i, 3) for i in range(1, 40))  # 0.025 ... 0.975
 PRUNING_TOP_PS = PRUNING_BETAS
 SUPER_EXPERT_PERCENTILE = 99.5
@@ -73,7 +75,6 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
         np.add.at(routing_weight, indices.ravel(), weights.ravel())
 
     stacked, stored = float32_views(module), stacked_weights(module)
-    full = _block_outputs(block) if 0 in bits else []
     # a block that is its decoder layer (Gemma 4 keeps its experts beside attention) mixes tokens:
     # it reruns whole
     merged = _merged_call(block.calls, [len(indices) for _, indices, _ in calls]) \
@@ -95,8 +96,7 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
         biases = {name: getattr(expert, name) for name in ("gate_bias", "up_bias", "down_bias")}
         expert = None
         for j, width in enumerate(bits):
-            if width == 0:
-                quant_loss[e, j] = _dropped_loss(layer, block, full, calls, e, merged)
+            if width == 0:  # once every route's output is known (below)
                 continue
             # each projection upcast alone and quantized, gate and up for the hidden activations, then
             # down: a Mixtral-8x7B expert adds about 0.7 GB, as when it was computed exactly
@@ -109,6 +109,10 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
             for (_, _, weights), (tokens, rank), rows in zip(calls, picks, np.split(error, bounds)):
                 if tokens.size:
                     quant_loss[e, j] += float(np.linalg.norm(rows * weights[tokens, rank][:, None]))
+    if 0 in bits:
+        full = _block_outputs(block, module, calls, outputs)
+        routed = [int(e) for e in np.flatnonzero(frequency)]
+        quant_loss[routed, bits.index(0)] = _dropped_losses(layer, block, module, full, calls, outputs, routed, merged)
     routing_weights = [weights for _, _, weights in calls]
     return {
         "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
@@ -120,42 +124,85 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
     }
 
 
-def _block_outputs(block: BlockInputs) -> list:
-    """The MoE block's output (float32) on each call it received."""
+@contextlib.contextmanager
+def _known(module, hidden: np.ndarray, index: np.ndarray, outputs: np.ndarray):
+    """While in force, the experts `module` reuses `outputs` (each route's expert output on these
+    tokens) where a call routes a token to the same expert again (moec.experts.KnownRoutes)."""
+    from moec.experts import KnownRoutes
+
+    module.moec_known_routes = KnownRoutes(hidden, index, outputs)
+    try:
+        yield
+    finally:
+        del module.moec_known_routes
+
+
+def _block_outputs(block: BlockInputs, module, calls: list, outputs: list) -> list:
+    """The MoE block's output (float32) on each call it received, its experts' outputs known."""
     import torch
 
+    result = []
     with torch.no_grad():
-        return [_output(block.module(*args, **kwargs)) for args, kwargs in block.calls]
+        for (args, kwargs), (x, indices, _), out in zip(block.calls, calls, outputs):
+            with _known(module, x, indices, out):
+                result.append(_output(block.module(*args, **kwargs)))
+    return result
 
 
-def _dropped_loss(layer, block: BlockInputs, full: list, calls: list, expert: int, merged) -> float:
-    """L2 norm of the MoE block's output error with `expert` masked out of its router's top-k (its
-    tokens routed to the remaining experts), summed over batches; `full` is its output unmasked and
-    `calls` what its experts received (their top_k_index). The mask changes only the tokens whose
-    top-k held the expert, so the block (router, experts, shared experts: each token on its own)
-    reruns once, on just those tokens of every batch (`merged`: _merged_call of its calls): k/E of
-    the tokens on average, instead of every token once per expert. A block whose calls cannot be
-    cut to tokens (`merged` None) reruns whole, batch by batch."""
+def _dropped_losses(layer, block: BlockInputs, module, full: list, calls: list, outputs: list, experts: list[int],
+                    merged) -> list[float]:
+    """For each of `experts`, the L2 norm of the MoE block's output error with it masked out of its
+    router's top-k (its tokens routed to the remaining experts), summed over batches; `full` is the
+    block's output unmasked, `calls` what its experts received and `outputs` each of their routes'
+    output. The mask changes only the tokens whose top-k held the expert, so the block (router,
+    experts, shared experts: each token on its own) reruns on just those tokens of every batch, for
+    all experts at once (`merged`: _merged_call of its calls; RoutingMask's per-token experts), in
+    calls of at most KNOWN_BYTES of known routes; and of its experts only the ones that take a
+    dropped expert's place run, the others' outputs known. A block whose calls cannot be cut to
+    tokens (`merged` None) reruns whole, batch by batch, once per expert."""
     import torch
 
     from moec.experts import RoutingMask, selection_not_found
 
-    mask = RoutingMask(layer.num_experts, [expert])
-    routed = [np.flatnonzero((indices == expert).any(axis=1)) for _, indices, _ in calls]
     exact = [out.reshape(-1, out.shape[-1]) for out in full]
-    with torch.no_grad(), mask:
-        if merged is None:
-            errors = [_output(block.module(*args, **kwargs)).reshape(want.shape) - want
-                      for (args, kwargs), want in zip(block.calls, exact)]
-        else:
-            offsets = np.cumsum([0] + [len(want) for want in exact])
-            args, kwargs = _token_rows(merged, np.concatenate([r + o for r, o in zip(routed, offsets)]), offsets[-1])
-            dropped = torch.split(_output(block.module(*args, **kwargs)).reshape(-1, exact[0].shape[1]),
-                                  [len(r) for r in routed])
-            errors = [got - want[torch.from_numpy(r)] for got, want, r in zip(dropped, exact, routed)]
-    if block.calls and not mask.selections:
-        raise selection_not_found(layer.block_path, layer.num_experts)
-    return sum(float(torch.linalg.vector_norm(error.double())) for error in errors)
+    if merged is None:
+        losses = []
+        for expert in experts:
+            mask = RoutingMask(layer.num_experts, [expert])
+            errors = []
+            with torch.no_grad(), mask:
+                for (args, kwargs), want, (x, indices, _), out in zip(block.calls, exact, calls, outputs):
+                    with _known(module, x, indices, out):
+                        errors.append(_output(block.module(*args, **kwargs)).reshape(want.shape) - want)
+            if block.calls and not mask.selections:
+                raise selection_not_found(layer.block_path, layer.num_experts)
+            losses.append(sum(float(torch.linalg.vector_norm(error.double())) for error in errors))
+        return losses
+    offsets = np.cumsum([0] + [len(want) for want in exact])
+    tokens = [np.concatenate([np.flatnonzero((indices == e).any(axis=1)) + o for (_, indices, _), o
+                              in zip(calls, offsets)]) for e in experts]  # each expert's tokens, as rows of all
+    known = [np.concatenate(parts) for parts in ([x for x, _, _ in calls], [i for _, i, _ in calls], outputs)]
+    want, batch_of = torch.cat(exact), np.searchsorted(offsets, np.arange(offsets[-1]), side="right") - 1
+    per_call = max(1, KNOWN_BYTES // (known[2][0].nbytes or 1))
+    losses = []
+    start = 0
+    while start < len(experts):  # as many experts' tokens per call as fit
+        stop = start + 1
+        while stop < len(experts) and sum(map(len, tokens[start:stop + 1])) <= per_call:
+            stop += 1
+        rows = np.concatenate(tokens[start:stop])
+        mask = RoutingMask(layer.num_experts, per_token=np.repeat(experts[start:stop], list(map(len, tokens[start:stop]))))
+        args, kwargs = _token_rows(merged, rows, offsets[-1])
+        with torch.no_grad(), mask, _known(module, *(np.take(part, rows, axis=0) for part in known)):
+            error = _output(block.module(*args, **kwargs)).reshape(len(rows), -1) - want[torch.from_numpy(rows)]
+        if not mask.selections:
+            raise selection_not_found(layer.block_path, layer.num_experts)
+        for segment, expert_rows in zip(torch.split(error, list(map(len, tokens[start:stop]))), tokens[start:stop]):
+            batches = batch_of[expert_rows]  # norms per batch, summed, as over the batches' calls
+            losses.append(sum(float(torch.linalg.vector_norm(segment[torch.from_numpy(batches == b)].double()))
+                              for b in np.unique(batches)))
+        start = stop
+    return losses
 
 
 def _output(out):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from moec.errors import MoecError, Unsupported
-from moec.ops.moe import ExpertsSpec, expert_weight_name, expert_weights, experts_reference
+from moec.ops.moe import ExpertsSpec, expert_ffn, expert_weight_name, expert_weights, experts_reference
 
 TRACE_IMPLEMENTATION = "moec"
 REFERENCE_IMPLEMENTATION = "moec_reference"
@@ -191,14 +191,16 @@ class RoutingMask(torch.overrides.TorchFunctionMode):
     of a max or argmax there (a max's values stay as computed). That is what
     passes/mask_dropped_experts.py does to the router's TopK or ArgMax in the graph, so the PyTorch
     reference and calibration route as the artifact does, through the family's own router code.
-    `selections` counts the selections masked."""
+    With `per_token` (an expert per token of the call, in order) each token drops its own expert
+    instead (calibration's width 0, every expert's tokens in one call); a selection over another
+    number of tokens is left as it is. `selections` counts the selections masked."""
 
     SELECTIONS = {torch.topk: "topk", torch.Tensor.topk: "topk", torch.max: "max", torch.Tensor.max: "max",
                   torch.argmax: "argmax", torch.Tensor.argmax: "argmax"}
 
-    def __init__(self, num_experts: int, dropped):
+    def __init__(self, num_experts: int, dropped=(), per_token: np.ndarray | None = None):
         super().__init__()
-        self.num_experts, self.dropped = num_experts, list(dropped)
+        self.num_experts, self.dropped, self.per_token = num_experts, list(dropped), per_token
         self.selections = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -213,8 +215,15 @@ class RoutingMask(torch.overrides.TorchFunctionMode):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
         if type(dim) is not int or dim not in (-1, scores.dim() - 1) or scores.shape[-1] < self.num_experts:
             return func(*args, **kwargs)  # torch.max(a, b) and the like: not a selection
-        mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)  # the experts, then other options
-        mask[self.dropped] = True
+        if self.per_token is None:
+            mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)  # the experts, then other options
+            mask[self.dropped] = True
+        elif scores.numel() // scores.shape[-1] == len(self.per_token):
+            mask = torch.zeros(len(self.per_token), scores.shape[-1], dtype=torch.bool, device=scores.device)
+            mask[torch.arange(len(self.per_token)), torch.from_numpy(self.per_token)] = True
+            mask = mask.reshape(scores.shape)
+        else:
+            return func(*args, **kwargs)
         masked = scores.masked_fill(mask, float("-inf"))
         self.selections += 1
         if kind == "max":
@@ -292,10 +301,43 @@ def _reference_forward(module, hidden_states, top_k_index, top_k_weights):
                 setattr(weights, proj, quantizer(getattr(weights, proj)).dequantize())
         return weights
 
-    x = hidden_states.detach().float().numpy()
-    out = experts_reference(x, top_k_index.numpy(), top_k_weights.detach().float().numpy(), expert,
-                            stacked["down"].num_experts, spec=spec)
+    x, index, weights = hidden_states.detach().float().numpy(), top_k_index.numpy(), top_k_weights.detach().float().numpy()
+    known = getattr(module, "moec_known_routes", None)
+    if known is not None and not spec.prunes and known.fits(x, index):
+        out = known.combine(x, index, weights, expert, spec)
+    else:
+        out = experts_reference(x, index, weights, expert, stacked["down"].num_experts, spec=spec)
     return torch.from_numpy(out).to(hidden_states.dtype)
+
+
+@dataclass
+class KnownRoutes:
+    """Expert outputs already computed for the tokens of an experts call, reused where a rerun routes
+    a token to the same expert again (calibration's width 0: masking one expert out of the router
+    changes one of each affected token's routes, so only the expert that takes its place runs)."""
+
+    hidden: np.ndarray   # [tokens, H]: what the experts received
+    index: np.ndarray    # [tokens, k]
+    outputs: np.ndarray  # [tokens, k, H]: each route's expert output, unweighted
+
+    def fits(self, hidden: np.ndarray, index: np.ndarray) -> bool:
+        """Whether a call is on these tokens (the same rows, in order: checked on a few of them)."""
+        if hidden.shape != self.hidden.shape or index.shape != self.index.shape:
+            return False
+        rows = np.linspace(0, len(hidden) - 1, min(len(hidden), 16)).astype(int)
+        return np.allclose(hidden[rows], self.hidden[rows], rtol=1e-5, atol=1e-6)
+
+    def combine(self, hidden: np.ndarray, index: np.ndarray, weights: np.ndarray, expert, spec) -> np.ndarray:
+        """The weighted sum of each token's routes, computing only the (token, expert) pairs not known."""
+        match = index[:, :, None] == self.index[:, None, :]
+        first = match & (np.cumsum(match, axis=-1) == 1)  # a route's first known place (LongCat repeats experts)
+        known = match.any(-1)
+        # each known route's weight moved onto its place among the known outputs: one batched product
+        out = np.matmul(np.einsum("nk,nkj->nj", weights, first.astype(np.float32))[:, None], self.outputs)[:, 0]
+        for e in np.unique(index[~known]):
+            tokens, rank = np.nonzero((index == e) & ~known)
+            np.add.at(out, tokens, expert_ffn(hidden[tokens], expert(int(e)), spec) * weights[tokens, rank][:, None])
+        return out
 
 
 class StackedView:

@@ -346,36 +346,49 @@ def test_cli_calibrate_with_builtin_corpus_then_plan(capsys, tmp_path, compiled)
 
 @pytest.mark.parametrize("arch", families(["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "granitemoe", "phimoe",
                                            "glm4_moe", "qwen3_next"]))
-def test_dropped_loss_reruns_only_the_experts_tokens_and_equals_the_full_rerun(arch, compiled, text_file):
-    """Width 0 reruns the MoE block once on the tokens whose top-k held the expert, not on every
-    token of every batch: the same loss as the whole block rerun with the expert masked (within
-    1e-6 relative) for routers of every kind (softmax, sigmoid with groups, top-k then softmax,
-    sparsemixer, a shared expert's gate)."""
-    from moec.calibrate import _block_outputs, _dropped_loss, _merged_call, moe_inputs
-    from moec.experts import RoutingMask
+def test_dropped_loss_reruns_only_the_experts_tokens_and_equals_the_full_rerun(arch, compiled, text_file, monkeypatch):
+    """Width 0 reruns the MoE block on the tokens whose top-k held each expert, every expert's in one
+    call (each token dropping its own expert), not on every token once per expert, and of the
+    experts runs only the (token, expert) pairs the masks bring in, the other routes' outputs
+    known: per expert the same loss as the whole block rerun with that expert masked and every
+    expert computed (within 1e-6 relative), for routers of every kind (softmax, sigmoid with
+    groups, top-k then softmax, sparsemixer, a shared expert's gate)."""
+    import moec.experts
+    from moec.calibrate import _block_outputs, _dropped_losses, _merged_call, _output, moe_inputs
+    from moec.experts import RoutingMask, float32_views
+    from moec.ops.moe import expert_ffn, expert_weights
 
+    computed = []  # rows each expert computation ran on
+    monkeypatch.setattr(moec.experts, "expert_ffn", lambda x, *a, **k: computed.append(len(x)) or expert_ffn(x, *a, **k))
     c = compiled(arch)
     windows = _windows(c.model_dir, text_file, 6, 32).numpy()
     checked = 0
-    for layer, _, calls, block in moe_inputs(open_checkpoint(c.model_dir), windows, progress=False, blocks=True):
-        full = _block_outputs(block)
+    for layer, module, calls, block in moe_inputs(open_checkpoint(c.model_dir), windows, progress=False, blocks=True):
+        stacked = float32_views(module)
+        outputs = [np.stack([np.stack([expert_ffn(x[t:t + 1], expert_weights(stacked, int(e), layer.spec), layer.spec)[0]
+                                       for e in row]) for t, row in enumerate(indices)]) for x, indices, _ in calls]
+        full = _block_outputs(block, module, calls, outputs)
+        with torch.no_grad():
+            rerun = [_output(block.module(*args, **kwargs)) for args, kwargs in block.calls]  # every expert computed
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(full, rerun))
         merged = _merged_call(block.calls, [len(indices) for _, indices, _ in calls])
         assert merged is not None
+        experts = [e for e in range(layer.num_experts) if any((indices == e).any() for _, indices, _ in calls)]
+        routed = sum(int((indices == e).any(axis=1).sum()) for e in experts for _, indices, _ in calls)
         rows = []
         handle = block.module.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[:-1].numel()))
+        computed.clear()
         try:
-            for expert in range(layer.num_experts):
-                routed = sum(int((indices == expert).any(axis=1).sum()) for _, indices, _ in calls)
-                if not routed:
-                    continue
-                rows.clear()
-                incremental = _dropped_loss(layer, block, full, calls, expert, merged)
-                assert rows == [routed]  # one call, on only the expert's tokens
-                with RoutingMask(layer.num_experts, [expert]):
-                    rerun = sum(torch.linalg.vector_norm((dropped - exact).double()).item()
-                                for dropped, exact in zip(_block_outputs(block), full))
-                assert incremental == pytest.approx(rerun, rel=1e-6, abs=0), (layer.layer, expert)
-                checked += 1
+            losses = _dropped_losses(layer, block, module, full, calls, outputs, experts, merged)
         finally:
             handle.remove()
+        assert rows == [routed]  # one call, on each expert's tokens
+        assert routed <= sum(computed) < routed * calls[0][1].shape[1]  # the routes brought in
+        assert len(computed) <= layer.num_experts  # each expert run once, on all the tokens it takes
+        for expert, incremental in zip(experts, losses):
+            with RoutingMask(layer.num_experts, [expert]), torch.no_grad():
+                rerun = sum(torch.linalg.vector_norm((_output(block.module(*args, **kwargs)) - exact).double()).item()
+                            for (args, kwargs), exact in zip(block.calls, full))
+            assert incremental == pytest.approx(rerun, rel=1e-6, abs=0), (layer.layer, expert)
+            checked += 1
     assert checked > 2

@@ -79,6 +79,26 @@ def test_quantization_specs_give_each_weight_of_the_graph_its_width_and_the_targ
     assert quantization_specs(None, names, [], get_target("cpu")) == {}
 
 
+def test_a_checkpoint_matrix_used_as_the_products_k_by_n_operand_stays_float():
+    """The quantizers group a checkpoint tensor along its stored rows, which are a linear layer's
+    outputs ([N, K], exported transposed) but a bare matrix's inputs where the model multiplies by
+    it as stored ([K, N]: Inkling's relative-logit bank); the front end marks such a tensor, and no
+    plan quantizes it."""
+    import onnx_ir as ir
+
+    from moec.passes.transpose_weights import STORED_AS_IS
+    from moec.policy import product_weights
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 16]))
+    weights = {name: ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([16, 16]),
+                              const_value=ir.tensor(np.ones((16, 16), np.float32)))
+               for name in ("linear.weight", "bank.proj")}
+    weights["bank.proj"].meta[STORED_AS_IS] = True  # the linear weight is the transpose pass's copy: unmarked
+    nodes = [ir.node("MatMul", [x, w]) for w in weights.values()]
+    graph = ir.Graph([x], [n.outputs[0] for n in nodes], nodes=nodes, initializers=list(weights.values()))
+    assert product_weights(ir.Model(graph, ir_version=10)) == ["linear.weight"]
+
+
 def _mixed_plan(record, seed=0):
     """Widths 2/4/8/float spread over every MoE layer's experts, seeded."""
     rng = np.random.default_rng(seed)

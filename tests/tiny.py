@@ -273,6 +273,15 @@ def _more_configs() -> dict:
     out["longcat_flash"] = c("longcat_flash", **MLA, head_dim=8, qk_head_dim=16, num_layers=2, ffn_hidden_size=96,
                              moe_topk=2, n_routed_experts=8, zero_expert_num=4, expert_ffn_hidden_size=32,
                              routed_scaling_factor=1.5)
+    # types whose causal LM is another family's class under their own config (no modeling file)
+    out["param2moe"] = c("param2moe", head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1)
+    out["sarvam_moe"] = c("sarvam_moe", head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                          num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                          first_k_dense_replace=1)
+    out["sarvam_mla"] = c("sarvam_mla", **{k: v for k, v in MLA.items() if k != "q_lora_rank"}, q_lora_rank=None,
+                          intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8,
+                          num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1)
     out["kolibri1_1"] = c("kolibri1_1", head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                           num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
                           layer_types=["sliding_attention", "indexed_attention", "sliding_attention"],
@@ -290,8 +299,9 @@ SUPPORTED = tuple(arch for arch in (
     "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa",
     "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling2_text", "inkling_text",
     "jamba", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "longcat_flash", "mellum",
-    "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "mixtral", "nemotron_h", "olmoe", "phimoe",
-    "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "solar_open", "zaya") if arch in ARCHITECTURES)
+    "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "mixtral", "nemotron_h", "olmoe", "param2moe",
+    "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "sarvam_mla", "sarvam_moe", "solar_open",
+    "zaya") if arch in ARCHITECTURES)
 REFUSED = tuple(arch for arch in ARCHITECTURES if arch not in SUPPORTED)
 
 
@@ -319,15 +329,15 @@ def byte_tokenizer():
 SEEDS = {"zaya": 2}
 
 
-def save_tiny(arch: str, folder: Path, seed: int | None = None, **overrides):
-    """Build the family's tiny random model (its config changed by `overrides`), save it
-    (safetensors) with a tokenizer; return it."""
+def save_tiny(arch: str, folder: Path, seed: int | None = None, config=None, **overrides):
+    """Build the family's tiny random model (its config changed by `overrides`; `config` instead of
+    the tiny one), save it (safetensors) with a tokenizer; return it."""
     import transformers
 
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     torch.manual_seed(SEEDS.get(arch, 0) if seed is None else seed)
-    config = configs()[arch]
+    config = config or configs()[arch]
     for key, value in overrides.items():
         setattr(config, key, value)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
