@@ -170,8 +170,18 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> tuple[dict[str, tup
                                           DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer,
                                           LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer)
 
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
+    calls = {}  # experts module -> its calls in the probe
+    handles = [module.register_forward_pre_hook(lambda m, *_: calls.update({m: calls.get(m, 0) + 1}))
+               for module in model.modules() if hasattr(module, "moec_spec")]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if looped := next((m for m, n in calls.items() if n > 1), None):
+        raise Unsupported(model.config.model_type, "experts", f"decoder layer {looped.moec_spec.layer} runs its "
+                          f"experts {calls[looped]} times per token (a looped layer), which moec does not lower yet")
     linear = getattr(out.cache, "linear_cache", None)  # linear-attention states beside the layers (MiniMax)
     if type(out.cache) is not DynamicCache and not (isinstance(out.cache, DynamicCache) and isinstance(linear, list)):
         raise Unsupported(model.config.model_type, "cache", f"the model keeps its own cache class "
@@ -316,7 +326,6 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
                             if past_slot(name)[1] in SEQUENCE_AXIS else {0: "batch"} for name in shapes))
     inputs = ["input_ids", "attention_mask", "position_ids", *shapes]
     outputs = ["logits", *map(present_name, shapes)]
-    config = model.config
     model.requires_grad_(False)  # the same graph, exported a sixth faster (no autograd bookkeeping)
     with warnings.catch_warnings(), _export_rewrites(model), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -333,11 +342,6 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
         program.optimize()
     model = program.model
     NameWeightsPass(strip_prefix="model.")(model)  # KVCacheModel's attribute
-    layers = [node.attributes["layer"].value for node in model.graph if node.op_type == moe_op.OP_TYPE]
-    if repeated := sorted({layer for layer in layers if layers.count(layer) > 1}):
-        raise Unsupported(config.model_type, "experts", f"decoder layer {repeated[0]} runs its experts "
-                          f"{layers.count(repeated[0])} times per token (a looped layer), which moec does not "
-                          "lower yet")
     return model
 
 
