@@ -92,6 +92,14 @@ def _state_name(kind: str, index: int) -> str:
     return kind if index == 0 else f"{kind}{index}"
 
 
+def _by_layer(num_layers: int, slots: list[tuple[int, str]], past) -> list[dict]:
+    """Each layer's past tensors by slot."""
+    tensors: list[dict] = [{} for _ in range(num_layers)]
+    for (layer, slot), tensor in zip(slots, past):
+        tensors[layer][slot] = tensor
+    return tensors
+
+
 def _cache(num_layers: int, slots: list[tuple[int, str]], past, past_length):
     """A DynamicCache holding `past` (`past_length` tokens): keys and values in DynamicLayers, conv
     and recurrent state in LinearAttentionLayers marked as continuing (a fresh sequence's state is
@@ -103,9 +111,7 @@ def _cache(num_layers: int, slots: list[tuple[int, str]], past, past_length):
     from transformers.cache_utils import (DummyLayer, DynamicIndexedLayer, LinearAttentionAndFullAttentionLayer,
                                           LinearAttentionLayer)
 
-    tensors: list[dict] = [{} for _ in range(num_layers)]
-    for (layer, slot), tensor in zip(slots, past):
-        tensors[layer][slot] = tensor
+    tensors = _by_layer(num_layers, slots, past)
     cache = DynamicCache(ddp_cache_data=[(t.get("key"), t.get("value")) for t in tensors])
     for i, t in enumerate(tensors):
         if not t:
@@ -136,9 +142,7 @@ def _cache_beside_layers(cache_class: type, num_layers: int, slots: list[tuple[i
     """A cache that keeps its linear-attention states beside its layers (MiniMax's MiniMaxCache: a
     `linear_cache` list), filled through its own methods as the model fills it."""
     cache = cache_class()
-    tensors: list[dict] = [{} for _ in range(num_layers)]
-    for (layer, slot), tensor in zip(slots, past):
-        tensors[layer][slot] = tensor
+    tensors = _by_layer(num_layers, slots, past)
     for i, t in enumerate(tensors):
         if "key" in t:
             cache.update(t["key"], t["value"], i)
