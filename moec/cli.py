@@ -141,7 +141,7 @@ def _plan(args) -> None:
     options = dict(bits=args.bits, scope=args.scope, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                    require_top_widths=not args.no_top_widths, group_size=args.group_size,
                    params_per_expert=args.params_per_expert, model=args.model, method=args.method,
-                   target=args.target, protect_super_experts=not args.no_protect_super_experts)
+                   grid=args.grid, target=args.target, protect_super_experts=not args.no_protect_super_experts)
     if args.sweep:
         if args.prune_target is not None:
             raise MoecError("--prune-target plans one pruning for one plan; it does not combine with --sweep")
@@ -226,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="artifact folder to write")
     p.add_argument("--plan", metavar="plan.json", help="quantize to this plan's bit widths (moec plan)")
     p.add_argument("--target", default="cpu", help="execution target: cpu, or cuda for onnxruntime-gpu (default: cpu)")
-    p.add_argument("--data", metavar="FILE.txt", help="calibration text for a GPTQ plan (default: built-in corpus)")
-    p.add_argument("--samples", type=_positive_int, default=64, metavar="N", help="GPTQ calibration sequences (default 64)")
+    p.add_argument("--data", metavar="FILE.txt",
+                   help="calibration text for a GPTQ or weighted-grid plan's experts (default: built-in corpus)")
+    p.add_argument("--samples", type=_positive_int, default=64, metavar="N",
+                   help="their calibration sequences (default 64)")
     p.add_argument("--seq-len", type=_positive_int, default=256, metavar="L", help="tokens per sequence (default 256)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -300,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="expert quantizer compile uses: round-to-nearest, or GPTQ on each expert's routed "
                         "calibration tokens (default rtn)")
+    p.add_argument("--grid", choices=("minmax", "weighted"), default=None,
+                   help="each group's scale and zero point: minmax spans its range; weighted searches clipped "
+                        "ranges for the least error weighted by each input's calibration second moment "
+                        "(compile then reads calibration text for the experts) (default: weighted for gptq, "
+                        "minmax for rtn, as measured)")
     p.add_argument("--params-per-expert", type=int, metavar="N",
                    help="weights per routed expert (default: 3*hidden*intermediate from the stats or --model)")
     p.add_argument("--model", metavar="PATH", help="model the plan is for; refused if the stats are for another")

@@ -4,7 +4,8 @@ Columns of W [N, K] are quantized left to right; each column's rounding error is
 columns not yet quantized through the inverse Hessian of the inputs (H = X^T X over the tokens
 that actually reach this weight), so the product X W^T, not W itself, stays close. Every
 `group_size` columns get their scale and zero point from the error-updated weights (the same
-block layout and range rule as RTN, so the result packs into MatMulNBits unchanged).
+block layout and grid rules as RTN, so the result packs into MatMulNBits unchanged; the "weighted"
+grid weighs each column by its Hessian diagonal).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import dataclasses
 import numpy as np
 import torch
 
-from moec.quant import QuantizedWeight, block_params
+from moec.quant import QuantizedWeight, grid_params, rtn
 
 DAMPING = 0.01  # of the mean Hessian diagonal, for a well-conditioned inverse
 
 
-def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int = 128) -> QuantizedWeight:
+def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int = 128,
+         grid: str = "minmax") -> QuantizedWeight:
     w = torch.tensor(weight, dtype=torch.float64)
     h = torch.tensor(hessian, dtype=torch.float64)
     n, k = w.shape
@@ -28,6 +30,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int = 1
     w[:, dead] = 0.0
     h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    importance = torch.diag(h).numpy()
 
     qmax = 2**bits - 1
     blocks = -(-k // group_size)
@@ -43,7 +46,8 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int = 1
             column = start + i
             if column % group_size == 0:
                 g = column // group_size
-                scale, zero = block_params(block[:, i:i + group_size].numpy()[:, None, :], bits)
+                scale, zero = grid_params(block[:, i:i + group_size].numpy()[:, None, :], bits, grid,
+                                          importance[column:column + group_size])
                 scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
                 scale_t, zero_t = torch.tensor(scales[:, g], dtype=w.dtype), torch.tensor(zeros[:, g], dtype=w.dtype)
             q = torch.clamp(torch.round(block[:, i] / scale_t) + zero_t, 0, qmax)
@@ -55,22 +59,37 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int = 1
     return QuantizedWeight(codes, scales, zeros, bits=bits, group_size=group_size, method="gptq")
 
 
-MIN_TOKENS = 32  # experts routed fewer calibration tokens than this fall back to RTN
+MIN_TOKENS = 32  # experts routed fewer calibration tokens than this are quantized without them
+
+
+def needs_calibration(plan: dict | None) -> bool:
+    """Whether the plan's expert quantizer reads each expert's routed calibration tokens."""
+    return plan is not None and (plan["quantization"]["method"] == "gptq"
+                                 or plan["quantization"].get("grid", "minmax") == "weighted")
+
+
+def expert_quantizer(plan: dict, bits: int):
+    """quantize(weight [N, K], inputs [tokens, K] float64 tensor) for the plan's method and grid: GPTQ
+    with the inputs' Hessian, or RTN on the weighted grid with their second moments."""
+    group_size, grid = plan["quantization"]["group_size"], plan["quantization"].get("grid", "minmax")
+    if plan["quantization"]["method"] == "gptq":
+        return lambda weight, inputs: gptq(weight, (inputs.T @ inputs).numpy(), bits, group_size, grid)
+    return lambda weight, inputs: rtn(weight, bits, group_size, grid, (inputs * inputs).sum(0).numpy())
 
 
 def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool = True):
-    """GPTQ every routed expert the plan quantizes, each with the Hessian of the calibration tokens
-    routed to it (gate/up: the layer's MoE inputs; down: the expert's own activations computed with
-    its quantized gate and up). Returns ({weight name: QuantizedWeight}, {weight name: tokens}).
-    Experts with fewer than MIN_TOKENS tokens are left out, for the caller to quantize with RTN."""
+    """Quantize every routed expert the plan quantizes with the calibration tokens routed to it
+    (gate/up: the layer's MoE inputs; down: the expert's own activations computed with its quantized
+    gate and up), by moec.gptq.expert_quantizer. Returns ({weight name: QuantizedWeight}, {weight
+    name: tokens}). Experts with fewer than MIN_TOKENS tokens are left out, for the caller to
+    quantize as weights without calibration are."""
     from moec.calibrate import moe_inputs
     from moec.experts import float32_views
     from moec.ops.moe import expert_hidden, expert_weight_name, expert_weights
     from moec.policy import weight_bits
 
-    group_size = plan["quantization"]["group_size"]
     quantized, tokens_seen = {}, {}
-    for layer, module, calls, _ in moe_inputs(checkpoint, windows, desc="gptq", progress=progress):
+    for layer, module, calls, _ in moe_inputs(checkpoint, windows, desc="quantize", progress=progress):
         spec = layer.spec
         x = torch.from_numpy(np.concatenate([hidden for hidden, _, _ in calls])).double()
         indices = np.concatenate([index for _, index, _ in calls])
@@ -81,23 +100,24 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
             tokens = np.nonzero((indices == e).any(-1))[0]
             for name in names.values():
                 tokens_seen[name] = int(tokens.size)
-            if bits is None or tokens.size < MIN_TOKENS:  # kept in float, or too few tokens for GPTQ
+            if bits is None or tokens.size < MIN_TOKENS:  # kept in float, or too few tokens to go by
                 continue
+            quantize = expert_quantizer(plan, bits)
             xe = x[tokens]
-            h_in = (xe.T @ xe).numpy()
             expert = expert_weights(stacked, e, spec)
             first = [p for p in spec.projections if p != "down"]
             for p in first:
-                quantized[names[p]] = gptq(getattr(expert, p), h_in, bits, group_size)
+                quantized[names[p]] = quantize(getattr(expert, p), xe)
             dequantized = dataclasses.replace(expert, **{p: quantized[names[p]].dequantize() for p in first})
             hidden = torch.from_numpy(expert_hidden(xe.float().numpy(), dequantized, spec)).double()
-            quantized[names["down"]] = gptq(expert.down, (hidden.T @ hidden).numpy(), bits, group_size)
+            quantized[names["down"]] = quantize(expert.down, hidden)
         module = calls = x = None
     return quantized, tokens_seen
 
 
-def gptq_experts(checkpoint, plan: dict, data, samples: int, seq_len: int, progress: bool):
-    """GPTQ'd routed experts (and each one's calibration token count) for a GPTQ plan."""
+def calibrated_experts(checkpoint, plan: dict, data, samples: int, seq_len: int, progress: bool):
+    """The routed experts quantized with their calibration tokens (and each one's token count), for
+    a plan that needs_calibration."""
     from moec.runtime import Tokenizer
     from moec.text import read_text, token_windows
 

@@ -68,8 +68,8 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     quantized and written one decoder layer at a time, so a compile needs about one layer of
     memory (in fp32) plus the artifact. With `plan` (a moec-plan/1 file) weights are quantized to
     the plan's widths and the artifact is verified against a PyTorch model carrying the same
-    dequantized weights. A GPTQ plan calibrates the experts on `data` (default: the built-in
-    corpus), `samples` windows of `seq_len` tokens.
+    dequantized weights. A GPTQ or weighted-grid plan quantizes the experts with `data` (default:
+    the built-in corpus), `samples` windows of `seq_len` tokens.
     """
     import copy
 
@@ -79,7 +79,7 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     from moec.artifact import EXTERNAL_DATA_FILE, artifact_files, in_layer_order, metadata_props, past_shapes
     from moec.experts import checkpoint_experts_layers
     from moec.genai import GENAI_CONFIG_FILE, GENAI_MODEL_TYPE, genai_config
-    from moec.gptq import gptq_experts
+    from moec.gptq import calibrated_experts, needs_calibration
     from moec.planner import load_plan
     from moec.policy import (check_plan_fits, check_routing_fits, layer_routing, product_weights,
                              quantization_specs)
@@ -94,13 +94,12 @@ def compile(model_dir: str | Path, out: str | Path, *, plan: str | Path | None =
     target = get_target(target)
     plan_data = load_plan(plan) if plan is not None else None
     out = Path(out)
-    stage_names = ["gptq", "trace", "lower", "save", "check", "reference", "verify"]
+    stage_names = ["quantize", "trace", "lower", "save", "check", "reference", "verify"]
     with staging_folder(out, force) as staging, _Stages(stage_names, progress) as stages, \
             _checkpoint_errors_surfaced(), ExitStack() as cleanup:
-        with stages.stage("gptq"):
-            prequantized, expert_tokens = ({}, {}) if plan_data is None or \
-                plan_data["quantization"]["method"] != "gptq" else \
-                gptq_experts(checkpoint, plan_data, data, samples, seq_len, progress)
+        with stages.stage("quantize"):  # the experts whose quantizer reads calibration tokens
+            prequantized, expert_tokens = calibrated_experts(checkpoint, plan_data, data, samples, seq_len, progress) \
+                if needs_calibration(plan_data) else ({}, {})
         with stages.stage("trace"):
             stream = StreamingModel(checkpoint)
             layers = checkpoint_experts_layers(stream)

@@ -146,18 +146,19 @@ def product_weights(model, embedding_group: int | None = None) -> list[str]:
 def quantization_specs(plan: dict | None, weights: list[str], moe_blocks: list[str], target,
                        prequantized: dict | None = None) -> dict:
     """Each weight's moec.quant.Quantizer: the plan's width, stored in the target's container for it,
-    GPTQ's result where `prequantized` has the weight, else RTN. Weights the plan keeps in float are
-    absent. `moe_blocks` are the MoE blocks' module paths (their routers stay in float)."""
+    the calibrated result where `prequantized` has the weight, else RTN on the plan's grid (with
+    uniform importance). Weights the plan keeps in float are absent. `moe_blocks` are the MoE
+    blocks' module paths (their routers stay in float)."""
     from moec.quant import Quantizer
 
     if plan is None:
         return {}
-    group_size = plan["quantization"]["group_size"]
+    group_size, grid = plan["quantization"]["group_size"], plan["quantization"].get("grid", "minmax")
     specs = {}
     for name in weights:
         bits = weight_bits(plan, name, moe_blocks)
         if bits is not None:
             result = (prequantized or {}).get(name)
             specs[name] = Quantizer(bits, group_size, target.container_bits[bits],
-                                    "rtn" if result is None else result.method, result)
+                                    "rtn" if result is None else result.method, result, grid)
     return specs

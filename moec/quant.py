@@ -1,8 +1,13 @@
 """Round-to-nearest asymmetric block quantization of a weight matrix [out, in].
 
 Blocks of `group_size` run along the input dimension (the layout onnxruntime's MatMulNBits and
-blocked DequantizeLinear use); a last partial block is allowed. The range of each block is
-widened to include zero, as GPTQ and MC-MoE do, so zero stays exactly representable.
+blocked DequantizeLinear use); a last partial block is allowed. Each block's scale and integer zero
+point come from its grid rule (GRIDS): "minmax" spans the block's range widened to include zero, as
+GPTQ and MC-MoE do; "weighted" searches clipped ranges for the least importance-weighted squared
+error, importance being each input channel's second moment over the calibration tokens (what
+llama.cpp's importance matrix weights its search by), uniform for weights without calibration
+tokens. It pays as GPTQ's grid at every width; with RTN's 2-bit experts it lost more than minmax
+(docs/measurements.md, "Expert quantizers"), hence the planner's default grid per method.
 """
 
 from __future__ import annotations
@@ -39,13 +44,24 @@ class Quantizer:
     stored_bits: int  # the target kernel's container for `bits` (1-bit codes in 2-bit MatMulNBits on CPU)
     method: str = "rtn"
     result: QuantizedWeight | None = None
+    grid: str = "minmax"
 
     def __call__(self, weight: np.ndarray) -> QuantizedWeight:
-        return self.result if self.result is not None else rtn(weight, self.bits, self.group_size)
+        return self.result if self.result is not None else rtn(weight, self.bits, self.group_size, self.grid)
 
 
-def rtn(weight: np.ndarray, bits: int, group_size: int = 128) -> QuantizedWeight:
-    return QuantizedWeight(*quantize_rtn(weight, bits, group_size), bits=bits, group_size=group_size)
+GRIDS = ("minmax", "weighted")
+# the weighted grid's candidates: the zero-widened range shrunk by each factor (clipping the block's
+# outliers), each with its zero point moved by each offset; every candidate's scale is then refitted
+SHRINKS = np.linspace(1.0, 0.5, 11)
+ZERO_OFFSETS = (-1, 0, 1)
+
+
+def rtn(weight: np.ndarray, bits: int, group_size: int = 128, grid: str = "minmax",
+        importance: np.ndarray | None = None) -> QuantizedWeight:
+    """`importance` [in] weighs the "weighted" grid's error per input channel (None: uniform)."""
+    return QuantizedWeight(*quantize_rtn(weight, bits, group_size, grid, importance), bits=bits,
+                           group_size=group_size)
 
 
 def block_params(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +73,45 @@ def block_params(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]
     scale = (high - low) / qmax
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     return scale, np.clip(np.round(-low / scale), 0, qmax)
+
+
+def weighted_block_params(values: np.ndarray, importance: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each block (last axis) with the least sum of importance x squared
+    error among minmax's and the SHRINKS x ZERO_OFFSETS candidates, each candidate's scale refitted by
+    weighted least squares to its codes (so minmax's error is never exceeded). `importance`
+    broadcasts against `values`."""
+    qmax = 2**bits - 1
+    base_scale, base_zero = block_params(values, bits)
+    values = values.astype(np.float32)
+    importance = np.broadcast_to(importance, values.shape).astype(np.float32)
+
+    def centred_codes(scale, zero):  # codes minus the zero point
+        return np.clip(np.round(values / scale[..., None]) + zero[..., None], 0, qmax) - zero[..., None]
+
+    def error(scale, zero):
+        return (importance * (values - centred_codes(scale, zero) * scale[..., None]) ** 2).sum(-1)
+
+    best_error = error(base_scale, base_zero)
+    best_scale, best_zero = base_scale.copy(), base_zero.copy()
+    for shrink in SHRINKS:
+        for offset in ZERO_OFFSETS:
+            zero = np.clip(base_zero + offset, 0, qmax)
+            q = centred_codes(base_scale * np.float32(shrink), zero)
+            fitted = (importance * values * q).sum(-1) / np.maximum((importance * q * q).sum(-1), 1e-30)
+            scale = np.where(fitted > 0, fitted, base_scale).astype(np.float32)
+            candidate = error(scale, zero)
+            better = candidate < best_error
+            best_error = np.where(better, candidate, best_error)
+            best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def grid_params(values: np.ndarray, bits: int, grid: str, importance: np.ndarray | None = None):
+    """A block's (scale, zero point) by `grid` (one of GRIDS)."""
+    if grid == "minmax":
+        return block_params(values, bits)
+    return weighted_block_params(values, np.ones(values.shape[-1], np.float32) if importance is None else importance,
+                                 bits)
 
 
 class ComputedTogether:
@@ -97,12 +152,16 @@ def by_row_blocks(rows: int, work) -> None:
             done.result()
 
 
-def quantize_rtn(weight: np.ndarray, bits: int, group_size: int = 128):
+def quantize_rtn(weight: np.ndarray, bits: int, group_size: int = 128, grid: str = "minmax",
+                 importance: np.ndarray | None = None):
     """(codes uint8 [out, in], scales float32 [out, blocks], zero points uint8 [out, blocks])."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be 1..8, got {bits}")
     out_features, in_features = weight.shape
     blocks = -(-in_features // group_size)
+    weights = np.zeros(blocks * group_size, np.float32)  # the padding's error does not count
+    weights[:in_features] = 1.0 if importance is None else importance
+    weights = weights.reshape(blocks, group_size)
     codes = np.empty((out_features, in_features), np.uint8)
     scales = np.empty((out_features, blocks), np.float32)
     zeros = np.empty((out_features, blocks), np.uint8)
@@ -111,7 +170,7 @@ def quantize_rtn(weight: np.ndarray, bits: int, group_size: int = 128):
         padded = np.zeros((stop - start, blocks * group_size), np.float32)
         padded[:, :in_features] = weight[start:stop]
         grouped = padded.reshape(stop - start, blocks, group_size)  # zero padding: ranges include 0 anyway
-        scale, zero = block_params(grouped, bits)
+        scale, zero = grid_params(grouped, bits, grid, weights)
         q = np.clip(np.round(grouped / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
         codes[start:stop] = q.reshape(stop - start, -1)[:, :in_features]
         scales[start:stop], zeros[start:stop] = scale, zero

@@ -553,7 +553,12 @@ def plan() -> dict:
 def test_plan_has_the_documented_schema(plan):
     assert plan["format"] == "moec-plan/1"
     assert plan["non_expert"] == {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
-    assert plan["quantization"] == {"method": "rtn", "group_size": 128}
+    assert plan["quantization"] == {"method": "rtn", "group_size": 128, "grid": "minmax"}
+    del plan["quantization"]["grid"]
+    validate_plan(plan)  # plans from before the weighted grid quantize on minmax's
+    stats = synthetic_stats(1, num_layers=3, dense_layers=(0,))
+    assert make_plan(stats, avg_bits=3, scope="layer", method="gptq")["quantization"]["grid"] == "weighted"
+    assert make_plan(stats, avg_bits=3, scope="layer", method="gptq", grid="minmax")["quantization"]["grid"] == "minmax"
     assert plan["pruning"] == {}
     assert plan["experts"]["bits"][0] is None
     objective = plan["objective"]
@@ -607,6 +612,7 @@ def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch)
     (("non_expert", "router"), 8, "plan.json: non_expert: unknown key \"router\""),
     (("quantization", "group_size"), 100, "quantization.group_size: expected a power of two >= 16, got 100"),
     (("quantization", "method"), "awq", "quantization.method: expected one of rtn, gptq, got \"awq\""),
+    (("quantization", "grid"), "hqq", "quantization.grid: expected one of minmax, weighted, got \"hqq\""),
     (("pruning",), [], "plan.json: pruning: expected an object, got []"),
     (("non_expert", "attention"), 0, "plan.json: non_expert.attention: expected a bit width in {1,2,3,4,8}"),
     (("super_experts",), [[1, 4]], "plan.json: super_experts[0]: [1, 4] is not an expert of a MoE layer"),

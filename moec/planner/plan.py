@@ -11,6 +11,7 @@ from moec.files import write_atomic
 from moec.planner.checks import (PlanError, _positive_int, _positive_number, _read_json, _show, _statistic,
                                  _unit_fraction, _validate_object, _widths_text)
 from moec.planner.sizes import DROPPED, FLOAT
+from moec.quant import GRIDS
 
 PLAN_FORMAT = "moec-plan/1"
 # Widths a plan may hold: 1 and 3 are MC-MoE's own, 2/4/8 are onnxruntime's MatMulNBits widths, and
@@ -21,6 +22,10 @@ EXPERT_WIDTHS = (DROPPED, *PLAN_BIT_WIDTHS)  # an expert may also be dropped: 0 
 OLD_FLOAT_WIDTH = 16  # how plan files before "float" wrote it
 SCOPES = ("global", "layer")
 QUANT_METHODS = ("rtn", "gptq")
+QUANT_GRIDS = GRIDS  # plans from before the weighted grid have no "grid": minmax
+# each method's default grid, as measured (docs/measurements.md, "Expert quantizers"): the weighted
+# grid is GPTQ's best at every width, while RTN's 2-bit experts lost more with it
+DEFAULT_GRID = {"rtn": "minmax", "gptq": "weighted"}
 DEFAULT_NON_EXPERT = {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
 PLAN_KEYS = ("format", "model", "experts", "objective", "non_expert", "quantization", "pruning", "super_experts")
 OPTIONAL_PLAN_KEYS = ("objective", "super_experts")
@@ -54,10 +59,13 @@ def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | N
     for key, width in plan["non_expert"].items():
         _plan_width(width, f"{source}: non_expert.{key}")
     quantization = plan["quantization"]
-    _validate_object(quantization, ("method", "group_size"), f"{source}: quantization")
+    _validate_object(quantization, ("method", "group_size", "grid"), f"{source}: quantization", optional=("grid",))
     if quantization["method"] not in QUANT_METHODS:
         raise PlanError(f"{source}: quantization.method: expected one of {', '.join(QUANT_METHODS)}, "
                         f"got {_show(quantization['method'])}")
+    if quantization.get("grid", "minmax") not in QUANT_GRIDS:
+        raise PlanError(f"{source}: quantization.grid: expected one of {', '.join(QUANT_GRIDS)}, "
+                        f"got {_show(quantization['grid'])}")
     group_size = quantization["group_size"]
     if type(group_size) is not int or group_size < 16 or group_size & (group_size - 1):
         raise PlanError(f"{source}: quantization.group_size: expected a power of two >= 16, got {_show(group_size)}")

@@ -29,7 +29,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
 from moec.planner.checks import PlanError, _fraction, _positive_int, _read_json, _show, _widths_text
-from moec.planner.plan import DEFAULT_NON_EXPERT, EXPERT_WIDTHS, PLAN_FORMAT, SCOPES, validate_plan
+from moec.planner.plan import DEFAULT_GRID, DEFAULT_NON_EXPERT, EXPERT_WIDTHS, PLAN_FORMAT, SCOPES, validate_plan
 from moec.planner.sizes import (DROPPED, FLOAT, _bytes_to_avg_bits, _format_bytes, avg_bits_budget_bytes,
                                 expert_bytes, parse_size)
 from moec.planner.stats import _parse_stats, _Stats
@@ -98,8 +98,8 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
               bits: Sequence[int] | None = None, scope: str = "global", alpha: float = 1.0, beta: float = 1.5,
               gamma: float | None = None, require_top_widths: bool = True, group_size: int = 128,
               params_per_expert: int | None = None, model: str | os.PathLike | None = None,
-              non_expert: Mapping[str, int] | None = None, method: str = "rtn", target: str | None = None,
-              protect_super_experts: bool = True) -> dict:
+              non_expert: Mapping[str, int] | None = None, method: str = "rtn", grid: str | None = None,
+              target: str | None = None, protect_super_experts: bool = True) -> dict:
     """Solve the MC-MoE bit allocation and return a validated moec-plan/1 dict.
 
     Budget: `avg_bits` (both scopes) or `size_budget` bytes for all routed experts (global scope only;
@@ -116,6 +116,8 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     the tokens routed anew): a layer keeps at least the stats' top-k experts.
     `protect_super_experts`: the stats' super experts take the highest candidate width, and the
     plan lists them, so that dynamic pruning never drops them either.
+    `method` and `grid`: how compile quantizes (plan.json's `quantization`); grid None is the
+    method's DEFAULT_GRID.
     """
     parsed = _parse_stats(stats, "stats")
     if scope not in SCOPES:
@@ -186,24 +188,25 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
         choice = _solve(cost, width_bytes, [(np.arange(num_moe), budget_bytes)], required, fixed, keep_at_least)
         budget = {"avg_bits": None if avg_bits is None else float(avg_bits), "bytes": budget_bytes}
 
-    grid: list[list[int] | None] = [None] * parsed.num_layers
+    bits_grid: list[list[int] | None] = [None] * parsed.num_layers
     for row, index in enumerate(parsed.moe_layers):
-        grid[index] = [widths[j] for j in choice[row]]
+        bits_grid[index] = [widths[j] for j in choice[row]]
     chosen_bytes = None if params is None else sum(
-        expert_bytes(params, b, group_size, target) for layer_bits in grid if layer_bits for b in layer_bits)
+        expert_bytes(params, b, group_size, target) for layer_bits in bits_grid if layer_bits for b in layer_bits)
     plan = {
         "format": PLAN_FORMAT,
         "model": str(model) if model is not None else parsed.model.get("name_or_path"),
-        "experts": {"bits": grid},
+        "experts": {"bits": bits_grid},
         "objective": {
             "scope": scope, "frequency_exponent": float(alpha), "weight_exponent": float(beta),
             "loss_exponent": None if gamma is None else float(gamma), "candidate_bits": list(widths),
             "require_top_widths": bool(require_top_widths), "budget": budget, "params_per_expert": params,
-            "predicted_loss": _grid_loss(parsed, grid, all_costs),
+            "predicted_loss": _grid_loss(parsed, bits_grid, all_costs),
             "predicted_expert_bytes": chosen_bytes, "protect_super_experts": bool(protect_super_experts),
         },
         "non_expert": _non_expert_widths(non_expert),
-        "quantization": {"method": method, "group_size": group_size},
+        "quantization": {"method": method, "group_size": group_size,
+                         "grid": grid or DEFAULT_GRID.get(method, "minmax")},
         "pruning": {},
         "super_experts": [list(pair) for pair in supers],
     }
