@@ -28,7 +28,8 @@ def genai_config(config: dict, past_shapes: dict[str, tuple], session_options: d
     states = sorted({name.rpartition(".")[2] for name in past_shapes if not name.endswith((".key", ".value"))})
     if states:
         return None, ("onnxruntime-genai's decoder has slots for keys and values only; this model also carries "
-                      f"{', '.join(states)} (linear-attention state or an indexer's keys) from step to step")
+                      f"{', '.join(states)} (linear-attention state or an indexer's keys and positions) "
+                      "from step to step")
     layouts = {(shape[1], shape[3]) for shape in past_shapes.values()}
     if len(layouts) != 1:
         return None, ("onnxruntime-genai takes one KV-cache layout (num_key_value_heads, head_size) for every "

@@ -139,6 +139,8 @@ def exportable_lightning_attention(module_name: str, attention_class: str):
         qkv_states = qkv_states.reshape(batch_size, seq_len, self.num_attention_heads, 3 * self.head_dim)
         query, key, value = (x.transpose(1, 2) for x in torch.split(qkv_states, self.head_dim, dim=3))
         state = cache.get_linear_cache(self.layer_idx)
+        if state is None:  # a fresh sequence (the trace's cache probe): transformers starts from zeros
+            state = query.new_zeros(batch_size, self.num_attention_heads, self.head_dim, self.head_dim)
 
         slope = self.slope_rate.to(query.dtype)  # [H, 1, 1]
         steps = torch.arange(seq_len, device=query.device, dtype=query.dtype)
@@ -200,6 +202,8 @@ def exportable_scan(module, hidden_states, time_step, B, C, gate, cache, **kwarg
     dt = F.softplus(dt)  # [B, D, T]
     decay = torch.exp(A[None, :, None, :] * dt[..., None])
     update = dt[..., None] * B.float()[:, None, :, :] * hidden_states.float()[..., None]
+    if state is None:  # a fresh sequence (the trace's cache probe): transformers starts from zeros
+        state = decay.new_zeros(decay.shape[0], decay.shape[1], decay.shape[3])
     out, state = torch.ops.moec.selective_scan(state.float(), decay, update, C.float())
     out = (out + hidden_states.float() * module.D.float()[None, :, None]) * F.silu(gate.float())
     cache.update_recurrent_state(state, module.layer_idx)

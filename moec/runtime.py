@@ -111,8 +111,9 @@ def empty_past(session: ort.InferenceSession, batch: int, capacity: int = 0,
                in_place: set[str] = frozenset()) -> dict[str, np.ndarray]:
     """A fresh sequence's past inputs in the session's dtype (float16 for CUDA artifacts): keys and
     values [batch, kv heads, 0, head size] (`capacity` tokens of zeros for those `in_place`), and
-    zeros for a linear-attention layer's conv and recurrent state, as each input declares it."""
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    zeros for a linear-attention layer's conv and recurrent state, as each input declares it (an
+    indexer's positions are int64)."""
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
     return {i.name: np.zeros(empty_shape(i.shape, batch, capacity if i.name in in_place else 0), dtypes[i.type])
             for i in session.get_inputs() if i.name.startswith("past_key_values.")}
 

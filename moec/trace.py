@@ -26,6 +26,7 @@ from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
 from moec.passes.transpose_weights import STORED_AS_IS, TransposeWeightsPass
 from moec.runtime import present_name
+from moec.sparse_attention import exportable_block_selection, exportable_kolibri_selection
 
 
 @functools.cache
@@ -46,7 +47,9 @@ class KVCacheModel(nn.Module):
     the naming optimum and onnxruntime-genai use. `past_names` name each past input
     `past_key_values.{layer}.{slot}`: slots key and value for attention layers, conv and recurrent
     for a linear-attention or SSM layer's state (transformers' LinearAttentionLayer), indexer_key for
-    a sparse-attention indexer's keys. `cache_class` is the cache the model builds for itself."""
+    a sparse-attention indexer's keys and indexer_position for the positions it has seen (the
+    multimodal rotary's, which Qwen4-Exp's indexer keeps). `cache_class` is the cache the model builds
+    for itself."""
 
     def __init__(self, model: nn.Module, past_names: list[str], cache_class: type):
         super().__init__()
@@ -71,8 +74,10 @@ class KVCacheModel(nn.Module):
 STATE_KINDS = ("conv", "recurrent")
 # the slots that grow by a token per step, kept by a cache layer as `{slot}s`, and their token axis:
 # keys and values [batch, kv heads, tokens, head size]; a sparse-attention indexer's keys
-# (transformers' DynamicIndexedLayer) [batch, tokens, index head size]
-SEQUENCE_AXIS = {"key": 2, "value": 2, "indexer_key": 1}
+# (transformers' DynamicIndexedLayer) [batch, tokens, index head size], and the position ids its
+# rotary has seen, [batch, rotary sections, tokens] (the layer keeps them batch second)
+SEQUENCE_AXIS = {"key": 2, "value": 2, "indexer_key": 1, "indexer_position": 2}
+PAST_DTYPES = {"indexer_position": torch.int64}  # the others are the model's float
 
 
 def past_slot(name: str) -> tuple[int, str]:
@@ -120,6 +125,8 @@ def _cache(num_layers: int, slots: list[tuple[int, str]], past, past_length):
             layer = DynamicIndexedLayer()
             layer.update(t["key"], t["value"])
             layer.update_indexer(t["indexer_key"])
+            if "indexer_position" in t:
+                layer.indexer_position_ids = t["indexer_position"].transpose(0, 1)
             cache.layers[i] = layer
         elif states := {state_slot(slot): tensor for slot, tensor in t.items() if state_slot(slot)}:
             count = 1 + max(index for _, index in states)
@@ -157,6 +164,8 @@ def cache_tensor(cache, layer: int, slot: str):
     if slot == "recurrent" and hasattr(cache, "linear_cache"):
         return cache.linear_cache[layer]
     layer = cache.layers[layer]
+    if slot == "indexer_position":
+        return layer.indexer_position_ids.transpose(0, 1)
     if slot in SEQUENCE_AXIS:
         return getattr(layer, f"{slot}s")
     kind, index = state_slot(slot)
@@ -207,6 +216,8 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> tuple[dict[str, tup
                        for slot, t in (("key", layer.keys), ("value", layer.values))}
         if isinstance(layer, DynamicIndexedLayer) and layer.is_indexer_initialized:
             shapes[f"past_key_values.{i}.indexer_key"] = (batch, past, layer.indexer_keys.shape[2])
+        if isinstance(layer, DynamicIndexedLayer) and layer.indexer_position_ids is not None:
+            shapes[f"past_key_values.{i}.indexer_position"] = (batch, layer.indexer_position_ids.shape[0], past)
         if isinstance(layer, LinearAttentionLayer):
             shapes |= {f"past_key_values.{i}.{_state_name(kind, k)}": (batch, *getattr(layer, f"{kind}_states")[k].shape[1:])
                        for kind in STATE_KINDS for k in range(layer.number_of_states)
@@ -253,6 +264,10 @@ EXPORT_REWRITES = {
                                      "DeepseekV2RotaryEmbedding"),
     "minimax": functools.partial(exportable_lightning_attention, "transformers.models.minimax.modeling_minimax",
                                  "MiniMaxLightningAttention"),
+    "kolibri1_1": functools.partial(exportable_kolibri_selection, "transformers.models.kolibri1_1.modeling_kolibri1_1",
+                                    "Kolibri1_1Indexer"),
+    "qwen4_exp_text": functools.partial(exportable_block_selection, "transformers.models.qwen4_exp.modeling_qwen4_exp",
+                                        "Qwen4ExpTextQSAIndexer"),
 }
 
 
@@ -318,21 +333,22 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
     import warnings
 
     batch, seq, past = 2, 3, 5
-    with torch.device(next(model.parameters()).device):
-        input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
-        attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
-        position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-        shapes, cache_class = cache_inputs(model, batch, past)
-        pasts = [torch.zeros(s) for s in shapes.values()]
-    tokens = {0: "batch", 1: "sequence"}
-    dynamic_shapes = (tokens, {0: "batch", 1: "total_sequence"}, tokens,  # torch.onnx names the axes
-                      tuple({0: "batch", SEQUENCE_AXIS[past_slot(name)[1]]: "past_sequence"}
-                            if past_slot(name)[1] in SEQUENCE_AXIS else {0: "batch"} for name in shapes))
-    inputs = ["input_ids", "attention_mask", "position_ids", *shapes]
-    outputs = ["logits", *map(present_name, shapes)]
     model.requires_grad_(False)  # the same graph, exported a sixth faster (no autograd bookkeeping)
+    # the rewrites hold for the cache probe too: it runs the model's code on the same meta device
     with warnings.catch_warnings(), _export_rewrites(model), torch.no_grad():
         warnings.simplefilter("ignore")
+        with torch.device(next(model.parameters()).device):
+            input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+            attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+            position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+            shapes, cache_class = cache_inputs(model, batch, past)
+            pasts = [torch.zeros(s, dtype=PAST_DTYPES.get(past_slot(name)[1])) for name, s in shapes.items()]
+        tokens = {0: "batch", 1: "sequence"}
+        dynamic_shapes = (tokens, {0: "batch", 1: "total_sequence"}, tokens,  # torch.onnx names the axes
+                          tuple({0: "batch", SEQUENCE_AXIS[past_slot(name)[1]]: "past_sequence"}
+                                if past_slot(name)[1] in SEQUENCE_AXIS else {0: "batch"} for name in shapes))
+        inputs = ["input_ids", "attention_mask", "position_ids", *shapes]
+        outputs = ["logits", *map(present_name, shapes)]
         program = torch.onnx.export(
             KVCacheModel(model, list(shapes), cache_class).eval(), (input_ids, attention_mask, position_ids, *pasts),
             dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,

@@ -3,7 +3,8 @@
 No moec import: this is the template to copy into an application. The artifact's model.onnx
 takes input_ids, attention_mask, position_ids and past_key_values.{i}.key|value (and, for a
 linear-attention layer such as Qwen3-Next's, past_key_values.{i}.conv|recurrent: its state; for a
-sparse-attention indexer such as DeepSeek-V3.2's, past_key_values.{i}.indexer_key), and returns
+sparse-attention indexer such as DeepSeek-V3.2's, past_key_values.{i}.indexer_key, and Qwen4-Exp's
+also past_key_values.{i}.indexer_position), and returns
 logits and present.{i}.*; each step feeds the previous step's presents back as the past.
 
     python samples/ort_generate.py out/tiny-mixtral --prompt "def main(" --max-new-tokens 48
@@ -40,8 +41,10 @@ def generate(artifact: Path, prompt_ids: list[int], max_new_tokens: int) -> list
     session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     output_names = [o.name for o in session.get_outputs()]
     # a fresh sequence's cache, as the model declares it: keys and values [batch, kv heads, 0 past
-    # tokens, head size]; a linear-attention layer's state (fixed size) starts as zeros
-    past = {i.name: np.zeros([1, *(d if isinstance(d, int) else 0 for d in i.shape[1:])], np.float32)
+    # tokens, head size]; a linear-attention layer's state (fixed size) starts as zeros; an indexer's
+    # past positions are int64
+    dtypes = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+    past = {i.name: np.zeros([1, *(d if isinstance(d, int) else 0 for d in i.shape[1:])], dtypes[i.type])
             for i in session.get_inputs() if i.name.startswith("past_key_values.")}
     # logits of the last position only: a prompt's other positions would each pay the vocabulary-sized head
     optional = [i.name for i in session.get_overridable_initializers()]

@@ -253,11 +253,13 @@ def _more_configs() -> dict:
                                   n_layers_per_attn_res_block=1, loop_layer_index_start=1, loop_layer_index_end=2,
                                   loop_num_passes=2, loop_gate_rank=8,
                                   layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"])
+    # eight indexer heads: with two, the ReLU'd block scores of a random model often tie at zero, and
+    # torch's topk breaks ties in an order of its own (onnxruntime's TopK: lowest index first)
     out["qwen4_exp_text"] = c("qwen4_exp_text", **GDN, head_dim=16, moe_intermediate_size=32,
                               shared_expert_intermediate_size=48, num_hidden_layers=2, num_experts=8,
                               num_experts_per_tok=2, hc_count=2, hc_lowrank=8, ngram_vocab_size_base=1024,
                               make_ngram_vocab_size_divisible_by=8, heads_per_ngram=2, split_ngram_parts=4,
-                              indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                              indexer_n_heads=8, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                               indexer_compress_ratio=2, layer_types=["linear_attention", "indexed_attention"])
     # new in transformers 5.25
     out["ergo"] = c("ergo", head_dim=16, first_dense_intermediate_size=96, num_dense_blocks=1, moe_intermediate_size=32,
@@ -285,7 +287,7 @@ def _more_configs() -> dict:
     out["kolibri1_1"] = c("kolibri1_1", head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                           num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
                           layer_types=["sliding_attention", "indexed_attention", "sliding_attention"],
-                          index_layers=[1], kv_source_layers=[0, 1, 2], index_topk=4, index_pool_size=64,
+                          index_layers=[1], kv_source_layers=[0, 1, 2], index_topk=4, index_pool_size=8,
                           index_compression=2, index_num_heads=2, index_num_local_tokens=4, index_num_sink_tokens=1,
                           mlp_only_layers=[0], mlp_only_intermediate_size=96)
     return out
@@ -298,10 +300,10 @@ SUPPORTED = tuple(arch for arch in (
     "deepseek_v32", "dots1", "dots3_note_text", "ergo", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint",
     "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa",
     "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling2_text", "inkling_text",
-    "jamba", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "longcat_flash", "mellum",
+    "jamba", "kimi_linear", "kolibri1", "kolibri1_1", "laguna", "lara_mini", "lfm2_moe", "longcat_flash", "mellum",
     "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "mixtral", "nemotron_h", "olmoe", "param2moe",
-    "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "sarvam_mla", "sarvam_moe", "solar_open",
-    "zaya") if arch in ARCHITECTURES)
+    "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen4_exp_text", "sarvam_mla",
+    "sarvam_moe", "solar_open", "zaya") if arch in ARCHITECTURES)
 REFUSED = tuple(arch for arch in ARCHITECTURES if arch not in SUPPORTED)
 
 
