@@ -6,7 +6,8 @@ inputs are recorded, the statistics are computed, and the layer is freed. Peak m
 one layer plus the activations.
 
 Per sparse layer and expert it records (moec-stats/1, read by `moec plan`):
-  frequency       tokens routed to the expert by the model's own top-k
+  frequency       tokens routed to the expert by the model's own top-k (a route of weight 0, as
+                  LongCat-Flash gives its zero-computation experts' routes, computes nothing: not counted)
   routing_weight  sum of the expert's routing weight over those tokens
   quant_loss[b]   L2 norm of the MoE block's output error when that expert alone is RTN-quantized
                   to b bits (asymmetric, blocks of group_size along the input), summed over batches;
@@ -71,7 +72,7 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
     quant_loss = np.zeros((experts, len(bits)))
     max_down_output = np.zeros(experts)
     for _, indices, weights in calls:
-        np.add.at(frequency, indices.ravel(), 1)
+        np.add.at(frequency, indices[weights != 0], 1)
         np.add.at(routing_weight, indices.ravel(), weights.ravel())
 
     stacked, stored = float32_views(module), stacked_weights(module)
@@ -81,7 +82,7 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
         if 0 in bits and not re.search(r"(?:^|\.)layers\.\d+$", layer.block_path) else None
     outputs = [np.zeros((x.shape[0], indices.shape[1], x.shape[1]), np.float32) for x, indices, _ in calls]
     for e in range(experts):
-        picks = [np.nonzero(indices == e) for _, indices, _ in calls]
+        picks = [np.nonzero((indices == e) & (weights != 0)) for _, indices, weights in calls]
         if not any(tokens.size for tokens, _ in picks):
             continue
         # the expert's tokens of every batch in one matrix; its weights upcast from the stored dtype
@@ -264,7 +265,7 @@ def _per_token(value, tokens: int) -> bool:
 def _pruning_curve(spec, rule: str, thresholds: tuple, routing_weights: list, outputs: list) -> dict:
     """The layer's dynamic-pruning curve for one rule ("beta" or "top_p"): for each threshold, the
     fraction of its top-k (token, expert) activations the rule drops and the relative L2 error of
-    the MoE output that causes (no token protected)."""
+    the MoE output that causes (no token protected). A route of weight 0 is no activation."""
     from moec.ops.dynamic_gating import prune
 
     top_k = routing_weights[0].shape[1] if routing_weights else 1
@@ -274,10 +275,10 @@ def _pruning_curve(spec, rule: str, thresholds: tuple, routing_weights: list, ou
     for weights, out in zip(routing_weights, outputs):
         full = (out * weights[..., None]).sum(1)
         norm += float(np.sum(full.astype(np.float64) ** 2))
-        activations += weights.size
+        activations += int(np.count_nonzero(weights))
         for j, threshold in enumerate(thresholds):
             kept, keep = prune(weights, dataclasses.replace(spec, **{rule: threshold}, protect_fraction=0.0))
-            dropped[j] += float(weights.size - keep.sum())
+            dropped[j] += float(np.count_nonzero(weights * ~keep))
             error[j] += float(np.sum(((out * kept[..., None]).sum(1) - full).astype(np.float64) ** 2))
     return {rule: list(thresholds), "pruned_fraction": [float(d / max(activations, 1)) for d in dropped],
             "relative_error": [float(np.sqrt(e / norm)) if norm > 0 else 0.0 for e in error]}

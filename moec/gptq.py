@@ -93,6 +93,7 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
         spec = layer.spec
         x = torch.from_numpy(np.concatenate([hidden for hidden, _, _ in calls])).double()
         indices = np.concatenate([index for _, index, _ in calls])
+        indices = np.where(np.concatenate([weight for _, _, weight in calls]) != 0, indices, -1)  # weight 0: no route
         stacked = float32_views(module)
         for e in range(len(plan["experts"]["bits"][layer.layer])):
             names = {p: expert_weight_name(layer.layer, e, p) for p in spec.projections}

@@ -32,11 +32,10 @@ def text_file(tmp_path_factory):
 
 
 # Ergo's experts module calls the experts interface once per route (its hidden states repeated k
-# times, top-1, each route normed by its expert before the weighted sum): the graph's experts node is top-1, while calibrate
-# reads the module's own top-k call, so a plan that prunes it is refused at compile (moec cannot
-# prune inside that node yet). LongCat-Flash renames its routes to zero-computation experts as real
-# experts at weight 0, which calibrate still counts as routed
-@pytest.mark.parametrize("arch", families([arch for arch in SUPPORTED if arch not in ("ergo", "longcat_flash")]))
+# times, top-1, each route normed by its expert before the weighted sum): the graph's experts node
+# is top-1, while calibrate reads the module's own top-k call, so a plan that prunes it is refused at
+# compile (moec cannot prune inside that node yet)
+@pytest.mark.parametrize("arch", families([arch for arch in SUPPORTED if arch != "ergo"]))
 def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, monkeypatch):
     """Calibrate, plan mixed 2/4/8-bit widths and 0.15 dynamic pruning (beta in some layers, top-p in
     others) with a super expert kept and an expert dropped, compile, verify and run: the whole
@@ -53,7 +52,9 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, m
     assert [layer["layer"] for layer in stats["layers"]] == moe_layers
     top_k = stats["model"]["top_k"]
     for layer in stats["layers"]:
-        assert sum(e["frequency"] for e in layer["experts"]) == 6 * 32 * top_k
+        routes = sum(e["frequency"] for e in layer["experts"])
+        # LongCat-Flash's routes to its zero-computation experts reach real experts at weight 0: not counted
+        assert routes == 6 * 32 * top_k or arch == "longcat_flash" and 0 < routes < 6 * 32 * top_k
         for e in layer["experts"]:
             if e["frequency"]:
                 loss = e["quant_loss"]
