@@ -6,8 +6,9 @@ llama-quantize, llama-imatrix and llama-perplexity, CPU backend only, with cmake
 SOURCE is a llama.cpp tree: the llama-cpp-python sdist's vendor/llama.cpp (the same llama.cpp the
 bench's Python binding runs; `--sdist` fetches and unpacks it) or an ik_llama.cpp checkout. Prints
 the folder holding the binaries (BUILD/bin). GGML_NATIVE=ON compiles for this CPU's ISA; `--no-amx`
-(for hosts where ggml's AMX kernels crash, as on the Intel VM of docs/measurements.md) builds for
-each ISA extension /proc/cpuinfo lists but AMX instead.
+(for hosts where mainline ggml's AMX kernels crash, as on the Intel VM of docs/measurements.md) builds
+for each ISA extension /proc/cpuinfo lists but AMX instead. ik_llama.cpp has no AMX backend and its
+iqk kernels assume the AVX-512 subsets that -march=native brings: build it without `--no-amx`.
 """
 
 from __future__ import annotations

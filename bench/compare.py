@@ -7,6 +7,11 @@ threads, a 128-token prompt and 64 greedy tokens with the KV cache (median of th
 warm-up; every system is measured in each of the rounds, round-robin, and its fastest round kept):
   - transformers in PyTorch, fp32 and bf16;
   - llama.cpp through llama-cpp-python: F16 GGUF from its converter, quantized to Q2_K, Q3_K_S, Q4_K_M, Q8_0;
+  - with `--llama-tools BUILD/bin`, the same GGUFs measured by llama.cpp's own `llama-bench` (the figure
+    its users quote; build it with bench/build_llamacpp.py from the same llama-cpp-python sdist);
+  - with `--ik-tools BUILD/bin`, ik_llama.cpp (its own `llama-quantize` from the F16 GGUF to IQ2_K,
+    IQ2_KS, IQ3_K, Q2_K, Q3_K_S, Q4_K_M, timed by its `llama-bench -rtr 1 -fmoe 1`); a model whose
+    architecture it lacks gets a line saying so;
   - mobius-onnx (PyPI, Microsoft's ONNX GenAI model builder): `mobius build --config DIR OUT --ep cpu
     --optimize --dtype f32` (GroupQueryAttention, SkipSimplifiedLayerNormalization), run by plain
     onnxruntime. In float32: it quantizes only checkpoints that arrive quantized (a
@@ -19,7 +24,8 @@ the bandwidth limit (measured read bandwidth / weight bytes read per decoded tok
 that the 8-bit artifact generates through moec's runtime (IO binding, tuned session options)
 exactly what a plain onnxruntime session generates.
 
-    pip install -e ".[bench]" && python bench/compare.py [--workdir /tmp/moec-compare] [--json]
+    pip install -e ".[bench]" && python bench/compare.py [--workdir /tmp/moec-compare]
+        [--llama-tools LLAMA/build/bin] [--ik-tools IK/build/bin] [--json]
 
 Every stage's output in the workdir is reused when present; the results are also written to
 WORKDIR/results.json. Run it on an otherwise idle machine: with 2 threads on 2 cores, any other busy
@@ -56,6 +62,8 @@ MODELS = {
 }
 MOEC_BITS = (2.5, 3, 4, 8)
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M", "Q8_0")
+IK_TYPES = ("IQ2_K", "IQ2_KS", "IQ3_K", "Q2_K", "Q3_K_S", "Q4_K_M")
+IK_OPTIONS = ("-rtr", "1", "-fmoe", "1")  # run-time repacking and fused MoE, as ik_llama.cpp's users run it
 EXPERT_NAME = re.compile(r"\.experts\.")
 EMBEDDING_NAME = re.compile(r"embed_tokens")
 
@@ -304,6 +312,26 @@ def compare(name: str, args) -> dict:
                          "active_bytes": llamacpp.active_bytes(ggufs[kind], top_k, experts)},
                         functools.partial(llamacpp.measure, ggufs[kind], prompt_len=args.prompt_len,
                                           gen_len=args.gen_len, threads=args.threads, repeats=args.repeats)))
+    bench = functools.partial(llamacpp.bench_with, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                              threads=args.threads, repeats=args.repeats)
+    if args.llama_tools:
+        for kind in GGUF_TYPES:
+            systems.append(({"system": f"llama.cpp {kind}, llama-bench",
+                             "active_bytes": llamacpp.active_bytes(ggufs[kind], top_k, experts)},
+                            functools.partial(bench, args.llama_tools, ggufs[kind])))
+    unavailable = []
+    for kind in IK_TYPES if args.ik_tools else ():
+        try:
+            gguf = llamacpp.quantize_with(args.ik_tools, ggufs["F16"], kind, workdir / "gguf" / f"ik-{kind}.gguf")
+        except RuntimeError as e:
+            unavailable.append(f"ik_llama.cpp {kind}: {str(e).splitlines()[0]}")
+            continue
+        try:  # mainline's gguf-py reads no ik-only tensor type (IQ2_K, ...): no bandwidth fraction then
+            read = llamacpp.active_bytes(gguf, top_k, experts)
+        except ValueError:
+            read = None
+        systems.append(({"system": f"ik_llama.cpp {kind}, llama-bench -rtr 1 -fmoe 1", "active_bytes": read},
+                        functools.partial(bench, args.ik_tools, gguf, extra=IK_OPTIONS)))
     if shutil.which("mobius"):
         mobius = mobius_build(model_dir, workdir)
         sizes = artifact_sizes(mobius)
@@ -325,24 +353,32 @@ def compare(name: str, args) -> dict:
         args.bandwidth = max(args.bandwidth, read_bandwidth(args.threads))  # the least disturbed reading
         for (row, measure), measured in zip(systems, rounds):
             print(f"{name}: {row['system']} (round {round_number + 1}/{args.rounds})", flush=True)
-            measured.append(measure())
+            try:
+                measured.append(measure())
+            except RuntimeError as e:  # a peer's tool refusing the model (an architecture it lacks)
+                unavailable.append(f"{row['system']}: {str(e).splitlines()[0]}")
+                measured.append(None)
     rows = []
     for (row, _), measured in zip(systems, rounds):
+        if None in measured:
+            continue
         best = max(measured, key=lambda m: m["decode_tok_s"])
         rows.append(row | best | {"decode_tok_s_rounds": [m["decode_tok_s"] for m in measured],
                                   "prefill_tok_s": max(m["prefill_tok_s"] for m in measured)})
-    return {"model": name, "config": spec["args"], "rows": rows,
+    return {"model": name, "config": spec["args"], "rows": rows, "unavailable": sorted(set(unavailable)),
             "runtime_unchanged": runtime_unchanged(artifacts[8])}
 
 
-def table(result: dict) -> str:
-    lines = [f"### {result['model']}", "",
+def table(result: dict, machine: dict) -> str:
+    lines = [f"### {result['model']}", "", machine_line(machine), "",
              ("| system | weights MiB | prefill tok/s | decode tok/s | peak RSS MiB | read/token MiB | "
              "of bandwidth limit |"), "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         lines.append(f"| {row['system']} | {row['bytes'] / 2**20:.0f} | {row['prefill_tok_s']:.0f} | "
-                     f"{row['decode_tok_s']:.1f} | {row['peak_rss_mb']:.0f} | {row['active_bytes'] / 2**20:.1f} | "
-                     f"{row['bandwidth_fraction']:.0%} |")
+                     f"{row['decode_tok_s']:.1f} | {row['peak_rss_mb']:.0f} | "
+                     + (f"{row['active_bytes'] / 2**20:.1f} | {row['bandwidth_fraction']:.0%} |" if row["active_bytes"]
+                        else "n/a | n/a |"))
+    lines += [f"\n{line}" for line in result["unavailable"]]
     check = result["runtime_unchanged"]
     lines.append(f"\n8-bit artifact, moec's runtime (IO binding, tuned session options) vs plain onnxruntime: "
                  f"{check['tokens']} greedy tokens {'identical' if check['identical'] else 'DIFFERENT'}, "
@@ -361,6 +397,10 @@ def main() -> None:
     parser.add_argument("--rounds", default=2, type=int,
                         help="measurements of every system, round-robin (the fastest is kept)")
     parser.add_argument("--samples", default=16, type=int, help="calibration windows of 256 tokens")
+    parser.add_argument("--llama-tools", type=Path, help="folder with llama.cpp's llama-bench: adds its own timing "
+                        "of the same GGUFs")
+    parser.add_argument("--ik-tools", type=Path, help="folder with ik_llama.cpp's llama-bench and llama-quantize: "
+                        "adds ik_llama.cpp's quants")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args()
     names = args.models.split(",")
@@ -370,19 +410,23 @@ def main() -> None:
     models = [compare(name, args) for name in names]
     for result in models:  # every fraction against the highest bandwidth read in the whole run
         for row in result["rows"]:
-            row["bandwidth_limit_tok_s"] = args.bandwidth / row["active_bytes"]
-            row["bandwidth_fraction"] = row["decode_tok_s"] / row["bandwidth_limit_tok_s"]
+            if row["active_bytes"]:
+                row["bandwidth_limit_tok_s"] = args.bandwidth / row["active_bytes"]
+                row["bandwidth_fraction"] = row["decode_tok_s"] / row["bandwidth_limit_tok_s"]
     results = {"machine": machine(args), "models": models}
     (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
     if args.json:
         print(json.dumps(results, indent=1))
         return
-    m = results["machine"]
-    print(f"\n{m['cpu']} (ISA: {' '.join(m['isa']) or 'none of AVX2/AVX-512/VNNI/AMX'}), {m['cores']} cores, "
-          f"{m['memory_gib']:.0f} GiB; {args.threads} threads; read bandwidth "
-          f"{m['read_bandwidth_gb_s']:.1f} GB/s with {args.threads} threads; prompt {args.prompt_len}, "
-          f"{args.gen_len} decoded tokens, median of {args.repeats}, fastest of {args.rounds} rounds\n")
-    print("\n\n".join(table(r) for r in results["models"]))
+    print(f"\nprompt {args.prompt_len}, {args.gen_len} decoded tokens, median of {args.repeats} (llama-bench: "
+          f"mean), fastest of {args.rounds} rounds\n")
+    print("\n\n".join(table(r, results["machine"]) for r in results["models"]))
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu']} (ISA: {' '.join(m['isa']) or 'none of AVX2/AVX-512/VNNI/AMX'}), {m['cores']} cores, "
+            f"{m['memory_gib']:.0f} GiB; {m['threads']} threads; read bandwidth {m['read_bandwidth_gb_s']:.1f} GB/s "
+            f"with {m['threads']} threads")
 
 
 def machine(args) -> dict:

@@ -10,6 +10,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,48 @@ def _measure_here(gguf: str, prompt_len: int, gen_len: int, threads: int, repeat
     from moec.bench import peak_rss_mb
     return {"prefill_tok_s": prompt_len / prefill, "decode_tok_s": gen_len / decode, "ttft_ms": prefill * 1e3,
             "peak_rss_mb": peak_rss_mb(), "bytes": Path(gguf).stat().st_size}
+
+
+def run_tool(*argv) -> str:
+    """Runs one of llama.cpp's (or ik_llama.cpp's) own tools; its stdout, or a RuntimeError whose first line
+    names the failure (its first error line: an abort prints a backtrace after it) and the end of its stderr."""
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        reason = next((line for line in lines if re.search(r"unknown model architecture|error", line, re.I)), lines[-1])
+        raise RuntimeError(f"{Path(argv[0]).name} failed ({done.returncode}): {reason.strip(' X')}\n"
+                           f"{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def quantize_with(tools: Path, f16: Path, kind: str, out: Path) -> Path:
+    """`f16` quantized to `kind` by the `llama-quantize` in `tools` (reused when `out` exists)."""
+    return _timed("quantize", out, lambda tmp: run_tool(tools / "llama-quantize", f16, tmp, kind))
+
+
+# runs llama-bench as its only child, so that the peak RSS of this process's children is llama-bench's
+_BENCH = """
+import json, resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr[-3000:],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def bench_with(tools: Path, gguf: Path, *, prompt_len=128, gen_len=64, threads=2, repeats=3, extra=()) -> dict:
+    """The prefill (pp) and decode (tg) tok/s that the `llama-bench` in `tools` reports for `gguf` (the mean of
+    its `repeats` runs, as its users quote it), and its process's peak RSS. `extra`: more llama-bench options
+    (ik_llama.cpp's `-rtr 1 -fmoe 1`)."""
+    argv = [str(tools / "llama-bench"), "-m", str(gguf), "-p", str(prompt_len), "-n", str(gen_len), "-t", str(threads),
+            "-r", str(repeats), "-o", "json", *extra]
+    run = json.loads(subprocess.run([sys.executable, "-c", _BENCH, *argv], capture_output=True, text=True,
+                                    check=True).stdout)
+    if run["rc"]:
+        raise RuntimeError(f"llama-bench failed ({run['rc']}):\n{run['stderr']}")
+    tests = json.loads(run["stdout"])
+    speed = {("prefill" if t["n_gen"] == 0 else "decode"): float(t["avg_ts"]) for t in tests}
+    return {"prefill_tok_s": speed["prefill"], "decode_tok_s": speed["decode"], "peak_rss_mb": run["peak_rss_mb"],
+            "bytes": gguf.stat().st_size}
 
 
 def active_bytes(gguf: Path, top_k: int, num_experts: int) -> int:

@@ -79,18 +79,14 @@ def folder_bytes(folder: Path) -> int:
 
 def imatrix_ggufs(f16: Path, tools: Path, calibration: Path, work: Path) -> dict[str, Path]:
     """llama.cpp's IMATRIX_TYPES quantized with an importance matrix from `calibration`."""
-    from llamacpp import _timed
-
-    def run(*argv) -> None:
-        done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise RuntimeError(f"{Path(argv[0]).name} failed:\n{done.stderr[-3000:]}")
+    from llamacpp import _timed, run_tool
 
     imatrix = _timed("imatrix", work / "imatrix.gguf",
-                     lambda tmp: run(tools / "llama-imatrix", "-m", f16, "-f", calibration, "-o", tmp, "-c", 256,
-                                     "--no-ppl", "-t", 2))
+                     lambda tmp: run_tool(tools / "llama-imatrix", "-m", f16, "-f", calibration, "-o", tmp, "-c", 256,
+                                          "--no-ppl", "-t", 2))
     return {kind: _timed("quantize", work / f"{f16.stem}.{kind}-imatrix.gguf",
-                         lambda tmp, kind=kind: run(tools / "llama-quantize", "--imatrix", imatrix, f16, tmp, kind))
+                         lambda tmp, kind=kind: run_tool(tools / "llama-quantize", "--imatrix", imatrix, f16, tmp,
+                                                         kind))
             for kind in IMATRIX_TYPES}
 
 
