@@ -64,7 +64,8 @@ def claims(rows: list[dict]) -> list[str]:
             best = max(candidates, key=lambda r: r["decode_tok_s"][shape])
             ours = best["decode_tok_s"][shape]
             lines.append(f"{peer['system']} ({peer['rise_pct']:+.2f}%), {shape}: {best['system']} "
-                         f"({best['rise_pct']:+.2f}%) decodes {ours / speed:.2f}x ({ours:.1f} against {speed:.1f} tok/s)")
+                         f"({best['rise_pct']:+.2f}%) decodes {ours / speed:.2f}x ({ours:.1f} against "
+                         f"{speed:.1f} tok/s)")
     return lines
 
 
