@@ -1,4 +1,5 @@
-"""Sparse-attention indexers written without data-dependent shapes, for export.
+"""Sparse-attention indexers written without data-dependent shapes, for export: the same selection
+of keys as the family's own code, for all queries at once.
 
 Qwen4-Exp's QSA indexer picks, for each query, the key blocks its indexer heads score highest: it
 walks queries one by one, compacts each one's visible keys with `nonzero` and pools them in blocks of
@@ -6,7 +7,9 @@ walks queries one by one, compacts each one's visible keys with `nonzero` and po
 same selection for all queries at once: a visible key's place among its query's visible keys is a
 cumulative sum, the compacted key list a scatter by that place, the chosen blocks a fixed-size top-k
 over scores padded with -inf. Blocks of exactly equal score are chosen lowest first (onnxruntime's
-TopK), where torch's topk leaves the order open.
+TopK), where torch's topk leaves the order open. Kolibri 1.1's indexer groups each batch row's queries
+by their first visible key with `unique().tolist()`; here every query counts its blocks and local
+positions from its own first visible key.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+from unittest import mock
 
 import torch
 
@@ -57,12 +61,8 @@ def exportable_block_selection(module_name: str, indexer_class: str):
     def _select_tokens(self, hidden_states, q, raw_keys, full_cos, full_sin, attention_mask, **kwargs):
         return select_blocks(self, modeling.apply_rotary_pos_emb, q, raw_keys, full_cos, full_sin, attention_mask)
 
-    saved = indexer._select_tokens
-    indexer._select_tokens = _select_tokens
-    try:
+    with mock.patch.object(indexer, "_select_tokens", _select_tokens):
         yield
-    finally:
-        indexer._select_tokens = saved
 
 
 def _scores(indexer, routing_queries, routing_keys):
@@ -83,7 +83,7 @@ def _top(indexer, scores, k):
     return indexer.top_k_mask(padded, k)[..., :scores.shape[-1]]
 
 
-def kolibri_pool(indexer, quantize, queries, keys, visible):
+def kolibri_pool(indexer, queries, keys, visible):
     """Kolibri 1.1's select_pool for all queries at once: a query that sees more than `pool_size`
     keys (from its first visible one) keeps the blocks of `compression` keys, counted from that
     first key, whose NVFP4 summaries it scores highest; its newest, incomplete block competes at
@@ -97,8 +97,8 @@ def kolibri_pool(indexer, quantize, queries, keys, visible):
     batch = torch.arange(visible.shape[0], device=keys.device)[:, None, None, None]
     members = document_keys[batch, member.clamp(max=keys_count - 1)].float()  # [B, Q, blocks, ratio, D]
     members = members.masked_fill((member >= keys_count)[..., None], 0.0)
-    summaries = quantize(members.sum(-2) / ratio)
-    scores = _scores(indexer, quantize(queries[:, :indexer.num_heads]).float(), summaries)
+    summaries = nvfp4_fake_quantize(members.sum(-2) / ratio)
+    scores = _scores(indexer, nvfp4_fake_quantize(queries[:, :indexer.num_heads]).float(), summaries)
     block = torch.arange(blocks, device=keys.device)
     scores = torch.where(block < (lengths // ratio)[..., None], scores, 0.0)
     scores = scores.masked_fill(block >= ((lengths + ratio - 1) // ratio)[..., None], float("-inf"))
@@ -109,7 +109,7 @@ def kolibri_pool(indexer, quantize, queries, keys, visible):
     return visible & (kept | ~long)  # not torch.where: onnxruntime's CPU Where has no bool kernel
 
 
-def kolibri_tokens(indexer, quantize, queries, keys, visible, pool):
+def kolibri_tokens(indexer, queries, keys, visible, pool):
     """Kolibri 1.1's select_tokens for all queries at once: a query that sees more than its budget
     attends to its `topk` best-scoring pool keys, its first `num_sink_tokens` and its last
     `num_local_tokens` visible positions (counted from its first visible key)."""
@@ -117,7 +117,8 @@ def kolibri_tokens(indexer, quantize, queries, keys, visible, pool):
     starts = visible.int().argmax(-1)
     lengths = ((keys_count - visible.flip(-1).int().argmax(-1) - starts) * visible.any(-1))[..., None]
     offset = torch.arange(keys_count, device=keys.device) - starts[..., None]
-    scores = _scores(indexer, quantize(queries[:, :indexer.num_heads]).float(), quantize(keys[:, 0]).float())
+    scores = _scores(indexer, nvfp4_fake_quantize(queries[:, :indexer.num_heads]).float(),
+                     nvfp4_fake_quantize(keys[:, 0]).float())
     sinks = (offset >= 0) & (offset < indexer.num_sink_tokens)
     local = (offset >= lengths - indexer.num_local_tokens) & (offset < lengths)
     candidates = pool & ~sinks & (offset >= 0) & (offset < lengths - indexer.num_local_tokens)
@@ -147,16 +148,8 @@ def exportable_kolibri_selection(module_name: str, indexer_class: str):
     modeling = importlib.import_module(module_name)
     indexer = getattr(modeling, indexer_class)
 
-    def select_pool(self, queries, keys, visible):
-        return kolibri_pool(self, nvfp4_fake_quantize, queries, keys, visible)
-
-    def select_tokens(self, queries, keys, visible, pool):
-        return kolibri_tokens(self, nvfp4_fake_quantize, queries, keys, visible, pool)
-
-    saved = indexer.select_pool, indexer.select_tokens, modeling.nvfp4_fake_quantize
-    indexer.select_pool, indexer.select_tokens = select_pool, select_tokens
-    modeling.nvfp4_fake_quantize = nvfp4_fake_quantize  # its attention rounds keys and values too
-    try:
+    # its attention rounds keys and values with nvfp4_fake_quantize too
+    with mock.patch.object(indexer, "select_pool", kolibri_pool), \
+            mock.patch.object(indexer, "select_tokens", kolibri_tokens), \
+            mock.patch.object(modeling, "nvfp4_fake_quantize", nvfp4_fake_quantize):
         yield
-    finally:
-        indexer.select_pool, indexer.select_tokens, modeling.nvfp4_fake_quantize = saved

@@ -60,12 +60,12 @@ def test_kolibri_pool_and_key_selection_equal_transformers_loop(tmp_path):
 
     def both_pool(self, queries, keys, visible):
         want = pool(self, queries, keys, visible)
-        selections.append((want, kolibri_pool(self, nvfp4_fake_quantize, queries, keys, visible), visible))
+        selections.append((want, kolibri_pool(self, queries, keys, visible), visible))
         return want
 
     def both_tokens(self, queries, keys, visible, index_pool):
         want = tokens(self, queries, keys, visible, index_pool)
-        got = kolibri_tokens(self, nvfp4_fake_quantize, queries, keys, visible, index_pool)
+        got = kolibri_tokens(self, queries, keys, visible, index_pool)
         selections.append((want, got, visible))
         return want
 
