@@ -14,6 +14,7 @@ import warnings
 
 import moec
 from moec.errors import MoecError
+from moec.quant import GRIDS
 
 
 def _quiet_onnxruntime() -> None:
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="expert quantizer compile uses: round-to-nearest, or GPTQ on each expert's routed "
                         "calibration tokens (default rtn)")
-    p.add_argument("--grid", choices=("minmax", "weighted"), default=None,
+    p.add_argument("--grid", choices=GRIDS, default=None,
                    help="each group's scale and zero point: minmax spans its range; weighted searches clipped "
                         "ranges for the least error weighted by each input's calibration second moment "
                         "(compile then reads calibration text for the experts) (default: weighted for gptq, "

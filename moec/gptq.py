@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from moec.planner.plan import plan_grid
 from moec.quant import QuantizedWeight, grid_params, rtn
 
 DAMPING = 0.01  # of the mean Hessian diagonal, for a well-conditioned inverse
@@ -64,14 +65,13 @@ MIN_TOKENS = 32  # experts routed fewer calibration tokens than this are quantiz
 
 def needs_calibration(plan: dict | None) -> bool:
     """Whether the plan's expert quantizer reads each expert's routed calibration tokens."""
-    return plan is not None and (plan["quantization"]["method"] == "gptq"
-                                 or plan["quantization"].get("grid", "minmax") == "weighted")
+    return plan is not None and (plan["quantization"]["method"] == "gptq" or plan_grid(plan) == "weighted")
 
 
 def expert_quantizer(plan: dict, bits: int):
     """quantize(weight [N, K], inputs [tokens, K] float64 tensor) for the plan's method and grid: GPTQ
     with the inputs' Hessian, or RTN on the weighted grid with their second moments."""
-    group_size, grid = plan["quantization"]["group_size"], plan["quantization"].get("grid", "minmax")
+    group_size, grid = plan["quantization"]["group_size"], plan_grid(plan)
     if plan["quantization"]["method"] == "gptq":
         return lambda weight, inputs: gptq(weight, (inputs.T @ inputs).numpy(), bits, group_size, grid)
     return lambda weight, inputs: rtn(weight, bits, group_size, grid, (inputs * inputs).sum(0).numpy())

@@ -18,6 +18,7 @@ import re
 
 from moec.errors import MoecError
 from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
+from moec.planner.plan import plan_grid
 from moec.planner.sizes import DROPPED, FLOAT
 
 
@@ -153,7 +154,7 @@ def quantization_specs(plan: dict | None, weights: list[str], moe_blocks: list[s
 
     if plan is None:
         return {}
-    group_size, grid = plan["quantization"]["group_size"], plan["quantization"].get("grid", "minmax")
+    group_size, grid = plan["quantization"]["group_size"], plan_grid(plan)
     specs = {}
     for name in weights:
         bits = weight_bits(plan, name, moe_blocks)

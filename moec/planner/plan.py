@@ -22,7 +22,6 @@ EXPERT_WIDTHS = (DROPPED, *PLAN_BIT_WIDTHS)  # an expert may also be dropped: 0 
 OLD_FLOAT_WIDTH = 16  # how plan files before "float" wrote it
 SCOPES = ("global", "layer")
 QUANT_METHODS = ("rtn", "gptq")
-QUANT_GRIDS = GRIDS  # plans from before the weighted grid have no "grid": minmax
 # each method's default grid, as measured (docs/measurements.md, "Expert quantizers"): the weighted
 # grid is GPTQ's best at every width, while RTN's 2-bit experts lost more with it
 DEFAULT_GRID = {"rtn": "minmax", "gptq": "weighted"}
@@ -38,6 +37,11 @@ OBJECTIVE_KEYS = ("scope", *EXPONENT_KEYS.values(), "candidate_bits", "require_t
                   "params_per_expert", "predicted_loss", "predicted_expert_bytes", "protect_super_experts")
 OPTIONAL_OBJECTIVE_KEYS = ("protect_super_experts",)
 
+
+
+def plan_grid(plan: dict) -> str:
+    """The plan's quantization grid (moec.quant.GRIDS); plans from before it have none: minmax."""
+    return plan["quantization"].get("grid", "minmax")
 
 def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | None = None,
                   source: str = "plan.json") -> None:
@@ -63,8 +67,8 @@ def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | N
     if quantization["method"] not in QUANT_METHODS:
         raise PlanError(f"{source}: quantization.method: expected one of {', '.join(QUANT_METHODS)}, "
                         f"got {_show(quantization['method'])}")
-    if quantization.get("grid", "minmax") not in QUANT_GRIDS:
-        raise PlanError(f"{source}: quantization.grid: expected one of {', '.join(QUANT_GRIDS)}, "
+    if plan_grid(plan) not in GRIDS:
+        raise PlanError(f"{source}: quantization.grid: expected one of {', '.join(GRIDS)}, "
                         f"got {_show(quantization['grid'])}")
     group_size = quantization["group_size"]
     if type(group_size) is not int or group_size < 16 or group_size & (group_size - 1):
