@@ -9,7 +9,9 @@ cumulative sum, the compacted key list a scatter by that place, the chosen block
 over scores padded with -inf. Blocks of exactly equal score are chosen lowest first (onnxruntime's
 TopK), where torch's topk leaves the order open. Kolibri 1.1's indexer groups each batch row's queries
 by their first visible key with `unique().tolist()`; here every query counts its blocks and local
-positions from its own first visible key.
+positions from its own first visible key. MiniMax-M3's indexer sizes its pad and its top-k from the
+traced key length (`if pad`, `min(top-k, blocks)`), which export would fix at the traced values; here
+both hold for any length.
 """
 
 from __future__ import annotations
@@ -152,4 +154,67 @@ def exportable_kolibri_selection(module_name: str, indexer_class: str):
     with mock.patch.object(indexer, "select_pool", kolibri_pool), \
             mock.patch.object(indexer, "select_tokens", kolibri_tokens), \
             mock.patch.object(modeling, "nvfp4_fake_quantize", nvfp4_fake_quantize):
+        yield
+
+
+def minimax_m3_blocks(indexer, apply_rotary_pos_emb, hidden_states, position_embeddings, cache, position_ids):
+    """MiniMax-M3's lightning indexer with shapes fixed for export: each query's `index_topk_blocks`
+    key blocks ([B, heads, Q, top-k], -1 where a slot has no block). The family's code pads the key
+    scores to whole blocks only when the keys do not fill them and takes min(top-k, blocks) blocks, both
+    decided on the traced length; here the pad is computed from the length, and the scores are padded
+    by top-k blocks of -inf more, so top-k never exceeds them and a padding block is never chosen."""
+    batch, q_len, _ = hidden_states.shape
+    size = indexer.block_size
+    queries = indexer.q_norm(indexer.q_proj(hidden_states).view(batch, q_len, -1, indexer.head_dim)).transpose(1, 2)
+    keys = indexer.k_norm(indexer.k_proj(hidden_states).view(batch, q_len, 1, indexer.head_dim)).transpose(1, 2)
+    cos, sin = position_embeddings
+    queries, keys = apply_rotary_pos_emb(queries, keys, cos[..., :indexer.head_dim], sin[..., :indexer.head_dim])
+    if cache is not None:
+        keys = cache.layers[indexer.layer_idx].update_index(keys)
+    key_len = keys.shape[2]
+    scores = torch.matmul(queries.float(), keys.float().transpose(-1, -2))
+    future = torch.arange(key_len, device=scores.device)[None, None, None, :] > position_ids[:, None, :, None]
+    scores = scores.masked_fill(future, float("-inf"))
+    scores = torch.nn.functional.pad(scores, (0, (-key_len) % size + indexer.topk_blocks * size), value=float("-inf"))
+    block_scores = scores.unflatten(-1, (-1, size)).amax(-1)  # [B, heads, Q, blocks]
+    if indexer.local_blocks > 0:
+        local = torch.arange(indexer.local_blocks, device=scores.device)
+        local = ((position_ids // size)[..., None] - local).clamp(min=0)
+        local = local.unsqueeze(1).expand(-1, indexer.num_heads, -1, -1)
+        block_scores = block_scores.scatter(-1, local, float("inf"))
+    top = block_scores.topk(indexer.topk_blocks, dim=-1)
+    return top.indices.masked_fill(top.values == float("-inf"), -1)
+
+
+def minimax_m3_mask(indexer, block_indices, attention_mask, key_length, dtype, device, position_ids):
+    """MiniMax-M3's build_block_mask without per-length shapes: each key reads whether its block
+    (key // block size) is among its query's chosen blocks, instead of the chosen blocks' mask repeated
+    block-size times and cut to the keys."""
+    heads = indexer.config.num_attention_heads // block_indices.shape[1]
+    key_block = torch.arange(key_length, device=device) // indexer.block_size
+    # one column per block, and one more that the -1 slots write to (blocks <= keys)
+    chosen = torch.zeros((*block_indices.shape[:-1], key_length + 1), dtype=torch.bool, device=device)
+    chosen = chosen.scatter(-1, block_indices.masked_fill(block_indices < 0, key_length), True)
+    keep = chosen.gather(-1, key_block.expand(*block_indices.shape[:-1], key_length))
+    keep = keep.repeat_interleave(heads, dim=1)
+    if attention_mask is not None:
+        keep = keep & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
+    else:
+        keep = keep & ~(torch.arange(key_length, device=device)[None, None, None, :] > position_ids[:, None, :, None])
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+@contextlib.contextmanager
+def exportable_minimax_m3_selection(module_name: str, indexer_class: str):
+    """While exporting, MiniMax-M3's indexer picks its blocks by minimax_m3_blocks and masks the keys
+    by minimax_m3_mask."""
+    modeling = importlib.import_module(module_name)
+    indexer = getattr(modeling, indexer_class)
+
+    def forward(self, hidden_states, position_embeddings, cache, position_ids):
+        return minimax_m3_blocks(self, modeling.apply_rotary_pos_emb, hidden_states, position_embeddings, cache,
+                                 position_ids)
+
+    with mock.patch.object(indexer, "forward", forward), \
+            mock.patch.object(indexer, "build_block_mask", minimax_m3_mask):
         yield

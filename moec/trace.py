@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 from unittest import mock
 import numpy as np
 import onnx_ir as ir
@@ -26,7 +27,8 @@ from moec.ops import moe as moe_op
 from moec.passes.name_weights import NameWeightsPass
 from moec.passes.transpose_weights import STORED_AS_IS, TransposeWeightsPass
 from moec.runtime import present_name
-from moec.sparse_attention import exportable_block_selection, exportable_kolibri_selection
+from moec.sparse_attention import (exportable_block_selection, exportable_kolibri_selection,
+                                   exportable_minimax_m3_selection)
 
 
 @functools.cache
@@ -48,14 +50,17 @@ class KVCacheModel(nn.Module):
     `past_key_values.{layer}.{slot}`: slots key and value for attention layers, conv and recurrent
     for a linear-attention or SSM layer's state (transformers' LinearAttentionLayer), indexer_key for
     a sparse-attention indexer's keys and indexer_position for the positions it has seen (the
-    multimodal rotary's, which Qwen4-Exp's indexer keeps). `cache_class` is the cache the model builds
-    for itself."""
+    multimodal rotary's, which Qwen4-Exp's indexer keeps), and a family's own cache layer's further
+    tensors by their attribute names (MiniMax-M3's idx_keys). `cache_class` is the cache the model builds
+    for itself; `own_layers` the layers kept in a cache layer class of the family's own."""
 
-    def __init__(self, model: nn.Module, past_names: list[str], cache_class: type):
+    def __init__(self, model: nn.Module, past_names: list[str], cache_class: type,
+                 own_layers: frozenset = frozenset()):
         super().__init__()
         self.model = model
         self.slots = [past_slot(name) for name in past_names]
         self.cache_class = cache_class
+        self.own_layers = own_layers
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         layers = max(self.model.config.num_hidden_layers, 1 + max((layer for layer, _ in self.slots), default=0))
@@ -63,6 +68,7 @@ class KVCacheModel(nn.Module):
             cache = _cache_beside_layers(self.cache_class, layers, self.slots, past)
         else:
             cache = _cache(layers, self.slots, past, attention_mask.shape[1] - input_ids.shape[1])
+            _fill_own_layers(cache, self.model.config, self.own_layers, _by_layer(layers, self.slots, past))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, cache=cache, use_cache=True)
         return (out.logits, *[cache_tensor(out.cache, layer, slot) for layer, slot in self.slots])
@@ -158,9 +164,31 @@ def _cache_beside_layers(cache_class: type, num_layers: int, slots: list[tuple[i
     return cache
 
 
+def _fill_own_layers(cache, config, own_layers: frozenset, tensors: list[dict]) -> None:
+    """Put a family's own cache layers (MiniMax-M3's sparse-attention layer, a DynamicLayer that also
+    keeps its indexer's keys) in `cache`, built as transformers builds them from the config, holding
+    their keys, values and further tensors."""
+    from transformers import DynamicCache
+
+    fresh = DynamicCache(config=config).layers
+    for i in own_layers:
+        layer, t = fresh[i], dict(tensors[i])
+        layer.update(t.pop("key"), t.pop("value"))
+        for attribute, tensor in t.items():
+            setattr(layer, attribute, tensor)
+        cache.layers[i] = layer
+
+
+def _own_tensors(layer) -> dict[str, torch.Tensor]:
+    """The tensors a family's own DynamicLayer subclass keeps beyond keys and values, by attribute."""
+    return {name: t for name, t in vars(layer).items()
+            if isinstance(t, torch.Tensor) and name not in ("keys", "values")}
+
+
 def cache_tensor(cache, layer: int, slot: str):
-    """A cache's tensor of a layer's slot: its keys or values (or indexer keys), or its (first) conv or
-    recurrent state, which a cache that keeps them beside its layers (MiniMax's) keeps in `linear_cache`."""
+    """A cache's tensor of a layer's slot: its keys or values (or indexer keys), its (first) conv or
+    recurrent state, which a cache that keeps them beside its layers (MiniMax's) keeps in `linear_cache`,
+    or a family's own cache layer's tensor of that name."""
     if slot == "recurrent" and hasattr(cache, "linear_cache"):
         return cache.linear_cache[layer]
     layer = cache.layers[layer]
@@ -168,17 +196,29 @@ def cache_tensor(cache, layer: int, slot: str):
         return layer.indexer_position_ids.transpose(0, 1)
     if slot in SEQUENCE_AXIS:
         return getattr(layer, f"{slot}s")
-    kind, index = state_slot(slot)
-    return getattr(layer, f"{kind}_states")[index]
+    if state := state_slot(slot):
+        kind, index = state
+        return getattr(layer, f"{kind}_states")[index]
+    return getattr(layer, slot)
 
 
-def cache_inputs(model: nn.Module, batch: int, past: int) -> tuple[dict[str, tuple[int, ...]], type]:
-    """Each past input's name and shape, and the cache's class, probed by running one token with the
-    cache the family builds for itself: the layout is the model's own (DeepSeek-V3 caches its
-    compressed MLA latent, not per-head keys and values; Qwen3-Next's linear-attention layers keep a
-    conv and a recurrent state; DeepSeek-V3.2's indexer its own keys; MiniMax its lightning
-    attention's state beside the layers). A layer whose cache holds anything else (compressed
-    blocks, several states) is refused by name."""
+class CacheLayout(NamedTuple):
+    """The past inputs a model's cache makes: each one's shape and, where it grows by a token a step,
+    its token axis; the cache's class; the layers kept in a cache layer class of the family's own."""
+    shapes: dict[str, tuple[int, ...]]
+    sequence_axes: dict[str, int]
+    cache_class: type
+    own_layers: frozenset
+
+
+def cache_inputs(model: nn.Module, batch: int, past: int) -> CacheLayout:
+    """The past inputs, probed by running one token with the cache the family builds for itself: the
+    layout is the model's own (DeepSeek-V3 caches its compressed MLA latent, not per-head keys and
+    values; Qwen3-Next's linear-attention layers keep a conv and a recurrent state; DeepSeek-V3.2's
+    indexer its own keys; MiniMax its lightning attention's state beside the layers). A family's own
+    DynamicLayer subclass carries each further tensor it keeps (MiniMax-M3's indexer keys); a second
+    token tells which of their axes grows. A layer whose cache holds anything else (compressed blocks)
+    is refused by name."""
     from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicIndexedLayer, DynamicLayer,
                                           DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer,
                                           LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer)
@@ -199,15 +239,18 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> tuple[dict[str, tup
     if type(out.cache) is not DynamicCache and not (isinstance(out.cache, DynamicCache) and isinstance(linear, list)):
         raise Unsupported(model.config.model_type, "cache", f"the model keeps its own cache class "
                           f"{type(out.cache).__name__}, which moec does not export yet")
-    shapes = {}
+    shapes, own = {}, {}
     for i, state in enumerate(linear or []):
         if isinstance(state, torch.Tensor):
             shapes[f"past_key_values.{i}.recurrent"] = (batch, *state.shape[1:])
     for i, layer in enumerate(out.cache.layers):
         if type(layer) is DummyLayer or (type(layer) is DynamicLayer and not layer.is_initialized):
             continue  # an MLP-only layer, or one whose state the cache keeps beside it: nothing to carry
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, DynamicIndexedLayer, LinearAttentionLayer,
-                               LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer):
+        known = type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, DynamicIndexedLayer, LinearAttentionLayer,
+                                LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer)
+        if not known and type(layer).__base__ is DynamicLayer and layer.is_initialized and _own_tensors(layer):
+            own[i] = {name: t.shape for name, t in _own_tensors(layer).items()}
+        elif not known:
             raise Unsupported(model.config.model_type, "cache", f"decoder layer {i} keeps a {type(layer).__name__} "
                               "cache (state beyond keys, values, indexer keys and linear-attention states), which "
                               "moec does not export yet")
@@ -222,7 +265,18 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> tuple[dict[str, tup
             shapes |= {f"past_key_values.{i}.{_state_name(kind, k)}": (batch, *getattr(layer, f"{kind}_states")[k].shape[1:])
                        for kind in STATE_KINDS for k in range(layer.number_of_states)
                        if getattr(layer, f"is_{kind}_states_initialized")[k]}
-    return shapes, type(out.cache)
+    axes = {name: SEQUENCE_AXIS[past_slot(name)[1]] for name in shapes if past_slot(name)[1] in SEQUENCE_AXIS}
+    if own:
+        with torch.no_grad():
+            grown = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), cache=out.cache, use_cache=True).cache
+        for i, tensors in own.items():
+            for name, shape in tensors.items():
+                now = getattr(grown.layers[i], name).shape
+                growing = [axis for axis, (a, b) in enumerate(zip(shape, now)) if a != b]
+                shapes[f"past_key_values.{i}.{name}"] = tuple(
+                    batch if axis == 0 else past if axis in growing else size for axis, size in enumerate(shape))
+                axes |= {f"past_key_values.{i}.{name}": axis for axis in growing}
+    return CacheLayout(shapes, axes, type(out.cache), frozenset(own))
 
 
 @contextlib.contextmanager
@@ -266,6 +320,9 @@ EXPORT_REWRITES = {
                                  "MiniMaxLightningAttention"),
     "kolibri1_1": functools.partial(exportable_kolibri_selection, "transformers.models.kolibri1_1.modeling_kolibri1_1",
                                     "Kolibri1_1Indexer"),
+    "minimax_m3_vl_text": functools.partial(exportable_minimax_m3_selection,
+                                            "transformers.models.minimax_m3_vl.modeling_minimax_m3_vl",
+                                            "MiniMaxM3VLIndexer"),
     "qwen4_exp_text": functools.partial(exportable_block_selection, "transformers.models.qwen4_exp.modeling_qwen4_exp",
                                         "Qwen4ExpTextQSAIndexer"),
 }
@@ -341,16 +398,18 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
             input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
             attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
             position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-            shapes, cache_class = cache_inputs(model, batch, past)
+            layout = cache_inputs(model, batch, past)
+            shapes = layout.shapes
             pasts = [torch.zeros(s, dtype=PAST_DTYPES.get(past_slot(name)[1])) for name, s in shapes.items()]
         tokens = {0: "batch", 1: "sequence"}
         dynamic_shapes = (tokens, {0: "batch", 1: "total_sequence"}, tokens,  # torch.onnx names the axes
-                          tuple({0: "batch", SEQUENCE_AXIS[past_slot(name)[1]]: "past_sequence"}
-                                if past_slot(name)[1] in SEQUENCE_AXIS else {0: "batch"} for name in shapes))
+                          tuple({0: "batch", layout.sequence_axes[name]: "past_sequence"}
+                                if name in layout.sequence_axes else {0: "batch"} for name in shapes))
         inputs = ["input_ids", "attention_mask", "position_ids", *shapes]
         outputs = ["logits", *map(present_name, shapes)]
         program = torch.onnx.export(
-            KVCacheModel(model, list(shapes), cache_class).eval(), (input_ids, attention_mask, position_ids, *pasts),
+            KVCacheModel(model, list(shapes), layout.cache_class, layout.own_layers).eval(),
+            (input_ids, attention_mask, position_ids, *pasts),
             dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
             custom_translation_table={torch.ops.moec.experts.default: _onnx_experts,

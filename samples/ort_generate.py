@@ -4,7 +4,8 @@ No moec import: this is the template to copy into an application. The artifact's
 takes input_ids, attention_mask, position_ids and past_key_values.{i}.key|value (and, for a
 linear-attention layer such as Qwen3-Next's, past_key_values.{i}.conv|recurrent: its state; for a
 sparse-attention indexer such as DeepSeek-V3.2's, past_key_values.{i}.indexer_key, and Qwen4-Exp's
-also past_key_values.{i}.indexer_position), and returns
+also past_key_values.{i}.indexer_position; a cache layer of a family's own, each tensor it keeps, by
+name, such as MiniMax-M3's past_key_values.{i}.idx_keys), and returns
 logits and present.{i}.*; each step feeds the previous step's presents back as the past.
 
     python samples/ort_generate.py out/tiny-mixtral --prompt "def main(" --max-new-tokens 48
