@@ -6,15 +6,15 @@ llama.cpp's F16 GGUF).
 Every system scores the same token windows (the checkpoint's own tokenizer; llama.cpp is fed the
 ids, not text), so the perplexities are comparable across systems. moec's plans come from
 `moec calibrate` on the calibration text and `moec plan --avg-bits B --no-top-widths --method M
---grid G`, with the default non-expert widths (attention 4, embedding and head 8); compile
-quantizes GPTQ and weighted-grid experts with the same text. llama.cpp's importance matrix comes
-from `llama-imatrix` on that text, from the tools of the same llama.cpp (`--llama-tools`: a
-folder holding llama-imatrix and llama-quantize, built from the llama-cpp-python sdist's
-vendor/llama.cpp with cmake).
+--grid G --layer-prior-tokens P` (QUANTIZERS names each combination), with the default non-expert
+widths (attention 4, embedding and head 8); compile quantizes GPTQ and weighted-grid experts with
+the same text. llama.cpp's importance matrix comes from `llama-imatrix` on that text, from the tools
+of the same llama.cpp (`--llama-tools`: a folder holding llama-imatrix and llama-quantize, built
+from the llama-cpp-python sdist's vendor/llama.cpp with cmake).
 
     pip install -e ".[bench]"
     python bench/size_quality.py CHECKPOINT --data held-out.txt [--calibration FILE.txt]
-        [--bits 2,2.5,3] [--quantizers rtn,rtn-weighted,gptq,gptq-weighted] [--group-size 128]
+        [--bits 2,2.5,3] [--quantizers rtn,gptq,gptq-weighted,gptq-weighted-prior,...] [--group-size 128]
         [--llama-tools BUILD/bin] [--workdir DIR] [--samples 16] [--plot FILE.png] [--json]
 
 Run it on a trained checkpoint of dims llama.cpp's k-quants take whole (`python
@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "samples"))
 
-QUANTIZERS = {"rtn": ("rtn", "minmax"), "rtn-weighted": ("rtn", "weighted"), "gptq": ("gptq", "minmax"),
-              "gptq-weighted": ("gptq", "weighted")}  # name -> (plan method, plan grid)
+# name -> (plan method, grid, layer prior tokens): each lever alone and together (docs/measurements.md)
+QUANTIZERS = {"rtn": ("rtn", "minmax", 0), "rtn-weighted": ("rtn", "weighted", 0), "gptq": ("gptq", "minmax", 0),
+              "gptq-weighted": ("gptq", "weighted", 0), "gptq-prior": ("gptq", "minmax", 256),
+              "gptq-weighted-prior": ("gptq", "weighted", 256)}
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M")
 IMATRIX_TYPES = ("IQ2_XS", "IQ3_XXS", "Q2_K", "Q3_K_S", "Q4_K_M")  # IQ2_XS needs one
 LARGER = 1.15  # a moec build is compared with llama.cpp's builds of up to 15% more bytes
@@ -102,13 +104,14 @@ def moec_builds(checkpoint: Path, calibration: Path, bits: list[float], quantize
         moec_cli("compile", str(checkpoint), "--out", str(builds["float"]), "--force", "--quiet")
     for b in bits:
         for name in quantizers:
-            method, grid = QUANTIZERS[name]
+            method, grid, prior = QUANTIZERS[name]
             folder = builds[b, name] = work / f"moec-{b:g}bit-{name}"
             if (folder / "moec.json").is_file():
                 continue
             plan = work / f"plan-{b:g}-{name}.json"
             moec_cli("plan", "--stats", str(stats), "--avg-bits", str(b), "--no-top-widths", "--group-size",
-                     str(group_size), "--method", method, "--grid", grid, "--out", str(plan))
+                     str(group_size), "--method", method, "--grid", grid, "--layer-prior-tokens", str(prior),
+                     "--out", str(plan))
             moec_cli("compile", str(checkpoint), "--plan", str(plan), "--data", str(calibration), "--out", str(folder),
                      "--force", "--quiet")
     return builds

@@ -2,8 +2,11 @@
 
 Each repetition feeds a fixed random prompt of `prompt_len` tokens (prefill, which is also the
 time to the first token) and then decodes `gen_len` tokens greedily with the KV cache, ignoring
-end-of-sequence so every run does the same work. After `warmup` untimed runs, the median of
-`repeats` runs is reported; peak memory is the process's peak resident set.
+end-of-sequence so every run does the same work. With `data` (a text file), the prompt is the
+text's first tokens and each decode step feeds the text's next token instead of its own pick, so
+experts are routed as on that text (what calibration saw, where it is the calibration text). After
+`warmup` untimed runs, the median of `repeats` runs is reported; peak memory is the process's peak
+resident set.
 """
 
 from __future__ import annotations
@@ -19,23 +22,25 @@ from moec.runtime import Artifact
 
 
 def bench(path: str | Path, *, prompt_len: int = 128, gen_len: int = 64, threads: int | None = None,
-          repeats: int = 5, warmup: int = 1, prune: bool = True) -> dict:
+          repeats: int = 5, warmup: int = 1, prune: bool = True, data: str | Path | None = None) -> dict:
     artifact = Artifact(path, threads=threads, prune=prune)
     vocab = next(o.shape[-1] for o in artifact.session.get_outputs() if o.name == "logits")
-    prompt = np.random.default_rng(0).integers(0, vocab, (1, prompt_len), dtype=np.int64)
+    text = None if data is None else _text_tokens(path, data, prompt_len + gen_len)
+    prompt = (np.random.default_rng(0).integers(0, vocab, (1, prompt_len), dtype=np.int64) if text is None
+              else text[None, :prompt_len])
     prefill, decode = [], []
     for run in range(warmup + repeats):
         artifact.activations = {"computed": 0, "top_k": 0}
         start = time.perf_counter()
         logits, past = artifact.forward(prompt, np.ones_like(prompt), np.arange(prompt_len)[None],
                                         artifact.empty_cache(1, capacity=prompt_len + gen_len), logits_to_keep=1)
-        token = logits[:, -1].argmax(-1)[:, None]
+        token = logits[:, -1].argmax(-1)[:, None] if text is None else text[None, prompt_len:prompt_len + 1]
         prefilled = time.perf_counter()
         for step in range(gen_len):
             total = prompt_len + step + 1
             logits, past = artifact.forward(token, np.ones((1, total), np.int64), np.array([[total - 1]]), past,
                                             logits_to_keep=1)
-            token = logits[:, -1].argmax(-1)[:, None]
+            token = logits[:, -1].argmax(-1)[:, None] if text is None else text[None, total:total + 1]
         done = time.perf_counter()
         if run >= warmup:
             prefill.append(prefilled - start)
@@ -43,6 +48,7 @@ def bench(path: str | Path, *, prompt_len: int = 128, gen_len: int = 64, threads
     activations = artifact.activations
     result = {
         "path": str(path), "prompt_len": prompt_len, "gen_len": gen_len, "threads": threads, "repeats": repeats,
+        "data": "random prompt, greedy" if data is None else str(data),
         "prefill_tok_s": prompt_len / statistics.median(prefill),
         "decode_tok_s": gen_len / statistics.median(decode),
         "ttft_ms": 1000 * statistics.median(prefill),
@@ -52,6 +58,18 @@ def bench(path: str | Path, *, prompt_len: int = 128, gen_len: int = 64, threads
     if activations["top_k"] and result["pruning"] != "none":
         result["pruned_fraction"] = 1 - activations["computed"] / activations["top_k"]
     return result
+
+
+def _text_tokens(path: str | Path, data: str | Path, count: int) -> np.ndarray:
+    """The first `count` token ids of the text file `data`, by the artifact's tokenizer."""
+    from moec.errors import MoecError
+    from moec.runtime import Tokenizer
+    from moec.text import read_text
+
+    ids = np.array(Tokenizer(Path(path)).encode(read_text(data)[0])[:count], np.int64)
+    if len(ids) < count:
+        raise MoecError(f"{data} has {len(ids)} tokens, fewer than the {count} the prompt and decode take")
+    return ids
 
 
 def peak_rss_mb() -> float:

@@ -92,7 +92,7 @@ def _bench(args) -> None:
 
     _quiet_onnxruntime()
     result = bench(args.artifact, prompt_len=args.prompt_len, gen_len=args.gen_len, threads=args.threads,
-                   repeats=args.repeats, warmup=args.warmup, prune=not args.no_prune)
+                   repeats=args.repeats, warmup=args.warmup, prune=not args.no_prune, data=args.data)
     if args.json:
         print(json.dumps(result))
     else:
@@ -100,6 +100,24 @@ def _bench(args) -> None:
         print(f"prefill {result['prefill_tok_s']:.1f} tok/s ({result['prompt_len']} tokens, first token after "
               f"{result['ttft_ms']:.1f} ms), decode {result['decode_tok_s']:.1f} tok/s ({result['gen_len']} tokens), "
               f"peak RSS {result['peak_rss_mb']:.0f} MB; median of {result['repeats']}{pruned}")
+
+
+def _profile(args) -> None:
+    from moec.files import write_atomic
+    from moec.profile import profile
+
+    _quiet_onnxruntime()
+    result = profile(args.artifact, widths=args.bits, threads=args.threads, runs=args.runs,
+                     progress=_show_progress(args))
+    write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
+    if args.json:
+        print(json.dumps(result))
+        return
+    seconds = result["layers"][0]["expert_seconds"]
+    print(f"wrote {args.out}: a routed expert's token " + ", ".join(f"{1e3 * t:.3f} ms at {b}" for b, t in
+                                                                    seconds.items())
+          + f" (layer {result['layers'][0]['layer']}); the rest of a step {1e3 * result['other_seconds']:.2f} ms, "
+          f"the artifact's step {1e3 * result['step_seconds']:.2f} ms")
 
 
 def _calibrate(args) -> None:
@@ -135,14 +153,28 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def _plan(args) -> None:
     from moec.planner import load_stats, make_plan, plot_sweep, save_plan, sweep, write_sweep_table
 
+    from moec.planner.speed import load_profile
+
+    if args.avg_bits is None and args.size_budget is None and args.sweep is None and args.decode_tok_s is None:
+        raise MoecError("give a budget: --avg-bits, --size-budget, --sweep or --decode-tok-s")
+    if args.decode_tok_s is not None and args.profile is None:
+        raise MoecError("--decode-tok-s needs --profile: the host's decode costs, from moec profile ARTIFACT")
     stats = load_stats(args.stats)
     options = dict(bits=args.bits, scope=args.scope, alpha=args.alpha, beta=args.beta, gamma=args.gamma,
                    require_top_widths=not args.no_top_widths, group_size=args.group_size,
                    params_per_expert=args.params_per_expert, model=args.model, method=args.method,
-                   grid=args.grid, target=args.target, protect_super_experts=not args.no_protect_super_experts)
+                   grid=args.grid, layer_prior_tokens=args.layer_prior_tokens, target=args.target,
+                   protect_super_experts=not args.no_protect_super_experts, decode_tok_s=args.decode_tok_s,
+                   profile=None if args.profile is None else load_profile(args.profile))
     if args.sweep:
         if args.prune_target is not None:
             raise MoecError("--prune-target plans one pruning for one plan; it does not combine with --sweep")
@@ -164,8 +196,10 @@ def _plan(args) -> None:
     objective = plan["objective"]
     size = objective["predicted_expert_bytes"]
     pruning = plan["pruning"]
+    speed = objective.get("predicted_decode_tok_s")
     print(f"wrote {args.out}: predicted loss {objective['predicted_loss']:.6g}"
           + (f", experts {size / 1e9:.3f} GB" if size is not None else "")
+          + (f", predicted decode {speed:.1f} tok/s on the profiled host" if speed is not None else "")
           + (f", pruning {len(pruning['layers'])} layers (predicted {pruning['predicted_pruned_fraction']:.3f} "
              "of expert activations)" if pruning else "")
           + (f", {len(plan['super_experts'])} super experts kept at {objective['candidate_bits'][-1]} bits and never "
@@ -258,8 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=5, metavar="N", help="timed runs (default 5)")
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs first (default 1)")
     p.add_argument("--no-prune", action="store_true", help="run a dynamically pruned artifact with pruning off")
+    p.add_argument("--data", metavar="FILE.txt",
+                   help="prompt with this text's first tokens and decode its next ones (teacher-forced), so experts "
+                        "are routed as on it (default: a random prompt, greedy decoding)")
     p.add_argument("--json", action="store_true", help="print one JSON object (prefill_tok_s, decode_tok_s, ...)")
     p.set_defaults(func=_bench)
+
+    p = commands.add_parser("profile", help="time this host's decode step of an artifact's shape, per expert width",
+                            description="Time, on this host, one routed expert's decode token at each width in "
+                                        "an artifact's shape (lowered as its target lowers it) and the rest of "
+                                        "its decode step; `moec plan --profile FILE --decode-tok-s N` plans to it.")
+    p.add_argument("artifact", metavar="DIR", help="a compiled CPU artifact (any plan) of the model to plan")
+    p.add_argument("--bits", type=_bit_list, metavar="LIST",
+                   help="widths to time (default: 2,3,4,8 and the artifact's own)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="onnxruntime intra-op threads (default: one per core, the artifact's setting)")
+    p.add_argument("--runs", type=_positive_int, default=50, metavar="N", help="timed tokens per width (default 50)")
+    p.add_argument("--out", required=True, metavar="FILE", help="profile.json to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="also print the profile as JSON")
+    p.set_defaults(func=_profile)
 
     p = commands.add_parser("calibrate", help="measure each expert's importance on calibration text",
                             description="Stream MODEL_DIR layer by layer over calibration text and record, "
@@ -282,13 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Solve MC-MoE's bit allocation (arXiv 2410.06270) for a stats file and "
                                         "write plan.json, or sweep budgets and write the Pareto front.")
     p.add_argument("--stats", required=True, metavar="FILE", help="moec-stats/1 JSON")
-    budget = p.add_mutually_exclusive_group(required=True)
+    budget = p.add_mutually_exclusive_group()
     budget.add_argument("--avg-bits", type=float, metavar="B", help="average bits per expert weight")
     budget.add_argument("--size-budget", metavar="SIZE",
                         help="bytes for all routed experts, e.g. 12GB, 800MB, 11.5GiB (global scope)")
     budget.add_argument("--sweep", type=_bit_range, metavar="START:STOP:STEP",
                         help="plan every avg-bits budget in the range; --out gets the Pareto table "
                              "(TSV, or markdown if it ends in .md)")
+    p.add_argument("--decode-tok-s", type=float, metavar="N",
+                   help="decode speed the plan must reach on the profiled host (with --profile); alone, or beside "
+                        "--avg-bits / --size-budget")
+    p.add_argument("--profile", metavar="FILE",
+                   help="the host's decode costs (moec profile ARTIFACT): the plan predicts its decode speed")
     p.add_argument("--bits", type=_bit_list, metavar="LIST",
                    help="candidate widths, e.g. 2,3,4 (default: every width in the stats but 0); 0 lets the "
                         "solver drop experts (no weights, never routed to), if the stats measured it")
@@ -308,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ranges for the least error weighted by each input's calibration second moment "
                         "(compile then reads calibration text for the experts) (default: weighted for gptq, "
                         "minmax for rtn, as measured)")
+    p.add_argument("--layer-prior-tokens", type=_count, default=None, metavar="N",
+                   help="GPTQ's Hessian (or the weighted grid's second moments) of each expert also counts the "
+                        "layer's, from all its calibration tokens, as N tokens: steadier for rarely routed experts "
+                        "(default: 256 for gptq, 0 for rtn, as measured)")
     p.add_argument("--params-per-expert", type=int, metavar="N",
                    help="weights per routed expert (default: 3*hidden*intermediate from the stats or --model)")
     p.add_argument("--model", metavar="PATH", help="model the plan is for; refused if the stats are for another")

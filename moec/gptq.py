@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from moec.planner.plan import plan_grid
+from moec.planner.plan import plan_grid, plan_layer_prior
 from moec.quant import QuantizedWeight, grid_params, rtn
 
 DAMPING = 0.01  # of the mean Hessian diagonal, for a well-conditioned inverse
@@ -60,7 +60,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int = 1
     return QuantizedWeight(codes, scales, zeros, bits=bits, group_size=group_size, method="gptq")
 
 
-MIN_TOKENS = 32  # experts routed fewer calibration tokens than this are quantized without them
+MIN_TOKENS = 32  # without a layer prior, experts routed fewer calibration tokens are quantized without them
 
 
 def needs_calibration(plan: dict | None) -> bool:
@@ -69,49 +69,66 @@ def needs_calibration(plan: dict | None) -> bool:
 
 
 def expert_quantizer(plan: dict, bits: int):
-    """quantize(weight [N, K], inputs [tokens, K] float64 tensor) for the plan's method and grid: GPTQ
-    with the inputs' Hessian, or RTN on the weighted grid with their second moments."""
+    """quantize(weight [N, K], gram [K, K]: the inputs' X^T X, float64 tensor) for the plan's method and
+    grid: GPTQ with it as the Hessian, or RTN on the weighted grid with its diagonal (the inputs'
+    second moments)."""
     group_size, grid = plan["quantization"]["group_size"], plan_grid(plan)
     if plan["quantization"]["method"] == "gptq":
-        return lambda weight, inputs: gptq(weight, (inputs.T @ inputs).numpy(), bits, group_size, grid)
-    return lambda weight, inputs: rtn(weight, bits, group_size, grid, (inputs * inputs).sum(0).numpy())
+        return lambda weight, gram: gptq(weight, gram.numpy(), bits, group_size, grid)
+    return lambda weight, gram: rtn(weight, bits, group_size, grid, torch.diagonal(gram).numpy())
+
+
+def _gram(inputs: torch.Tensor) -> torch.Tensor:
+    return inputs.T @ inputs
 
 
 def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool = True):
     """Quantize every routed expert the plan quantizes with the calibration tokens routed to it
     (gate/up: the layer's MoE inputs; down: the expert's own activations computed with its quantized
-    gate and up), by moec.gptq.expert_quantizer. Returns ({weight name: QuantizedWeight}, {weight
-    name: tokens}). Experts with fewer than MIN_TOKENS tokens are left out, for the caller to
-    quantize as weights without calibration are."""
+    gate and up), by moec.gptq.expert_quantizer. With a layer prior (plan_layer_prior), each expert's
+    statistics also count the layer's, from all its tokens scaled to that many tokens (a shrinkage
+    estimate: a rarely routed expert's few tokens are a poor sample of what reaches it). Returns
+    ({weight name: QuantizedWeight}, {weight name: tokens}). Without a prior, experts with fewer than
+    MIN_TOKENS tokens are left out, for the caller to quantize as weights without calibration are."""
     from moec.calibrate import moe_inputs
     from moec.experts import float32_views
     from moec.ops.moe import expert_hidden, expert_weight_name, expert_weights
     from moec.policy import weight_bits
 
+    prior_tokens = plan_layer_prior(plan)
     quantized, tokens_seen = {}, {}
     for layer, module, calls, _ in moe_inputs(checkpoint, windows, desc="quantize", progress=progress):
         spec = layer.spec
         x = torch.from_numpy(np.concatenate([hidden for hidden, _, _ in calls])).double()
+        prior = prior_tokens / len(x)  # each of the layer's tokens counts this much in an expert's statistics
         indices = np.concatenate([index for _, index, _ in calls])
         indices = np.where(np.concatenate([weight for _, _, weight in calls]) != 0, indices, -1)  # weight 0: no route
         stacked = float32_views(module)
+        layer_gram = _gram(x) * prior if prior_tokens else None
         for e in range(len(plan["experts"]["bits"][layer.layer])):
             names = {p: expert_weight_name(layer.layer, e, p) for p in spec.projections}
             bits = weight_bits(plan, names["up"])
             tokens = np.nonzero((indices == e).any(-1))[0]
             for name in names.values():
                 tokens_seen[name] = int(tokens.size)
-            if bits is None or tokens.size < MIN_TOKENS:  # kept in float, or too few tokens to go by
+            if bits is None or (tokens.size < MIN_TOKENS and not prior_tokens):  # float, or too few tokens
                 continue
             quantize = expert_quantizer(plan, bits)
             xe = x[tokens]
             expert = expert_weights(stacked, e, spec)
             first = [p for p in spec.projections if p != "down"]
+            gram = _gram(xe) + layer_gram if prior_tokens else _gram(xe)
             for p in first:
-                quantized[names[p]] = quantize(getattr(expert, p), xe)
+                quantized[names[p]] = quantize(getattr(expert, p), gram)
             dequantized = dataclasses.replace(expert, **{p: quantized[names[p]].dequantize() for p in first})
-            hidden = torch.from_numpy(expert_hidden(xe.float().numpy(), dequantized, spec)).double()
-            quantized[names["down"]] = quantize(expert.down, hidden)
+
+            def activations(inputs):
+                return torch.from_numpy(expert_hidden(inputs.float().numpy(), dequantized, spec)).double()
+
+            gram = _gram(activations(xe))
+            if prior_tokens:
+                gram += _gram(activations(x)) * prior
+            quantized[names["down"]] = quantize(expert.down, gram)
         module = calls = x = None
     return quantized, tokens_seen
 

@@ -54,7 +54,7 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
 
     from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
     from moec.planner import FLOAT
-    from moec.planner.plan import plan_grid
+    from moec.planner.plan import plan_grid, plan_layer_prior
     from moec.planner.sizes import DROPPED
 
     experts, expert_bytes, weighted_bits = [], 0, 0.0
@@ -92,7 +92,7 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
     repacked = {q.bits: q.stored_bits for q in quantized.values() if q.stored_bits != q.bits}
     return {
         "method": plan["quantization"]["method"], "group_size": plan["quantization"]["group_size"],
-        "grid": plan_grid(plan),
+        "grid": plan_grid(plan), "layer_prior_tokens": plan_layer_prior(plan),
         "kernels": {kernel: sum(x.get("kernel") == kernel for layer in experts for x in layer["experts"])
                     for kernel in ("com.microsoft.MatMulNBits", "com.microsoft.QMoE")},
         "widths_in_larger_containers": {str(b): repacked[b] for b in sorted(repacked)},

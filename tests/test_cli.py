@@ -218,7 +218,7 @@ def test_artifact_metadata_says_what_was_built(compiled):
     assert props["moec.pruning"] == "none" and props["moec.version"] == c.record["moec_version"]
 
 
-@pytest.mark.parametrize("command", ["compile", "run", "inspect", "plan", "bench", "eval", "calibrate"])
+@pytest.mark.parametrize("command", ["compile", "run", "inspect", "plan", "bench", "eval", "calibrate", "profile"])
 def test_help(command):
     result = subprocess.run([sys.executable, "-m", "moec", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: moec " + command in result.stdout
@@ -234,6 +234,26 @@ def test_bench_reports_speed_and_memory(capsys, compiled):
     code, out, _ = run_cli(capsys, "bench", compiled("mixtral").artifact_dir, "--prompt-len", 8, "--gen-len", 2,
                            "--repeats", 1)
     assert code == 0 and "decode" in out and "peak RSS" in out
+
+
+def test_bench_on_text_feeds_the_texts_tokens(capsys, compiled, tmp_path, monkeypatch):
+    """`moec bench --data`: the prompt is the text's first tokens and every decode step feeds the
+    text's next one (routing as on the text), whatever the model picks; a text too short is refused."""
+    from moec.runtime import Artifact, Tokenizer
+
+    artifact_dir = compiled("mixtral").artifact_dir
+    text = tmp_path / "text.txt"
+    text.write_text("def route(tokens, experts):\n    return sorted(experts)[:2]\n" * 4)
+    fed, forward = [], Artifact.forward
+    monkeypatch.setattr(Artifact, "forward", lambda self, ids, *a, **k: (fed.append(ids[0].tolist()),
+                                                                        forward(self, ids, *a, **k))[1])
+    code, out, _ = run_cli(capsys, "bench", artifact_dir, "--prompt-len", 6, "--gen-len", 5, "--repeats", 1,
+                           "--warmup", 0, "--data", text, "--json")
+    ids = Tokenizer(artifact_dir).encode(text.read_text())
+    assert code == 0 and json.loads(out)["data"] == str(text)
+    assert fed == [ids[:6]] + [[token] for token in ids[6:11]]
+    code, _, err = run_cli(capsys, "bench", artifact_dir, "--prompt-len", 600, "--gen-len", 5, "--data", text)
+    assert code == 2 and "fewer than the 605 the prompt and decode take" in err
 
 
 def test_runtime_does_not_import_torch(compiled):

@@ -311,8 +311,8 @@ def test_unknown_bit_width_is_refused(mixtral_stats):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(avg_bits=2.5, size_budget="10GB"), "exactly one budget"),
-    (dict(), "exactly one budget"),
+    (dict(avg_bits=2.5, size_budget="10GB"), "exactly one budget of bytes"),
+    (dict(), "exactly one budget of bytes (avg_bits or size_budget), or a decode budget"),
     (dict(size_budget="10GB", scope="layer"), "size_budget needs scope"),
     (dict(avg_bits=2.5, scope="model"), "scope: expected one of global, layer"),
     (dict(avg_bits=2.5, beta=float("nan")), "beta: expected a finite number"),
@@ -553,12 +553,15 @@ def plan() -> dict:
 def test_plan_has_the_documented_schema(plan):
     assert plan["format"] == "moec-plan/1"
     assert plan["non_expert"] == {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
-    assert plan["quantization"] == {"method": "rtn", "group_size": 128, "grid": "minmax"}
-    del plan["quantization"]["grid"]
-    validate_plan(plan)  # plans from before the weighted grid quantize on minmax's
+    assert plan["quantization"] == {"method": "rtn", "group_size": 128, "grid": "minmax", "layer_prior_tokens": 0}
+    del plan["quantization"]["grid"], plan["quantization"]["layer_prior_tokens"]
+    validate_plan(plan)  # plans from before the weighted grid and the layer prior: minmax, no prior
     stats = synthetic_stats(1, num_layers=3, dense_layers=(0,))
     assert make_plan(stats, avg_bits=3, scope="layer", method="gptq")["quantization"]["grid"] == "weighted"
     assert make_plan(stats, avg_bits=3, scope="layer", method="gptq", grid="minmax")["quantization"]["grid"] == "minmax"
+    assert make_plan(stats, avg_bits=3, scope="layer", method="gptq")["quantization"]["layer_prior_tokens"] == 256
+    assert make_plan(stats, avg_bits=3, scope="layer", method="gptq",
+                     layer_prior_tokens=0)["quantization"]["layer_prior_tokens"] == 0
     assert plan["pruning"] == {}
     assert plan["experts"]["bits"][0] is None
     objective = plan["objective"]
@@ -613,6 +616,8 @@ def test_save_plan_never_leaves_a_half_written_file(plan, tmp_path, monkeypatch)
     (("quantization", "group_size"), 100, "quantization.group_size: expected a power of two >= 16, got 100"),
     (("quantization", "method"), "awq", "quantization.method: expected one of rtn, gptq, got \"awq\""),
     (("quantization", "grid"), "hqq", "quantization.grid: expected one of minmax, weighted, got \"hqq\""),
+    (("quantization", "layer_prior_tokens"), -1, "quantization.layer_prior_tokens: expected a whole number >= 0"),
+    (("quantization", "layer_prior_tokens"), 1.5, "quantization.layer_prior_tokens: expected a whole number >= 0"),
     (("pruning",), [], "plan.json: pruning: expected an object, got []"),
     (("non_expert", "attention"), 0, "plan.json: non_expert.attention: expected a bit width in {1,2,3,4,8}"),
     (("super_experts",), [[1, 4]], "plan.json: super_experts[0]: [1, 4] is not an expert of a MoE layer"),

@@ -280,13 +280,14 @@ def test_the_weighted_grid_preserves_the_product_better_for_rtn_and_gptq():
         assert error(gptq(weight, x.T @ x, bits, 32, "weighted")) < error(gptq(weight, x.T @ x, bits, 32))
 
 
-@pytest.mark.parametrize("method", ["gptq", "rtn"])
-def test_calibrated_plan_compiles_and_lists_rtn_fallbacks(compiled, tmp_path, method):
+@pytest.mark.parametrize("method, prior", [("gptq", 0), ("rtn", 0), ("gptq", 64)])
+def test_calibrated_plan_compiles_and_lists_rtn_fallbacks(compiled, tmp_path, method, prior):
     """GPTQ and the weighted grid read each expert's routed calibration tokens; the artifact verifies
-    against the same dequantized weights, and GPTQ's experts with too few tokens are listed."""
+    against the same dequantized weights, and GPTQ's experts with too few tokens are listed. With a
+    layer prior, those experts are GPTQ's too: their statistics also count the layer's."""
     c = compiled("qwen3_moe")
     plan = _mixed_plan(c.record, seed=1)
-    plan["quantization"] |= {"method": method, "grid": "weighted"}
+    plan["quantization"] |= {"method": method, "grid": "weighted", "layer_prior_tokens": prior}
     save_plan(plan, tmp_path / "plan.json")
     data = tmp_path / "text.txt"
     data.write_text("def route(tokens, experts):\n    return sorted(experts)[:2]\n" * 80)
@@ -294,16 +295,39 @@ def test_calibrated_plan_compiles_and_lists_rtn_fallbacks(compiled, tmp_path, me
                           seq_len=24, progress=False)  # 96 tokens x top-3 over 8 experts: some get < 32
     assert record["verification"]["max_abs_logit_diff"] < 1e-3
     q = record["quantization"]
-    assert q["method"] == method and q["grid"] == "weighted"
+    assert q["method"] == method and q["grid"] == "weighted" and q["layer_prior_tokens"] == prior
     experts = [(layer["layer"], e, x) for layer in q["experts"] for e, x in enumerate(layer["experts"])]
     quantized = [(layer, e, x) for layer, e, x in experts if x["bits"] != "float"]
-    assert {x["quantizer"] for _, _, x in quantized} == ({"gptq", "rtn"} if method == "gptq" else {"rtn"})
-    fallback = [[layer, e] for layer, e, x in quantized if x["calibration_tokens"] < 32]
-    assert fallback
+    few = [[layer, e] for layer, e, x in quantized if x["calibration_tokens"] < 32]
+    assert few
     if method == "rtn":
-        return
-    assert q["rtn_fallback_experts"] == fallback  # few tokens: RTN, and listed
-    assert all(x["quantizer"] == "rtn" for layer, e, x in quantized if [layer, e] in fallback)
+        assert {x["quantizer"] for _, _, x in quantized} == {"rtn"}
+    elif prior:
+        assert {x["quantizer"] for _, _, x in quantized} == {"gptq"} and q["rtn_fallback_experts"] == []
+    else:
+        assert q["rtn_fallback_experts"] == few  # few tokens: RTN, and listed
+        assert {x["quantizer"] for layer, e, x in quantized if [layer, e] in few} == {"rtn"}
+        assert {x["quantizer"] for layer, e, x in quantized if [layer, e] not in few} == {"gptq"}
+
+
+def test_a_layer_prior_steadies_a_rarely_routed_experts_hessian():
+    """GPTQ on a few tokens fits them and misses the rest of what reaches the expert; shrinking the
+    Hessian toward the layer's (all tokens, scaled to `prior` tokens) lowers the error on unseen tokens."""
+    from moec.gptq import gptq
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(64, 64))
+    layer_tokens = rng.normal(size=(4096, 64)) @ mixing
+    routed, unseen = layer_tokens[:24], layer_tokens[2048:]  # 24 tokens: fewer than the 64 input channels
+    weight = rng.normal(size=(32, 64)).astype(np.float32)
+    prior = 256 / len(layer_tokens)
+
+    def unseen_error(hessian):
+        return np.linalg.norm(unseen @ (gptq(weight, hessian, 2, 32).dequantize() - weight).T)
+
+    alone = unseen_error(routed.T @ routed)
+    shrunk = unseen_error(routed.T @ routed + prior * layer_tokens.T @ layer_tokens)
+    assert shrunk < 0.9 * alone
 
 
 def test_many_experts_compute_in_subgraphs_quantized_and_verified(tmp_path):

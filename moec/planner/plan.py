@@ -25,6 +25,10 @@ QUANT_METHODS = ("rtn", "gptq")
 # each method's default grid, as measured (docs/measurements.md, "Expert quantizers"): the weighted
 # grid is GPTQ's best at every width, while RTN's 2-bit experts lost more with it
 DEFAULT_GRID = {"rtn": "minmax", "gptq": "weighted"}
+# each method's default layer prior (quantization.layer_prior_tokens), as measured (docs/measurements.md,
+# "Rarely routed experts"): shrinking each expert's Hessian toward the layer's cut GPTQ's held-out error,
+# most on the experts with the fewest tokens; RTN on the weighted grid barely moved
+DEFAULT_LAYER_PRIOR = {"rtn": 0, "gptq": 256}
 DEFAULT_NON_EXPERT = {"attention": 4, "shared_expert": 4, "dense_mlp": 4, "embedding": 8, "lm_head": 8}
 PLAN_KEYS = ("format", "model", "experts", "objective", "non_expert", "quantization", "pruning", "super_experts")
 OPTIONAL_PLAN_KEYS = ("objective", "super_experts")
@@ -34,14 +38,21 @@ PRUNING_KEYS = ("layers", "protect_fraction", "target", "predicted_pruned_fracti
 # plan files before these names wrote the Greek letters, whose "beta" read like the pruning threshold)
 EXPONENT_KEYS = {"alpha": "frequency_exponent", "beta": "weight_exponent", "gamma": "loss_exponent"}
 OBJECTIVE_KEYS = ("scope", *EXPONENT_KEYS.values(), "candidate_bits", "require_top_widths", "budget",
-                  "params_per_expert", "predicted_loss", "predicted_expert_bytes", "protect_super_experts")
-OPTIONAL_OBJECTIVE_KEYS = ("protect_super_experts",)
+                  "params_per_expert", "predicted_loss", "predicted_expert_bytes", "protect_super_experts",
+                  "decode_tok_s", "predicted_decode_tok_s")
+OPTIONAL_OBJECTIVE_KEYS = ("protect_super_experts", "decode_tok_s", "predicted_decode_tok_s")
 
 
 
 def plan_grid(plan: dict) -> str:
     """The plan's quantization grid (moec.quant.GRIDS); plans from before it have none: minmax."""
     return plan["quantization"].get("grid", "minmax")
+
+
+def plan_layer_prior(plan: dict) -> int:
+    """How many tokens' worth of its layer's statistics (all the layer's calibration tokens) each
+    expert's own are shrunk toward; plans from before it have none: 0."""
+    return plan["quantization"].get("layer_prior_tokens", 0)
 
 def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | None = None,
                   source: str = "plan.json") -> None:
@@ -63,13 +74,17 @@ def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | N
     for key, width in plan["non_expert"].items():
         _plan_width(width, f"{source}: non_expert.{key}")
     quantization = plan["quantization"]
-    _validate_object(quantization, ("method", "group_size", "grid"), f"{source}: quantization", optional=("grid",))
+    _validate_object(quantization, ("method", "group_size", "grid", "layer_prior_tokens"), f"{source}: quantization",
+                     optional=("grid", "layer_prior_tokens"))
     if quantization["method"] not in QUANT_METHODS:
         raise PlanError(f"{source}: quantization.method: expected one of {', '.join(QUANT_METHODS)}, "
                         f"got {_show(quantization['method'])}")
     if plan_grid(plan) not in GRIDS:
         raise PlanError(f"{source}: quantization.grid: expected one of {', '.join(GRIDS)}, "
                         f"got {_show(quantization['grid'])}")
+    prior = plan_layer_prior(plan)
+    if type(prior) is not int or prior < 0:
+        raise PlanError(f"{source}: quantization.layer_prior_tokens: expected a whole number >= 0, got {_show(prior)}")
     group_size = quantization["group_size"]
     if type(group_size) is not int or group_size < 16 or group_size & (group_size - 1):
         raise PlanError(f"{source}: quantization.group_size: expected a power of two >= 16, got {_show(group_size)}")
@@ -166,6 +181,9 @@ def _validate_objective(objective: Any, where: str) -> None:
         raise PlanError(f"{where}.scope: expected one of {', '.join(SCOPES)}, got {_show(objective['scope'])}")
     for key in (*EXPONENT_KEYS.values(), "predicted_loss"):
         if key != "loss_exponent" or objective[key] is not None:
+            _statistic(objective[key], f"{where}.{key}")
+    for key in ("decode_tok_s", "predicted_decode_tok_s"):  # a speed budget, and the profile's prediction
+        if objective.get(key) is not None:
             _statistic(objective[key], f"{where}.{key}")
     candidates = objective["candidate_bits"]
     if not isinstance(candidates, list) or not candidates:

@@ -29,9 +29,11 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
 from moec.planner.checks import PlanError, _fraction, _positive_int, _read_json, _show, _widths_text
-from moec.planner.plan import DEFAULT_GRID, DEFAULT_NON_EXPERT, EXPERT_WIDTHS, PLAN_FORMAT, SCOPES, validate_plan
+from moec.planner.plan import (DEFAULT_GRID, DEFAULT_LAYER_PRIOR, DEFAULT_NON_EXPERT, EXPERT_WIDTHS, PLAN_FORMAT,
+                               SCOPES, validate_plan)
 from moec.planner.sizes import (DROPPED, FLOAT, _bytes_to_avg_bits, _format_bytes, avg_bits_budget_bytes,
                                 expert_bytes, parse_size)
+from moec.planner.speed import check_profile_budget, check_reachable, expert_seconds, step_seconds
 from moec.planner.stats import _parse_stats, _Stats
 
 # Hugging Face config keys for the routed-expert count, by family (Mixtral/PhiMoE/gpt-oss, Qwen/OLMoE, DeepSeek).
@@ -99,7 +101,9 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
               gamma: float | None = None, require_top_widths: bool = True, group_size: int = 128,
               params_per_expert: int | None = None, model: str | os.PathLike | None = None,
               non_expert: Mapping[str, int] | None = None, method: str = "rtn", grid: str | None = None,
-              target: str | None = None, protect_super_experts: bool = True) -> dict:
+              layer_prior_tokens: int | None = None, target: str | None = None,
+              protect_super_experts: bool = True, profile: Mapping | None = None,
+              decode_tok_s: float | None = None) -> dict:
     """Solve the MC-MoE bit allocation and return a validated moec-plan/1 dict.
 
     Budget: `avg_bits` (both scopes) or `size_budget` bytes for all routed experts (global scope only;
@@ -116,8 +120,10 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     the tokens routed anew): a layer keeps at least the stats' top-k experts.
     `protect_super_experts`: the stats' super experts take the highest candidate width, and the
     plan lists them, so that dynamic pruning never drops them either.
-    `method` and `grid`: how compile quantizes (plan.json's `quantization`); grid None is the
-    method's DEFAULT_GRID.
+    `profile`: the host's decode costs (moec-profile/1, `moec profile`); with it the plan predicts its
+    decode speed, and `decode_tok_s` bounds it (moec.planner.speed): alone, or beside a byte budget.
+    `method`, `grid` and `layer_prior_tokens`: how compile quantizes (plan.json's `quantization`); None
+    is the method's DEFAULT_GRID or DEFAULT_LAYER_PRIOR.
     """
     parsed = _parse_stats(stats, "stats")
     if scope not in SCOPES:
@@ -130,8 +136,14 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
         config = _read_model_config(model)
         _check_same_model(parsed.model, str(model), config)
     params = _expert_params(parsed.model, config, params_per_expert)
-    if (avg_bits is None) == (size_budget is None):
-        raise PlanError("give exactly one budget: avg_bits or size_budget")
+    check_profile_budget(decode_tok_s, profile)
+    if avg_bits is not None and size_budget is not None:
+        raise PlanError("give exactly one budget of bytes: avg_bits or size_budget")
+    if avg_bits is None and size_budget is None and decode_tok_s is None:
+        raise PlanError("give exactly one budget of bytes (avg_bits or size_budget), or a decode budget "
+                        "(decode_tok_s)")
+    if scope == "layer" and avg_bits is None and size_budget is None:
+        raise PlanError("scope \"layer\" takes the paper's per-layer avg_bits budget")
     if scope == "layer" and size_budget is not None:
         raise PlanError("size_budget needs scope=\"global\"; the paper's per-layer scope takes avg_bits")
     size_bytes = parse_size(size_budget) if size_budget is not None else None
@@ -156,6 +168,8 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     cost = all_costs[..., [parsed.widths.index(w) for w in widths]]
     num_moe = len(parsed.moe_layers)
     total_experts = num_moe * parsed.num_experts
+    seconds, other = expert_seconds(profile, parsed, widths) if profile is not None else (None, 0.0)
+    time_budget = (seconds, check_reachable(seconds, other, decode_tok_s)) if decode_tok_s is not None else None
 
     if scope == "layer":
         per_layer = math.floor(average * parsed.num_experts)
@@ -165,7 +179,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
                             f"{_required_text(widths, required, fixed)}: the smallest feasible budget is avg_bits "
                             f"{smallest / parsed.num_experts:g} ({smallest} bits per layer)")
         choice = _solve(cost, list(widths), [(np.array([m]), per_layer) for m in range(num_moe)], required, fixed,
-                        keep_at_least)
+                        keep_at_least, time_budget)
         budget = {"avg_bits": float(avg_bits), "bytes": None}
     else:
         if params is None:
@@ -175,8 +189,10 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
         width_bytes = [expert_bytes(params, w, group_size, target) for w in widths]
         if size_bytes is not None:
             budget_bytes = size_bytes
-        else:
+        elif avg_bits is not None:
             budget_bytes = avg_bits_budget_bytes(avg_bits, params, total_experts, group_size, target)
+        else:  # a decode budget alone
+            budget_bytes = max(width_bytes) * total_experts
         smallest = sum(_smallest_totals(width_bytes, required, parsed.num_experts, num_moe, fixed, keep_at_least))
         if budget_bytes < smallest:
             asked = f"avg_bits {avg_bits:g}" if avg_bits is not None else f"size budget {_show(size_budget)}"
@@ -185,8 +201,10 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
                             f"{smallest} bytes "
                             f"({_format_bytes(smallest)}, avg_bits "
                             f"{_bytes_to_avg_bits(smallest, params, total_experts, group_size, target):g})")
-        choice = _solve(cost, width_bytes, [(np.arange(num_moe), budget_bytes)], required, fixed, keep_at_least)
-        budget = {"avg_bits": None if avg_bits is None else float(avg_bits), "bytes": budget_bytes}
+        choice = _solve(cost, width_bytes, [(np.arange(num_moe), budget_bytes)], required, fixed, keep_at_least,
+                        time_budget)
+        budget = {"avg_bits": None if avg_bits is None else float(avg_bits),
+                  "bytes": None if avg_bits is None and size_bytes is None else budget_bytes}
 
     bits_grid: list[list[int] | None] = [None] * parsed.num_layers
     for row, index in enumerate(parsed.moe_layers):
@@ -203,10 +221,14 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
             "require_top_widths": bool(require_top_widths), "budget": budget, "params_per_expert": params,
             "predicted_loss": _grid_loss(parsed, bits_grid, all_costs),
             "predicted_expert_bytes": chosen_bytes, "protect_super_experts": bool(protect_super_experts),
+            "decode_tok_s": None if decode_tok_s is None else float(decode_tok_s),
+            "predicted_decode_tok_s": None if seconds is None else 1 / step_seconds(seconds, other, choice),
         },
         "non_expert": _non_expert_widths(non_expert),
         "quantization": {"method": method, "group_size": group_size,
-                         "grid": grid or DEFAULT_GRID.get(method, "minmax")},
+                         "grid": grid or DEFAULT_GRID.get(method, "minmax"),
+                         "layer_prior_tokens": DEFAULT_LAYER_PRIOR.get(method, 0) if layer_prior_tokens is None
+                         else layer_prior_tokens},
         "pruning": {},
         "super_experts": [list(pair) for pair in supers],
     }
@@ -250,12 +272,14 @@ def _smallest_totals(width_cost: list[int], required: tuple[int, ...], num_exper
 
 
 def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarray, int]],
-           required: tuple[int, ...], fixed: dict | None = None, keep_at_least: int | None = None) -> np.ndarray:
+           required: tuple[int, ...], fixed: dict | None = None, keep_at_least: int | None = None,
+           time_budget: tuple[np.ndarray, float] | None = None) -> np.ndarray:
     """Width index per (moe layer, expert) minimizing `cost`, one binary per (layer, expert, width).
 
     Each budget row bounds sum(width_cost) over its layers; `required` width indices need one expert
     per layer; `fixed` {(moe layer, expert): width index} are set; with `keep_at_least`, at most
-    experts - keep_at_least experts per layer take width 0 (the first width). The budget rows are
+    experts - keep_at_least experts per layer take width 0 (the first width); `time_budget` (seconds
+    per (layer, expert, width), limit) bounds the experts' share of a decode step. The budget rows are
     rewritten as small integers (each expert takes exactly one width, so the cheapest width's cost
     is a constant) so that HiGHS's tolerances cannot overspend a byte.
     """
@@ -287,12 +311,19 @@ def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarr
     if keep_at_least is not None:
         dropped = rows([index[m, :, 0] for m in range(layers)], np.ones(experts))
         constraints.append(LinearConstraint(dropped, 0, experts - keep_at_least))
+    if time_budget is not None:
+        seconds, limit = time_budget  # in microseconds: HiGHS's 1e-6 feasibility tolerance is then a picosecond
+        constraints.append(LinearConstraint(csr_array(seconds.reshape(1, -1) * 1e6), -np.inf, limit * 1e6))
     lower = np.zeros(variables)
     for (m, e), j in (fixed or {}).items():
         lower[index[m, e, j]] = 1
     result = milp(objective.ravel(), integrality=np.ones(variables), bounds=Bounds(lower, 1),
                   constraints=constraints, options=_SOLVER_OPTIONS)
     if not result.success:
+        if time_budget is not None:
+            raise PlanError("no allocation meets the decode budget together with the other constraints (the byte "
+                            "budget, a width a layer at each of the two highest (--no-top-widths), super experts at "
+                            f"the highest (--no-protect-super-experts)): {result.message}")
         raise PlanError(f"the MILP solver (HiGHS) found no allocation: {result.message}")
     return result.x.reshape(layers, experts, num_widths).argmax(axis=2)
 
