@@ -8,7 +8,9 @@ warm-up; every system is measured in each of the rounds, round-robin, and its fa
   - transformers in PyTorch, fp32 and bf16;
   - llama.cpp through llama-cpp-python: F16 GGUF from its converter, quantized to Q2_K, Q3_K_S, Q4_K_M, Q8_0;
   - with `--llama-tools BUILD/bin`, the same GGUFs measured by llama.cpp's own `llama-bench` (the figure
-    its users quote; build it with bench/build_llamacpp.py from the same llama-cpp-python sdist);
+    its users quote; build it with bench/build_llamacpp.py from the same llama-cpp-python sdist), and
+    IQ2_XS and IQ3_XXS quantized with an importance matrix from `llama-imatrix` on moec's calibration
+    corpus (as many windows of 256 tokens as moec calibrates on, `--samples`);
   - with `--ik-tools BUILD/bin`, ik_llama.cpp (its own `llama-quantize` from the F16 GGUF to IQ2_K,
     IQ2_KS, IQ3_K, Q2_K, Q3_K_S, Q4_K_M, timed by its `llama-bench -rtr 1 -fmoe 1`); a model whose
     architecture it lacks gets a line saying so;
@@ -62,6 +64,7 @@ MODELS = {
 }
 MOEC_BITS = (2.5, 3, 4, 8)
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M", "Q8_0")
+IMATRIX_TYPES = ("IQ2_XS", "IQ3_XXS")  # i-quants: they need an importance matrix (from moec's calibration corpus)
 IK_TYPES = ("IQ2_K", "IQ2_KS", "IQ3_K", "Q2_K", "Q3_K_S", "Q4_K_M")
 IK_OPTIONS = ("-rtr", "1", "-fmoe", "1")  # run-time repacking and fused MoE, as ik_llama.cpp's users run it
 EXPERT_NAME = re.compile(r"\.experts\.")
@@ -315,10 +318,15 @@ def compare(name: str, args) -> dict:
     bench = functools.partial(llamacpp.bench_with, prompt_len=args.prompt_len, gen_len=args.gen_len,
                               threads=args.threads, repeats=args.repeats)
     if args.llama_tools:
-        for kind in GGUF_TYPES:
+        from moec.text import DEFAULT_CORPUS
+
+        imatrix = llamacpp.imatrix_ggufs(ggufs["F16"], args.llama_tools, DEFAULT_CORPUS, workdir / "gguf",
+                                         IMATRIX_TYPES, chunks=args.samples)  # as many tokens as moec calibrates on
+        for kind, gguf in [*((kind, ggufs[kind]) for kind in GGUF_TYPES),
+                           *((f"{kind} + imatrix", gguf) for kind, gguf in imatrix.items())]:
             systems.append(({"system": f"llama.cpp {kind}, llama-bench",
-                             "active_bytes": llamacpp.active_bytes(ggufs[kind], top_k, experts)},
-                            functools.partial(bench, args.llama_tools, ggufs[kind])))
+                             "active_bytes": llamacpp.active_bytes(gguf, top_k, experts)},
+                            functools.partial(bench, args.llama_tools, gguf)))
     unavailable = []
     for kind in IK_TYPES if args.ik_tools else ():
         try:
@@ -347,6 +355,8 @@ def compare(name: str, args) -> dict:
         systems.append(({"system": f"moec {bits:g}-bit", "bytes": sum(sizes.values()),
                          "active_bytes": active_bytes(sizes, top_k, experts, vocab)},
                         functools.partial(moec_speed, artifact, args)))
+    if args.only:
+        systems = [(row, measure) for row, measure in systems if re.search(args.only, row["system"])]
     # round-robin: a burst of other load on the machine hits one round of a system, not all of them
     rounds: list[list[dict]] = [[] for _ in systems]
     for round_number in range(args.rounds):
@@ -401,6 +411,8 @@ def main() -> None:
                         "of the same GGUFs")
     parser.add_argument("--ik-tools", type=Path, help="folder with ik_llama.cpp's llama-bench and llama-quantize: "
                         "adds ik_llama.cpp's quants")
+    parser.add_argument("--only", metavar="REGEX", help="time only the systems whose name matches (e.g. "
+                        "'moec 2.5|Q3_K_S, llama|IQ3'); the others are still built")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args()
     names = args.models.split(",")

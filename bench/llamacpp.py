@@ -159,6 +159,20 @@ def quantize_with(tools: Path, f16: Path, kind: str, out: Path) -> Path:
     return _timed("quantize", out, lambda tmp: run_tool(tools / "llama-quantize", f16, tmp, kind))
 
 
+def imatrix_ggufs(f16: Path, tools: Path, calibration: Path, work: Path, kinds, chunks: int | None = None
+                  ) -> dict[str, Path]:
+    """`f16` quantized to each of `kinds` with an importance matrix from `llama-imatrix` on `calibration`
+    (its first `chunks` windows of 256 tokens, or all; the tools in `tools`; every file reused when present)."""
+    limit = () if chunks is None else ("--chunks", chunks)
+    imatrix = _timed("imatrix", work / "imatrix.gguf",
+                     lambda tmp: run_tool(tools / "llama-imatrix", "-m", f16, "-f", calibration, "-o", tmp, "-c", 256,
+                                          "--no-ppl", "-t", 2, *limit))
+    return {kind: _timed("quantize", work / f"{f16.stem}.{kind}-imatrix.gguf",
+                         lambda tmp, kind=kind: run_tool(tools / "llama-quantize", "--imatrix", imatrix, f16, tmp,
+                                                         kind))
+            for kind in kinds}
+
+
 # runs llama-bench as its only child, so that the peak RSS of this process's children is llama-bench's
 _BENCH = """
 import json, resource, subprocess, sys

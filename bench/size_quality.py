@@ -79,19 +79,6 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
 
 
-def imatrix_ggufs(f16: Path, tools: Path, calibration: Path, work: Path) -> dict[str, Path]:
-    """llama.cpp's IMATRIX_TYPES quantized with an importance matrix from `calibration`."""
-    from llamacpp import _timed, run_tool
-
-    imatrix = _timed("imatrix", work / "imatrix.gguf",
-                     lambda tmp: run_tool(tools / "llama-imatrix", "-m", f16, "-f", calibration, "-o", tmp, "-c", 256,
-                                          "--no-ppl", "-t", 2))
-    return {kind: _timed("quantize", work / f"{f16.stem}.{kind}-imatrix.gguf",
-                         lambda tmp, kind=kind: run_tool(tools / "llama-quantize", "--imatrix", imatrix, f16, tmp,
-                                                         kind))
-            for kind in IMATRIX_TYPES}
-
-
 def moec_builds(checkpoint: Path, calibration: Path, bits: list[float], quantizers: list[str], group_size: int,
                 work: Path) -> dict:
     """{"float": folder, (bits, quantizer): folder}, reusing folders compiled before."""
@@ -195,7 +182,8 @@ def main() -> None:
         import llamacpp
 
         ggufs = llamacpp.gguf_files(args.checkpoint, work / "gguf", GGUF_TYPES)
-        imatrix = imatrix_ggufs(ggufs["F16"], args.llama_tools, calibration, work / "gguf") if args.llama_tools else {}
+        imatrix = llamacpp.imatrix_ggufs(ggufs["F16"], args.llama_tools, calibration, work / "gguf",
+                                         IMATRIX_TYPES) if args.llama_tools else {}
         llama_base = llamacpp_perplexity(ggufs["F16"], ids, args.threads)
         baselines |= {"llama.cpp F16": llama_base, "llama.cpp F16 bytes": ggufs["F16"].stat().st_size}
         for family, files in (("llama.cpp", {k: ggufs[k] for k in GGUF_TYPES}), ("llama.cpp + imatrix", imatrix)):

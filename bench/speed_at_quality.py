@@ -21,13 +21,14 @@ import sys
 from pathlib import Path
 
 
-def speed_name(system: str) -> str | None:
-    """compare.py's row name for size_quality.py's format (None: no such row there)."""
+def speed_names(system: str) -> list[str]:
+    """compare.py's row names for size_quality.py's format: a type's plain GGUF, else its GGUF made
+    with an importance matrix (the i-quants, which need one)."""
     if moec := re.fullmatch(r"moec ([\d.]+)-bit .*", system):
-        return f"moec {moec[1]}-bit"
+        return [f"moec {moec[1]}-bit"]
     if peer := re.fullmatch(r"llama\.cpp (?:\+ imatrix )?(\S+)", system):
-        return f"llama.cpp {peer[1]}, llama-bench"
-    return None
+        return [f"llama.cpp {peer[1]}, llama-bench", f"llama.cpp {peer[1]} + imatrix, llama-bench"]
+    return []
 
 
 def joined(quality: dict, speeds: list[dict], quantizer: str) -> tuple[list[dict], list[str]]:
@@ -38,10 +39,11 @@ def joined(quality: dict, speeds: list[dict], quantizer: str) -> tuple[list[dict
     for q in quality["rows"]:
         if q["family"].startswith("moec") and q["family"] != f"moec {quantizer}":
             continue
-        name = speed_name(q["system"])
-        measured = {shape: rows_[name] for shape, rows_ in shapes.items() if name in rows_}
+        names = speed_names(q["system"])
+        measured = {shape: next(rows_[n] for n in names if n in rows_)
+                    for shape, rows_ in shapes.items() if any(n in rows_ for n in names)}
         if not measured:
-            missing.append(f"{q['system']}: no speed row {name!r}")
+            missing.append(f"{q['system']}: no speed row {' or '.join(map(repr, names)) or 'of its kind'}")
             continue
         rows.append({"system": q["system"], "family": q["family"], "rise_pct": 100 * q["relative_rise"],
                      "mib": q["bytes"] / 2**20,
