@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from moec.errors import MoecError
+from moec.planner.speed import PROFILE_FORMAT
 
-PROFILE_FORMAT = "moec-profile/1"
 DEFAULT_WIDTHS = (2, 3, 4, 8)
 # a width's graph holds at most this many expert bytes (at least one layer): past the caches either
 # way, and a large model's experts at 8 bits might not fit in memory
@@ -35,8 +35,7 @@ def expert_dims(record: dict, config: dict) -> tuple[int, int]:
     """(hidden, intermediate) of the artifact's routed experts (every layer's the same size), from its
     parameter count: experts x projections x hidden x intermediate."""
     hidden = (config.get("text_config") or config)["hidden_size"]
-    matrices = sum(entry["num_experts"] * (3 if entry["experts"]["gate"] != "none" else 2)
-                   for entry in record["moe_layers"])
+    matrices = sum(entry["num_experts"] * _projections(entry) for entry in record["moe_layers"])
     if record["parameters"]["experts"] % (matrices * hidden):
         raise MoecError("cannot read the experts' dims from the artifact's moec.json and config.json")
     return hidden, record["parameters"]["experts"] // (matrices * hidden)
@@ -192,8 +191,14 @@ def _renumbered(entry: dict, layer: int) -> dict:
 def _expert_bytes(entry: dict, hidden: int, intermediate: int, bits, target) -> int:
     """A layer's expert weight bytes at `bits` in the target's container (float: 4 bytes a weight)."""
     weight_bytes = 4 if bits == "float" else target.container_bits[bits] / 8
-    projections = 3 if entry["experts"]["gate"] != "none" else 2
-    return int(entry["num_experts"] * projections * hidden * intermediate * weight_bytes)
+    return int(entry["num_experts"] * _projections(entry) * hidden * intermediate * weight_bytes)
+
+
+def _projections(entry: dict) -> int:
+    """How many matrices one expert of a moe_layers entry has (gate, up, down; or up, down)."""
+    from moec.ops.moe import ExpertsSpec
+
+    return len(ExpertsSpec.from_attributes(entry["experts"]).projections)
 
 
 def _planned_widths(record: dict) -> dict[int, list]:
