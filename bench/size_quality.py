@@ -6,7 +6,7 @@ llama.cpp's F16 GGUF).
 Every system scores the same token windows (the checkpoint's own tokenizer; llama.cpp is fed the
 ids, not text), so the perplexities are comparable across systems. moec's plans come from
 `moec calibrate` on the calibration text and `moec plan --avg-bits B --no-top-widths --method M
---grid G --layer-prior-tokens P` (QUANTIZERS names each combination), with the default non-expert
+--grid G --layer-prior-tokens P [--per-projection]` (QUANTIZERS names each combination), with the default non-expert
 widths (attention 4, embedding and head 8); compile quantizes GPTQ and weighted-grid experts with
 the same text. llama.cpp's importance matrix comes from `llama-imatrix` on that text, from the tools
 of the same llama.cpp (`--llama-tools`: a folder holding llama-imatrix and llama-quantize, built
@@ -37,10 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "samples"))
 
-# name -> (plan method, grid, layer prior tokens): each lever alone and together (docs/measurements.md)
-QUANTIZERS = {"rtn": ("rtn", "minmax", 0), "rtn-weighted": ("rtn", "weighted", 0), "gptq": ("gptq", "minmax", 0),
-              "gptq-weighted": ("gptq", "weighted", 0), "gptq-prior": ("gptq", "minmax", 256),
-              "gptq-weighted-prior": ("gptq", "weighted", 256)}
+# name -> (plan method, grid, layer prior tokens, down_proj's own width): each lever alone and together
+# (docs/measurements.md)
+QUANTIZERS = {"rtn": ("rtn", "minmax", 0, False), "rtn-weighted": ("rtn", "weighted", 0, False),
+              "gptq": ("gptq", "minmax", 0, False), "gptq-weighted": ("gptq", "weighted", 0, False),
+              "gptq-prior": ("gptq", "minmax", 256, False), "gptq-weighted-prior": ("gptq", "weighted", 256, False),
+              "gptq-split": ("gptq", "minmax", 0, True), "gptq-weighted-prior-split": ("gptq", "weighted", 256, True)}
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M")
 IMATRIX_TYPES = ("IQ2_XS", "IQ3_XXS", "Q2_K", "Q3_K_S", "Q4_K_M")  # IQ2_XS needs one
 LARGER = 1.15  # a moec build is compared with llama.cpp's builds of up to 15% more bytes
@@ -91,14 +93,14 @@ def moec_builds(checkpoint: Path, calibration: Path, bits: list[float], quantize
         moec_cli("compile", str(checkpoint), "--out", str(builds["float"]), "--force", "--quiet")
     for b in bits:
         for name in quantizers:
-            method, grid, prior = QUANTIZERS[name]
+            method, grid, prior, split = QUANTIZERS[name]
             folder = builds[b, name] = work / f"moec-{b:g}bit-{name}"
             if (folder / "moec.json").is_file():
                 continue
             plan = work / f"plan-{b:g}-{name}.json"
             moec_cli("plan", "--stats", str(stats), "--avg-bits", str(b), "--no-top-widths", "--group-size",
                      str(group_size), "--method", method, "--grid", grid, "--layer-prior-tokens", str(prior),
-                     "--out", str(plan))
+                     *(["--per-projection"] if split else []), "--out", str(plan))
             moec_cli("compile", str(checkpoint), "--plan", str(plan), "--data", str(calibration), "--out", str(folder),
                      "--force", "--quiet")
     return builds

@@ -13,6 +13,8 @@ Per sparse layer and expert it records (moec-stats/1, read by `moec plan`):
                   to b bits (asymmetric, blocks of group_size along the input), summed over batches;
                   b = 0 is the expert dropped: the block run again with the expert masked out of its
                   router's top-k (moec.experts.RoutingMask), so its tokens are routed anew
+  projection_loss the same for b > 0 with only gate and up quantized (`gate_up`) or only down
+                  (`down`): what `moec plan --per-projection` weighs a split width by
   max_down_output the largest |down_proj output| of the expert over its tokens
 and per layer `pruning`: for each beta of a grid, the fraction of the layer's top-k activations
 MC-MoE's dynamic pruning rule drops and the relative error of the MoE output it causes, and the
@@ -37,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from moec.errors import MoecError
+from moec.planner.stats import PROJECTION_PARTS
 from moec.text import read_text, token_windows
 
 STATS_FORMAT = "moec-stats/1"
@@ -70,6 +73,7 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
     frequency = np.zeros(experts)
     routing_weight = np.zeros(experts)
     quant_loss = np.zeros((experts, len(bits)))
+    projection_loss = np.zeros((experts, 2, len(bits)))  # gate and up alone (down exact), down alone
     max_down_output = np.zeros(experts)
     for _, indices, weights in calls:
         np.add.at(frequency, indices[weights != 0], 1)
@@ -90,12 +94,20 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
         x = np.concatenate([x[tokens] for (x, _, _), (tokens, _) in zip(calls, picks)])
         bounds = np.cumsum([tokens.size for tokens, _ in picks])[:-1]
         expert = expert_weights(stacked, e, spec)
+        exact_hidden = expert_hidden(x, expert, spec)
         exact = expert_ffn(x, expert, spec)
         max_down_output[e] = float(np.abs(exact).max())
         for out, (tokens, rank), rows in zip(outputs, picks, np.split(exact, bounds)):
             out[tokens, rank] = rows
         biases = {name: getattr(expert, name) for name in ("gate_bias", "up_bias", "down_bias")}
+        down_bias = 0 if biases["down_bias"] is None else biases["down_bias"]
+        exact_down = expert.down
         expert = None
+
+        def add_loss(table, j, error):  # the error's norm on each batch's routes, weighted as routed
+            for (_, _, weights), (tokens, rank), rows in zip(calls, picks, np.split(error, bounds)):  # noqa: B023
+                if tokens.size:
+                    table[e, j] += float(np.linalg.norm(rows * weights[tokens, rank][:, None]))  # noqa: B023
         for j, width in enumerate(bits):
             if width == 0:  # once every route's output is known (below)
                 continue
@@ -106,10 +118,10 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
             gate = quantized("gate") if "gate" in spec.projections else None
             hidden = expert_hidden(x, Expert(up=quantized("up"), down=None, gate=gate, **biases), spec)
             gate = None
-            error = hidden @ quantized("down").T + (0 if biases["down_bias"] is None else biases["down_bias"]) - exact
-            for (_, _, weights), (tokens, rank), rows in zip(calls, picks, np.split(error, bounds)):
-                if tokens.size:
-                    quant_loss[e, j] += float(np.linalg.norm(rows * weights[tokens, rank][:, None]))
+            down = quantized("down")
+            add_loss(quant_loss, j, hidden @ down.T + down_bias - exact)
+            add_loss(projection_loss[:, 0], j, hidden @ exact_down.T + down_bias - exact)
+            add_loss(projection_loss[:, 1], j, exact_hidden @ down.T + down_bias - exact)
     if 0 in bits:
         full = _block_outputs(block, module, calls, outputs)
         routed = [int(e) for e in np.flatnonzero(frequency)]
@@ -118,6 +130,9 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
     return {
         "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
                      "quant_loss": {str(width): float(quant_loss[e, j]) for j, width in enumerate(bits)},
+                     "projection_loss": {part: {str(width): float(projection_loss[e, i, j])
+                                                for j, width in enumerate(bits) if width}
+                                         for i, part in enumerate(PROJECTION_PARTS)},
                      "max_down_output": float(max_down_output[e])}
                     for e in range(experts)],
         "pruning": {**_pruning_curve(spec, "beta", PRUNING_BETAS, routing_weights, outputs),
@@ -305,6 +320,12 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
     The layer computes in fp32 with its experts run by the Experts op's reference, which upcasts
     one expert at a time (the routed experts stay in the checkpoint's dtype). The layer stays
     materialized until the consumer asks for the next one; then it is freed.
+
+    Each layer is replayed on all batches from the inputs the model body gave it (layer-major, so
+    each is read once), unless the body computes a layer's inputs from more than what the layer
+    before handed on (Inkling2 mixes earlier layers' outputs into later ones' inputs; a looped layer
+    runs twice per token): then replayed inputs would be stale, and the body runs as transformers
+    runs it (_whole_body).
     """
     import torch
     from tqdm import tqdm
@@ -318,19 +339,15 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
     set_implementation(stream.model, REFERENCE_IMPLEMENTATION)
     batches = [torch.from_numpy(w) for w in np.array_split(windows, -(-len(windows) // BATCH_SEQUENCES))]
     with torch.no_grad():
-        hidden, calls = _embed(stream, batches)
+        hidden, calls, piped = _embed(stream, batches)
+        if not piped:
+            yield from _whole_body(stream, batches, layers, blocks, desc, progress)
+            return
         handed = [{} for _ in hidden]  # per batch: the outputs the last layer hands on to the next
         for i, path in enumerate(tqdm(stream.layer_paths(), desc=desc, unit="layer", disable=not progress)):
             decoder_layer = stream.load(path)
             here = [layer for layer in layers if layer.layer == i]
-            received = {layer.path: [] for layer in here}
-            block_received = {layer.path: [] for layer in here}
-            handles = [stream.model.get_submodule(layer.path).register_forward_pre_hook(
-                _recorder(received[layer.path]), with_kwargs=True) for layer in here]
-            if blocks:
-                handles += [stream.model.get_submodule(layer.block_path).register_forward_pre_hook(
-                    lambda _, args, kwargs, calls=block_received[layer.path]: calls.append((args, kwargs)),
-                    with_kwargs=True) for layer in here]
+            received, block_received, handles = _record_inputs(stream, here, blocks)
             for b, call in enumerate(calls[i]):
                 args, kwargs = _with_outputs(call, handed[b])
                 out = decoder_layer(hidden[b], *args, **kwargs)
@@ -345,6 +362,64 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
                 yield layer, stream.model.get_submodule(layer.path), received[layer.path], block
             decoder_layer = received = block_received = None
             stream.unload(path)
+
+
+def _whole_body(stream, batches, layers, blocks: bool, desc: str, progress: bool):
+    """moe_inputs for a body that is not a pipe of layers: run it on each batch as transformers does,
+    each decoder layer materialized only while it runs (read once per batch and pass), recording every
+    sparse layer's inputs; then materialize each sparse layer again for its consumer. Holds all of
+    them at once: one layer's inputs times the sparse layers."""
+    import torch
+    from tqdm import tqdm
+
+    received, block_received, handles = _record_inputs(stream, layers, blocks)
+    paths = stream.layer_paths()
+    for path in paths:
+        module = stream.model.get_submodule(path)
+        handles += [module.register_forward_pre_hook(lambda *_, path=path: stream.load(path) and None),
+                    module.register_forward_hook(lambda *_, path=path: stream.unload(path))]
+    parts = _body_parts(stream)
+    for part in parts:
+        stream.load(part)
+    try:
+        for batch in tqdm(batches, desc=f"{desc} (whole model body)", unit="batch", disable=not progress):
+            stream.model.model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for part in parts:
+            stream.unload(part)
+    for layer in sorted(layers, key=lambda layer: layer.layer):
+        stream.load(paths[layer.layer])
+        block = BlockInputs(stream.model.get_submodule(layer.block_path), block_received.pop(layer.path)) \
+            if blocks else None
+        yield layer, stream.model.get_submodule(layer.path), received.pop(layer.path), block
+        stream.unload(paths[layer.layer])
+
+
+def _record_inputs(stream, layers, blocks: bool) -> tuple[dict, dict, list]:
+    """Forward pre-hooks noting what each of `layers`' experts module (and with `blocks` its MoE
+    block) receives: ({experts path: calls}, {experts path: block calls}, the hooks' handles)."""
+    received = {layer.path: [] for layer in layers}
+    block_received = {layer.path: [] for layer in layers}
+    handles = [stream.model.get_submodule(layer.path).register_forward_pre_hook(
+        _recorder(received[layer.path]), with_kwargs=True) for layer in layers]
+    if blocks:
+        handles += [stream.model.get_submodule(layer.block_path).register_forward_pre_hook(
+            lambda _, args, kwargs, calls=block_received[layer.path]: calls.append((args, kwargs)), with_kwargs=True)
+            for layer in layers]
+    return received, block_received, handles
+
+
+def _body_parts(stream) -> list[str]:
+    """What the model body holds besides its decoder layers (embeddings, rotary, per-layer input
+    projections, Inkling2's message gate, ...): loaded while it runs."""
+    from moec.weights import part_of
+
+    body = stream.model.model
+    layer_paths = stream.layer_paths()
+    names = [name for name, _ in [*body.named_parameters(prefix="model"), *body.named_buffers(prefix="model")]]
+    return sorted({part_of(name.rpartition(".")[0], layer_paths) for name in names} - set(layer_paths))
 
 
 def _recorder(calls: list):
@@ -376,7 +451,8 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
     layers, shape = [], None
     for layer, module, calls, block in moe_inputs(checkpoint, windows, progress=progress, blocks=0 in bits):
         shape = shape or {"num_experts": layer.num_experts, "top_k": int(calls[0][1].shape[1]),
-                          "moe_intermediate_size": layer.intermediate_size}
+                          "moe_intermediate_size": layer.intermediate_size,
+                          "expert_projections": list(layer.spec.projections)}
         layers.append({"layer": layer.layer, **layer_stats(layer, module, calls, tuple(bits), group_size, block)})
         module = calls = block = None
     config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
@@ -405,12 +481,18 @@ def _embed(stream, batches):
     """Embed every batch and record each decoder layer's call arguments (masks, rotary, ...) by
     running the model body with its layers replaced by pass-through recorders. Where the body unpacks
     a layer's output into more than the hidden states, the recorders return LayerOutput markers for
-    the rest, which the next layer's recorded call then holds."""
+    the rest, which the next layer's recorded call then holds. Returns (each batch's hidden states,
+    each layer's calls, whether the body is a pipe: no layer runs twice a batch, and no call's
+    arguments besides the hidden states were computed from a layer's output)."""
     import re
 
     import torch
 
-    class Unpacked(torch.Tensor):
+    class Derived(torch.Tensor):
+        """A recorder's output: what the body computes from it is a Derived too (torch's subclass
+        propagation), so a call's argument computed from an earlier layer's output shows."""
+
+    class Unpacked(Derived):
         """The recorders' first answer: a body that unpacks it says how many outputs it expects."""
 
         def __iter__(self):
@@ -432,22 +514,23 @@ def _embed(stream, batches):
                 return getattr(object.__getattribute__(self, "layer"), name)
 
         def forward(self, hidden_states, *args, **kwargs):
+            nonlocal mixes
+            values = [*args, *kwargs.values()]
+            mixes |= any(isinstance(v, Derived) for value in values
+                         for v in (value if isinstance(value, (tuple, list)) else (value,)))
             self.calls.append((args, kwargs))
             if self.inputs is not None:
-                self.inputs.append(hidden_states)
+                self.inputs.append(hidden_states.as_subclass(torch.Tensor))
             if self.outputs is None:
                 return hidden_states.as_subclass(Unpacked)
+            hidden_states = hidden_states.as_subclass(Derived)
             return hidden_states if self.outputs == 1 else \
                 (hidden_states, *(LayerOutput(self.index, k) for k in range(1, self.outputs)))
 
-    from moec.weights import part_of
-
     body = stream.model.model
     real_layers = body.layers
-    # what the body runs before its first layer (embeddings, rotary, per-layer input projections, ...)
-    layer_paths = stream.layer_paths()
-    names = [name for name, _ in [*body.named_parameters(prefix="model"), *body.named_buffers(prefix="model")]]
-    parts = sorted({part_of(name.rpartition(".")[0], layer_paths) for name in names} - set(layer_paths))
+    mixes = False
+    parts = _body_parts(stream)
     for part in parts:
         stream.load(part)
     outputs = None  # how many values the body takes from each layer, once a first run has told
@@ -469,11 +552,10 @@ def _embed(stream, batches):
                 outputs = int(expected.group(1))
     finally:
         body.layers = real_layers
-    if outputs is None:
-        hidden = [h.as_subclass(torch.Tensor) for h in hidden]
     for part in parts:
         stream.unload(part)
-    return hidden, calls
+    looped = any(len(layer_calls) > len(batches) for layer_calls in calls)
+    return hidden, calls, not (mixes or looped)
 
 
 def _with_outputs(call, outputs: dict):

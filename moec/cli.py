@@ -174,7 +174,8 @@ def _plan(args) -> None:
                    params_per_expert=args.params_per_expert, model=args.model, method=args.method,
                    grid=args.grid, layer_prior_tokens=args.layer_prior_tokens, target=args.target,
                    protect_super_experts=not args.no_protect_super_experts, decode_tok_s=args.decode_tok_s,
-                   profile=None if args.profile is None else load_profile(args.profile))
+                   profile=None if args.profile is None else load_profile(args.profile),
+                   per_projection=args.per_projection)
     if args.sweep:
         if args.prune_target is not None:
             raise MoecError("--prune-target plans one pruning for one plan; it does not combine with --sweep")
@@ -204,8 +205,15 @@ def _plan(args) -> None:
              "of expert activations)" if pruning else "")
           + (f", {len(plan['super_experts'])} super experts kept at {objective['candidate_bits'][-1]} bits and never "
              "pruned" if plan.get("super_experts") else "")
+          + (f", {split} experts with down_proj at its own width" if (split := _split_experts(plan)) else "")
           + (f", {sum(row.count(0) for row in plan['experts']['bits'] if row)} experts dropped"
              if any(0 in row for row in plan["experts"]["bits"] if row) else ""))
+
+
+def _split_experts(plan: dict) -> int:
+    """How many experts the plan gives a down_proj width of its own."""
+    down = plan["experts"].get("down_bits") or []
+    return sum(a != b for rows in zip(plan["experts"]["bits"], down) if rows[0] for a, b in zip(*rows))
 
 
 def _eval(args) -> None:
@@ -349,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=_bit_list, metavar="LIST",
                    help="candidate widths, e.g. 2,3,4 (default: every width in the stats but 0); 0 lets the "
                         "solver drop experts (no weights, never routed to), if the stats measured it")
+    p.add_argument("--per-projection", action="store_true",
+                   help="an expert's down_proj may take another width than its gate and up (global scope; "
+                        "stats from a moec calibrate that measured each projection's loss)")
     p.add_argument("--scope", choices=("global", "layer"), default="global",
                    help="global: one byte budget, layers compete (default); layer: the paper's per-layer budget")
     p.add_argument("--alpha", type=float, default=1.0, help="frequency and loss exponent (default 1)")

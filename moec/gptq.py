@@ -107,20 +107,21 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
         layer_gram = _gram(x) * prior if prior_tokens else None
         for e in range(len(plan["experts"]["bits"][layer.layer])):
             names = {p: expert_weight_name(layer.layer, e, p) for p in spec.projections}
-            bits = weight_bits(plan, names["up"])
+            bits = {p: weight_bits(plan, name) for p, name in names.items()}  # down's may differ (down_bits)
             tokens = np.nonzero((indices == e).any(-1))[0]
             for name in names.values():
                 tokens_seen[name] = int(tokens.size)
-            if bits is None or (tokens.size < MIN_TOKENS and not prior_tokens):  # float, or too few tokens
+            if set(bits.values()) == {None} or (tokens.size < MIN_TOKENS and not prior_tokens):  # float, or too few
                 continue
-            quantize = expert_quantizer(plan, bits)
             xe = x[tokens]
             expert = expert_weights(stacked, e, spec)
-            first = [p for p in spec.projections if p != "down"]
+            first = [p for p in spec.projections if p != "down" and bits[p] is not None]
             gram = _gram(xe) + layer_gram if prior_tokens else _gram(xe)
             for p in first:
-                quantized[names[p]] = quantize(getattr(expert, p), gram)
+                quantized[names[p]] = expert_quantizer(plan, bits[p])(getattr(expert, p), gram)
             dequantized = dataclasses.replace(expert, **{p: quantized[names[p]].dequantize() for p in first})
+            if bits["down"] is None:
+                continue
 
             def activations(inputs):
                 return torch.from_numpy(expert_hidden(inputs.float().numpy(), dequantized, spec)).double()
@@ -128,7 +129,7 @@ def quantize_experts(checkpoint, plan: dict, windows: np.ndarray, progress: bool
             gram = _gram(activations(xe))
             if prior_tokens:
                 gram += _gram(activations(x)) * prior
-            quantized[names["down"]] = quantize(expert.down, gram)
+            quantized[names["down"]] = expert_quantizer(plan, bits["down"])(expert.down, gram)
         module = calls = x = None
     return quantized, tokens_seen
 

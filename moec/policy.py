@@ -18,7 +18,7 @@ import re
 
 from moec.errors import MoecError
 from moec.ops.moe import EXPERT_WEIGHT_PATTERN, expert_weight_name
-from moec.planner.plan import plan_grid
+from moec.planner.plan import expert_widths, plan_grid
 from moec.planner.sizes import DROPPED, FLOAT
 
 
@@ -47,8 +47,10 @@ def weight_bits(plan: dict, name: str, moe_blocks: list[str] = ()) -> int | None
     dropped expert has no weights)."""
     expert = re.fullmatch(EXPERT_WEIGHT_PATTERN, name)
     if expert:
-        row = plan["experts"]["bits"][int(expert["layer"])]
-        bits = None if row is None else row[int(expert["expert"])]
+        layer = int(expert["layer"])
+        whole, down = (None, None) if plan["experts"]["bits"][layer] is None else \
+            expert_widths(plan, layer, int(expert["expert"]))
+        bits = down if expert["proj"] == "down" else whole
     else:
         category = weight_category(name, moe_blocks)
         bits = None if category is None else plan["non_expert"].get(category)

@@ -80,11 +80,15 @@ def quantization_record(plan: dict, layers, graph, quantized: dict, expert_token
                     nbytes = sum(_stored_bytes(graph, f"{prefix}.{fc}", merged) for fc in ("fc1", "fc2")) // size
                 row.append({"bits": q.bits, "stored_bits": q.stored_bits, "kernel": kernel, "bytes": nbytes,
                             "quantizer": q.method})
+                if parts[-1].bits != q.bits:  # the plan's down_bits
+                    row[-1] |= {"down_bits": parts[-1].bits, "down_stored_bits": parts[-1].stored_bits}
             if expert_tokens:
                 row[-1]["calibration_tokens"] = expert_tokens.get(expert_weight_name(layer.layer, e, "up"), 0)
             expert_bytes += row[-1]["bytes"]
-            # a float expert counts at the 32 bits it is stored in
-            weighted_bits += row[-1]["stored_bits" if row[-1]["bits"] == FLOAT else "bits"] * layer.expert_parameters()
+            # a float expert counts at the 32 bits it is stored in; down_proj at its own width
+            whole = row[-1]["stored_bits" if row[-1]["bits"] == FLOAT else "bits"]
+            widths = [row[-1].get("down_bits", whole) if p == "down" else whole for p in projections]
+            weighted_bits += sum(widths) * layer.expert_parameters() / len(projections)
         experts.append({"layer": layer.layer, "experts": row})
     non_expert = {name: {"bits": q.bits, "stored_bits": q.stored_bits, "bytes": _stored_bytes(graph, name, merged)}
                   for name, q in quantized.items() if not re.fullmatch(EXPERT_WEIGHT_PATTERN, name)}

@@ -74,8 +74,21 @@ def describe(path: str | Path) -> dict:
         "verification": record.get("verification"),
         "quantization": None if not record.get("quantization") else
         {k: v for k, v in record["quantization"].items() if k not in ("experts", "non_expert")} |
-        {"bits": [[e["bits"] for e in layer["experts"]] for layer in record["quantization"]["experts"]]},
+        {"bits": [[e["bits"] for e in layer["experts"]] for layer in record["quantization"]["experts"]]} |
+        ({"down_bits": [[e.get("down_bits", e["bits"]) for e in layer["experts"]]
+                        for layer in record["quantization"]["experts"]]}
+         if any("down_bits" in e for layer in record["quantization"]["experts"] for e in layer["experts"]) else {}),
     }
+
+
+def _width_labels(quantization: dict) -> list[list[str]]:
+    """Each expert's width as shown: fp for float, gate-and-up/down where down_proj has its own."""
+    def label(whole, down):
+        text = "fp" if whole == "float" else str(whole)
+        return text if down == whole else f"{text}/{down}"
+
+    return [[label(*pair) for pair in zip(row, down)]
+            for row, down in zip(quantization["bits"], quantization.get("down_bits", quantization["bits"]))]
 
 
 def size_breakdown(graph, moe_blocks: list[str]) -> dict[str, int]:
@@ -138,8 +151,8 @@ def summary(info: dict) -> str:
                    for kernel, n in quantization.get("kernels", {}).items() if n]
         if kernels:
             lines.append("  kernels    " + ", ".join(kernels))
-        lines += [f"  layer {layer:<3} bits {' '.join(f'{b:>2}' if b != 'float' else 'fp' for b in row)}"
-                  for layer, row in zip(info["moe_layers"], quantization["bits"])]
+        lines += [f"  layer {layer:<3} bits {' '.join(f'{b:>2}' for b in row)}"
+                  for layer, row in zip(info["moe_layers"], _width_labels(quantization))]
     lines.append("size by part " + ", ".join(f"{part} {mib(n)}" for part, n in info["size_breakdown"].items()))
     pruning = info["pruning"]
 
@@ -190,9 +203,10 @@ def plot(info: dict, path: str | Path) -> None:
     if quantization:
         bits = np.array([[32 if b == "float" else b for b in row] for row in quantization["bits"]], float)
         image = grid_axes.imshow(bits, cmap="viridis_r", aspect="auto", norm=LogNorm(1, 32))
+        labels = _width_labels(quantization)
         for (row, col), value in np.ndenumerate(bits):
-            grid_axes.text(col, row, f"{value:g}", ha="center", va="center", fontsize=8,
-                           color="black" if value <= 4 else "white")
+            grid_axes.text(col, row, "32" if value == 32 else labels[row][col], ha="center", va="center",
+                           fontsize=8, color="black" if value <= 4 else "white")
         figure.colorbar(image, ax=grid_axes, label="bits (32: float)", ticks=[1, 2, 4, 8, 32], format="%g")
         grid_axes.set_yticks(range(len(bits)), [str(layer) for layer in info["moe_layers"]])
         grid_axes.set_title(f"bits per expert ({quantization['avg_expert_bits']:.2f} average)")

@@ -223,18 +223,8 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> CacheLayout:
                                           DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer,
                                           LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer)
 
-    calls = {}  # experts module -> its calls in the probe
-    handles = [module.register_forward_pre_hook(lambda m, *_: calls.update({m: calls.get(m, 0) + 1}))
-               for module in model.modules() if hasattr(module, "moec_spec")]
-    try:
-        with torch.no_grad():
-            out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if looped := next((m for m, n in calls.items() if n > 1), None):
-        raise Unsupported(model.config.model_type, "experts", f"decoder layer {looped.moec_spec.layer} runs its "
-                          f"experts {calls[looped]} times per token (a looped layer), which moec does not lower yet")
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
     linear = getattr(out.cache, "linear_cache", None)  # linear-attention states beside the layers (MiniMax)
     if type(out.cache) is not DynamicCache and not (isinstance(out.cache, DynamicCache) and isinstance(linear, list)):
         raise Unsupported(model.config.model_type, "cache", f"the model keeps its own cache class "

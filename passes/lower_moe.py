@@ -5,7 +5,8 @@ Produces, in its place:
   - in a layer the plan prunes (beta > 0 or top_p < 1), its dynamic pruning as one moec.DynamicGating call (an
     ONNX function added to the model) giving the kept weights and keep [T, k]; it reads the graph
     input `prune_experts` (bool, default true), so pruning can be switched off at run time;
-  - a graph output `expert_activations.{layer}`: the (token, expert) pairs the layer computed;
+  - a graph output `expert_activations.{layer}`: the (token, expert) pairs the layer computed
+    (`expert_activations.pass{n}.{layer}` for the n-th further pass of a looped layer);
   - the (expert, token) pairs routed and kept, expert-major (one NonZero on the routing mask), their
     hidden rows gathered once and Split by expert (sizes known only at run time);
   - per expert e: gate/up/down MatMuls on just its rows with expert e's own initializers
@@ -29,6 +30,7 @@ node costs microseconds.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -112,9 +114,11 @@ def expert_slice(stacked: _StackedArrays, expert: int, proj: str, spec: ExpertsS
 class _Builder:
     """A tape with constant helpers; nodes are named under `prefix`."""
 
-    def __init__(self, graph: ir.Graph, prefix: str):
+    def __init__(self, graph: ir.Graph | None, prefix: str, tag: str = "", main: ir.Graph | None = None):
         self.tape = ir.tape.Tape(graph)
+        self.main = main or graph  # where the weights live (a subgraph's builder has no graph of its own)
         self.prefix = prefix
+        self.tag = tag  # after the prefix: a looped layer's further passes name their nodes apart
         self.count = 0
 
     def op(self, op_type, *inputs, name=None, **attrs):
@@ -124,7 +128,7 @@ class _Builder:
         """Nodes and their outputs are named uniquely (`prefix/op_n`, `:i` for the i-th output): an
         If subgraph shares one namespace with the graph around it."""
         self.count += 1
-        node_name = f"{self.prefix}/{name or op_type}_{self.count}"
+        node_name = f"{self.prefix}{self.tag}/{name or op_type}_{self.count}"
         outputs = self.tape.op_multi_out(op_type, list(inputs), attrs or None, num_outputs=num_outputs,
                                          domain=domain, overload=overload, name=node_name)
         for i, value in enumerate(outputs):
@@ -135,6 +139,10 @@ class _Builder:
         return self.op("Constant", value=ir.tensor(np.asarray(array)), name=name or "Constant")
 
     def weight(self, tensor: ir.TensorProtocol, name: str) -> ir.Value:
+        """The initializer `name`; a layer run twice per token (a looped layer: one Experts node per
+        pass, the same weights) reads the one its first pass registered."""
+        if (existing := self.main.initializers.get(name)) is not None:
+            return existing
         tensor.name = name
         return self.tape.initializer(tensor, name=name)
 
@@ -256,7 +264,7 @@ def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, experts: range, rows:
     is routed to one of these experts (else all their rows are empty, and so is the output). Why:
     onnxruntime's session creation grows about quadratically with the nodes of one graph (128
     experts x 8 layers: 46 s flat, 8 s with a subgraph per layer), while a subgraph is planned on its own."""
-    inner = _Builder(None, b.prefix)
+    inner = _Builder(None, b.prefix, b.tag, main=graph)
     inner.count = b.count
     outputs = _routed_experts(inner, experts, rows, stacked, spec, skipped, dtype)
     result = inner.op("Concat", *outputs, axis=0)
@@ -268,8 +276,8 @@ def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, experts: range, rows:
     for value in (result, empty):  # branch outputs must be typed; their rows are the chunk's pairs
         value.type, value.shape = ir.TensorType(dtype), ir.Shape([None, hidden_size])
     else_branch = ir.Graph([], [empty], nodes=[ir.node("Identity", [rows[0]], outputs=[empty])],
-                           name=f"{b.prefix}/idle")
-    then_branch = ir.Graph([], [result], nodes=inner.tape.nodes, name=f"{b.prefix}/routed")
+                           name=f"{b.prefix}{b.tag}/idle")
+    then_branch = ir.Graph([], [result], nodes=inner.tape.nodes, name=f"{b.prefix}{b.tag}/routed")
     chunk = b.op("Slice", counts, b.const(np.array([experts.start], np.int64)),
                  b.const(np.array([experts.stop], np.int64)))
     busy = b.op("Greater", b.op("ReduceMax", chunk, keepdims=0), b.const(np.array(0, np.int64)))
@@ -443,16 +451,18 @@ def _per_expert(b: _Builder, graph: ir.Graph, hidden: ir.Value, indices: ir.Valu
 
 
 def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | None = None,
-                   fused: FusedExperts | None = None) -> None:
+                   fused: FusedExperts | None = None, repeat: int = 0) -> None:
     """Replace one Experts node by its routed standard-op graph; a layer with more experts than
     `experts_per_subgraph` computes them in If subgraphs of that many, and `fused` hands experts
-    to QMoE (see the module docstring)."""
+    to QMoE (see the module docstring). `repeat` counts the layer's nodes lowered before this one
+    (a looped layer runs its experts once per pass): their nodes and outputs are named apart, their
+    weights shared."""
     graph = model.graph
     spec = moe_spec(node)
     inputs = moe_inputs(node)
     stacked = _StackedArrays({name: const_tensor(inputs[name]) for name in INPUT_NAMES[3:]})
     num_experts, hidden_size, _ = stacked.dims(spec)
-    b = _Builder(graph, f"layers.{spec.layer}.moe")
+    b = _Builder(graph, f"layers.{spec.layer}.moe", f".pass{repeat}" if repeat else "")
     hidden, indices = inputs["hidden"], inputs["top_k_index"]
     dtype = hidden.dtype or ir.DataType.FLOAT
 
@@ -503,7 +513,7 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     out.type, out.shape = hidden.type, hidden.shape
     computed = b.op("Size", indices) if keep is None else \
         b.op("ReduceSum", b.op("Cast", keep, to=ir.DataType.INT64), keepdims=0)
-    computed.name = f"{ACTIVATIONS_OUTPUT}.{spec.layer}"
+    computed.name = f"{ACTIVATIONS_OUTPUT}.{f'pass{repeat}.' if repeat else ''}{spec.layer}"
     computed.type, computed.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([])
     ir.convenience.replace_nodes_and_values(graph, node, [node], b.tape.nodes, node.outputs, [out])
     graph.outputs.append(computed)
@@ -521,8 +531,11 @@ class LowerMoEPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes = [n for n in model.graph if is_moe_node(n)]
+        lowered = collections.Counter()  # per layer: its nodes lowered so far
         for node in nodes:
-            lower_moe_node(model, node, self.experts_per_subgraph, self.fused)
+            layer = moe_spec(node).layer
+            lower_moe_node(model, node, self.experts_per_subgraph, self.fused, lowered[layer])
+            lowered[layer] += 1
         if nodes:
             if any(n.domain == DOMAIN and n.op_type == GATING_OP_TYPE for n in model.graph):
                 function = ir.serde.deserialize_function(function_proto())

@@ -57,7 +57,10 @@ class PackedWeight:
 
     def initializers(self, root: ir.Graph, name: str, shapes: dict) -> list[ir.Value]:
         """`{name}.{q,scales,zero_points}` as lazy initializers of root, `shapes` giving each its
-        (dtype, shape) (the packed arrays are reshaped to it)."""
+        (dtype, shape) (the packed arrays are reshaped to it); those of a weight that another product
+        read first (a looped layer's, once per pass) as they are."""
+        if all(f"{name}.{suffix}" in root.initializers for suffix in shapes):
+            return [root.initializers[f"{name}.{suffix}"] for suffix in shapes]
         values = []
         for suffix, (dtype, shape) in shapes.items():
             def array(suffix=suffix, shape=shape):

@@ -61,15 +61,19 @@ class MergeSiblingProductsPass(ir.passes.InPlacePass):
     def _merge(root: ir.Graph, nodes: list[ir.Node]) -> None:
         graph = nodes[0].graph
         base = MERGED_JOIN.join(n.inputs[1].name.removesuffix(".q") for n in nodes)
-        weights = []
-        for index, suffix in enumerate(SUFFIXES, start=1):
-            value = _concatenated([n.inputs[index] for n in nodes], f"{base}.{suffix}")
-            root.register_initializer(value)  # weights live in the main graph, as the experts lowering keeps them
-            weights.append(value)
         sizes = [n.attributes["N"].value for n in nodes]
-        split_sizes = ir.Value(name=f"{base}{MERGED_ROWS}",
-                               const_value=ir.tensor(np.array(sizes, np.int64), name=f"{base}{MERGED_ROWS}"))
-        root.register_initializer(split_sizes)
+        if f"{base}{MERGED_ROWS}" in root.initializers:  # the same products merged before (a looped layer's pass)
+            weights = [root.initializers[f"{base}.{suffix}"] for suffix in SUFFIXES]
+            split_sizes = root.initializers[f"{base}{MERGED_ROWS}"]
+        else:
+            weights = []
+            for index, suffix in enumerate(SUFFIXES, start=1):
+                value = _concatenated([n.inputs[index] for n in nodes], f"{base}.{suffix}")
+                root.register_initializer(value)  # weights live in the main graph, as the experts lowering keeps them
+                weights.append(value)
+            split_sizes = ir.Value(name=f"{base}{MERGED_ROWS}",
+                                   const_value=ir.tensor(np.array(sizes, np.int64), name=f"{base}{MERGED_ROWS}"))
+            root.register_initializer(split_sizes)
         attrs = {name: attr.value for name, attr in nodes[0].attributes.items()} | {"N": sum(sizes)}
         names = [n.name or n.outputs[0].name for n in nodes]
         product = ir.node("MatMulNBits", [nodes[0].inputs[0], *weights], attributes=attrs, domain="com.microsoft",

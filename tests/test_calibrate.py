@@ -51,10 +51,12 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, m
     moe_layers = [entry["layer"] for entry in compiled(arch).record["moe_layers"]]
     assert [layer["layer"] for layer in stats["layers"]] == moe_layers
     top_k = stats["model"]["top_k"]
+    passes = {1: 2} if arch == "inkling2_loop_text" else {}  # its loop layer runs twice per token
     for layer in stats["layers"]:
         routes = sum(e["frequency"] for e in layer["experts"])
+        expected = 6 * 32 * top_k * passes.get(layer["layer"], 1)
         # LongCat-Flash's routes to its zero-computation experts reach real experts at weight 0: not counted
-        assert routes == 6 * 32 * top_k or arch == "longcat_flash" and 0 < routes < 6 * 32 * top_k
+        assert routes == expected or arch == "longcat_flash" and 0 < routes < expected
         for e in layer["experts"]:
             if e["frequency"]:
                 loss = e["quant_loss"]
@@ -84,6 +86,7 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, m
         assert all(b in (2, 4, 8) for row in bits if row for b in row)
     plan["quantization"]["group_size"] = 16
     assert plan["super_experts"] == stats["super_experts"]
+    assert make_plan(stats, avg_bits=4.0, bits=[2, 4, 8], per_projection=True)["experts"]["down_bits"]
     assert all(plan["experts"]["bits"][layer][e] == 8 for layer, e in plan["super_experts"])
     plan["super_experts"] = plan["super_experts"] or [[moe_layers[0], 0]]  # one at least, for pruning to keep
     # the last layer's least used expert dropped (its width 0), unless that leaves fewer than top-k
@@ -93,6 +96,12 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, m
         plan["experts"]["bits"][dropped[0]][dropped[1]] = 0
     else:
         dropped = None
+    # the first layer's first expert that is neither dropped nor super: down_proj at another width
+    split = next([moe_layers[0], e] for e in range(stats["model"]["num_experts"])
+                 if [moe_layers[0], e] not in plan["super_experts"] + [dropped])
+    plan["experts"]["down_bits"] = [None if row is None else list(row) for row in plan["experts"]["bits"]]
+    split_bits = 8 if plan["experts"]["bits"][split[0]][split[1]] < 8 else 2
+    plan["experts"]["down_bits"][split[0]][split[1]] = split_bits
     if top_k == 1:
         with pytest.raises(PlanError, match="top-k is 1"):
             plan_pruning(stats, 0.15)
@@ -117,6 +126,9 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, m
         assert any(n.startswith(f"layers.{dropped[0]}.experts.") for n in names)
     widths = {layer["layer"]: [e["bits"] for e in layer["experts"]] for layer in record["quantization"]["experts"]}
     assert all(row == plan["experts"]["bits"][layer] for layer, row in widths.items())
+    downs = {(layer["layer"], e): x["down_bits"] for layer in record["quantization"]["experts"]
+             for e, x in enumerate(layer["experts"]) if "down_bits" in x}
+    assert downs == {tuple(split): split_bits}  # and it verified (above): down_proj at its own width
     assert len({b for row in widths.values() for b in row}) > 1, "the planner chose one width: not a mixed plan"
     spec = compiled(arch).record["moe_layers"][0]["experts"]
     fusable = spec.get("activation", "silu") in ("silu", "clamped_swiglu") and spec.get("gate") != "none"
@@ -125,12 +137,15 @@ def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, m
     assert len(list(generate(Artifact(tmp_path / "artifact"), [[3, 14, 15, 92]], 5))) == 5
 
 
-@pytest.mark.parametrize("arch", families([arch for arch in ("zaya", "glm_moe_dsa", "hy_v4") if arch in SUPPORTED]))
+@pytest.mark.parametrize("arch", families([arch for arch in ("zaya", "glm_moe_dsa", "hy_v4", "inkling2_loop_text")
+                                            if arch in SUPPORTED]))
 def test_layers_that_hand_on_more_than_hidden_states_calibrate_as_the_model_routes(arch, compiled, text_file):
     """Calibration replays each decoder layer from its recorded inputs; Zaya's layers also hand their
     router state to the next one, GLM-MoE-DSA's and HY-V4's their indexer's top-k (which a "shared"
-    indexer layer reuses). The replay gives each layer what the one before handed on: every expert's
-    token count equals that of transformers' own forward on the same tokens."""
+    indexer layer reuses). The replay gives each layer what the one before handed on. Inkling2-Loop's
+    body runs its loop layer twice per token, the second pass on messages from the first: calibration
+    runs that body as it is. Every expert's token count equals that of transformers' own forward on
+    the same tokens."""
     from moec.experts import call_arguments, experts_layers
 
     c = compiled(arch)
@@ -197,11 +212,18 @@ def test_frequencies_and_weights_match_transformers_router(compiled, text_file):
         np.testing.assert_allclose([e["routing_weight"] for e in layer["experts"]], weight, rtol=1e-5)
 
 
-def test_quant_loss_is_the_moe_output_error_of_quantizing_that_expert(compiled, text_file):
-    """Quantize one expert inside transformers' own model and measure the MoE block's output."""
+@pytest.fixture(scope="module")
+def two_bit_stats(compiled, text_file):
+    return calibrate(compiled("mixtral").model_dir, data=text_file, samples=4, seq_len=32, bits=(2,), progress=False)
+
+
+@pytest.mark.parametrize("part", ["whole", "gate_up", "down"])
+def test_quant_loss_is_the_moe_output_error_of_quantizing_that_expert(compiled, text_file, two_bit_stats, part):
+    """Quantize one expert (or only its gate and up, or only its down: projection_loss) inside
+    transformers' own model and measure the MoE block's output."""
     c = compiled("mixtral")
     layer, expert, bits = 1, 2, 2
-    stats = calibrate(c.model_dir, data=text_file, samples=4, seq_len=32, bits=(bits,), progress=False)
+    stats = two_bit_stats
     ids = _windows(c.model_dir, text_file, 4, 32)
     moe = c.model.model.layers[layer].mlp
     outputs = []
@@ -211,16 +233,18 @@ def test_quant_loss_is_the_moe_output_error_of_quantizing_that_expert(compiled, 
     try:
         with torch.no_grad():
             c.model(ids)
-            experts.gate_up_proj.data[expert] = torch.from_numpy(
-                fake_quantize(original[0][expert].numpy(), bits))  # gate and up rows quantize row-wise alike
-            experts.down_proj.data[expert] = torch.from_numpy(fake_quantize(original[1][expert].numpy(), bits))
+            if part != "down":  # gate and up rows quantize row-wise alike
+                experts.gate_up_proj.data[expert] = torch.from_numpy(fake_quantize(original[0][expert].numpy(), bits))
+            if part != "gate_up":
+                experts.down_proj.data[expert] = torch.from_numpy(fake_quantize(original[1][expert].numpy(), bits))
             c.model(ids)
     finally:
         experts.gate_up_proj.data, experts.down_proj.data = original
         handle.remove()
     expected = torch.linalg.norm(outputs[1] - outputs[0]).item()
-    measured = stats["layers"][layer]["experts"][expert]["quant_loss"][str(bits)]
-    assert measured == pytest.approx(expected, rel=1e-3)
+    entry = stats["layers"][layer]["experts"][expert]
+    measured = entry["quant_loss"] if part == "whole" else entry["projection_loss"][part]
+    assert measured[str(bits)] == pytest.approx(expected, rel=1e-3)
 
 
 def test_dropped_loss_is_the_moe_output_error_of_routing_that_experts_tokens_elsewhere(compiled, text_file):

@@ -245,6 +245,100 @@ def test_dropping_and_super_experts_find_the_brute_force_optimum(seed, budget_po
                       params_per_expert=params)
 
 
+def with_projection_losses(stats: dict, seed: int) -> dict:
+    """Each expert's gate-and-up and down losses, each a random share of its whole loss."""
+    rng = np.random.default_rng(seed)
+    for layer in stats["layers"]:
+        for expert in layer["experts"] or []:
+            share = rng.uniform(0.2, 0.8)
+            expert["projection_loss"] = {
+                "gate_up": {w: share * loss * rng.uniform(0.7, 1.3) for w, loss in expert["quant_loss"].items()},
+                "down": {w: (1 - share) * loss * rng.uniform(0.7, 1.3) for w, loss in expert["quant_loss"].items()}}
+    return stats
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), budget_position=st.floats(0, 1))
+def test_per_projection_plans_find_the_brute_force_optimum(seed, budget_position):
+    """With per_projection each expert takes a (gate and up, down) pair of widths: the plan is the best
+    allocation of pairs under the byte budget, a whole expert weighed by its quant_loss, a split one by
+    the root sum of squares of its parts' losses, each stored as its parts are (down_proj a third of
+    the weights)."""
+    widths, params = (2, 4), 3 * 64 * 256
+    stats = with_projection_losses(synthetic_stats(seed, num_experts=3, widths=widths), seed)
+    pairs = list(itertools.product(widths, repeat=2))
+
+    def pair_bytes(pair):
+        return expert_bytes(params, pair[0]) if pair[0] == pair[1] else \
+            expert_bytes(2 * params // 3, pair[0]) + expert_bytes(params // 3, pair[1])
+
+    experts = [(e["frequency"], e["routing_weight"], e["quant_loss"], e["projection_loss"])
+               for layer in stats["layers"] for e in layer["experts"]]
+    layer_sums = [(sum(e["frequency"] for e in layer["experts"]), sum(e["routing_weight"] for e in layer["experts"]))
+                  for layer in stats["layers"] for _ in layer["experts"]]
+    def loss(whole, parts, a, b):
+        return whole[str(a)] if a == b else math.sqrt(parts["gate_up"][str(a)] ** 2 + parts["down"][str(b)] ** 2)
+
+    cost = np.array([[f / fs * (w / ws) ** 1.5 * loss(whole, parts, a, b) for a, b in pairs]
+                     for (f, w, whole, parts), (fs, ws) in zip(experts, layer_sums)])  # (experts, pairs)
+    combos = np.array(list(itertools.product(range(len(pairs)), repeat=len(experts))))
+    combo_cost = cost[np.arange(len(experts)), combos].sum(axis=1)
+    combo_bytes = np.array([pair_bytes(pair) for pair in pairs])[combos].sum(axis=1)
+    budget = int(combo_bytes.min() + budget_position * (combo_bytes.max() - combo_bytes.min()))
+    plan = make_plan(stats, size_budget=budget, require_top_widths=False, params_per_expert=params,
+                     per_projection=True)
+    assert plan["objective"]["predicted_loss"] == pytest.approx(combo_cost[combo_bytes <= budget].min(), rel=1e-9)
+    chosen = [(plan["experts"]["bits"][layer][e], plan["experts"]["down_bits"][layer][e])
+              for layer in range(2) for e in range(3)]
+    assert plan["objective"]["predicted_expert_bytes"] == sum(map(pair_bytes, chosen)) <= budget
+    assert plan["objective"]["per_projection"] is True
+    whole = make_plan(stats, size_budget=budget, require_top_widths=False, params_per_expert=params)
+    assert "down_bits" not in whole["experts"] and whole["objective"]["per_projection"] is False
+    from moec.policy import weight_bits
+
+    for name, layer, e, proj in (("layers.1.experts.2.down_proj", 1, 2, 1), ("layers.1.experts.2.up_proj", 1, 2, 0)):
+        assert weight_bits(plan, name) == chosen[3 * layer + e][proj]
+
+
+def test_per_projection_needs_the_global_scope_and_projection_losses():
+    stats = synthetic_stats(3, widths=(2, 4))
+    with pytest.raises(PlanError, match="per_projection needs each expert's projection_loss, which moec calibrate"):
+        make_plan(stats, avg_bits=3, params_per_expert=3 * 64 * 256, per_projection=True)
+    with_projection_losses(stats, 3)
+    with pytest.raises(PlanError, match="per_projection needs scope \"global\""):
+        make_plan(stats, avg_bits=3, scope="layer", per_projection=True)
+    del stats["layers"][1]["experts"][2]["projection_loss"]
+    with pytest.raises(PlanError, match="projection_loss: some experts have it and others not"):
+        load_stats_dict(stats)
+    stats["layers"][1]["experts"][2]["projection_loss"] = {"gate_up": {"2": 1.0}, "down": {"2": 1.0, "4": 0.5}}
+    with pytest.raises(PlanError, match=re.escape("experts[2].projection_loss.gate_up: expected a loss for each of "
+                                                  "the widths [2, 4]")):
+        load_stats_dict(stats)
+
+
+def load_stats_dict(stats: dict):
+    return make_plan(stats, avg_bits=3, params_per_expert=3 * 64 * 256)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda down: down.__setitem__(1, [2, 2]),
+     "experts.down_bits[1]: expected 4 widths, as experts.bits[1], got [2, 2]"),
+    (lambda down: down.__setitem__(0, [2, 2, 2, 2]), "experts.down_bits[0]: expected null, as experts.bits[0]"),
+    (lambda down: down.pop(), "experts.down_bits: expected a list with one entry per layer, as bits"),
+    (lambda down: down[1].__setitem__(0, 0), "experts.down_bits[1][0]: width 0 drops the whole expert: give it in "
+                                             "both bits and down_bits"),
+    (lambda down: down[2].__setitem__(1, "float"), "experts.down_bits[2][1]: width \"float\" keeps in float the "
+                                                    "whole expert"),
+    (lambda down: down[2].__setitem__(1, 5), "experts.down_bits[2][1]: expected a bit width"),
+])
+def test_malformed_down_bits_are_refused_naming_the_field(plan, edit, message):
+    plan["experts"]["down_bits"] = copy.deepcopy(plan["experts"]["bits"])
+    validate_plan(plan)
+    edit(plan["experts"]["down_bits"])
+    with pytest.raises(PlanError, match=re.escape(message)):
+        validate_plan(plan)
+
+
 def test_a_dropped_super_expert_and_bad_stats_super_experts_are_refused(plan):
     plan["super_experts"] = [[1, 2]]
     plan["experts"]["bits"][1][2] = 0

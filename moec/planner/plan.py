@@ -39,8 +39,8 @@ PRUNING_KEYS = ("layers", "protect_fraction", "target", "predicted_pruned_fracti
 EXPONENT_KEYS = {"alpha": "frequency_exponent", "beta": "weight_exponent", "gamma": "loss_exponent"}
 OBJECTIVE_KEYS = ("scope", *EXPONENT_KEYS.values(), "candidate_bits", "require_top_widths", "budget",
                   "params_per_expert", "predicted_loss", "predicted_expert_bytes", "protect_super_experts",
-                  "decode_tok_s", "predicted_decode_tok_s")
-OPTIONAL_OBJECTIVE_KEYS = ("protect_super_experts", "decode_tok_s", "predicted_decode_tok_s")
+                  "decode_tok_s", "predicted_decode_tok_s", "per_projection")
+OPTIONAL_OBJECTIVE_KEYS = ("protect_super_experts", "decode_tok_s", "predicted_decode_tok_s", "per_projection")
 
 
 
@@ -96,7 +96,7 @@ def validate_plan(plan: Any, num_layers: int | None = None, num_experts: int | N
 
 
 def _validate_expert_bits(experts: Any, num_layers: int | None, num_experts: int | None, source: str) -> None:
-    _validate_object(experts, ("bits",), f"{source}: experts")
+    _validate_object(experts, ("bits", "down_bits"), f"{source}: experts", optional=("down_bits",))
     grid = experts["bits"]
     if not isinstance(grid, list) or not grid:
         raise PlanError(f"{source}: experts.bits: expected a list with one entry per layer, got {_show(grid)}")
@@ -117,6 +117,38 @@ def _validate_expert_bits(experts: Any, num_layers: int | None, num_experts: int
             _plan_width(width, f"{where}[{expert}]", EXPERT_WIDTHS)
     if num_experts is None:
         raise PlanError(f"{source}: experts.bits: no layer has experts")
+    if "down_bits" in experts:
+        _validate_down_bits(experts["down_bits"], grid, source)
+
+
+def _validate_down_bits(down: Any, grid: list, source: str) -> None:
+    """experts.down_bits: each expert's down_proj width, which may differ from its gate/up (bits): the
+    same rows as bits; width 0 (dropped) and "float" only where bits has them."""
+    if not isinstance(down, list) or len(down) != len(grid):
+        raise PlanError(f"{source}: experts.down_bits: expected a list with one entry per layer, as bits, "
+                        f"got {_show(down)}")
+    for layer, (row, bits) in enumerate(zip(down, grid)):
+        where = f"{source}: experts.down_bits[{layer}]"
+        if bits is None or row is None:
+            if row is not bits:
+                raise PlanError(f"{where}: expected {_show(None) if bits is None else f'{len(bits)} widths'}, "
+                                f"as experts.bits[{layer}], got {_show(row)}")
+            continue
+        if not isinstance(row, list) or len(row) != len(bits):
+            raise PlanError(f"{where}: expected {len(bits)} widths, as experts.bits[{layer}], got {_show(row)}")
+        for expert, (width, whole) in enumerate(zip(row, bits)):
+            _plan_width(width, f"{where}[{expert}]", EXPERT_WIDTHS)
+            for whole_only, meaning in ((DROPPED, "drops"), (FLOAT, "keeps in float")):
+                if (width == whole_only) != (whole == whole_only):
+                    raise PlanError(f"{where}[{expert}]: width {_show(whole_only)} {meaning} the whole expert: give "
+                                    f"it in both bits and down_bits, got {_show(whole)} and {_show(width)}")
+
+
+def expert_widths(plan: dict, layer: int, expert: int) -> tuple:
+    """(gate and up width, down width) of an expert: experts.bits, and experts.down_bits where given."""
+    bits = plan["experts"]["bits"][layer][expert]
+    down = plan["experts"].get("down_bits")
+    return bits, bits if down is None else down[layer][expert]
 
 
 def _validate_super_experts(pairs: Any, grid: list, where: str) -> None:
@@ -174,9 +206,9 @@ def _validate_pruning(pruning: Any, where: str) -> None:
 
 def _validate_objective(objective: Any, where: str) -> None:
     _validate_object(objective, OBJECTIVE_KEYS, where, optional=OPTIONAL_OBJECTIVE_KEYS)
-    if type(objective.get("protect_super_experts", False)) is not bool:
-        raise PlanError(f"{where}.protect_super_experts: expected true or false, "
-                        f"got {_show(objective['protect_super_experts'])}")
+    for key in ("protect_super_experts", "per_projection"):
+        if type(objective.get(key, False)) is not bool:
+            raise PlanError(f"{where}.{key}: expected true or false, got {_show(objective[key])}")
     if objective["scope"] not in SCOPES:
         raise PlanError(f"{where}.scope: expected one of {', '.join(SCOPES)}, got {_show(objective['scope'])}")
     for key in (*EXPONENT_KEYS.values(), "predicted_loss"):

@@ -12,6 +12,7 @@ import numpy as np
 from moec.planner.checks import PlanError, _positive_int, _read_json, _show, _statistic, _width_key
 
 STATS_FORMAT = "moec-stats/1"
+PROJECTION_PARTS = ("gate_up", "down")  # an expert's parts a plan may give widths of their own
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class _Stats:
     frequency: np.ndarray  # (moe layers, experts), normalized per layer
     routing_weight: np.ndarray  # (moe layers, experts), normalized per layer
     quant_loss: np.ndarray  # (moe layers, experts, widths)
+    # (moe layers, experts, 2, widths): gate and up alone, down alone (width 0, the expert dropped, is
+    # its quant_loss on gate_up); None for stats from before calibrate measured it
+    projection_loss: np.ndarray | None = None
 
 
 def load_stats(path: str | os.PathLike) -> dict:
@@ -75,6 +79,7 @@ def _parse_stats(stats: Any, source: str) -> _Stats:
     frequency = np.empty((len(moe_layers), num_experts))
     routing_weight = np.empty_like(frequency)
     losses: list[list[list[float]]] = []
+    split: list[list] = []  # per-projection losses, where every expert has them
     for row, index in enumerate(moe_layers):
         position, experts = by_index[index]
         layer_losses = []
@@ -94,6 +99,7 @@ def _parse_stats(stats: Any, source: str) -> _Stats:
                 raise PlanError(f"{where}.quant_loss: has widths {_show(list(expert_widths))}, "
                                 f"other experts have {_show(list(widths))}")
             layer_losses.append([_statistic(table[str(w)], f"{where}.quant_loss[\"{w}\"]") for w in widths])
+            split.append(_projection_losses(expert.get("projection_loss"), widths, layer_losses[-1], where))
         losses.append(layer_losses)
         for name, values in (("frequency", frequency), ("routing_weight", routing_weight)):
             total = values[row].sum()
@@ -107,4 +113,29 @@ def _parse_stats(stats: Any, source: str) -> _Stats:
             and 0 <= pair[1] < num_experts for pair in supers):
         raise PlanError(f"{source}: super_experts: expected [layer, expert] pairs of the MoE layers' experts, "
                         f"got {_show(supers)}")
-    return _Stats(model, num_layers, num_experts, moe_layers, widths, frequency, routing_weight, np.array(losses))
+    if any(row is None for row in split) and not all(row is None for row in split):
+        raise PlanError(f"{source}: projection_loss: some experts have it and others not: calibrate again")
+    projection_loss = None if split[0] is None else \
+        np.array(split).reshape(len(moe_layers), num_experts, 2, len(widths))
+    return _Stats(model, num_layers, num_experts, moe_layers, widths, frequency, routing_weight, np.array(losses),
+                  projection_loss)
+
+
+def _projection_losses(table: Any, widths: tuple[int, ...], quant_loss: list[float], where: str) -> list | None:
+    """An expert's [[gate_up loss per width], [down loss per width]], or None where it has none; width 0
+    drops the whole expert, counted as gate_up's."""
+    if table is None:
+        return None
+    where += ".projection_loss"
+    if not isinstance(table, dict) or sorted(table) != sorted(PROJECTION_PARTS):
+        raise PlanError(f"{where}: expected an object with {' and '.join(PROJECTION_PARTS)}, got {_show(table)}")
+    rows = []
+    for part in PROJECTION_PARTS:
+        losses = table[part]
+        quantized = [w for w in widths if w]
+        if not isinstance(losses, dict) or sorted(_width_key(k, f"{where}.{part}") for k in losses) != quantized:
+            raise PlanError(f"{where}.{part}: expected a loss for each of the widths {_show(quantized)}, "
+                            f"got {_show(losses)}")
+        rows.append([_statistic(losses[str(w)], f"{where}.{part}[\"{w}\"]") if w else
+                     (quant_loss[j] if part == "gate_up" else 0.0) for j, w in enumerate(widths)])
+    return rows

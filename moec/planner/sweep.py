@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from moec.files import write_atomic
 from moec.planner.checks import PlanError, _fraction
+from moec.planner.plan import expert_widths
 from moec.planner.solver import make_plan
 
 
@@ -24,9 +25,12 @@ def sweep(stats: Mapping, start: float, stop: float, step: float, **plan_options
     if stride <= 0 or last < first:
         raise PlanError(f"sweep {start:g}:{stop:g}:{step:g}: expected start <= stop and step > 0")
     rows = []
+    down_share = 1 / len(stats["model"].get("expert_projections", ("gate", "up", "down")))
     for k in range(math.floor((last - first) / stride) + 1):
         plan = make_plan(stats, avg_bits=float(first + k * stride), **plan_options)
-        chosen = [b for layer_bits in plan["experts"]["bits"] if layer_bits for b in layer_bits]
+        chosen = [(1 - down_share) * whole + down_share * down
+                  for layer, row in enumerate(plan["experts"]["bits"]) if row
+                  for whole, down in (expert_widths(plan, layer, e) for e in range(len(row)))]
         rows.append({"avg_bits": float(first + k * stride), "mean_bits": sum(chosen) / len(chosen),
                      "expert_bytes": plan["objective"]["predicted_expert_bytes"],
                      "predicted_loss": plan["objective"]["predicted_loss"]})

@@ -1,6 +1,8 @@
 """LowerMoEPass: each moec::Experts node → its experts' own products (the numerics of every
 layout and activation: tests/test_moe_op.py)."""
 
+import re
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -167,3 +169,40 @@ def test_verification_runs_2_and_8_bit_qmoe_exactly(tmp_path):
     with _exact_kernels(tmp_path / "model.onnx") as exact:
         np.testing.assert_allclose(run(exact), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]  # the copy is gone
+
+
+def test_a_looped_layer_lowers_once_per_pass_over_one_set_of_weights():
+    """A layer the model runs twice per token (Inkling2-Loop's loop layer: one Experts node per pass,
+    both reading the layer's weights): each pass is lowered with its nodes and activation count named
+    apart, the per-expert weights (QMoE groups, MatMulNBits codes and merged gate/up products) are
+    written once and read by both, and the graph computes the layer twice."""
+    from moec.passes.merge_sibling_products import MergeSiblingProductsPass
+
+    widths = {0: 4, 1: 8, 2: 4, 3: None, 4: 4, 5: 8, 6: 4, 7: 4}
+    model, stacked, specs = _quantized_layers(widths)
+    second = next(n for n in model.graph if n.domain == "moec" and n.name == "layers.1.experts")
+    second.attributes["layer"] = ir.AttrInt64("layer", 0)
+    for index, name in ((3, "gate_up_proj"), (4, "down_proj")):
+        second.replace_input_with(index, model.graph.initializers[f"layers.0.experts.{name}"])
+    router = next(n for n in model.graph if n.name == "layers.1.router/MatMul")
+    router.replace_input_with(1, model.graph.initializers["layers.0.router.weight"])
+    for name in ("gate_up_proj", "down_proj"):
+        stacked[f"layers.1.experts.{name}"] = stacked[f"layers.0.experts.{name}"]
+    stacked["layers.1.router.weight"] = stacked["layers.0.router.weight"]
+    specs = {name: spec for name, spec in specs.items() if name.startswith("layers.0.")}
+    LowerMoEPass(None, FusedExperts(specs, frozenset((2, 4)), accuracy_level=0))(model)
+    MatMulNBitsPass(specs, accuracy_level=0)(model)
+    MergeSiblingProductsPass()(model)
+    proto = ir.to_proto(model)
+    assert [o.name for o in proto.graph.output if o.name.startswith("expert_activations")] == \
+        ["expert_activations.0", "expert_activations.pass1.0"]
+    names = [i.name for i in proto.graph.initializer]
+    assert len(names) == len(set(names)) and not any(re.match(r"layers\.1\.experts\.\d", name) for name in names)
+    assert len({n.name for n in proto.graph.node}) == len(proto.graph.node)
+    assert [n.op_type for n in proto.graph.node].count("QMoE") == 2
+    qmoe_weights = {tuple(i for i in n.input if i in names) for n in proto.graph.node if n.op_type == "QMoE"}
+    assert len(qmoe_weights) == 1  # both passes read the one packed group
+    x = np.random.default_rng(0).normal(size=(7, 64)).astype(np.float32)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = _routed_reference(x, stacked)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
