@@ -1,12 +1,13 @@
 """A long prefill of a linear-attention hybrid: the artifact against transformers, and the share of
-the token-by-token Scans (the linear-attention recurrences) in the artifact's time.
+the Scans (the linear-attention recurrences: over tokens, or over chunks of 32 for the gated delta
+rule) in the artifact's time.
 
 For a model folder and its artifact (bench/frontier.py's Kimi-Linear work folder has both): the
 prefill of `--tokens` tokens (one sequence, a fixed random prompt) timed in onnxruntime
 (moec.bench) and in transformers (fp32, the same threads), each the median of `--repeats`; then one
 prefill run under onnxruntime's profiler, its main graph's node time summed by operator type, and
-each linear-attention Scan run alone on inputs of the shapes it had there. What the Scans take
-bounds what a chunked form of the recurrence could save.
+each linear-attention Scan run alone on inputs of the shapes it had there. What the Scans over
+tokens take bounds what a chunked form of the recurrence could save.
 
     python bench/hybrid_prefill.py MODEL_DIR ARTIFACT [--tokens 512] [--threads 2] [--repeats 3] [--json]
 """
@@ -67,10 +68,10 @@ def operator_times(artifact: Path, prompt: np.ndarray, threads: int) -> tuple[di
     last_start = [e for e in events if e.get("name") == "model_run"][-1]["ts"]
     nodes = [e for e in events
              if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last_start]
-    scans = [e for e in nodes if e["args"]["op_name"] == "Scan"]
-    within = [(e["ts"], e["ts"] + e["dur"]) for e in scans]
+    scans = [e for e in nodes if e["args"]["op_name"] == "Scan"]  # in the main graph or an If's branch
+    within = [(e["ts"], e["ts"] + e["dur"]) for e in nodes if e["args"]["op_name"] in ("Scan", "If")]
     totals = collections.Counter()
-    for event in nodes:  # the main graph's nodes: not those run inside a Scan
+    for event in nodes:  # the main graph's nodes: not those run inside a Scan or an If
         if not any(start < event["ts"] and event["ts"] + event["dur"] <= end for start, end in within):
             totals[event["args"]["op_name"]] += event["dur"] / 1e6
     return dict(totals.most_common()), scans
@@ -85,7 +86,14 @@ def scan_seconds(artifact: Path, scans: list[dict], threads: int, repeats: int) 
 
     model = onnx.load(str(artifact / "model.onnx"))
     initializers = {i.name: i for i in model.graph.initializer}
-    by_name = {n.name: n for n in model.graph.node}
+    def named(graph):  # every node, those of subgraphs (the rule's If branches) too
+        for node in graph.node:
+            yield node.name, node
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from named(attribute.g)
+
+    by_name = dict(named(model.graph))
     rng = np.random.default_rng(0)
     total = 0.0
     for event in scans:

@@ -5,7 +5,8 @@ outputs, node outputs, initializers, Constant and ConstantOfShape values, Cast(t
 Produces: the same computation in float16, except the routing and the loops: the nodes that
 compute an Experts node's top_k_index and top_k_weights and nothing else (the family's router, from
 its input on) stay in float32, fed through a Cast, so that near-tied routing decisions do not flip;
-a node with a subgraph (the Scan of a linear-attention recurrence) keeps its float32 body, and the
+a node with a subgraph (the Scan of a linear-attention recurrence, or the If that chooses its form)
+keeps its float32 body, reading float16 values of the graph around it through Casts, and the
 state it carries from step to step (a graph input and output) stays float32 too. Initializers are
 converted when they are written, one at a time. The routed experts' weights (the Experts node's
 expert inputs) keep their stored dtype: the experts lowering casts each expert's slice to the
@@ -83,15 +84,17 @@ class Float16Pass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         float32_nodes = _routing_nodes(graph) | _loops(graph)
+        # what the loops' subgraphs read from around them counts as read in float32 too
+        float32_readers = float32_nodes | {inner for node in _loops(graph) for inner, _, _ in _outer_uses(node)}
         kept = _expert_weights(graph) | {value for value in graph.initializers.values()
-                                         if value.uses() and all(use.node in float32_nodes for use in value.uses())}
+                                         if value.uses() and all(use.node in float32_readers for use in value.uses())}
         modified = False
         for value in graph.initializers.values():
             if value.dtype == FLOAT and value not in kept:
                 value.const_value = as_float16(value.const_value)
                 value.dtype = FLOAT16
                 modified = True
-        state = {v for v in graph.inputs if v.uses() and all(use.node in float32_nodes for use in v.uses())} | \
+        state = {v for v in graph.inputs if v.uses() and all(use.node in float32_readers for use in v.uses())} | \
                 {v for v in graph.outputs if v.producer() in float32_nodes}
         for value in [*graph.inputs, *graph.outputs]:
             if value.dtype == FLOAT and value not in state:
@@ -111,15 +114,41 @@ class Float16Pass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+def _outer_uses(node: ir.Node) -> list[tuple[ir.Node, int, ir.Value]]:
+    """(inner node, input index, value) where a node's subgraphs read a value of the graph around
+    them (the delta rule's If branches read the rule's inputs so)."""
+    subgraphs = [a.value for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH] + \
+        [g for a in node.attributes.values() if a.type == ir.AttributeType.GRAPHS for g in a.value]
+    inner = [n for g in subgraphs for n in ir.traversal.RecursiveGraphIterator(g)]
+    made = {v for g in subgraphs for v in [*g.inputs, *g.initializers.values()]}
+    for subgraph_node in inner:
+        made.update(subgraph_node.outputs)
+        for attribute in subgraph_node.attributes.values():  # a Scan's body inside an If branch
+            if attribute.type == ir.AttributeType.GRAPH:
+                made.update(attribute.value.inputs)
+    return [(n, i, v) for n in inner for i, v in enumerate(n.inputs) if v is not None and v not in made]
+
+
 def _cast_at_the_border(graph: ir.Graph, node: ir.Node, float32_nodes: set[ir.Node]) -> None:
-    """A node kept in float32 reads float16 values through a Cast to float32 (and a float32 output
-    read outside them, other than by the Experts node, is cast back)."""
+    """A node kept in float32 reads float16 values, its subgraphs' reads of the graph around them
+    included, through a Cast to float32 (and a float32 output read outside them, other than by the
+    Experts node, is cast back)."""
     for i, value in enumerate(node.inputs):
         if value is not None and value.dtype == FLOAT16 and value.producer() not in float32_nodes:
             cast = ir.node("Cast", [value], attributes={"to": FLOAT}, name=f"{node.name}/to_float32_{i}")
             cast.outputs[0].dtype, cast.outputs[0].shape = FLOAT, value.shape
             graph.insert_before(node, cast)
             node.replace_input_with(i, cast.outputs[0])
+    casts = {}
+    for inner, i, value in _outer_uses(node):
+        if value.dtype == FLOAT16 and value.producer() not in float32_nodes:
+            if value not in casts:
+                name = f"{node.name}/outer_to_float32_{len(casts)}"
+                cast = ir.node("Cast", [value], attributes={"to": FLOAT}, name=name)
+                cast.outputs[0].dtype, cast.outputs[0].shape, cast.outputs[0].name = FLOAT, value.shape, name
+                graph.insert_before(node, cast)
+                casts[value] = cast.outputs[0]
+            inner.replace_input_with(i, casts[value])
     for i, value in enumerate(node.outputs):
         outside = [use for use in value.uses() if use.node not in float32_nodes and not is_moe_node(use.node)]
         if value.dtype == FLOAT and outside:

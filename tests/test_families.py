@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moec.runtime import Artifact, generate, left_pad, positions
-from tiny import REFUSED, families
+from tiny import REFUSED, SUPPORTED, families
 
 TOLERANCE = 1e-4
 PROMPTS = {1: [[5, 17, 99, 3, 250, 41, 7]], 2: [[5, 17, 99, 3, 250, 41, 7], [88, 12, 201, 64]]}
@@ -137,3 +137,43 @@ def test_a_kv_buffer_too_small_for_the_step_is_refused(compiled):
     past = artifact.empty_cache(1, capacity=ids.shape[1] - 2)  # the prompt alone needs more
     with pytest.raises(MoecError, match="holds 5 tokens"):
         artifact.forward(ids, mask, positions(mask, ids.shape[1]), past)
+
+
+@pytest.mark.parametrize("arch", families([arch for arch in ("qwen3_next", "qwen3_5_moe_text") if arch in SUPPORTED]))
+def test_a_long_prefill_of_the_delta_rule_runs_in_chunks_and_matches_transformers(compiled, arch):
+    """With one decay per head the delta rule runs in chunks of 32 tokens (moec/linear_attention.py):
+    a left-padded batch of 70 and 45 tokens (three chunks, the last partial) and then a decode step
+    (one chunk of one token); one sequence of 70, then 20 more tokens on its state (one chunk from a
+    non-zero state; onnxruntime's GroupQueryAttention takes a continued prefill at batch 1 only),
+    then a decode step: all match transformers."""
+    import onnx
+
+    c = compiled(arch)
+    def scan_bodies(graph):
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from ([attribute.g] if node.op_type == "Scan" else []) + list(scan_bodies(attribute.g))
+
+    graph = onnx.load(str(c.artifact_dir / "model.onnx"), load_external_data=False).graph
+    chunked = [body for body in scan_bodies(graph) if any(n.op_type == "CumSum" for n in body.node)]
+    assert chunked, "no Scan over chunks in the graph"
+    artifact = Artifact(c.artifact_dir)
+    rng = np.random.default_rng(0)
+    for prompts, more in (([rng.integers(3, 250, 70).tolist(), rng.integers(3, 250, 45).tolist()], [1]),
+                          ([rng.integers(3, 250, 70).tolist()], [20, 1])):
+        ids, mask = left_pad(prompts)
+        past, cache = artifact.empty_cache(len(prompts)), None
+        for step in (ids, *(rng.integers(3, 250, (len(prompts), n)) for n in more)):
+            if step is not ids:
+                mask = np.concatenate([mask, np.ones(step.shape, np.int64)], axis=1)
+            pos = positions(mask, step.shape[1])
+            with torch.no_grad():
+                out = c.model(input_ids=torch.from_numpy(step), attention_mask=torch.from_numpy(mask),
+                              position_ids=torch.from_numpy(pos), cache=cache, use_cache=True)
+            cache = out.cache
+            logits, past = artifact.forward(step, mask, pos, past)
+            real = mask[:, -step.shape[1]:].astype(bool)
+            diff = np.abs(logits - out.logits.numpy())[real].max()
+            assert diff < TOLERANCE, \
+                f"{arch}: batch {len(prompts)}, {step.shape[1]} tokens: max |logit diff| {diff:.3g}"

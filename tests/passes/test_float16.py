@@ -48,3 +48,32 @@ def test_a_graph_without_float32_is_unchanged():
     node = ir.node("Neg", [ids])
     node.outputs[0].dtype = ir.DataType.INT64
     assert not Float16Pass()(model([ids], [node], node.outputs)).modified
+
+
+def test_an_if_whose_branches_read_the_graph_around_them_reads_float32_through_a_cast():
+    """The delta rule's If (moec/linear_attention.py) keeps its float32 branches, which read the
+    rule's inputs from the graph around them, not as the If's inputs: they read them through a Cast
+    to float32, and the whole graph runs in onnxruntime."""
+    import onnxruntime as ort
+    from graphs import model, value
+
+    x, flag = value("x", ["M", 2]), value("flag", [], ir.DataType.BOOL)
+    hidden = ir.node("Relu", [x], name="relu")
+    hidden.outputs[0].dtype, hidden.outputs[0].name = FLOAT, "hidden"
+    branches = {}
+    for name, op_type in (("then_branch", "Neg"), ("else_branch", "Identity")):
+        inner = ir.node(op_type, [hidden.outputs[0]], name=f"{name}/{op_type}")
+        inner.outputs[0].dtype, inner.outputs[0].shape, inner.outputs[0].name = FLOAT, ir.Shape(["M", 2]), f"{name}_y"
+        branches[name] = ir.Graph([], inner.outputs, nodes=[inner], name=name)
+    choose = ir.node("If", [flag], attributes={k: ir.AttrGraph(k, g) for k, g in branches.items()}, name="if")
+    choose.outputs[0].dtype, choose.outputs[0].shape, choose.outputs[0].name = FLOAT, ir.Shape(["M", 2]), "y"
+    m = model([x, flag], [hidden, choose], choose.outputs)
+    assert Float16Pass()(m).modified
+    assert x.dtype == hidden.outputs[0].dtype == FLOAT16
+    for graph in branches.values():
+        read = graph[0].inputs[0]
+        assert read.dtype == FLOAT and read.producer().op_type == "Cast"
+        assert read.producer().inputs[0] is hidden.outputs[0]
+    session = ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
+    data = np.array([[1.5, -2.0]], np.float16)
+    np.testing.assert_array_equal(session.run(None, {"x": data, "flag": np.array(True)})[0], [[-1.5, 0.0]])
