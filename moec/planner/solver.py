@@ -175,7 +175,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
             raise PlanError("per_projection needs each expert's projection_loss, which moec calibrate records: "
                             "calibrate again")
         options += [(a, b) for a in widths for b in widths if a != b and DROPPED not in (a, b)]
-    cost = _option_costs(parsed, alpha, beta, gamma, options, per_projection)
+    cost = _option_costs(parsed, alpha, beta, gamma, options)
     down_share = 1 / len(parsed.model.get("expert_projections", ("gate", "up", "down")))
     num_moe = len(parsed.moe_layers)
     total_experts = num_moe * parsed.num_experts
@@ -201,7 +201,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
             raise PlanError("scope \"global\" needs the expert parameter count: give params_per_expert "
                             "(--params-per-expert), a model folder with config.json, or hidden_size and "
                             "moe_intermediate_size in the stats' model section")
-        width_bytes = [option_bytes(params, option, down_share, group_size, target) for option in options]
+        width_bytes = [_option_bytes(params, option, down_share, group_size, target) for option in options]
         if size_bytes is not None:
             budget_bytes = size_bytes
         elif avg_bits is not None:
@@ -227,7 +227,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
         bits_grid[index] = [options[j][0] for j in choice[row]]
         down_grid[index] = [options[j][1] for j in choice[row]]
     chosen_bytes = None if params is None else sum(
-        option_bytes(params, options[j], down_share, group_size, target) for j in choice.ravel())
+        _option_bytes(params, options[j], down_share, group_size, target) for j in choice.ravel())
     plan = {
         "format": PLAN_FORMAT,
         "model": str(model) if model is not None else parsed.model.get("name_or_path"),
@@ -254,16 +254,13 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     return plan
 
 
-def _option_costs(stats: _Stats, alpha: float, beta: float, gamma: float | None, options: list[tuple],
-                  per_projection: bool) -> np.ndarray:
+def _option_costs(stats: _Stats, alpha: float, beta: float, gamma: float | None, options: list[tuple]) -> np.ndarray:
     """(moe layers, experts, options) objective terms: a whole expert's from its quant_loss, a split
-    one's (`per_projection`) from the root sum of squares of its parts' projection_loss, which is how
-    the parts' errors add (on a trained Mixtral-shaped model it gave whole experts' quant_loss within
-    3%, 1.00 on average)."""
+    one's from the root sum of squares of its parts' projection_loss, which is how the parts' errors
+    add (on a trained Mixtral-shaped model it gave whole experts' quant_loss within 3%, 1.00 on
+    average)."""
     width = stats.widths.index
     whole = _costs(stats, alpha, beta, gamma)
-    if not per_projection:
-        return whole[..., [width(w) for w, _ in options]]
     importance = stats.frequency**alpha * stats.routing_weight**beta
     split = stats.projection_loss
     return np.stack([whole[..., width(a)] if a == b else importance * np.hypot(
@@ -271,7 +268,7 @@ def _option_costs(stats: _Stats, alpha: float, beta: float, gamma: float | None,
         for a, b in options], axis=-1)
 
 
-def option_bytes(params: int, option: tuple, down_share: float, group_size: int, target: str | None) -> int:
+def _option_bytes(params: int, option: tuple, down_share: float, group_size: int, target: str | None) -> int:
     """Stored bytes of an expert at (gate and up width, down width): down_proj is `down_share` of its weights."""
     whole, down = option
     if whole == down:
