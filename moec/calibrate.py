@@ -12,7 +12,9 @@ Per sparse layer and expert it records (moec-stats/1, read by `moec plan`):
   quant_loss[b]   L2 norm of the MoE block's output error when that expert alone is RTN-quantized
                   to b bits (asymmetric, blocks of group_size along the input), summed over batches;
                   b = 0 is the expert dropped: the block run again with the expert masked out of its
-                  router's top-k (moec.experts.RoutingMask), so its tokens are routed anew
+                  router's top-k (moec.experts.RoutingMask), so its tokens are routed anew; null
+                  in a layer that picks its experts without a top-k (DeepSeek-V4's hash-routed
+                  layers read theirs from a table), whose experts cannot be dropped
   projection_loss the same for b > 0 with only gate and up quantized (`gate_up`) or only down
                   (`down`): what `moec plan --per-projection` weighs a split width by
   max_down_output the largest |down_proj output| of the expert over its tokens
@@ -125,11 +127,18 @@ def layer_stats(layer, module, calls: list, bits: tuple[int, ...], group_size: i
     if 0 in bits:
         full = _block_outputs(block, module, calls, outputs)
         routed = [int(e) for e in np.flatnonzero(frequency)]
-        quant_loss[routed, bits.index(0)] = _dropped_losses(layer, block, module, full, calls, outputs, routed, merged)
+        dropped = _dropped_losses(layer, block, module, full, calls, outputs, routed, merged)
+        # None: the block picks its experts without a top-k (DeepSeek-V4's hash-routed layers read a table
+        # of token -> experts), so no expert of it can be dropped: its width-0 losses are written as null
+        if dropped is None:
+            quant_loss[:, bits.index(0)] = np.nan
+        else:
+            quant_loss[routed, bits.index(0)] = dropped
     routing_weights = [weights for _, _, weights in calls]
     return {
         "experts": [{"frequency": float(frequency[e]), "routing_weight": float(routing_weight[e]),
-                     "quant_loss": {str(width): float(quant_loss[e, j]) for j, width in enumerate(bits)},
+                     "quant_loss": {str(width): None if np.isnan(quant_loss[e, j]) else float(quant_loss[e, j])
+                                    for j, width in enumerate(bits)},
                      "projection_loss": {part: {str(width): float(projection_loss[e, i, j])
                                                 for j, width in enumerate(bits) if width}
                                          for i, part in enumerate(PROJECTION_PARTS)},
@@ -166,7 +175,7 @@ def _block_outputs(block: BlockInputs, module, calls: list, outputs: list) -> li
 
 
 def _dropped_losses(layer, block: BlockInputs, module, full: list, calls: list, outputs: list, experts: list[int],
-                    merged) -> list[float]:
+                    merged) -> list[float] | None:
     """For each of `experts`, the L2 norm of the MoE block's output error with it masked out of its
     router's top-k (its tokens routed to the remaining experts), summed over batches; `full` is the
     block's output unmasked, `calls` what its experts received and `outputs` each of their routes'
@@ -175,10 +184,11 @@ def _dropped_losses(layer, block: BlockInputs, module, full: list, calls: list, 
     all experts at once (`merged`: _merged_call of its calls; RoutingMask's per-token experts), in
     calls of at most KNOWN_BYTES of known routes; and of its experts only the ones that take a
     dropped expert's place run, the others' outputs known. A block whose calls cannot be cut to
-    tokens (`merged` None) reruns whole, batch by batch, once per expert."""
+    tokens (`merged` None) reruns whole, batch by batch, once per expert. None where the block selects
+    its experts without a top-k that the mask could act on."""
     import torch
 
-    from moec.experts import RoutingMask, selection_not_found
+    from moec.experts import RoutingMask
 
     exact = [out.reshape(-1, out.shape[-1]) for out in full]
     if merged is None:
@@ -191,7 +201,7 @@ def _dropped_losses(layer, block: BlockInputs, module, full: list, calls: list, 
                     with _known(module, x, indices, out):
                         errors.append(_output(block.module(*args, **kwargs)).reshape(want.shape) - want)
             if block.calls and not mask.selections:
-                raise selection_not_found(layer.block_path, layer.num_experts)
+                return None
             losses.append(sum(float(torch.linalg.vector_norm(error.double())) for error in errors))
         return losses
     offsets = np.cumsum([0] + [len(want) for want in exact])
@@ -212,7 +222,7 @@ def _dropped_losses(layer, block: BlockInputs, module, full: list, calls: list, 
         with torch.no_grad(), mask, _known(module, *(np.take(part, rows, axis=0) for part in known)):
             error = _output(block.module(*args, **kwargs)).reshape(len(rows), -1) - want[torch.from_numpy(rows)]
         if not mask.selections:
-            raise selection_not_found(layer.block_path, layer.num_experts)
+            return None
         for segment, expert_rows in zip(torch.split(error, list(map(len, tokens[start:stop]))), tokens[start:stop]):
             batches = batch_of[expert_rows]  # norms per batch, summed, as over the batches' calls
             losses.append(sum(float(torch.linalg.vector_norm(segment[torch.from_numpy(batches == b)].double()))

@@ -6,7 +6,7 @@ computation (routing, pruning, sliding windows, scalings) is inside the graph. W
 hold is a cache whose keys and values differ in shape across layers or from each other (one
 `head_size` and `num_key_value_heads` for all): DeepSeek-V3's compressed MLA cache is such a case;
 nor can it carry anything else from step to step (a linear-attention state, a sparse-attention
-indexer's keys).
+indexer's keys, DeepSeek-V4's compressor buffers and entries).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def genai_config(config: dict, past_shapes: dict[str, tuple], session_options: d
     states = sorted({name.rpartition(".")[2] for name in past_shapes if not name.endswith((".key", ".value"))})
     if states:
         return None, ("onnxruntime-genai's decoder has slots for keys and values only; this model also carries "
-                      f"{', '.join(states)} (linear-attention state or an indexer's keys and positions) "
+                      f"{', '.join(states)} (linear-attention state, an indexer's keys and positions, or a "
+                      "compressed attention's buffers and entries) "
                       "from step to step")
     layouts = {(shape[1], shape[3]) for shape in past_shapes.values()}
     if len(layouts) != 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import types
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 from unittest import mock
@@ -20,6 +21,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from moec.compressed_attention import exportable_compressed_attention
 from moec.errors import MoecError, Unsupported, error_chain
 from moec.linear_attention import (exportable_lightning_attention, exportable_linear_attention,
                                    onnx_gated_delta_rule, onnx_selective_scan)
@@ -51,16 +53,18 @@ class KVCacheModel(nn.Module):
     for a linear-attention or SSM layer's state (transformers' LinearAttentionLayer), indexer_key for
     a sparse-attention indexer's keys and indexer_position for the positions it has seen (the
     multimodal rotary's, which Qwen4-Exp's indexer keeps), and a family's own cache layer's further
-    tensors by their attribute names (MiniMax-M3's idx_keys). `cache_class` is the cache the model builds
-    for itself; `own_layers` the layers kept in a cache layer class of the family's own."""
+    tensors by their attribute names (MiniMax-M3's idx_keys) or, kept in a dict, as `{key}_{attribute}`
+    (DeepSeek-V4's indexer_compressed_kv). `cache_class` is the cache the model builds for itself;
+    `own_layers` the layers kept in a cache layer class of the family's own, with the counts each keeps
+    (CacheLayout.own_layers)."""
 
     def __init__(self, model: nn.Module, past_names: list[str], cache_class: type,
-                 own_layers: frozenset = frozenset()):
+                 own_layers: Mapping[int, Mapping] | None = None):
         super().__init__()
         self.model = model
         self.slots = [past_slot(name) for name in past_names]
         self.cache_class = cache_class
-        self.own_layers = own_layers
+        self.own_layers = own_layers or {}
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         layers = max(self.model.config.num_hidden_layers, 1 + max((layer for layer, _ in self.slots), default=0))
@@ -164,25 +168,64 @@ def _cache_beside_layers(cache_class: type, num_layers: int, slots: list[tuple[i
     return cache
 
 
-def _fill_own_layers(cache, config, own_layers: frozenset, tensors: list[dict]) -> None:
-    """Put a family's own cache layers (MiniMax-M3's sparse-attention layer, a DynamicLayer that also
-    keeps its indexer's keys) in `cache`, built as transformers builds them from the config, holding
-    their keys, values and further tensors."""
+def _fill_own_layers(cache, config, own_layers: Mapping[int, Mapping], tensors: list[dict]) -> None:
+    """Put a family's own cache layers (MiniMax-M3's sparse-attention layer, DeepSeek-V4's compressed
+    attention) in `cache`, built as transformers builds them from the config, holding their keys,
+    values and further tensors, and the counts they keep as the lengths of the axes that carry them.
+    A sliding-window layer keeps every token here, as moec keeps every sliding-window layer: the
+    model's mask holds the window."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     fresh = DynamicCache(config=config).layers
-    for i in own_layers:
+    for i, counts in own_layers.items():
         layer, t = fresh[i], dict(tensors[i])
-        layer.update(t.pop("key"), t.pop("value"))
-        for attribute, tensor in t.items():
-            setattr(layer, attribute, tensor)
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            for method in ("update", "get_mask_sizes", "get_seq_length"):
+                setattr(layer, method, types.MethodType(getattr(DynamicLayer, method), layer))
+            layer.is_sliding = False
+        key = t.pop("key")
+        layer.update(key, t.pop("value", key))  # a layer whose values are its keys carries them once
+        for slot, tensor in t.items():
+            _set_own(layer, slot, tensor)
+        for (attribute, entry), (slot, axis) in counts.items():
+            getattr(layer, attribute)[entry] = t[slot].shape[axis]
         cache.layers[i] = layer
 
 
 def _own_tensors(layer) -> dict[str, torch.Tensor]:
-    """The tensors a family's own DynamicLayer subclass keeps beyond keys and values, by attribute."""
-    return {name: t for name, t in vars(layer).items()
-            if isinstance(t, torch.Tensor) and name not in ("keys", "values")}
+    """The tensors a family's own DynamicLayer subclass keeps beyond keys and values: its public
+    tensor attributes by name, and the tensors it keeps in dicts (DeepSeek-V4's compressor states,
+    `buffer_kv["indexer"]`) as `{key}_{attribute}` (`indexer_buffer_kv`)."""
+    tensors = {}
+    for name, held in vars(layer).items():
+        if isinstance(held, torch.Tensor) and name not in ("keys", "values") and not name.startswith("_"):
+            tensors[name] = held
+        elif isinstance(held, dict):
+            tensors |= {f"{key}_{name}": t for key, t in held.items() if isinstance(t, torch.Tensor)}
+    return tensors
+
+
+def _own_counts(layer) -> dict[tuple[str, str], int]:
+    """The counts a family's own cache layer keeps in dicts (DeepSeek-V4's `entry_count["indexer"]`)."""
+    return {(name, key): value for name, held in vars(layer).items() if isinstance(held, dict)
+            for key, value in held.items() if isinstance(value, int) and not isinstance(value, bool)}
+
+
+def _own_slot(layer, slot: str) -> tuple[str, str | None]:
+    """The attribute (and dict key) holding a family's own cache layer's tensor `slot`."""
+    for name, held in vars(layer).items():
+        if isinstance(held, dict) and any(slot == f"{key}_{name}" for key in held):
+            return name, slot.removesuffix(f"_{name}")
+    return slot, None
+
+
+def _set_own(layer, slot: str, tensor: torch.Tensor) -> None:
+    attribute, key = _own_slot(layer, slot)
+    if key is None:
+        setattr(layer, attribute, tensor)
+    else:
+        getattr(layer, attribute)[key] = tensor
 
 
 def cache_tensor(cache, layer: int, slot: str):
@@ -199,16 +242,25 @@ def cache_tensor(cache, layer: int, slot: str):
     if state := state_slot(slot):
         kind, index = state
         return getattr(layer, f"{kind}_states")[index]
-    return getattr(layer, slot)
+    attribute, key = _own_slot(layer, slot)
+    return getattr(layer, attribute) if key is None else getattr(layer, attribute)[key]
 
 
 class CacheLayout(NamedTuple):
-    """The past inputs a model's cache makes: each one's shape and, where it grows by a token a step,
-    its token axis; the cache's class; the layers kept in a cache layer class of the family's own."""
+    """The past inputs a model's cache makes: each one's shape and, where it grows, its growing axis and
+    that axis's name; the cache's class; the layers kept in a cache layer class of the family's own,
+    each with the counts it keeps and the (slot, axis) whose length carries each."""
     shapes: dict[str, tuple[int, ...]]
     sequence_axes: dict[str, int]
+    axis_names: dict[str, str]
     cache_class: type
-    own_layers: frozenset
+    own_layers: dict[int, dict[tuple[str, str], tuple[str, int]]]
+
+
+# the prefills (besides the first probe's one token) that tell which axes of a family's own cache
+# tensors vary, and which counts they carry: longer than the windows compressed caches pool
+# (DeepSeek-V4's heavily compressed attention: 128 tokens); on the meta device a length costs nothing
+OWN_PROBE_LENGTHS = (2, 1031)
 
 
 def cache_inputs(model: nn.Module, batch: int, past: int) -> CacheLayout:
@@ -216,9 +268,9 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> CacheLayout:
     layout is the model's own (DeepSeek-V3 caches its compressed MLA latent, not per-head keys and
     values; Qwen3-Next's linear-attention layers keep a conv and a recurrent state; DeepSeek-V3.2's
     indexer its own keys; MiniMax its lightning attention's state beside the layers). A family's own
-    DynamicLayer subclass carries each further tensor it keeps (MiniMax-M3's indexer keys); a second
-    token tells which of their axes grows. A layer whose cache holds anything else (compressed blocks)
-    is refused by name."""
+    DynamicLayer subclass carries each further tensor it keeps (MiniMax-M3's indexer keys, DeepSeek-V4's
+    compressor buffers and entries): see _own_layout. A layer whose cache holds anything else is
+    refused by name."""
     from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicIndexedLayer, DynamicLayer,
                                           DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer,
                                           LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer)
@@ -229,7 +281,7 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> CacheLayout:
     if type(out.cache) is not DynamicCache and not (isinstance(out.cache, DynamicCache) and isinstance(linear, list)):
         raise Unsupported(model.config.model_type, "cache", f"the model keeps its own cache class "
                           f"{type(out.cache).__name__}, which moec does not export yet")
-    shapes, own = {}, {}
+    shapes, own = {}, []
     for i, state in enumerate(linear or []):
         if isinstance(state, torch.Tensor):
             shapes[f"past_key_values.{i}.recurrent"] = (batch, *state.shape[1:])
@@ -238,15 +290,16 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> CacheLayout:
             continue  # an MLP-only layer, or one whose state the cache keeps beside it: nothing to carry
         known = type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, DynamicIndexedLayer, LinearAttentionLayer,
                                 LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer)
-        if not known and type(layer).__base__ is DynamicLayer and layer.is_initialized and _own_tensors(layer):
-            own[i] = {name: t.shape for name, t in _own_tensors(layer).items()}
+        if not known and isinstance(layer, DynamicLayer) and layer.is_initialized and _own_tensors(layer):
+            own.append(i)
         elif not known:
             raise Unsupported(model.config.model_type, "cache", f"decoder layer {i} keeps a {type(layer).__name__} "
                               "cache (state beyond keys, values, indexer keys and linear-attention states), which "
                               "moec does not export yet")
         if isinstance(layer, DynamicLayer):
+            kinds = ("key",) if i in own and layer.values is layer.keys else ("key", "value")
             shapes |= {f"past_key_values.{i}.{slot}": (batch, t.shape[1], past, t.shape[3])
-                       for slot, t in (("key", layer.keys), ("value", layer.values))}
+                       for slot, t in zip(kinds, (layer.keys, layer.values))}
         if isinstance(layer, DynamicIndexedLayer) and layer.is_indexer_initialized:
             shapes[f"past_key_values.{i}.indexer_key"] = (batch, past, layer.indexer_keys.shape[2])
         if isinstance(layer, DynamicIndexedLayer) and layer.indexer_position_ids is not None:
@@ -256,17 +309,62 @@ def cache_inputs(model: nn.Module, batch: int, past: int) -> CacheLayout:
                        for kind in STATE_KINDS for k in range(layer.number_of_states)
                        if getattr(layer, f"is_{kind}_states_initialized")[k]}
     axes = {name: SEQUENCE_AXIS[past_slot(name)[1]] for name in shapes if past_slot(name)[1] in SEQUENCE_AXIS}
+    names, own_layers = {}, {}
     if own:
         with torch.no_grad():
-            grown = model(input_ids=torch.zeros(1, 1, dtype=torch.int64), cache=out.cache, use_cache=True).cache
-        for i, tensors in own.items():
-            for name, shape in tensors.items():
-                now = getattr(grown.layers[i], name).shape
-                growing = [axis for axis, (a, b) in enumerate(zip(shape, now)) if a != b]
-                shapes[f"past_key_values.{i}.{name}"] = tuple(
-                    batch if axis == 0 else past if axis in growing else size for axis, size in enumerate(shape))
-                axes |= {f"past_key_values.{i}.{name}": axis for axis in growing}
-    return CacheLayout(shapes, axes, type(out.cache), frozenset(own))
+            caches = [out.cache, *(model(input_ids=torch.zeros(1, length, dtype=torch.int64), use_cache=True).cache
+                                   for length in OWN_PROBE_LENGTHS)]
+        own_layers = _own_layout(model.config.model_type, [[c.layers[i] for c in caches] for i in own], own,
+                                 batch, past, shapes, axes, names)
+    return CacheLayout(shapes, axes, names, type(out.cache), own_layers)
+
+
+def _own_layout(model_type: str, probes: list[list], own: list[int], batch: int, past: int, shapes: dict,
+                axes: dict, names: dict) -> dict[int, dict]:
+    """Add a family's own cache layers' tensors to `shapes`, `axes` and `names` from the layers each
+    probe left (`probes[n]`: layer `own[n]` after each probe), and return each layer's counts.
+
+    An axis whose size differs between the probes varies. Axes that vary alike at every probe (both
+    compressors' buffers of a layer) share one name and example size; each such group gets a size of
+    its own, so export does not take two of them to be one; one that grows with the tokens is the keys'
+    axis (MiniMax-M3's indexer keys). A count the layer keeps (DeepSeek-V4's
+    `entry_count[name]`) is carried by the length of an axis of a tensor it keeps under the same key
+    that equals it at every probe (`compressed_kv[name]`'s entries); one no axis carries is refused, as
+    is a tensor whose size is not read from the probes (one no probe left). A tensor that no probe but
+    the longest leaves (DeepSeek-V4's overlap of windows) starts as zeros, as the family's export
+    rewrite reads it."""
+    groups = {(1, *OWN_PROBE_LENGTHS): "past_sequence"}  # an axis that grows a token a token is the keys' axis
+    own_layers = {}
+    for i, layers in zip(own, probes):
+        seen = [_own_tensors(layer) for layer in layers]
+        for slot in dict.fromkeys(slot for tensors in seen for slot in tensors):
+            sizes = [tensors[slot].shape if slot in tensors else None for tensors in seen]
+            shape = next(s for s in reversed(sizes) if s is not None)
+            varying = {axis: tuple(s[axis] if s is not None else None for s in sizes) for axis in range(1, len(shape))
+                       if len({s[axis] for s in sizes if s is not None}) > 1}
+            name = f"past_key_values.{i}.{slot}"
+            example = list(shape)
+            for axis, pattern in varying.items():
+                groups.setdefault(pattern, f"{slot}_length")
+                example[axis] = past + 2 * list(groups).index(pattern)
+                axes[name], names[name] = axis, groups[pattern]
+            if len(varying) > 1:
+                raise Unsupported(model_type, "cache", f"decoder layer {i}'s {slot} varies along more than one axis, "
+                                  "which moec does not export yet")
+            shapes[name] = (batch, *example[1:])
+        counts = {}
+        for (attribute, key), value in _own_counts(layers[0]).items():
+            values = [_own_counts(layer)[attribute, key] for layer in layers]
+            if len(set(values)) == 1:
+                continue  # a setting, the same at every probe
+            carriers = [(slot, axis) for slot in seen[0] if slot.startswith(f"{key}_") and all(slot in t for t in seen)
+                        for axis in range(1, seen[0][slot].dim()) if [t[slot].shape[axis] for t in seen] == values]
+            if not carriers:
+                raise Unsupported(model_type, "cache", f"decoder layer {i} keeps a count ({attribute}[{key!r}]) that "
+                                  "no axis of its tensors carries, which moec does not export yet")
+            counts[attribute, key] = carriers[0]
+        own_layers[i] = counts
+    return own_layers
 
 
 @contextlib.contextmanager
@@ -313,6 +411,8 @@ EXPORT_REWRITES = {
     "minimax_m3_vl_text": functools.partial(exportable_minimax_m3_selection,
                                             "transformers.models.minimax_m3_vl.modeling_minimax_m3_vl",
                                             "MiniMaxM3VLIndexer"),
+    "deepseek_v4": functools.partial(exportable_compressed_attention,
+                                     "transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4"),
     "qwen4_exp_text": functools.partial(exportable_block_selection, "transformers.models.qwen4_exp.modeling_qwen4_exp",
                                         "Qwen4ExpTextQSAIndexer"),
 }
@@ -352,6 +452,8 @@ def trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], ops
     from moec.experts import TRACE_IMPLEMENTATION, set_implementation
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # its constant folder warns of each Split it leaves to onnxruntime (DeepSeek-V4's hyper-connections)
+    logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
     set_implementation(model, TRACE_IMPLEMENTATION)
     with _export_errors(model.config.model_type):
         return _trace(model, weights, opset)
@@ -393,7 +495,7 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
             pasts = [torch.zeros(s, dtype=PAST_DTYPES.get(past_slot(name)[1])) for name, s in shapes.items()]
         tokens = {0: "batch", 1: "sequence"}
         dynamic_shapes = (tokens, {0: "batch", 1: "total_sequence"}, tokens,  # torch.onnx names the axes
-                          tuple({0: "batch", layout.sequence_axes[name]: "past_sequence"}
+                          tuple({0: "batch", layout.sequence_axes[name]: layout.axis_names.get(name, "past_sequence")}
                                 if name in layout.sequence_axes else {0: "batch"} for name in shapes))
         inputs = ["input_ids", "attention_mask", "position_ids", *shapes]
         outputs = ["logits", *map(present_name, shapes)]

@@ -23,6 +23,8 @@ from moec.errors import MoecError
 
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+# what a model's integer tensors (DeepSeek-V4's hash-routing table, token -> experts) may be stored as
+INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8")
 # a published quantized format's codes: quant_method -> (their safetensors dtypes, whether a tensor holds
 # codes, the name of its scales)
 CODES = {
@@ -128,13 +130,15 @@ class StreamingModel:
         method = self.checkpoint.quant_method
         code_dtypes, is_codes, scales_of = CODES.get(method, ((), None, None))
         shapes, dtypes, codes = {}, {}, []
+        integer = {key for key, t in self.model.state_dict().items() if not t.is_floating_point()}
         for shard, stored in sorted(by_shard.items()):
             with _safe_open(shard) as f:
                 for name in stored:
                     stored_slice = f.get_slice(name)
                     dtype, shapes[name] = stored_slice.get_dtype(), stored_slice.get_shape()
                     dtypes[name] = dtype
-                    if dtype not in FLOAT_DTYPES + code_dtypes:
+                    is_table = dtype in INTEGER_DTYPES and set(self._targets_of[name]) <= integer
+                    if dtype not in FLOAT_DTYPES + code_dtypes and not is_table:
                         raise MoecError(f"{shard.name}: tensor {name} is stored as {dtype}; moec reads "
                                         f"floating-point weights ({', '.join(FLOAT_DTYPES)})" +
                                         (f" and {method} codes ({', '.join(code_dtypes)})" if method else ""))

@@ -211,10 +211,12 @@ def test_both_scopes_find_the_brute_force_optimum(seed, budget_position, require
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), budget_position=st.floats(0, 1), protect=st.booleans())
-def test_dropping_and_super_experts_find_the_brute_force_optimum(seed, budget_position, protect):
+@given(seed=st.integers(0, 2**32 - 1), budget_position=st.floats(0, 1), protect=st.booleans(),
+       barred=st.booleans())
+def test_dropping_and_super_experts_find_the_brute_force_optimum(seed, budget_position, protect, barred):
     """Width 0 drops an expert (no bytes; at most experts - top_k a layer); a super expert sits at the
-    highest width; the solver's plan is the best allocation that obeys both."""
+    highest width; a layer whose width-0 losses are null (it picks experts without a top-k) drops none;
+    the solver's plan is the best allocation that obeys all three."""
     widths, params = (0, 2, 4), 3 * 64 * 256
     stats = synthetic_stats(seed, widths=(2, 4))
     for layer in stats["layers"]:
@@ -227,6 +229,10 @@ def test_dropping_and_super_experts_find_the_brute_force_optimum(seed, budget_po
     allowed = ((combos == 0).sum(axis=2) <= 4 - 2).all(axis=1)  # top-2 of 4: at most 2 dropped a layer
     if protect:
         allowed &= combos[:, 1, seed % 4] == 4
+    if barred:
+        for expert in stats["layers"][0]["experts"]:
+            expert["quant_loss"]["0"] = None
+        allowed &= (combos[:, 0] != 0).all(axis=1)
     byte_cost = np.vectorize(lambda b: expert_bytes(params, int(b)))(combos).sum(axis=(1, 2))
     smallest = byte_cost[allowed].min()
     budget = int(smallest + budget_position * (byte_cost.max() - smallest))
@@ -236,6 +242,11 @@ def test_dropping_and_super_experts_find_the_brute_force_optimum(seed, budget_po
     assert plan["objective"]["predicted_loss"] == pytest.approx(combo_cost.sum(axis=1)[fits].min(), rel=1e-9)
     assert plan["objective"]["predicted_expert_bytes"] <= budget
     assert all(row.count(0) <= 2 for row in plan["experts"]["bits"])
+    if barred:
+        assert 0 not in plan["experts"]["bits"][0]
+        dropping = [[0, 2, 2, 2], plan["experts"]["bits"][1]]
+        with pytest.raises(PlanError, match="layer 0 expert 0: width 0, but the layer picks its experts without"):
+            predicted_loss(stats, dropping)
     assert plan["super_experts"] == ([[1, seed % 4]] if protect else [])
     assert plan["objective"]["protect_super_experts"] is protect
     if protect:
@@ -431,6 +442,7 @@ def set_in(tree, path, value):
     (("layers", 0, "experts", 3, "routing_weight"), -1.0, "layers[0].experts[3].routing_weight: expected a finite number >= 0, got -1.0"),
     (("layers", 1, "experts", 0, "quant_loss", "3"), float("inf"), "layers[1].experts[0].quant_loss[\"3\"]: expected a finite number >= 0, got Infinity"),
     (("layers", 1, "experts", 0, "quant_loss", "3"), "big", "quant_loss[\"3\"]: expected a finite number >= 0, got \"big\""),
+    (("layers", 1, "experts", 0, "quant_loss", "3"), None, "quant_loss[\"3\"]: expected a finite number >= 0, got null"),
     (("layers", 0, "experts", 1, "quant_loss"), {"2": 1.0, "3": 0.5}, "layers[0].experts[1].quant_loss: has widths [2, 3], other experts have [2, 3, 4]"),
     (("layers", 0, "experts", 1, "quant_loss"), {"two": 1.0}, "expected bit-width keys like"),
     (("layers", 1, "layer"), 0, "layers[1].layer: layer 0 appears twice"),

@@ -225,8 +225,8 @@ def _more_configs() -> dict:
                            moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                            n_shared_experts=1, compress_rates={"compressed_sparse_attention": 4,
                                                                "heavily_compressed_attention": 8},
-                           hc_mult=2, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4,
-                           sliding_window=16, num_nextn_predict_layers=0, partial_rotary_factor=0.25,
+                           hc_mult=2, hc_sinkhorn_iters=3, o_groups=2, o_lora_rank=16, index_n_heads=8,
+                           index_head_dim=16, index_topk=4, sliding_window=16, num_nextn_predict_layers=0, partial_rotary_factor=0.25,
                            rope_parameters={"main": {"rope_type": "default", "rope_theta": 10000.0,
                                                      "partial_rotary_factor": 0.25},
                                             "compress": {"rope_type": "default", "rope_theta": 160000.0,
@@ -297,8 +297,8 @@ ARCHITECTURES = tuple(configs())
 # the model types moec compiles (bench/coverage.py lists why the others are refused)
 SUPPORTED = tuple(arch for arch in (
     "afmoe", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3",
-    "deepseek_v32", "dots1", "dots3_note_text", "ergo", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint",
-    "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa",
+    "deepseek_v32", "deepseek_v4", "dots1", "dots3_note_text", "ergo", "ernie4_5_moe", "exaone_moe", "flex_olmo",
+    "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa",
     "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling2_loop_text", "inkling2_text",
     "inkling_text", "jamba", "kimi_linear", "kolibri1", "kolibri1_1", "laguna", "lara_mini", "lfm2_moe",
     "longcat_flash", "mellum", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl_text",
@@ -351,6 +351,11 @@ def save_tiny(arch: str, folder: Path, seed: int | None = None, config=None, **o
         for tensor in model.state_dict().values():
             if tensor.is_floating_point() and tensor.numel() and not tensor.any():
                 tensor.copy_(torch.randn_like(tensor) * 0.1)
+            elif tensor.dim() == 2 and tensor.shape[0] == config.vocab_size and not tensor.any():
+                # a token -> experts table (DeepSeek-V4's hash routing): k distinct experts per token
+                experts = next(getattr(config, key) for key in ("n_routed_experts", "num_local_experts", "num_experts")
+                               if hasattr(config, key))
+                tensor.copy_(torch.rand(tensor.shape[0], experts).argsort(-1)[:, :tensor.shape[1]])
     model.save_pretrained(folder)
     byte_tokenizer().save(str(Path(folder) / "tokenizer.json"))
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))

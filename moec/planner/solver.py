@@ -46,7 +46,9 @@ _SOLVER_COST_SCALE = 1e6  # keeps HiGHS's fixed 1e-6 absolute gap negligible wha
 def _costs(stats: _Stats, alpha: float, beta: float, gamma: float | None) -> np.ndarray:
     """(moe layers, experts, widths) objective terms f^alpha * w^beta * L^gamma."""
     importance = stats.frequency**alpha * stats.routing_weight**beta
-    return importance[..., None] * stats.quant_loss ** (alpha if gamma is None else gamma)
+    loss = stats.quant_loss ** (alpha if gamma is None else gamma)
+    with np.errstate(invalid="ignore"):  # an unrouted expert's barred drop: 0 * inf, barred all the same
+        return np.where(np.isinf(loss), np.inf, importance[..., None] * loss)
 
 
 def predicted_loss(stats: Mapping, bits_grid: Sequence[Sequence[int] | None], alpha: float = 1.0,
@@ -70,7 +72,12 @@ def _grid_loss(stats: _Stats, bits_grid: Sequence, cost: np.ndarray) -> float:
             if bits not in stats.widths:
                 raise PlanError(f"layer {stats.moe_layers[row]} expert {e}: unknown bit width {_show(bits)}: "
                                 f"the stats have quant_loss for {_show(list(stats.widths))}")
-            total += cost[row, e, stats.widths.index(bits)]
+            term = cost[row, e, stats.widths.index(bits)]
+            if np.isinf(term):
+                raise PlanError(f"layer {stats.moe_layers[row]} expert {e}: width 0, but the layer picks its "
+                                "experts without a top-k (calibrate wrote its width-0 losses as null), so no "
+                                "expert of it can be dropped")
+            total += term
     return float(total)
 
 
@@ -188,7 +195,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
 
     if scope == "layer":
         per_layer = math.floor(average * parsed.num_experts)
-        smallest = max(_smallest_totals(list(widths), required, parsed.num_experts, num_moe, fixed, keep_at_least))
+        smallest = max(_smallest_totals(list(widths), required, parsed, fixed, keep_at_least))
         if per_layer < smallest:
             raise PlanError(f"avg_bits {avg_bits:g} is infeasible with bits {_widths_text(widths)}"
                             f"{_required_text(widths, required, fixed)}: the smallest feasible budget is avg_bits "
@@ -208,7 +215,7 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
             budget_bytes = avg_bits_budget_bytes(avg_bits, params, total_experts, group_size, target)
         else:  # a decode budget alone
             budget_bytes = max(width_bytes) * total_experts
-        smallest = sum(_smallest_totals(width_bytes, required, parsed.num_experts, num_moe, fixed, keep_at_least))
+        smallest = sum(_smallest_totals(width_bytes, required, parsed, fixed, keep_at_least))
         if budget_bytes < smallest:
             asked = f"avg_bits {avg_bits:g}" if avg_bits is not None else f"size budget {_show(size_budget)}"
             raise PlanError(f"{asked} ({budget_bytes} expert bytes) is infeasible with bits {_widths_text(widths)}"
@@ -296,19 +303,21 @@ def _candidate_widths(stats: _Stats, bits: Sequence[int] | None) -> tuple[int, .
     return widths
 
 
-def _smallest_totals(width_cost: list[int], required: tuple[int, ...], num_experts: int, num_layers: int,
-                     fixed: dict, keep_at_least: int | None) -> list[int]:
+def _smallest_totals(width_cost: list[int], required: tuple[int, ...], stats: _Stats, fixed: dict,
+                     keep_at_least: int | None) -> list[int]:
     """Least budget each layer needs: its fixed experts at their widths, the required widths not
     among them once, the cheapest width elsewhere (but no more experts dropped than
-    `keep_at_least` allows; width 0 is then the first and cheapest)."""
+    `keep_at_least` allows, none in a layer that cannot drop any; width 0 is then the first and
+    cheapest)."""
     totals = []
-    for m in range(num_layers):
+    for m in range(len(stats.moe_layers)):
         pinned = [j for (layer, _), j in fixed.items() if layer == m]
         needed = [j for j in required if j not in pinned]
-        free = num_experts - len(pinned) - len(needed)
+        free = stats.num_experts - len(pinned) - len(needed)
         total = sum(width_cost[j] for j in pinned + needed) + free * min(width_cost)
         if keep_at_least is not None:
-            total += max(0, keep_at_least - len(pinned) - len(needed)) * (min(width_cost[1:]) - width_cost[0])
+            keep = stats.num_experts if np.isinf(stats.quant_loss[m]).any() else keep_at_least
+            total += max(0, keep - len(pinned) - len(needed)) * (min(width_cost[1:]) - width_cost[0])
         totals.append(total)
     return totals
 
@@ -319,8 +328,9 @@ def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarr
     """Width index per (moe layer, expert) minimizing `cost`, one binary per (layer, expert, width).
 
     Each budget row bounds sum(width_cost) over its layers; `required` width indices need one expert
-    per layer; `fixed` {(moe layer, expert): width index} are set; with `keep_at_least`, at most
-    experts - keep_at_least experts per layer take width 0 (the first width); `time_budget` (seconds
+    per layer; an infinite cost bars its width; `fixed` {(moe layer, expert): width index} are set;
+    with `keep_at_least`, at most experts - keep_at_least experts per layer take width 0 (the first
+    width); `time_budget` (seconds
     per (layer, expert, width), limit) bounds the experts' share of a decode step. The budget rows are
     rewritten as small integers (each expert takes exactly one width, so the cheapest width's cost
     is a constant) so that HiGHS's tolerances cannot overspend a byte.
@@ -328,7 +338,9 @@ def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarr
     layers, experts, num_widths = cost.shape
     variables = layers * experts * num_widths
     index = np.arange(variables).reshape(layers, experts, num_widths)
-    objective = cost - cost.min(axis=2, keepdims=True)  # constant per expert: same argmin, tighter gaps
+    barred = np.isinf(cost)  # dropping an expert of a layer that picks its experts without a top-k
+    # less a constant per expert: the same argmin, tighter gaps
+    objective = np.where(barred, 0.0, cost - np.where(barred, np.inf, cost).min(axis=2, keepdims=True))
     if objective.max() > 0:
         objective = objective * (_SOLVER_COST_SCALE / objective.max())
 
@@ -359,7 +371,8 @@ def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarr
     lower = np.zeros(variables)
     for (m, e), j in (fixed or {}).items():
         lower[index[m, e, j]] = 1
-    result = milp(objective.ravel(), integrality=np.ones(variables), bounds=Bounds(lower, 1),
+    upper = np.where(barred, 0, 1).ravel()
+    result = milp(objective.ravel(), integrality=np.ones(variables), bounds=Bounds(lower, upper),
                   constraints=constraints, options=_SOLVER_OPTIONS)
     if not result.success:
         if time_budget is not None:

@@ -26,7 +26,7 @@ class _Stats:
     widths: tuple[int, ...]  # widths with a measured loss, ascending
     frequency: np.ndarray  # (moe layers, experts), normalized per layer
     routing_weight: np.ndarray  # (moe layers, experts), normalized per layer
-    quant_loss: np.ndarray  # (moe layers, experts, widths)
+    quant_loss: np.ndarray  # (moe layers, experts, widths); inf: a width 0 the layer cannot take
     # (moe layers, experts, 2, widths): gate and up alone, down alone (width 0, the expert dropped, is
     # its quant_loss on gate_up); None for stats from before calibrate measured it
     projection_loss: np.ndarray | None = None
@@ -98,7 +98,9 @@ def _parse_stats(stats: Any, source: str) -> _Stats:
             elif expert_widths != widths:
                 raise PlanError(f"{where}.quant_loss: has widths {_show(list(expert_widths))}, "
                                 f"other experts have {_show(list(widths))}")
-            layer_losses.append([_statistic(table[str(w)], f"{where}.quant_loss[\"{w}\"]") for w in widths])
+            # a null width-0 loss: the layer cannot drop the expert (calibrate found no top-k to mask)
+            layer_losses.append([np.inf if w == 0 and table[str(w)] is None else
+                                 _statistic(table[str(w)], f"{where}.quant_loss[\"{w}\"]") for w in widths])
             split.append(_projection_losses(expert.get("projection_loss"), widths, layer_losses[-1], where))
         losses.append(layer_losses)
         for name, values in (("frequency", frequency), ("routing_weight", routing_weight)):
