@@ -1,10 +1,11 @@
-"""The frontier families at scale: DeepSeek-V3.2- and Kimi-Linear-proportioned random models of 8
-layers, calibrated, planned at `--avg-bits` (2.5) and compiled, then timed with `moec bench`.
+"""The frontier families at scale: DeepSeek-V3.2-, Kimi-Linear- and DeepSeek-V4-proportioned random
+models of 8 layers, calibrated, planned at `--avg-bits` (2.5) and compiled, then timed with `moec bench`.
 
 "Proportioned" keeps each real model's structure and ratios, scaled to hidden 512: DeepSeek-V3.2's
 256 experts top-8 with one shared expert, MLA, and its lightning indexer (index heads, head size and
 top-k scaled alike; the top-k below the prompt so the sparse choice matters); Kimi-Linear's 256
-experts top-8 with one shared expert, three Kimi-delta-attention layers to one MLA layer. The
+experts top-8 with one shared expert, three Kimi-delta-attention layers to one MLA layer;
+DeepSeek-V4-Flash's (below). The
 weights are random, so the numbers are speed and size, not quality. Run from the repository root:
 
     python bench/frontier.py [--workdir /tmp/moec-frontier] [--avg-bits 2.5] [--json FILE]
@@ -39,6 +40,13 @@ SHAPES = {
                         layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
                         + ["full_attention"],
                         mlp_layer_types=["dense"] + ["sparse"] * 7),
+    # DeepSeek-V4-Flash scaled by 8 (heads, head size, ranks, expert width, indexer); its 256 experts
+    # top-6, four hyper-connection streams, windows of 4 and 128 tokens and sliding window as they are;
+    # the first three layers hash-routed, two heavily compressed then alternating with compressed sparse
+    "deepseek_v4": dict(hidden_size=HIDDEN, num_attention_heads=8, num_key_value_heads=1, head_dim=64,
+                        q_lora_rank=128, moe_intermediate_size=256, num_hidden_layers=8, n_routed_experts=256,
+                        num_experts_per_tok=6, n_shared_experts=1, o_groups=1, o_lora_rank=128, index_n_heads=8,
+                        index_head_dim=16, index_topk=16, num_nextn_predict_layers=0),
 }
 
 
