@@ -27,6 +27,8 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
                 node.attributes["stash_type"] = ir.AttrInt64("stash_type", 1)
         fused = fuse_rms_normalization(model) + fuse_skip_rms_normalization(model)
         simplified = [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization" and n.domain == ""]
+        if simplified:  # the fusion rules import the domain only where they fused something themselves
+            model.opset_imports.setdefault("com.microsoft", 1)
         for node in simplified:
             x, scale = node.inputs[:2]
             flat = x.shape is None or len(x.shape) not in (2, 3)

@@ -68,10 +68,11 @@ def test_float16_artifact_on_cpu_matches_the_cpu_artifact(sample_artifact, sampl
     assert [int(t[0]) for t in generate(gpu_build, [prompts[0]], 16)] == expected and len(set(expected)) > 1
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss", "qwen3_next", "deepseek_v4"])
 def test_float16_artifact_of_other_layouts_matches_cpu(compiled, arch, tmp_path):
     """Shared experts, sigmoid scoring with a score bias, expert biases with a clamped SwiGLU,
-    linear attention whose recurrence (a Scan) and state stay float32."""
+    linear attention whose recurrence (a Scan) and state stay float32, compressed attention's
+    window buffers and entries carried in float16 (DeepSeek-V4)."""
     c = compiled(arch)
     moec.compile(c.model_dir, tmp_path / "cuda", target="cuda", progress=False)
     # prompts without a near-tied routing decision: float16 rounding of the router's input may flip
@@ -84,7 +85,11 @@ def test_float16_artifact_of_other_layouts_matches_cpu(compiled, arch, tmp_path)
     graph = onnx.load(str(tmp_path / "cuda" / "model.onnx"), load_external_data=False).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}
     types |= {t.name: t.data_type for t in graph.initializer}
-    routers = [n for n in graph.node if n.op_type == "TopK"]
+    # the routers' top-k (a sparse-attention indexer's, DeepSeek-V4's, picks past entries in float16)
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer
+                 if t.data_type == onnx.TensorProto.INT64 and t.data_location != onnx.TensorProto.EXTERNAL}
+    routers = [n for n in graph.node if n.op_type == "TopK" and n.input[1] in constants
+               and int(constants[n.input[1]].reshape(-1)[0]) == c.model.config.num_experts_per_tok]
     assert routers and all(types.get(n.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for n in routers)
 
 

@@ -53,6 +53,20 @@ def test_a_norm_without_a_residual_gets_a_zero_skip(shape):
     np.testing.assert_allclose(run(m, {"x": data}), expected(data, scale.const_value.numpy()), rtol=1e-5, atol=1e-5)
 
 
+def test_an_opset_23_norm_fuses_in_a_model_that_imports_no_microsoft_domain():
+    """moec.trace exports RMSNormalization nodes; a model whose norms no ORT rule fused (DeepSeek-V4's,
+    in float32 around its hyper-connections) gets the domain its fused norms need."""
+    x = value("x", ["B", "S", 8])
+    scale = initializer("norm.weight", np.linspace(0.5, 1.5, 8, dtype=np.float32))
+    norm = ir.node("RMSNormalization", [x, scale], attributes={"axis": -1, "epsilon": EPSILON})
+    norm.outputs[0].name, norm.outputs[0].dtype = "normed", ir.DataType.FLOAT
+    m = model([x], [norm], [norm.outputs[0]], [scale], {})
+    data = np.random.default_rng(1).normal(size=[2, 3, 8]).astype(np.float32)
+    assert FuseRMSNormPass()(m).modified and m.opset_imports["com.microsoft"] == 1
+    assert [n.op_type for n in m.graph if n.domain == "com.microsoft"] == ["SkipSimplifiedLayerNormalization"]
+    np.testing.assert_allclose(run(m, {"x": data}), expected(data, scale.const_value.numpy()), rtol=1e-5, atol=1e-5)
+
+
 def test_a_norm_after_a_residual_add_takes_it_as_its_skip():
     x, residual = value("x", ["B", "S", 8]), value("residual", ["B", "S", 8])
     scale = initializer("norm.weight", np.linspace(0.5, 1.5, 8, dtype=np.float32))
