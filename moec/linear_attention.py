@@ -5,7 +5,8 @@ transformers computes the rule in Python loops over tokens or chunks whose count
 length, which torch.onnx cannot export with a dynamic sequence. While tracing, the family's
 implementations (transformers' own names, shared by every family that uses the rule) become one
 `moec::gated_delta_rule` call, whose ONNX translation is the recurrent form as an ONNX Scan over the
-sequence (with one decay per head and more than one token, a Scan over chunks of 32 tokens):
+sequence (with more than one token, a Scan over chunks: of 32 tokens with one decay per head, of 8
+with a decay per key channel):
 one graph for prefill and decode, carrying the recurrent state in and out. The decay is
 per head (the gated delta rule) or per head and key channel (Kimi delta attention); everything
 around the rule (the projections, the causal convolution and its state, the gated norm) stays the
@@ -83,16 +84,18 @@ def DeltaRule(initial_state: FLOAT[...], query: FLOAT[...], key: FLOAT[...], val
     [T, B, H, Dv]; log decay [T, B, H, Dk or 1]; beta [T, B, H] -> (final state, outputs
     [T, B, H, Dv]).
 
-    One token (a decode step), or a decay per key channel (Kimi's): the recurrent form, a Scan over
-    tokens. Several tokens with one decay per head: the chunked form, a Scan over chunks of 32
-    tokens (of all of them when fewer), the sequence zero-padded to whole chunks (a padded token
+    One token (a decode step): the recurrent form, a Scan over tokens. Several tokens: the chunked
+    form, a Scan over chunks of 32 tokens with one decay per head, of 8 with a decay per key channel
+    (Kimi's) (of all of them when fewer), the sequence zero-padded to whole chunks (a padded token
     has no key and no beta: it changes nothing). Within a chunk, with G the cumulative log decay and
     S the state at its start, the updates U solve (I + A) U = beta (V - exp(G) K S), A strictly lower
     triangular, A[t, s] = beta_t (k_t . k_s) exp(G_t - G_s); (I + A)^-1 is the product (I - A)
     (I + A^2)(I + A^4)(I + A^8)(I + A^16), exact because A^32 = 0. Then the outputs are
     exp(G) Q S + (Q K^T, decayed and masked to s <= t) U and the next state
-    exp(G_last) S + (exp(G_last - G) K)^T U. Every exponent is <= 0. Kimi's per-channel decay would
-    need a [32, 32, Dk] decay a head in this form, which ran slower than the Scan at 512 tokens."""
+    exp(G_last) S + (exp(G_last - G) K)^T U. Every exponent is <= 0. With a decay per key channel
+    the decays between tokens are a [8, 8, Dk] tensor a head, summed over Dk in A and in the scores,
+    and the inverse needs (I - A)(I + A^2)(I + A^4); chunks of 32 ran slower than the Scan over
+    tokens at 512 tokens, chunks of 8 faster than chunks of 16 (docs/measurements.md)."""
     def token(state: FLOAT[...], q: FLOAT[...], k: FLOAT[...], v: FLOAT[...], d: FLOAT[...], b: FLOAT[...]):
         decayed = state * op.Unsqueeze(op.Exp(d), [3])
         column_key = op.Unsqueeze(k, [3])
@@ -126,15 +129,39 @@ def DeltaRule(initial_state: FLOAT[...], query: FLOAT[...], key: FLOAT[...], val
         carried = op.Transpose(op.Exp(last - total) * k, perm=[0, 1, 3, 2])
         return op.Exp(last) * state + op.MatMul(carried, updates), out
 
+    def channel_chunk(state: FLOAT[...], q: FLOAT[...], k: FLOAT[...], v: FLOAT[...], g: FLOAT[...],
+                      b: FLOAT[...]):
+        index = op.Range(op.Constant(value_int=0), op.Shape(q, start=2, end=3)[0], op.Constant(value_int=1))
+        rows = op.Unsqueeze(index, [1])
+        cols = op.Unsqueeze(index, [0])
+        strict = op.Cast(op.Greater(rows, cols), to=1)
+        eye = op.Cast(op.Equal(rows, cols), to=1)
+        total = op.CumSum(g, op.Constant(value_int=2))  # [B, H, 8, Dk]
+        pairs = op.Unsqueeze(total, [3]) - op.Unsqueeze(total, [2])  # [B, H, 8 (t), 8 (s), Dk]
+        lower = op.Unsqueeze(op.GreaterOrEqual(rows, cols), [2])
+        decayed = op.Unsqueeze(k, [2]) * op.Exp(op.Where(lower, pairs, op.Constant(value_float=-1e30)))
+        a = op.ReduceSum(op.Unsqueeze(k, [3]) * decayed, [4], keepdims=0) * strict * b
+        power = op.MatMul(a, a)
+        inverse = op.MatMul(eye - a, eye + power)
+        power = op.MatMul(power, power)
+        inverse = op.MatMul(inverse, eye + power)
+        updates = op.MatMul(inverse, b * (v - op.MatMul(k * op.Exp(total), state)))
+        scores = op.ReduceSum(op.Unsqueeze(q, [3]) * decayed, [4], keepdims=0)
+        out = op.MatMul(q * op.Exp(total), state) + op.MatMul(scores, updates)
+        last = op.Slice(total, op.Constant(value_ints=[-1]), op.Constant(value_ints=[2**31]),
+                        op.Constant(value_ints=[2]))
+        carried = op.Transpose(op.Exp(last - total) * k, perm=[0, 1, 3, 2])
+        return op.Transpose(op.Exp(last), perm=[0, 1, 3, 2]) * state + op.MatMul(carried, updates), out
+
     several = op.Greater(op.Shape(query, start=0, end=1), op.Constant(value_ints=[1]))
     per_head = op.Equal(op.Shape(decay, start=3, end=4), op.Constant(value_ints=[1]))
-    if op.Squeeze(op.And(several, per_head)):
+    if op.Squeeze(several):
         steps = op.Shape(query, start=0, end=1)
-        size = op.Min(steps, op.Constant(value_ints=[32]))  # a decode step: one chunk of one token
+        size = op.Min(steps, op.Where(per_head, op.Constant(value_ints=[32]), op.Constant(value_ints=[8])))
         padding = op.Mod(size - op.Mod(steps, size), size)
         pads = op.Concat(op.Constant(value_ints=[0, 0, 0, 0]), padding, op.Constant(value_ints=[0, 0, 0]), axis=0)
         chunks = op.Div(steps + padding, size)
-        # [T, B, H, D] -> [chunks, B, H, 32, D]
+        # [T, B, H, D] -> [chunks, B, H, size, D]
         q = op.Transpose(op.Reshape(op.Pad(query, pads), op.Concat(chunks, size, op.Shape(query, start=1), axis=0)),
                          perm=[0, 2, 3, 1, 4])
         k = op.Transpose(op.Reshape(op.Pad(key, pads), op.Concat(chunks, size, op.Shape(key, start=1), axis=0)),
@@ -146,13 +173,13 @@ def DeltaRule(initial_state: FLOAT[...], query: FLOAT[...], key: FLOAT[...], val
         beta4 = op.Unsqueeze(beta, [3])
         b = op.Transpose(op.Reshape(op.Pad(beta4, pads), op.Concat(chunks, size, op.Shape(beta4, start=1), axis=0)),
                          perm=[0, 2, 3, 1, 4])
-
-        final_state, outputs = op.Scan(initial_state, q, k, v, g, b, body=chunk, num_scan_inputs=5)
+        if op.Squeeze(per_head):
+            final_state, outputs = op.Scan(initial_state, q, k, v, g, b, body=chunk, num_scan_inputs=5)
+        else:
+            final_state, outputs = op.Scan(initial_state, q, k, v, g, b, body=channel_chunk, num_scan_inputs=5)
         flat = op.Reshape(op.Transpose(outputs, perm=[0, 3, 1, 2, 4]),
                           op.Concat(op.Constant(value_ints=[-1]), op.Shape(value, start=1), axis=0))
         outputs = op.Slice(flat, op.Constant(value_ints=[0]), steps, op.Constant(value_ints=[0]))
-
-
     else:
         final_state, outputs = op.Scan(initial_state, query, key, value, decay, beta, body=token, num_scan_inputs=5)
     return final_state, outputs

@@ -7,7 +7,8 @@ compute an Experts node's top_k_index and top_k_weights and nothing else (the fa
 its input on) stay in float32, fed through a Cast, so that near-tied routing decisions do not flip;
 a node with a subgraph (the Scan of a linear-attention recurrence, or the If that chooses its form)
 keeps its float32 body, reading float16 values of the graph around it through Casts, and the
-state it carries from step to step (a graph input and output) stays float32 too. Initializers are
+state it carries from step to step (a graph input and output) stays float32 too, as does an
+Identity that only such nodes read from (or nothing: the optimizer leaves one on a state). Initializers are
 converted when they are written, one at a time. The routed experts' weights (the Experts node's
 expert inputs) keep their stored dtype: the experts lowering casts each expert's slice to the
 activations' dtype, and keeps the pruning and the sum over experts in float32 itself.
@@ -86,6 +87,13 @@ class Float16Pass(ir.passes.InPlacePass):
         float32_nodes = _routing_nodes(graph) | _loops(graph)
         # what the loops' subgraphs read from around them counts as read in float32 too
         float32_readers = float32_nodes | {inner for node in _loops(graph) for inner, _, _ in _outer_uses(node)}
+        # an Identity that only the loops read from, or nothing (the optimizer leaves one reading a state
+        # input where an If nested in the delta rule's If read it), stays float32 with them
+        while passing := {node for node in graph if node.op_type == "Identity" and node not in float32_nodes
+                          and not node.outputs[0].is_graph_output()
+                          and all(use.node in float32_readers for use in node.outputs[0].uses())}:
+            float32_nodes |= passing
+            float32_readers |= passing
         kept = _expert_weights(graph) | {value for value in graph.initializers.values()
                                          if value.uses() and all(use.node in float32_readers for use in value.uses())}
         modified = False

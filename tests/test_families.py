@@ -150,13 +150,14 @@ def test_a_kv_buffer_too_small_for_the_step_is_refused(compiled):
         artifact.forward(ids, mask, positions(mask, ids.shape[1]), past)
 
 
-@pytest.mark.parametrize("arch", families([arch for arch in ("qwen3_next", "qwen3_5_moe_text") if arch in SUPPORTED]))
+@pytest.mark.parametrize("arch", families([arch for arch in ("qwen3_next", "qwen3_5_moe_text", "kimi_linear")
+                                           if arch in SUPPORTED]))
 def test_a_long_prefill_of_the_delta_rule_runs_in_chunks_and_matches_transformers(compiled, arch):
-    """With one decay per head the delta rule runs in chunks of 32 tokens (moec/linear_attention.py):
-    a left-padded batch of 70 and 45 tokens (three chunks, the last partial) and then a decode step
-    (one chunk of one token); one sequence of 70, then 20 more tokens on its state (one chunk from a
-    non-zero state; onnxruntime's GroupQueryAttention takes a continued prefill at batch 1 only),
-    then a decode step: all match transformers."""
+    """A prefill runs the delta rule in chunks (moec/linear_attention.py), of 32 tokens with one decay
+    per head, of 8 with Kimi's decay per key channel: a left-padded batch of 70 and 45 tokens (the last
+    chunk partial) and then a decode step (the Scan over tokens); one sequence of 70, then 20 more
+    tokens on its state (chunks from a non-zero state; onnxruntime's GroupQueryAttention takes a
+    continued prefill at batch 1 only), then a decode step: all match transformers."""
     import onnx
 
     c = compiled(arch)
