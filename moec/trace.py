@@ -330,9 +330,8 @@ def _own_layout(model_type: str, probes: list[list], own: list[int], batch: int,
     axis (MiniMax-M3's indexer keys). A count the layer keeps (DeepSeek-V4's
     `entry_count[name]`) is carried by the length of an axis of a tensor it keeps under the same key
     that equals it at every probe (`compressed_kv[name]`'s entries); one no axis carries is refused, as
-    is a tensor whose size is not read from the probes (one no probe left). A tensor that no probe but
-    the longest leaves (DeepSeek-V4's overlap of windows) starts as zeros, as the family's export
-    rewrite reads it."""
+    is a tensor that varies along two axes. A tensor that only the longest probe leaves (DeepSeek-V4's
+    overlap of windows) starts as zeros, as the family's export rewrite reads it."""
     groups = {(1, *OWN_PROBE_LENGTHS): "past_sequence"}  # an axis that grows a token a token is the keys' axis
     own_layers = {}
     for i, layers in zip(own, probes):
