@@ -12,7 +12,9 @@ unchanged and only the routed experts are moec's:
                       artifact has them (quantized and dequantized, pruned as planned: set on the
                       module by moec.reference) — the PyTorch side of every numeric check.
 What the class says of its weights (layout, activation) becomes the node's `ExpertsSpec`; a gate
-function moec has no entry for is refused by name.
+function moec has no entry for is refused by name. A module that takes the routing and calls the
+interface its own way (Ergo's, once per route) has its own call's routing pass through
+`moec::routes` (a `moec::Routes` node: moec.ops.routes), where the plan's pruning acts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from moec.errors import MoecError, Unsupported
 from moec.ops.moe import ExpertsSpec, expert_ffn, expert_weight_name, expert_weights, experts_reference
+from moec.ops.routes import RoutesSpec, pruned_routes
 
 TRACE_IMPLEMENTATION = "moec"
 REFERENCE_IMPLEMENTATION = "moec_reference"
@@ -150,6 +153,9 @@ def experts_layers(model: nn.Module) -> list[ExpertsLayer]:
         module.moec_spec = spec
         stacked = stacked_weights(module)
         down = stacked["down"]
+        if routes_for_itself(module) and not hasattr(module, "moec_routes"):
+            module.moec_routes = RoutesSpec(spec.layer, int(down.shape[0]))
+            module.register_forward_pre_hook(_prune_own_routes, with_kwargs=True)
         hidden, intermediate = (down.shape[2], down.shape[1]) if spec.transposed else (down.shape[1], down.shape[2])
         block = model.get_submodule(path.rpartition(".")[0])
         shared = any(child.startswith("shared") for child, _ in block.named_children())
@@ -262,12 +268,12 @@ def experts_op(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: t
                down: torch.Tensor, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, layer: int,
                activation: str, gate: str, transposed: bool, swiglu_alpha: float, swiglu_limit: float,
                gate_softcap: float, up_softcap: float, beta: float, top_p: float, protect_fraction: float,
-               keep_experts: list[int], dropped: list[int]) -> torch.Tensor:
+               keep_experts: list[int], dropped: list[int], sentinel: bool) -> torch.Tensor:
     """Eager body: the NumPy reference, so PyTorch and ONNX share one definition of the op."""
     from moec.ops.moe import stacked_reference
 
     spec = ExpertsSpec(layer, activation, gate, transposed, swiglu_alpha, swiglu_limit, gate_softcap, up_softcap,
-                       beta, top_p, protect_fraction, tuple(keep_experts), tuple(dropped))
+                       beta, top_p, protect_fraction, tuple(keep_experts), tuple(dropped), sentinel)
     as_np = lambda t: None if t is None else t.detach().float().cpu().numpy()  # noqa: E731
     out = stacked_reference(*(as_np(t) for t in (hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias,
                                                   down_bias)), spec=spec)
@@ -277,6 +283,42 @@ def experts_op(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: t
 @experts_op.register_fake
 def _(hidden, *args, **kwargs):
     return torch.empty_like(hidden)
+
+
+@torch.library.custom_op("moec::routes", mutates_args=())
+def routes_op(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, layer: int,
+              num_experts: int, beta: float, top_p: float, protect_fraction: float,
+              keep_experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager body: moec::Routes's NumPy reference (moec.ops.routes)."""
+    spec = RoutesSpec(layer, num_experts, beta, top_p, protect_fraction, tuple(keep_experts))
+    index, weights = pruned_routes(hidden.detach().float().reshape(-1, hidden.shape[-1]).numpy(),
+                                   top_k_index.numpy(), top_k_weights.detach().float().numpy(), spec)
+    return torch.from_numpy(np.ascontiguousarray(index)), torch.from_numpy(weights).to(top_k_weights.dtype)
+
+
+@routes_op.register_fake
+def _(hidden, top_k_index, top_k_weights, *args, **kwargs):
+    return torch.empty_like(top_k_index), torch.empty_like(top_k_weights)
+
+
+def routes_for_itself(module: nn.Module) -> bool:
+    """Whether the experts module's own forward takes the routing and calls the experts interface its
+    own way (Ergo's: once per route) rather than being the interface's dispatch, which
+    `use_experts_implementation` wraps around the class's forward."""
+    return not hasattr(type(module).forward, "__wrapped__")
+
+
+def _prune_own_routes(module, args, kwargs):
+    """Forward pre-hook of an experts module that routes for itself: its routing through one
+    moec::routes call (a moec::Routes node when traced, whose attributes the plan sets later); in
+    eager runs only where `module.moec_routes` prunes."""
+    routes = module.moec_routes
+    if not (routes.prunes or module.config._experts_implementation == TRACE_IMPLEMENTATION):
+        return None
+    hidden, index, weights = call_arguments(args, kwargs)
+    index, weights = torch.ops.moec.routes(hidden, index, weights, **{
+        name: list(v) if isinstance(v, tuple) else v for name, v in dataclasses.asdict(routes).items()})
+    return (hidden, index, weights), {name: v for name, v in kwargs.items() if name not in CALL_ARGUMENTS}
 
 
 def _traced_forward(module, hidden_states, top_k_index, top_k_weights):
@@ -303,7 +345,7 @@ def _reference_forward(module, hidden_states, top_k_index, top_k_weights):
 
     x, index, weights = hidden_states.detach().float().numpy(), top_k_index.numpy(), top_k_weights.detach().float().numpy()
     known = getattr(module, "moec_known_routes", None)
-    if known is not None and not spec.prunes and known.fits(x, index):
+    if known is not None and not spec.prunes and not spec.sentinel and known.fits(x, index):
         out = known.combine(x, index, weights, expert, spec)
     else:
         out = experts_reference(x, index, weights, expert, stacked["down"].num_experts, spec=spec)

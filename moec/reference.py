@@ -18,6 +18,7 @@ import torch
 
 from moec.experts import REFERENCE_IMPLEMENTATION, set_implementation
 from moec.ops.moe import EXPERT_WEIGHT_PATTERN
+from moec.ops.routes import PRUNING_FIELDS, RoutesSpec
 
 
 def streamed_reference(stream, layers, prompt: np.ndarray, decode_steps: int, past_names: list[str], specs: dict,
@@ -67,14 +68,21 @@ def streamed_reference(stream, layers, prompt: np.ndarray, decode_steps: int, pa
 
 def configure_experts(model, layers, quantizers: dict, routing: dict) -> list:
     """Give each experts module the quantizers of its weights and its layer's routing changes
-    (pruning, which the reference implementation computes with; dropped experts, masked out of its
-    block's router by moec.experts.RoutingMask); the handles of the hooks that mask them."""
+    (pruning, which the reference implementation computes with, or for a module that routes for
+    itself its moec::routes hook; dropped experts, masked out of its block's router by
+    moec.experts.RoutingMask); the handles of the hooks that mask them."""
     from moec.experts import drop_experts
 
     handles = []
     for layer in layers:
         module = model.get_submodule(layer.path)
-        module.moec_spec = dataclasses.replace(layer.spec, **routing.get(layer.layer, {}))
+        change = routing.get(layer.layer, {})
+        if hasattr(module, "moec_routes"):
+            pruning = {name: value for name, value in change.items() if name in PRUNING_FIELDS}
+            module.moec_routes = RoutesSpec(module.moec_routes.layer, module.moec_routes.num_experts, **pruning)
+            change = {name: value for name, value in change.items() if name not in PRUNING_FIELDS}
+            change["sentinel"] = module.moec_routes.prunes
+        module.moec_spec = dataclasses.replace(layer.spec, **change)
         module.moec_quantizers = quantizers
         if module.moec_spec.dropped:
             handles += drop_experts(model.get_submodule(layer.block_path), layer.num_experts, module.moec_spec.dropped)

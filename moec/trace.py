@@ -26,6 +26,7 @@ from moec.errors import MoecError, Unsupported, error_chain
 from moec.linear_attention import (exportable_lightning_attention, exportable_linear_attention,
                                    onnx_gated_delta_rule, onnx_selective_scan)
 from moec.ops import moe as moe_op
+from moec.ops import routes as routes_op
 from moec.passes.name_weights import NameWeightsPass
 from moec.passes.transpose_weights import STORED_AS_IS, TransposeWeightsPass
 from moec.runtime import present_name
@@ -44,6 +45,18 @@ def _onnx_experts(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bia
     """torch.onnx translation of moec::experts: one moec::Experts node."""
     return _experts_onnxscript_op()(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias,
                                     **moe_op.ExpertsSpec(*attrs).attributes())
+
+
+@functools.cache
+def _routes_onnxscript_op():
+    import onnxscript
+
+    return onnxscript.values.Op(onnxscript.values.Opset(moe_op.DOMAIN, 1), routes_op.OP_TYPE, routes_op.op_schema())
+
+
+def _onnx_routes(hidden, top_k_index, top_k_weights, *attrs):
+    """torch.onnx translation of moec::routes: one moec::Routes node."""
+    return _routes_onnxscript_op()(hidden, top_k_index, top_k_weights, **routes_op.RoutesSpec(*attrs).attributes())
 
 
 class KVCacheModel(nn.Module):
@@ -504,6 +517,7 @@ def _trace(model: nn.Module, weights: Mapping[str, Callable[[], np.ndarray]], op
             dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
             dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
             custom_translation_table={torch.ops.moec.experts.default: _onnx_experts,
+                                      torch.ops.moec.routes.default: _onnx_routes,
                                       torch.ops.moec.gated_delta_rule.default: onnx_gated_delta_rule,
                                       torch.ops.moec.selective_scan.default: onnx_selective_scan},
         )

@@ -20,9 +20,10 @@ TRACES_KEPT = 4
 def traced(checkpoint, skeleton, layers, resident):
     """The traced graph of the checkpoint (a copy of it: the passes change it in place) and the
     CheckpointReader its weights read through, reading from `resident` (the caller's stream). Each
-    layer's router k is read off its experts node (top_k_index [T, k])."""
+    layer's router k is read off its experts node (top_k_index [T, k]), or off its Routes node where
+    its experts module routes for itself (and may call the experts once per route)."""
     from moec import trace
-    from moec.ops.moe import OP_TYPE
+    from moec.ops import moe, routes
 
     # the files by name, size and time, not by folder: a copy (time kept) traces as its original
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in checkpoint.weight_files)
@@ -36,7 +37,8 @@ def traced(checkpoint, skeleton, layers, resident):
             _TRACES.pop(next(iter(_TRACES)))
     graph, reader = _TRACES[key]
     reader.resident = resident
-    top_k = {node.attributes["layer"].value: node.inputs[1].shape[1] for node in graph.graph if node.op_type == OP_TYPE}
+    top_k = {node.attributes["layer"].value: node.inputs[1].shape[1] for op_type in (moe.OP_TYPE, routes.OP_TYPE)
+             for node in graph.graph if node.op_type == op_type}
     for layer in layers:
         layer.top_k = top_k[layer.layer]
     return _clone(graph), reader

@@ -15,8 +15,11 @@ Inputs:
 Attributes (`ExpertsSpec`): the layer, the weights' layout (`transposed`; `gate`: "concatenated"
 (gate rows, then up rows), "interleaved" (gate, up, gate, up, ...) or "none"), the activation,
 the layer's dynamic pruning (`beta`, `top_p`, `protect_fraction`, and `keep_experts`, the super
-experts it never drops; see moec.ops.dynamic_gating) and its `dropped` experts (no weights, never
-routed to: the router's scores for them are masked before its top-k, passes/mask_dropped_experts.py).
+experts it never drops; see moec.ops.dynamic_gating), its `dropped` experts (no weights, never
+routed to: the router's scores for them are masked before its top-k, passes/mask_dropped_experts.py)
+and `sentinel`: top_k_index may name expert E, a route to no expert (the sentinel of transformers'
+experts interface), which computes nothing (a moec::Routes node before it prunes routes so:
+moec.ops.routes).
 Activations, with g = gate and u = up (gate-less experts: act(u)):
     silu, gelu, gelu_tanh, relu, relu2   act(g) * u
     clamped_swiglu   (gpt-oss)           g' = min(g, limit), u' = clip(u, ±limit): (u' + 1) g' sigmoid(alpha g')
@@ -71,8 +74,34 @@ def expert_weight_name(layer: int, expert: int, proj: str) -> str:
     return f"layers.{layer}.experts.{expert}.{proj}_proj"
 
 
+class NodeAttributes:
+    """A frozen dataclass stored as a node's attributes."""
+
+    def attributes(self) -> dict:
+        """ONNX attribute values (bools as ints, as ONNX has no bool attribute; tuples as lists, and
+        left out when empty, as an empty list has no ONNX type)."""
+        def value(v):
+            return int(v) if isinstance(v, bool) else list(v) if isinstance(v, tuple) else v
+
+        return {f.name: value(v) for f in dataclasses.fields(self) if (v := getattr(self, f.name)) != ()}
+
+    @classmethod
+    def from_attributes(cls, attrs: dict):
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        return cls(**{k: (bool(v) if kinds[k] == "bool" else v) for k, v in attrs.items() if k in kinds})
+
+    @classmethod
+    def attribute_schemas(cls) -> list:
+        """The fields as `onnx.defs.OpSchema.Attribute`s, for an op schema onnxscript emits nodes by."""
+        from onnx.defs import OpSchema
+
+        kinds = {"int": OpSchema.AttrType.INT, "bool": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT,
+                 "str": OpSchema.AttrType.STRING, "tuple[int, ...]": OpSchema.AttrType.INTS}
+        return [OpSchema.Attribute(f.name, kinds[f.type], f.name) for f in dataclasses.fields(cls)]
+
+
 @dataclass(frozen=True)
-class ExpertsSpec:
+class ExpertsSpec(NodeAttributes):
     """Layout, activation and pruning of one sparse layer's experts; stored as the node's attributes."""
 
     layer: int
@@ -88,6 +117,7 @@ class ExpertsSpec:
     protect_fraction: float = 0.0
     keep_experts: tuple[int, ...] = ()  # never pruned (super experts)
     dropped: tuple[int, ...] = ()       # no weights, never routed to
+    sentinel: bool = False              # top_k_index may name expert E: no expert
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -112,19 +142,6 @@ class ExpertsSpec:
         """The expert's projections: gate, up, down, or just up and down when it has no gate."""
         return PROJECTIONS if self.gate != "none" else PROJECTIONS[1:]
 
-    def attributes(self) -> dict:
-        """ONNX attribute values (bools as ints, as ONNX has no bool attribute; tuples as lists, and
-        left out when empty, as an empty list has no ONNX type)."""
-        def value(v):
-            return int(v) if isinstance(v, bool) else list(v) if isinstance(v, tuple) else v
-
-        return {f.name: value(v) for f in dataclasses.fields(self) if (v := getattr(self, f.name)) != ()}
-
-    @classmethod
-    def from_attributes(cls, attrs: dict) -> "ExpertsSpec":
-        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
-        return cls(**{k: (bool(v) if kinds[k] == "bool" else v) for k, v in attrs.items() if k in kinds})
-
 
 def op_schema():
     """An `onnx.defs.OpSchema` for moec::Experts, which onnxscript needs to emit the node."""
@@ -136,8 +153,6 @@ def op_schema():
         kind = "W" if name in EXPERT_INPUTS else "I" if name == "top_k_index" else "T"
         return OpSchema.FormalParameter(name, kind, param_option=option)
 
-    attr_types = {"int": OpSchema.AttrType.INT, "bool": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT,
-                  "str": OpSchema.AttrType.STRING, "tuple[int, ...]": OpSchema.AttrType.INTS}
     return OpSchema(
         OP_TYPE, DOMAIN, 1,
         doc=__doc__,
@@ -145,7 +160,7 @@ def op_schema():
         outputs=[OpSchema.FormalParameter("output", "T")],
         type_constraints=[("T", FLOATS, "activations"), ("W", FLOATS, "routed expert weights"),
                           ("I", ["tensor(int64)"], "expert indices")],
-        attributes=[OpSchema.Attribute(f.name, attr_types[f.type], f.name) for f in dataclasses.fields(ExpertsSpec)],
+        attributes=ExpertsSpec.attribute_schemas(),
     )
 
 

@@ -4,8 +4,9 @@ Matches: opset 23 RMSNormalization over the last axis (what moec.trace exports),
 subgraphs (Pow, ReduceMean, Add epsilon, Sqrt/Reciprocal, Mul, Mul by the scale) that onnxscript's
 ORT fusion rules recognize, with or without the residual Add before them.
 Produces: SkipSimplifiedLayerNormalization (accumulating in float32, so a large hidden state cannot
-overflow float16 in its square); a norm without an Add before it gets a zero skip, and a per-head
-norm ([batch, sequence, heads, head size]) runs on its rows flattened and is shaped back.
+overflow float16 in its square); a norm without an Add before it gets a zero skip, a per-head
+norm ([batch, sequence, heads, head size]) runs on its rows flattened and is shaped back, and a
+norm scaled per row (Ergo's per-expert norm: a Gather of one scale a route) is scaled after it.
 """
 
 from __future__ import annotations
@@ -33,10 +34,18 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
             x, scale = node.inputs[:2]
             flat = x.shape is None or len(x.shape) not in (2, 3)
             before, after = [], []
+            scale_after = None
+            if scale.shape is None or len(scale.shape) != 1:  # one scale per row (Ergo's per-expert norm)
+                width = next((v.shape[-1] for v in (x, scale) if v.shape is not None and isinstance(v.shape[-1], int)),
+                             None)
+                if width is None:
+                    raise ValueError(f"{node.name}: RMSNorm scaled per row over an axis of unknown size")
+                ones = ir.node("Constant", [], attributes={"value": ir.tensor(np.ones(width, scale.dtype.numpy()))})
+                before, scale_after, scale = [ones], scale, ones.outputs[0]
             if flat:
                 rows = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([-1, scale.shape[-1]]))})
                 shape = ir.node("Shape", [x])
-                before = [rows, shape, ir.node("Reshape", [x, rows.outputs[0]])]
+                before += [rows, shape, ir.node("Reshape", [x, rows.outputs[0]])]
                 x = before[-1].outputs[0]
             zero = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(0, np.float32))})
             skip = ir.node("Mul", [x, zero.outputs[0]])
@@ -45,6 +54,8 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
                            attributes={"epsilon": epsilon}, name=node.name)
             if flat:
                 after = [ir.node("Reshape", [norm.outputs[0], shape.outputs[0]])]
+            if scale_after is not None:
+                after.append(ir.node("Mul", [(after or [norm])[-1].outputs[0], scale_after]))
             ir.convenience.replace_nodes_and_values(model.graph, node, [node], [*before, zero, skip, norm, *after],
                                                     node.outputs[:1], (after or [norm])[-1].outputs[:1])
         return ir.passes.PassResult(model, modified=bool(fused) or bool(simplified))

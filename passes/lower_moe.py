@@ -7,6 +7,7 @@ Produces, in its place:
     input `prune_experts` (bool, default true), so pruning can be switched off at run time;
   - a graph output `expert_activations.{layer}`: the (token, expert) pairs the layer computed
     (`expert_activations.pass{n}.{layer}` for the n-th further pass of a looped layer);
+  - with `sentinel`, a route naming expert E (no expert) computed by none;
   - the (expert, token) pairs routed and kept, expert-major (one NonZero on the routing mask), their
     hidden rows gathered once and Split by expert (sizes known only at run time);
   - per expert e: gate/up/down MatMuls on just its rows with expert e's own initializers
@@ -111,7 +112,7 @@ def expert_slice(stacked: _StackedArrays, expert: int, proj: str, spec: ExpertsS
     return ir.LazyTensor(lambda: ir.tensor(array().astype(dtype.numpy(), copy=False)), dtype=dtype, shape=shape)
 
 
-class _Builder:
+class Builder:
     """A tape with constant helpers; nodes are named under `prefix`."""
 
     def __init__(self, graph: ir.Graph | None, prefix: str, tag: str = "", main: ir.Graph | None = None):
@@ -147,8 +148,8 @@ class _Builder:
         return self.tape.initializer(tensor, name=name)
 
 
-def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, weights: ir.Value, indices: ir.Value, spec: ExpertsSpec,
-            num_experts: int, hidden_size: int) -> tuple[ir.Value, ir.Value]:
+def dynamic_gating(b: Builder, model: ir.Model, hidden: ir.Value, weights: ir.Value, indices: ir.Value,
+                   spec: ExpertsSpec, num_experts: int, hidden_size: int) -> tuple[ir.Value, ir.Value]:
     """A moec.DynamicGating call for the layer's pruning: (kept weights, keep) [T, k]. Importance is
     the L1 norm of each token's hidden state (as a MatMul with ones: onnxruntime's reductions return
     wrong shapes for zero tokens). It reads the graph's run-time switch PRUNE_SWITCH."""
@@ -158,6 +159,14 @@ def _gating(b: _Builder, model: ir.Model, hidden: ir.Value, weights: ir.Value, i
     return b.op_multi(GATING_OP_TYPE, weights, indices, importance, _prune_switch(model.graph), keep_experts,
                       num_outputs=2, domain=DOMAIN, beta=spec.beta, top_p=spec.top_p,
                       protect_fraction=spec.protect_fraction)
+
+
+def add_gating_function(model: ir.Model) -> None:
+    """The moec.DynamicGating function (and the moec opset), where a node calls it."""
+    if any(n.domain == DOMAIN and n.op_type == GATING_OP_TYPE for n in model.graph):
+        function = ir.serde.deserialize_function(function_proto())
+        model.functions[function.identifier()] = function
+        model.opset_imports.setdefault(DOMAIN, 1)
 
 
 def _prune_switch(graph: ir.Graph) -> ir.Value:
@@ -175,7 +184,7 @@ def _prune_switch(graph: ir.Graph) -> ir.Value:
     return switch
 
 
-def _expert(b: _Builder, x: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec, expert: int, dtype: ir.DataType):
+def _expert(b: Builder, x: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec, expert: int, dtype: ir.DataType):
     """The expert's projections and activation on its tokens x [n, H] of `dtype`."""
     def linear(inp, proj):
         name = expert_weight_name(spec.layer, expert, proj)
@@ -223,7 +232,7 @@ def _expert(b: _Builder, x: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec
     return linear(hidden, "down")
 
 
-def _sorted_by_expert(b: _Builder, hidden: ir.Value, routed: ir.Value, dense_weights: ir.Value,
+def _sorted_by_expert(b: Builder, hidden: ir.Value, routed: ir.Value, dense_weights: ir.Value,
                       dense_ranks: ir.Value, num_experts: int):
     """The (expert, token) pairs to compute, expert-major as NonZero lists them: each pair's
     (token, rank in the token's top-k) [n, 2], hidden row [n, H] and routing weight [n, 1], and
@@ -244,7 +253,7 @@ def _sorted_by_expert(b: _Builder, hidden: ir.Value, routed: ir.Value, dense_wei
     return slots, rows, weights, counts
 
 
-def _routed_experts(b: _Builder, experts: range, rows: list[ir.Value], stacked: _StackedArrays, spec: ExpertsSpec,
+def _routed_experts(b: Builder, experts: range, rows: list[ir.Value], stacked: _StackedArrays, spec: ExpertsSpec,
                     skipped: set[int], dtype: ir.DataType) -> list[ir.Value]:
     """Each expert's output on its own rows (one Split output each); `skipped` ones (dropped, or
     computed by QMoE) have none."""
@@ -257,14 +266,14 @@ def _routed_experts(b: _Builder, experts: range, rows: list[ir.Value], stacked: 
     return outputs
 
 
-def _routed_experts_subgraph(b: _Builder, graph: ir.Graph, experts: range, rows: list[ir.Value], counts: ir.Value,
+def _routed_experts_subgraph(b: Builder, graph: ir.Graph, experts: range, rows: list[ir.Value], counts: ir.Value,
                              stacked: _StackedArrays, spec: ExpertsSpec, skipped: set[int],
                              dtype: ir.DataType) -> ir.Value:
     """The experts' outputs, concatenated, as the then-branch of an If that runs only when some token
     is routed to one of these experts (else all their rows are empty, and so is the output). Why:
     onnxruntime's session creation grows about quadratically with the nodes of one graph (128
     experts x 8 layers: 46 s flat, 8 s with a subgraph per layer), while a subgraph is planned on its own."""
-    inner = _Builder(None, b.prefix, b.tag, main=graph)
+    inner = Builder(None, b.prefix, b.tag, main=graph)
     inner.count = b.count
     outputs = _routed_experts(inner, experts, rows, stacked, spec, skipped, dtype)
     result = inner.op("Concat", *outputs, axis=0)
@@ -373,7 +382,7 @@ QMOE_INPUTS = ("fc1.q", "fc1.scales", "fc1.bias", "fc2.q", "fc2.scales", "fc2.bi
                "fc2.zero_points")
 
 
-def _qmoe(b: _Builder, hidden: ir.Value, dense_weights: ir.Value, top_k: int,
+def _qmoe(b: Builder, hidden: ir.Value, dense_weights: ir.Value, top_k: int,
           stacked: _StackedArrays, spec: ExpertsSpec, experts: list[int], fused: FusedExperts, bits: int,
           block: int) -> ir.Value:
     """One com.microsoft.QMoE over `experts` (one width), given the layer's kept routing weights
@@ -409,7 +418,7 @@ def _qmoe(b: _Builder, hidden: ir.Value, dense_weights: ir.Value, top_k: int,
     return out
 
 
-def _per_expert(b: _Builder, graph: ir.Graph, hidden: ir.Value, indices: ir.Value, zeros: ir.Value,
+def _per_expert(b: Builder, graph: ir.Graph, hidden: ir.Value, indices: ir.Value, zeros: ir.Value,
                 dense_selected: ir.Value, dense_weights: ir.Value, stacked: _StackedArrays, spec: ExpertsSpec,
                 skipped: set[int], dtype: ir.DataType, experts_per_subgraph: int | None) -> ir.Value:
     """The sum [T, H] (float32) of the routed experts computed one by one, but for `skipped` (never
@@ -462,7 +471,7 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     inputs = moe_inputs(node)
     stacked = _StackedArrays({name: const_tensor(inputs[name]) for name in INPUT_NAMES[3:]})
     num_experts, hidden_size, _ = stacked.dims(spec)
-    b = _Builder(graph, f"layers.{spec.layer}.moe", f".pass{repeat}" if repeat else "")
+    b = Builder(graph, f"layers.{spec.layer}.moe", f".pass{repeat}" if repeat else "")
     hidden, indices = inputs["hidden"], inputs["top_k_index"]
     dtype = hidden.dtype or ir.DataType.FLOAT
 
@@ -471,9 +480,16 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
         return value if dtype == ir.DataType.FLOAT else b.op("Cast", value, to=ir.DataType.FLOAT)
 
     hidden32, weights = float32(hidden), b.op("Cast", inputs["top_k_weights"], to=ir.DataType.FLOAT)
+    real = None
+    if spec.sentinel:  # a route to expert E goes nowhere: computed by none, as one to expert E - 1 at weight 0
+        real = b.op("Less", indices, b.const(np.array(num_experts, np.int64)))
+        clamped = b.op("Min", indices, b.const(np.array(num_experts - 1, np.int64)))
+        clamped.type, clamped.shape, indices = indices.type, indices.shape, clamped
     keep = None
     if spec.prunes:
-        weights, keep = _gating(b, model, hidden32, weights, indices, spec, num_experts, hidden_size)
+        weights, keep = dynamic_gating(b, model, hidden32, weights, indices, spec, num_experts, hidden_size)
+    if real is not None:
+        keep = real if keep is None else b.op("And", keep, real)
     tokens_by_experts = b.op("Concat", b.op("Shape", hidden, end=1), b.const(np.array([num_experts], np.int64)),
                              axis=0)
     zeros = b.op("ConstantOfShape", tokens_by_experts, value=ir.tensor(np.zeros(1, np.float32)))
@@ -495,7 +511,9 @@ def lower_moe_node(model: ir.Model, node: ir.Node, experts_per_subgraph: int | N
     if len(skipped) < num_experts:
         if selected is None:
             selected = b.op("Expand", b.const(np.float32(1)), b.op("Shape", indices))
-        rest = b.op("ScatterElements", zeros, indices, selected, axis=1)  # [T, E]: 1 where computed
+        # [T, E]: 1 where computed (a route to no expert, at 0, may share its row with one to expert E - 1)
+        rest = b.op("ScatterElements", zeros, indices, selected, axis=1,
+                    **({} if real is None else {"reduction": "max"}))
         if fused_experts:
             unfused = np.isin(np.arange(num_experts), sorted(fused_experts), invert=True)
             rest = b.op("Mul", rest, b.const(unfused.astype(np.float32)))
@@ -537,10 +555,7 @@ class LowerMoEPass(ir.passes.InPlacePass):
             lower_moe_node(model, node, self.experts_per_subgraph, self.fused, lowered[layer])
             lowered[layer] += 1
         if nodes:
-            if any(n.domain == DOMAIN and n.op_type == GATING_OP_TYPE for n in model.graph):
-                function = ir.serde.deserialize_function(function_proto())
-                model.functions[function.identifier()] = function
-            model.opset_imports.setdefault(DOMAIN, 1)
+            add_gating_function(model)
             if any(n.op_type == "QMoE" for n in model.graph):
                 model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified=bool(nodes))

@@ -39,6 +39,7 @@ def _passes(target: Target, specs, routing) -> list:
     from moec.passes.group_query_attention import GroupQueryAttentionPass
     from moec.passes.logits_to_keep import LogitsToKeepPass
     from moec.passes.lower_moe import FusedExperts, LowerMoEPass
+    from moec.passes.lower_routes import LowerRoutesPass
     from moec.passes.matmul_nbits import MatMulNBitsPass
     from moec.passes.mask_dropped_experts import MaskDroppedExpertsPass
     from moec.passes.merge_sibling_products import MergeSiblingProductsPass
@@ -46,7 +47,7 @@ def _passes(target: Target, specs, routing) -> list:
 
     fused = FusedExperts(specs, QMOE_WIDTHS, target.accuracy_level, QMOE_MIN_EXPERTS)
     return [LogitsToKeepPass(), GroupQueryAttentionPass(), RoutingAttributesPass(routing), MaskDroppedExpertsPass(),
-            LowerMoEPass(EXPERTS_PER_SUBGRAPH, fused),
+            LowerRoutesPass(), LowerMoEPass(EXPERTS_PER_SUBGRAPH, fused),
             MatMulNBitsPass(specs, target.accuracy_level), MergeSiblingProductsPass(), GatherBlockQuantizedPass(specs),
             common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]
 

@@ -25,12 +25,13 @@ def _passes(target: Target, specs, routing) -> list:
     from moec.passes.fuse_rms_norm import FuseRMSNormPass
     from moec.passes.logits_to_keep import LogitsToKeepPass
     from moec.passes.lower_moe import LowerMoEPass
+    from moec.passes.lower_routes import LowerRoutesPass
     from moec.passes.matmul_nbits import MatMulNBitsPass
     from moec.passes.mask_dropped_experts import MaskDroppedExpertsPass
     from moec.passes.routing_attributes import RoutingAttributesPass
 
     return [FuseRMSNormPass(), Float16Pass(), LogitsToKeepPass(), RoutingAttributesPass(routing),
-            MaskDroppedExpertsPass(), LowerMoEPass(), MatMulNBitsPass(specs, target.accuracy_level),
+            MaskDroppedExpertsPass(), LowerRoutesPass(), LowerMoEPass(), MatMulNBitsPass(specs, target.accuracy_level),
             common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass(), common.ClearMetadataAndDocStringPass()]
 
 

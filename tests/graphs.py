@@ -6,6 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from moec.ops.moe import DOMAIN, INPUT_NAMES, OP_TYPE, ExpertsSpec
+from moec.ops.routes import OP_TYPE as ROUTES_OP_TYPE
+from moec.ops.routes import RoutesSpec
 
 FLOAT = ir.DataType.FLOAT
 
@@ -26,9 +28,10 @@ def model(inputs, nodes, outputs, initializers=(), opsets=None) -> ir.Model:
 
 
 def moe_layers(layers: list[int], hidden: int = 8, inter: int = 6, experts: int = 4, k: int = 2,
-               seed: int = 0) -> ir.Model:
+               seed: int = 0, own_routes: bool = False) -> ir.Model:
     """A graph of sparse layers in a row, each a router (MatMul → TopK → Softmax) feeding one
-    moec::Experts node, concatenated gate/up weights as initializers."""
+    moec::Experts node, concatenated gate/up weights as initializers; with `own_routes`, through a
+    moec::Routes node (as an experts module that routes for itself is traced)."""
     rng = np.random.default_rng(seed)
     x = value("x", ["T", hidden])
     nodes, inits, current = [], [], x
@@ -43,7 +46,14 @@ def moe_layers(layers: list[int], hidden: int = 8, inter: int = 6, experts: int 
         logits = ir.node("MatMul", [current, router], name=f"layers.{layer}.router/MatMul")
         top = ir.node("TopK", [logits.outputs[0], k_value], num_outputs=2, name=f"layers.{layer}.router/TopK")
         weights = ir.node("Softmax", [top.outputs[0]], attributes={"axis": -1}, name=f"layers.{layer}.router/Softmax")
-        inputs = {"hidden": current, "top_k_index": top.outputs[1], "top_k_weights": weights.outputs[0],
+        routing = [top.outputs[1], weights.outputs[0]]
+        if own_routes:
+            routes = ir.node(ROUTES_OP_TYPE, [current, *routing], attributes=RoutesSpec(layer, experts).attributes(),
+                             domain=DOMAIN, num_outputs=2, name=f"layers.{layer}.routes")
+            for out, dtype in zip(routes.outputs, (ir.DataType.INT64, FLOAT)):
+                out.dtype, out.shape = dtype, ir.Shape(["T", k])
+            routing = list(routes.outputs)
+        inputs = {"hidden": current, "top_k_index": routing[0], "top_k_weights": routing[1],
                   "gate_up": gate_up, "down": down}
         experts_node = ir.node(OP_TYPE, [inputs.get(name) for name in INPUT_NAMES[:5]],
                                attributes=ExpertsSpec(layer=layer).attributes(), domain=DOMAIN,
@@ -56,7 +66,7 @@ def moe_layers(layers: list[int], hidden: int = 8, inter: int = 6, experts: int 
         logits.outputs[0].shape = ir.Shape(["T", experts])
         for out in top.outputs:
             out.shape = ir.Shape(["T", k])
-        nodes += [logits, top, weights, experts_node]
+        nodes += [logits, top, weights, *([routes] if own_routes else []), experts_node]
         current = experts_node.outputs[0]
     current.name = "y"
     return model([x], nodes, [current], inits, {DOMAIN: 1})

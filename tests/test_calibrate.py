@@ -13,7 +13,6 @@ from moec.calibrate import calibrate
 from moec.text import token_windows
 from moec.checkpoint import open_checkpoint
 from moec.cli import main
-from moec.errors import MoecError
 from moec.planner import PlanError, make_plan, save_plan
 from moec.pruning import plan_pruning
 from moec.quant import fake_quantize
@@ -31,11 +30,7 @@ def text_file(tmp_path_factory):
     return path
 
 
-# Ergo's experts module calls the experts interface once per route (its hidden states repeated k
-# times, top-1, each route normed by its expert before the weighted sum): the graph's experts node
-# is top-1, while calibrate reads the module's own top-k call, so a plan that prunes it is refused at
-# compile (moec cannot prune inside that node yet)
-@pytest.mark.parametrize("arch", families([arch for arch in SUPPORTED if arch != "ergo"]))
+@pytest.mark.parametrize("arch", families())
 def test_calibrate_then_plan_every_family(arch, tmp_path, text_file, compiled, monkeypatch):
     """Calibrate, plan mixed 2/4/8-bit widths and 0.15 dynamic pruning (beta in some layers, top-p in
     others) with a super expert kept and an expert dropped, compile, verify and run: the whole

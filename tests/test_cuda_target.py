@@ -68,11 +68,12 @@ def test_float16_artifact_on_cpu_matches_the_cpu_artifact(sample_artifact, sampl
     assert [int(t[0]) for t in generate(gpu_build, [prompts[0]], 16)] == expected and len(set(expected)) > 1
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss", "qwen3_next", "deepseek_v4"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss", "qwen3_next", "deepseek_v4", "ergo"])
 def test_float16_artifact_of_other_layouts_matches_cpu(compiled, arch, tmp_path):
     """Shared experts, sigmoid scoring with a score bias, expert biases with a clamped SwiGLU,
     linear attention whose recurrence (a Scan) and state stay float32, compressed attention's
-    window buffers and entries carried in float16 (DeepSeek-V4)."""
+    window buffers and entries carried in float16 (DeepSeek-V4), a norm scaled per route (Ergo's
+    per-expert norm)."""
     c = compiled(arch)
     moec.compile(c.model_dir, tmp_path / "cuda", target="cuda", progress=False)
     # prompts without a near-tied routing decision: float16 rounding of the router's input may flip

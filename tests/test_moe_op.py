@@ -161,6 +161,34 @@ def test_a_dropped_expert_a_router_still_names_at_weight_0_is_not_computed():
                                stacked_reference(hidden, index, routing, **weights, spec=spec), rtol=1e-4, atol=1e-4)
 
 
+def test_a_route_to_no_expert_is_computed_by_none():
+    """With `sentinel`, a route naming expert E (what moec::Routes writes for a route it drops) is
+    computed by no expert, whatever its weight, also where the token's other route names expert
+    E - 1 (the one the lowering clamps it to); the layer counts only the routes it computed."""
+    import dataclasses
+
+    from moec.ops.moe import ACTIVATIONS_OUTPUT
+
+    spec = dataclasses.replace(SPECS["silu"], sentinel=True)
+    rng = np.random.default_rng(13)
+    weights = random_weights(rng, spec)
+    hidden = rng.normal(size=(8, H)).astype(np.float32)
+    index, routing = random_routing(rng, 8)
+    index[::2, -1] = E
+    index[1, :2] = [E - 1, E]
+    model = experts_graph(spec, weights)
+    LowerMoEPass()(model)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got, computed = session.run(["output", f"{ACTIVATIONS_OUTPUT}.0"],
+                                {"hidden": hidden, "top_k_index": index, "top_k_weights": routing})
+    expected = stacked_reference(hidden, index, routing, **weights, spec=spec)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert computed == (index < E).sum() < index.size
+    skipped = np.where(index < E, index, 0), np.where(index < E, routing, 0)  # as routes to expert 0 at weight 0
+    np.testing.assert_allclose(expected, stacked_reference(hidden, *skipped, **weights, spec=SPECS["silu"]),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_lowering_upcasts_experts_stored_in_bf16():
     """Expert weights held in the checkpoint's bf16 are lowered to fp32 initializers, one expert at
     a time, computing exactly what the fp32 upcast weights compute."""

@@ -119,37 +119,58 @@ def test_bad_pruning_sections_are_refused_naming_the_field(pruning, message):
     assert message in str(error.value) and "pruning" in str(error.value)
 
 
-@pytest.fixture(scope="module")
-def pruned(compiled, tmp_path_factory):
-    """The tiny Mixtral with its layer 1 (of 2) pruned at beta 0.9, in float: (artifact, model_dir, text)."""
+def _pruned(model, tmp_path_factory):
+    """A family's tiny model (a conftest Compiled) with its layer 1 pruned at beta 0.9, in float:
+    (artifact, model_dir, text)."""
     import moec
 
     root = tmp_path_factory.mktemp("pruned")
-    model_dir = compiled("mixtral").model_dir
+    rows = [None] * model.model.config.num_hidden_layers
+    for layer in model.record["moe_layers"]:
+        rows[layer["layer"]] = ["float"] * layer["num_experts"]
     plan = root / "plan.json"
-    save_plan(float_plan(2, 4, {"layers": [{"layer": 1, "beta": 0.9}], "protect_fraction": 0.0}), plan)
-    moec.compile(model_dir, root / "artifact", plan=plan, progress=False)
+    save_plan({**float_plan(0, 0, {"layers": [{"layer": 1, "beta": 0.9}], "protect_fraction": 0.0}),
+               "experts": {"bits": rows}}, plan)
+    moec.compile(model.model_dir, root / "artifact", plan=plan, progress=False)
     text = root / "text.txt"
     text.write_text("def pruned(x):\n    return [y * 2 for y in x if y]\n" * 40)
-    return root / "artifact", model_dir, text
+    return root / "artifact", model.model_dir, text
 
 
-def test_pruned_artifact_is_verified_against_the_pruned_reference(pruned):
-    artifact, _, _ = pruned
+@pytest.fixture(scope="module")
+def pruned(compiled, tmp_path_factory):
+    """The tiny Mixtral with its layer 1 (of 2) pruned at beta 0.9, in float: (artifact, model_dir, text)."""
+    return _pruned(compiled("mixtral"), tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pruned_of(compiled, tmp_path_factory):
+    """pruned_of(arch): `pruned` of another family, made once."""
+    made = {}
+    return lambda arch: made.get(arch) or made.setdefault(arch, _pruned(compiled(arch), tmp_path_factory))
+
+
+# Ergo's experts module routes for itself (the experts interface once per route, top-1 at weight 1,
+# each route normed by its expert before its routing weight): its pruning is a moec::Routes node on
+# the module's own routing (moec.ops.routes). Its layer 0 is dense, 1 and 2 have top-2 experts.
+@pytest.mark.parametrize("arch", ["mixtral", "ergo"])
+def test_pruned_artifact_is_verified_against_the_pruned_reference(arch, pruned_of):
+    artifact, _, _ = pruned_of(arch)
     record = json.loads((artifact / "moec.json").read_text())
     assert record["verification"]["max_abs_logit_diff"] < 1e-4
     assert "pruned layers" in record["verification"]["against"]
     assert record["pruning"]["layers"] == [{"layer": 1, "beta": 0.9}] and "L1 norm" in record["pruning"]["importance"]
 
 
-def test_eval_counts_pruned_activations_and_the_switch_restores_the_model(pruned):
-    artifact, model_dir, text = pruned
+@pytest.mark.parametrize("arch", ["mixtral", "ergo"])
+def test_eval_counts_pruned_activations_and_the_switch_restores_the_model(arch, pruned_of):
+    artifact, model_dir, text = pruned_of(arch)
     on = evaluate(artifact, text, samples=4, seq_len=32)
     off = evaluate(artifact, text, samples=4, seq_len=32, prune=False)
     model = evaluate(model_dir, text, samples=4, seq_len=32)
     # layer 1 of 2 prunes: at most half of the second experts of its tokens go
     assert 0 < on["pruned_fraction"] <= 0.25 and on["expert_activations"] < on["top_k_activations"]
-    assert on["top_k_activations"] == 2 * 2 * 4 * 32  # layers x top-k x tokens
+    assert on["top_k_activations"] == 2 * 2 * 4 * 32  # MoE layers x top-k x tokens
     assert off["pruned_fraction"] == 0 and off["expert_activations"] == off["top_k_activations"]
     assert off["perplexity"] == pytest.approx(model["perplexity"], rel=1e-5)
     assert on["perplexity"] != pytest.approx(off["perplexity"], rel=1e-6)

@@ -83,6 +83,25 @@ def test_a_norm_after_a_residual_add_takes_it_as_its_skip():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_norm_scaled_per_row_is_scaled_after_the_fused_norm():
+    """Ergo norms each route's output by its expert: the scale is a Gather of one row a route, which
+    the fused op cannot take (its gamma is one vector); it multiplies the fused norm's output."""
+    x, rows = value("x", ["N", 8]), value("expert", ["N"], ir.DataType.INT64)
+    bank = initializer("norm.weight", np.random.default_rng(2).uniform(0.5, 1.5, (3, 8)).astype(np.float32))
+    gather = ir.node("Gather", [bank, rows])
+    gather.outputs[0].name, gather.outputs[0].dtype = "scale", ir.DataType.FLOAT
+    gather.outputs[0].shape = ir.Shape(["N", 8])
+    nodes, constants = [gather], [bank]
+    out = rms_norm(x, gather.outputs[0], nodes, constants)
+    m = model([x, rows], nodes, [out], constants, {"com.microsoft": 1})
+    assert FuseRMSNormPass()(m).modified
+    assert [n.op_type for n in m.graph if n.domain == "com.microsoft"] == ["SkipSimplifiedLayerNormalization"]
+    rng = np.random.default_rng(3)
+    data, experts = rng.normal(size=(5, 8)).astype(np.float32), np.array([2, 0, 1, 2, 0])
+    np.testing.assert_allclose(run(m, {"x": data, "expert": experts}),
+                               expected(data, bank.const_value.numpy()[experts]), rtol=1e-5, atol=1e-5)
+
+
 def test_a_graph_without_a_norm_is_unchanged():
     x = value("x", ["B", 8])
     node = ir.node("Relu", [x])
