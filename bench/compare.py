@@ -13,7 +13,8 @@ warm-up; every system is measured in each of the rounds, round-robin, and its fa
     corpus (as many windows of 256 tokens as moec calibrates on, `--samples`);
   - with `--ik-tools BUILD/bin`, ik_llama.cpp (its own `llama-quantize` from the F16 GGUF to IQ2_K,
     IQ2_KS, IQ3_K, Q2_K, Q3_K_S, Q4_K_M, timed by its `llama-bench -rtr 1 -fmoe 1`); a model whose
-    architecture it lacks gets a line saying so;
+    architecture it lacks gets a line saying so, and with `--llama-tools` too a line says whether its F16
+    computes the model as mainline's does (KL divergence on mainline's own tokens);
   - mobius-onnx (PyPI, Microsoft's ONNX GenAI model builder): `mobius build --config DIR OUT --ep cpu
     --optimize --dtype f32` (GroupQueryAttention, SkipSimplifiedLayerNormalization), run by plain
     onnxruntime. In float32: it quantizes only checkpoints that arrive quantized (a
@@ -67,6 +68,9 @@ GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M", "Q8_0")
 IMATRIX_TYPES = ("IQ2_XS", "IQ3_XXS")  # i-quants: they need an importance matrix (from moec's calibration corpus)
 IK_TYPES = ("IQ2_K", "IQ2_KS", "IQ3_K", "Q2_K", "Q3_K_S", "Q4_K_M")
 IK_OPTIONS = ("-rtr", "1", "-fmoe", "1")  # run-time repacking and fused MoE, as ik_llama.cpp's users run it
+# ik's F16 this close to mainline's computes the same model (a dense Llama: 3e-6 nats; ik 8337e4cd3 on Mixtral,
+# whose MoE layers add the normed input for the residual: 0.29 on the random bench model, 5.6 on a trained one)
+IK_SAME_MODEL_KLD = 1e-3
 EXPERT_NAME = re.compile(r"\.experts\.")
 EMBEDDING_NAME = re.compile(r"embed_tokens")
 
@@ -327,7 +331,13 @@ def compare(name: str, args) -> dict:
             systems.append(({"system": f"llama.cpp {kind}, llama-bench",
                              "active_bytes": llamacpp.active_bytes(gguf, top_k, experts)},
                             functools.partial(bench, args.llama_tools, gguf)))
-    unavailable = []
+    unavailable, ik_check = [], None
+    if args.ik_tools and args.llama_tools:  # does ik compute this model as mainline does? (bench/peer_quality.py)
+        from moec.text import DEFAULT_CORPUS
+
+        base = llamacpp.kl_base(args.llama_tools, ggufs["F16"], DEFAULT_CORPUS, workdir / "gguf" / "mainline-F16.kld",
+                                chunks=args.samples)
+        ik_check = llamacpp.kl_divergence(args.ik_tools, ggufs["F16"], base)
     for kind in IK_TYPES if args.ik_tools else ():
         try:
             gguf = llamacpp.quantize_with(args.ik_tools, ggufs["F16"], kind, workdir / "gguf" / f"ik-{kind}.gguf")
@@ -376,7 +386,7 @@ def compare(name: str, args) -> dict:
         rows.append(row | best | {"decode_tok_s_rounds": [m["decode_tok_s"] for m in measured],
                                   "prefill_tok_s": max(m["prefill_tok_s"] for m in measured)})
     return {"model": name, "config": spec["args"], "rows": rows, "unavailable": sorted(set(unavailable)),
-            "runtime_unchanged": runtime_unchanged(artifacts[8])}
+            "ik_f16_against_mainline": ik_check, "runtime_unchanged": runtime_unchanged(artifacts[8])}
 
 
 def table(result: dict, machine: dict) -> str:
@@ -389,6 +399,11 @@ def table(result: dict, machine: dict) -> str:
                      + (f"{row['active_bytes'] / 2**20:.1f} | {row['bandwidth_fraction']:.0%} |" if row["active_bytes"]
                         else "n/a | n/a |"))
     lines += [f"\n{line}" for line in result["unavailable"]]
+    if (ik := result.get("ik_f16_against_mainline")) is not None:
+        verdict = "computes the model as mainline does" if ik["mean_kld"] < IK_SAME_MODEL_KLD else \
+            "computes ANOTHER model here: its rows are speed, not this model's"
+        lines.append(f"\nik_llama.cpp's F16 against mainline's on mainline's tokens: {ik['mean_kld']:.2e} nats "
+                     f"mean KL, top token agreeing {ik['same_top_pct']:.1f}%: it {verdict}")
     check = result["runtime_unchanged"]
     lines.append(f"\n8-bit artifact, moec's runtime (IO binding, tuned session options) vs plain onnxruntime: "
                  f"{check['tokens']} greedy tokens {'identical' if check['identical'] else 'DIFFERENT'}, "

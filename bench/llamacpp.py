@@ -9,6 +9,7 @@ fetched with pip and unpacked into the work folder once.
 import ctypes
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -152,6 +153,27 @@ def run_tool(*argv) -> str:
         raise RuntimeError(f"{Path(argv[0]).name} failed ({done.returncode}): {reason.strip(' X')}\n"
                            f"{done.stderr[-3000:]}")
     return done.stdout
+
+
+def kl_base(tools: Path, f16: Path, text: Path, out: Path, chunks: int | None = None) -> Path:
+    """Mainline's tokens and logits of `text` (its first `chunks` windows of 256, or all: the file holds every
+    logit: 16 windows of a 32,000-token vocabulary take 0.13 GB) by the `llama-perplexity` in `tools`: the base
+    that kl_divergence scores any engine's GGUF against (reused when `out` exists)."""
+    limit = () if chunks is None else ("--chunks", chunks)
+    return _timed("kl base", out, lambda tmp: run_tool(tools / "llama-perplexity", "-m", f16, "-f", text, "-c", 256,
+                                                       "-t", 2, *limit, "--kl-divergence-base", tmp))
+
+
+def kl_divergence(tools: Path, gguf: Path, base: Path) -> dict:
+    """`gguf` run by the `llama-perplexity` in `tools` on the base's own tokens: its perplexity rise over the
+    base, mean KL divergence (nats) and how often it agrees on the top token. An engine's F16 ~0 nats from
+    mainline's computes the model as mainline does."""
+    out = run_tool(tools / "llama-perplexity", "-m", gguf, "--kl-divergence-base", base, "--kl-divergence", "-c", 256,
+                   "-t", 2)
+    log_ratio = float(re.search(r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*(-?[\d.]+)", out)[1])
+    return {"rise_pct": round(100 * (math.exp(log_ratio) - 1), 2),
+            "mean_kld": float(re.search(r"Mean\s+KLD:\s*(-?[\d.]+)", out)[1]),
+            "same_top_pct": float(re.search(r"Same top p:\s*([\d.]+)", out)[1])}
 
 
 def quantize_with(tools: Path, f16: Path, kind: str, out: Path) -> Path:

@@ -6,30 +6,19 @@ tokens and logits, a peer's F16 that computes the model as mainline does is ~0 n
 far from it computes another model, and its rises say nothing. The first row says which.
 
     python bench/peer_quality.py F16.gguf --data held-out.txt --llama-tools LLAMA/bin \
-        [--ik-tools IK/bin [--ik-types IQ2_KS,IQ2_K,Q2_K,IQ3_K,Q3_K_S]] [--gguf X.gguf ...] [--workdir DIR]
+        [--ik-tools IK/bin [--ik-types IQ2_KS,IQ2_K,Q2_K,IQ3_K,Q3_K_S]] [--gguf X.gguf ...] [--chunks N]
+        [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llamacpp  # noqa: E402
-
-
-def kl_divergence(tools: Path, gguf: Path, base: Path) -> dict:
-    """A GGUF scored by the `llama-perplexity` in `tools` against the base file: rise and mean KL."""
-    out = llamacpp.run_tool(tools / "llama-perplexity", "-m", gguf, "--kl-divergence-base", base, "--kl-divergence",
-                            "-c", 256, "-t", 2)
-    log_ratio = float(re.search(r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*(-?[\d.]+)", out)[1])
-    return {"rise_pct": round(100 * (math.exp(log_ratio) - 1), 2),
-            "mean_kld": float(re.search(r"Mean\s+KLD:\s*(-?[\d.]+)", out)[1]),
-            "same_top_pct": float(re.search(r"Same top p:\s*([\d.]+)", out)[1])}
 
 
 def main() -> None:
@@ -40,21 +29,20 @@ def main() -> None:
     parser.add_argument("--ik-tools", type=Path, help="ik_llama.cpp's build/bin: its F16 and its own quants")
     parser.add_argument("--ik-types", default="IQ2_KS,IQ2_K,Q2_K,IQ3_K,Q3_K_S")
     parser.add_argument("--gguf", type=Path, nargs="*", default=[], help="more GGUFs, scored by mainline")
+    parser.add_argument("--chunks", type=int, help="score the first N windows of 256 tokens (default: all)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moec-peer-quality"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    base = args.workdir / "base.kld"
-    if not base.exists():
-        llamacpp.run_tool(args.llama_tools / "llama-perplexity", "-m", args.f16, "-f", args.data, "-c", 256, "-t", 2,
-                          "--kl-divergence-base", base)
+    base = llamacpp.kl_base(args.llama_tools, args.f16, args.data, args.workdir / "base.kld", args.chunks)
     rows = [("mainline", gguf, args.llama_tools) for gguf in args.gguf]
     if args.ik_tools:
         rows.insert(0, ("ik_llama.cpp", args.f16, args.ik_tools))
-        rows += [("ik_llama.cpp", llamacpp.quantize_with(args.ik_tools, args.f16, kind, args.workdir / f"ik-{kind}.gguf"),
-                  args.ik_tools) for kind in args.ik_types.split(",")]
+        rows += [("ik_llama.cpp", llamacpp.quantize_with(args.ik_tools, args.f16, kind,
+                                                         args.workdir / f"ik-{kind}.gguf"), args.ik_tools)
+                 for kind in args.ik_types.split(",")]
     print("| engine | GGUF | MiB | rise | mean KL (nats) | same top |\n|---|---|---|---|---|---|")
     for engine, gguf, tools in rows:
-        score = kl_divergence(tools, gguf, base)
+        score = llamacpp.kl_divergence(tools, gguf, base)
         print(f"| {engine} | {gguf.name} | {gguf.stat().st_size / 2**20:.2f} | {score['rise_pct']:+.2f}% | "
               f"{score['mean_kld']:.6f} | {score['same_top_pct']:.1f}% |", flush=True)
 
