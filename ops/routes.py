@@ -57,10 +57,10 @@ def pruned_routes(hidden, top_k_index, top_k_weights, spec: RoutesSpec) -> tuple
     """What a Routes node computes: (top_k_index, top_k_weights)."""
     from moec.ops.dynamic_gating import importance, prune
 
-    hidden = np.asarray(hidden, np.float32)
     if not spec.prunes:
         return np.asarray(top_k_index), np.asarray(top_k_weights, np.float32)
-    weights, keep = prune(np.asarray(top_k_weights, np.float32), spec, importance(hidden), top_k_index=top_k_index)
+    weights, keep = prune(np.asarray(top_k_weights, np.float32), spec, importance(np.asarray(hidden, np.float32)),
+                          top_k_index=top_k_index)
     return np.where(keep, top_k_index, spec.num_experts), weights
 
 
