@@ -5,9 +5,10 @@ llama.cpp's F16 GGUF).
 
 Every system scores the same token windows (the checkpoint's own tokenizer; llama.cpp is fed the
 ids, not text), so the perplexities are comparable across systems. moec's plans come from
-`moec calibrate` on the calibration text and `moec plan --avg-bits B --no-top-widths --method M
---grid G --layer-prior-tokens P [--per-projection]` (QUANTIZERS names each combination), with the default non-expert
-widths (attention 4, embedding and head 8); compile quantizes GPTQ and weighted-grid experts with
+`moec calibrate --non-expert` on the calibration text and `moec plan --avg-bits B --no-top-widths --method M
+--grid G --layer-prior-tokens P [--per-projection | --whole-budget | ...]` (QUANTIZERS names each combination),
+with the default non-expert widths (attention 4, embedding and head 8), which --whole-budget trades
+against the experts' at the same total size; compile quantizes GPTQ and weighted-grid experts with
 the same text. llama.cpp's importance matrix comes from `llama-imatrix` on that text, from the tools
 of the same llama.cpp (`--llama-tools`: a folder holding llama-imatrix and llama-quantize, built
 from the llama-cpp-python sdist's vendor/llama.cpp with cmake).
@@ -37,12 +38,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "samples"))
 
-# name -> (plan method, grid, layer prior tokens, down_proj's own width): each lever alone and together
-# (docs/measurements.md)
-QUANTIZERS = {"rtn": ("rtn", "minmax", 0, False), "rtn-weighted": ("rtn", "weighted", 0, False),
-              "gptq": ("gptq", "minmax", 0, False), "gptq-weighted": ("gptq", "weighted", 0, False),
-              "gptq-prior": ("gptq", "minmax", 256, False), "gptq-weighted-prior": ("gptq", "weighted", 256, False),
-              "gptq-split": ("gptq", "minmax", 0, True), "gptq-weighted-prior-split": ("gptq", "weighted", 256, True)}
+# name -> (plan method, grid, layer prior tokens, further `moec plan` options): each lever alone and
+# together (docs/measurements.md); "squared" weighs experts by their squared loss alone (what the whole
+# budget weighs every weight by), "whole" adds the non-expert widths to the budget
+SPLIT, SQUARED, WHOLE = ("--per-projection",), ("--alpha", "0", "--beta", "0", "--gamma", "2"), ("--whole-budget",)
+QUANTIZERS = {"rtn": ("rtn", "minmax", 0, ()), "rtn-weighted": ("rtn", "weighted", 0, ()),
+              "gptq": ("gptq", "minmax", 0, ()), "gptq-weighted": ("gptq", "weighted", 0, ()),
+              "gptq-prior": ("gptq", "minmax", 256, ()), "gptq-weighted-prior": ("gptq", "weighted", 256, ()),
+              "gptq-split": ("gptq", "minmax", 0, SPLIT), "gptq-weighted-prior-split": ("gptq", "weighted", 256, SPLIT),
+              "gptq-squared": ("gptq", "minmax", 0, SQUARED), "gptq-whole": ("gptq", "minmax", 0, WHOLE),
+              "gptq-weighted-prior-squared": ("gptq", "weighted", 256, SQUARED),
+              "gptq-weighted-prior-whole": ("gptq", "weighted", 256, WHOLE)}
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M")
 IMATRIX_TYPES = ("IQ2_XS", "IQ3_XXS", "Q2_K", "Q3_K_S", "Q4_K_M")  # IQ2_XS needs one
 LARGER = 1.15  # a moec build is compared with llama.cpp's builds of up to 15% more bytes
@@ -87,20 +93,20 @@ def moec_builds(checkpoint: Path, calibration: Path, bits: list[float], quantize
     stats = work / "stats.json"
     if not stats.is_file():
         moec_cli("calibrate", str(checkpoint), "--data", str(calibration), "--samples", "16", "--seq-len", "256",
-                 "--group-size", str(group_size), "--out", str(stats), "--quiet")
+                 "--group-size", str(group_size), "--non-expert", "--out", str(stats), "--quiet")
     builds = {"float": work / "moec-float"}
     if not (builds["float"] / "moec.json").is_file():
         moec_cli("compile", str(checkpoint), "--out", str(builds["float"]), "--force", "--quiet")
     for b in bits:
         for name in quantizers:
-            method, grid, prior, split = QUANTIZERS[name]
+            method, grid, prior, options = QUANTIZERS[name]
             folder = builds[b, name] = work / f"moec-{b:g}bit-{name}"
             if (folder / "moec.json").is_file():
                 continue
             plan = work / f"plan-{b:g}-{name}.json"
             moec_cli("plan", "--stats", str(stats), "--avg-bits", str(b), "--no-top-widths", "--group-size",
                      str(group_size), "--method", method, "--grid", grid, "--layer-prior-tokens", str(prior),
-                     *(["--per-projection"] if split else []), "--out", str(plan))
+                     *options, "--out", str(plan))
             moec_cli("compile", str(checkpoint), "--plan", str(plan), "--data", str(calibration), "--out", str(folder),
                      "--force", "--quiet")
     return builds

@@ -26,6 +26,16 @@ The model's `super_experts` (Su et al., arXiv 2507.23279, the rule of its releas
 experts whose max_down_output is above the 99.5th percentile of all (layer, expert) pairs and above
 a tenth of the largest, in the first three quarters of the layers. Quantizing or pruning even a
 few of them wrecks a model; `moec plan` keeps them at the highest width, and pruning never drops them.
+With `non_expert` (`moec calibrate --non-expert`), also the quantization loss of the weights outside
+the routed experts, on the same scale (`non_expert`, read by `moec plan --whole-budget`): per
+moec.policy category (attention, shared_expert, dense_mlp) and decoder layer, the L2 norm of the
+layer's output error with that category's weights in it RTN-quantized, summed over batches, as an
+expert's quant_loss is the error it adds to the residual stream; the embedding's at the first
+layer's input (the table's error on the calibration tokens, scaled as the body scales what the table
+returns); each category's weight count, the head's included (its error is in the logits, not the
+residual stream: it keeps its width); and beside each such loss, and in each MoE layer's entry
+(`residual_norm`), the norm of the residual stream where the error lands (the layer's output, summed
+over batches), which the plan weighs errors relative to.
 Hessians for error-compensating quantization are not stored: the same streaming recomputes them.
 """
 
@@ -319,8 +329,122 @@ def super_experts(layers: list[dict], num_layers: int) -> list[list[int]]:
             for e, expert in enumerate(layer["experts"]) if expert["max_down_output"] > bar]
 
 
+class NonExpertLosses:
+    """`moec calibrate --non-expert`: the quantization loss of the weights outside the routed experts,
+    on the experts' scale (the module docstring), filled in by moe_inputs as it streams the model, and the norm
+    of the residual stream where each error lands (the layer's output; the first layer's input for the
+    embedding): `moec plan --whole-budget` weighs errors relative to it."""
+
+    def __init__(self, bits: tuple[int, ...], group_size: int):
+        self.widths = tuple(b for b in bits if b)
+        self.group_size = group_size
+        self.moe_blocks: list[str] = []
+        self.matrices: dict[str, dict[tuple[int, int], int]] = {}  # category -> (rows, columns) -> how many
+        self.loss: dict[str, dict[int, list[float]]] = {}  # category -> width -> one loss per layer
+        # category -> one per loss list entry: the norm of the residual stream where its error lands
+        self.residual: dict[str, list[float]] = {}
+        self.layer_residual: dict[int, float] = {}  # decoder layer -> its output's norm, summed over batches
+        self._embedded: list = []  # per batch: (the table's rows' norm, their error's norm per width)
+
+    def _add(self, category: str, losses: list[float], residual: float) -> None:
+        table = self.loss.setdefault(category, {width: [] for width in self.widths})
+        for width, loss in zip(self.widths, losses):
+            table[width].append(loss)
+        self.residual.setdefault(category, []).append(residual)
+
+    def count(self, model, moe_blocks: list[str]) -> None:
+        """Each category's weight count: the decoder layers' linear weights, the table and the head;
+        `moe_blocks` are the MoE blocks' module paths (their routers are no category)."""
+        import torch
+
+        from moec.policy import weight_category
+
+        self.moe_blocks = moe_blocks
+        tables = {"embedding": model.get_input_embeddings(), "lm_head": model.get_output_embeddings()}
+        for name, module in model.named_modules():
+            category = next((c for c, table in tables.items() if module is table), None) or \
+                isinstance(module, torch.nn.Linear) and weight_category(f"{name}.weight", self.moe_blocks)
+            if category:
+                shape = tuple(module.weight.shape)
+                counts = self.matrices.setdefault(category, {})
+                counts[shape] = counts.get(shape, 0) + 1
+
+    def embedding_hook(self, module, args, output) -> None:
+        """A forward hook on the input embedding: the table's error on these tokens at each width."""
+        import torch
+
+        from moec.quant import fake_quantize
+
+        table = module.weight
+        if table.shape[1] % self.group_size:
+            return  # the table stays float: its rows do not hold whole groups
+        ids = args[0].reshape(-1)
+        unique, inverse = np.unique(ids.numpy(), return_inverse=True)
+        rows = table[torch.from_numpy(unique)].detach().float().numpy()
+        exact = rows[inverse]
+        errors = [float(np.linalg.norm(fake_quantize(rows, width, self.group_size)[inverse] - exact))
+                  for width in self.widths]
+        self._embedded.append((float(np.linalg.norm(exact)), errors))
+
+    def embedded(self, hidden: list) -> None:
+        """The table's errors scaled as the body scales its rows into `hidden` (the first layer's inputs;
+        the last of the body's runs, one call per batch, is the one that gave them)."""
+        self._embedded = self._embedded[len(self._embedded) - len(hidden):]
+        if self._embedded:
+            scales = [float(np.linalg.norm(h.float().numpy())) / max(norm, 1e-30)
+                      for h, (norm, _) in zip(hidden, self._embedded)]
+            self._add("embedding", [sum(scale * errors[j] for scale, (_, errors) in zip(scales, self._embedded))
+                                    for j in range(len(self.widths))],
+                      sum(float(np.linalg.norm(h.float().numpy())) for h in hidden))
+        self._embedded = []
+
+    def layer(self, index: int, path: str, decoder_layer, runs: list, exact: list) -> None:
+        """Rerun decoder layer `index` (at module path `path`) on what it received (`runs`: (hidden, args,
+        kwargs) per batch) with each category's weights in it quantized in turn; `exact` its outputs,
+        whose norm is the residual stream's where the layer's errors (its experts' too) land."""
+        import torch
+
+        from moec.policy import weight_category
+        from moec.quant import fake_quantize
+
+        self.layer_residual[index] = sum(float(torch.linalg.vector_norm(out.double())) for out in exact)
+        members: dict[str, list] = {}
+        for name, module in decoder_layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                category = weight_category(f"{path}.{name}.weight", self.moe_blocks)
+                if category is not None:
+                    members.setdefault(category, []).append(module)
+        for category, modules in members.items():
+            originals = [module.weight.data for module in modules]
+            losses = []
+            for width in self.widths:
+                for module, weight in zip(modules, originals):
+                    module.weight.data = torch.from_numpy(
+                        fake_quantize(weight.float().numpy(), width, self.group_size)).to(weight.dtype)
+                loss = 0.0
+                with torch.no_grad():
+                    for (x, args, kwargs), want in zip(runs, exact):
+                        out = decoder_layer(x, *args, **kwargs)
+                        out = out[0] if isinstance(out, tuple) else out
+                        loss += float(torch.linalg.vector_norm((out - want).double()))
+                losses.append(loss)
+            for module, weight in zip(modules, originals):
+                module.weight.data = weight
+            self._add(category, losses, self.layer_residual[index])
+
+    def stats(self) -> dict:
+        """moec-stats/1's `non_expert`: per category its weight count, its matrices ([rows, columns,
+        how many]: what they take stored) and, where measured, quant_loss (width -> one loss per layer
+        holding the category; the embedding's, one) and residual_norm (one per loss)."""
+        return {category: {"params": sum(rows * columns * n for (rows, columns), n in counts.items()),
+                           "matrices": [[rows, columns, n] for (rows, columns), n in sorted(counts.items())],
+                           **({"quant_loss": {str(w): losses for w, losses in self.loss[category].items()},
+                               "residual_norm": self.residual[category]} if category in self.loss else {})}
+                for category, counts in sorted(self.matrices.items())}
+
+
 def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", progress: bool = True,
-               blocks: bool = False):
+               blocks: bool = False, non_expert: NonExpertLosses | None = None):
     """Stream the model layer by layer over token windows.
 
     Yields (layer, module, calls, block) for each sparse layer: its moec.experts.ExpertsLayer, its
@@ -348,24 +472,37 @@ def moe_inputs(checkpoint, windows: np.ndarray, *, desc: str = "calibrate", prog
     stream.keep_stored(stream.model.get_submodule(layer.path) for layer in layers)
     set_implementation(stream.model, REFERENCE_IMPLEMENTATION)
     batches = [torch.from_numpy(w) for w in np.array_split(windows, -(-len(windows) // BATCH_SEQUENCES))]
+    if non_expert is not None:
+        non_expert.count(stream.model, [layer.block_path for layer in layers])
     with torch.no_grad():
-        hidden, calls, piped = _embed(stream, batches)
+        hidden, calls, piped = _embed(stream, batches, non_expert)
         if not piped:
+            if non_expert is not None:
+                raise MoecError(f"{stream.model.config.model_type}: its model body does not hand each decoder layer's "
+                                "output to the next alone, so --non-expert cannot rerun a layer on its own")
             yield from _whole_body(stream, batches, layers, blocks, desc, progress)
             return
+        if non_expert is not None:
+            non_expert.embedded(hidden)
         handed = [{} for _ in hidden]  # per batch: the outputs the last layer hands on to the next
         for i, path in enumerate(tqdm(stream.layer_paths(), desc=desc, unit="layer", disable=not progress)):
             decoder_layer = stream.load(path)
             here = [layer for layer in layers if layer.layer == i]
             received, block_received, handles = _record_inputs(stream, here, blocks)
+            runs = []  # with non_expert: what the layer received, to run it again
             for b, call in enumerate(calls[i]):
                 args, kwargs = _with_outputs(call, handed[b])
+                if non_expert is not None:
+                    runs.append((hidden[b], args, kwargs))
                 out = decoder_layer(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
                 handed[b] = {LayerOutput(i, k): value for k, value in enumerate(out[1:], 1)} \
                     if isinstance(out, tuple) else {}
             for handle in handles:
                 handle.remove()
+            if non_expert is not None:
+                non_expert.layer(i, path, decoder_layer, runs, hidden)
+            runs = None
             for layer in here:
                 block = BlockInputs(stream.model.get_submodule(layer.block_path), block_received[layer.path]) \
                     if blocks else None
@@ -445,8 +582,9 @@ def _recorder(calls: list):
 
 def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples: int = 64,
               seq_len: int = 256, bits: tuple[int, ...] = DEFAULT_BITS, group_size: int = 128,
-              progress: bool = True) -> dict:
-    """Run the model on calibration text layer by layer; return the moec-stats/1 dict."""
+              non_expert: bool = False, progress: bool = True) -> dict:
+    """Run the model on calibration text layer by layer; return the moec-stats/1 dict. `non_expert`:
+    also measure the other weights' losses (NonExpertLosses)."""
     from transformers import AutoConfig
 
     from moec.checkpoint import open_checkpoint
@@ -459,11 +597,14 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
     text, source = read_text(data)
     windows = token_windows(Tokenizer(checkpoint.path).encode(text), samples, seq_len)
     layers, shape = [], None
-    for layer, module, calls, block in moe_inputs(checkpoint, windows, progress=progress, blocks=0 in bits):
+    others = NonExpertLosses(tuple(bits), group_size) if non_expert else None
+    for layer, module, calls, block in moe_inputs(checkpoint, windows, progress=progress, blocks=0 in bits,
+                                                  non_expert=others):
         shape = shape or {"num_experts": layer.num_experts, "top_k": int(calls[0][1].shape[1]),
                           "moe_intermediate_size": layer.intermediate_size,
                           "expert_projections": list(layer.spec.projections)}
-        layers.append({"layer": layer.layer, **layer_stats(layer, module, calls, tuple(bits), group_size, block)})
+        layers.append({"layer": layer.layer, **layer_stats(layer, module, calls, tuple(bits), group_size, block),
+                       **({"residual_norm": others.layer_residual[layer.layer]} if others else {})})
         module = calls = block = None
     config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     return {
@@ -475,6 +616,7 @@ def calibrate(model_dir: str | Path, *, data: str | Path | None = None, samples:
                         "quantizer": "rtn-asymmetric", "seconds": round(time.perf_counter() - start, 2)},
         "layers": layers,
         "super_experts": super_experts(layers, config.num_hidden_layers),
+        **({"non_expert": others.stats()} if others is not None else {}),
     }
 
 
@@ -487,7 +629,7 @@ class LayerOutput(NamedTuple):
     index: int
 
 
-def _embed(stream, batches):
+def _embed(stream, batches, non_expert: NonExpertLosses | None = None):
     """Embed every batch and record each decoder layer's call arguments (masks, rotary, ...) by
     running the model body with its layers replaced by pass-through recorders. Where the body unpacks
     a layer's output into more than the hidden states, the recorders return LayerOutput markers for
@@ -544,6 +686,8 @@ def _embed(stream, batches):
     for part in parts:
         stream.load(part)
     outputs = None  # how many values the body takes from each layer, once a first run has told
+    watch = None if non_expert is None else \
+        stream.model.get_input_embeddings().register_forward_hook(non_expert.embedding_hook)
     try:
         for attempt in range(2):
             calls, hidden = [[] for _ in real_layers], []
@@ -562,6 +706,8 @@ def _embed(stream, batches):
                 outputs = int(expected.group(1))
     finally:
         body.layers = real_layers
+        if watch is not None:
+            watch.remove()
     for part in parts:
         stream.unload(part)
     looped = any(len(layer_calls) > len(batches) for layer_calls in calls)

@@ -125,7 +125,8 @@ def _calibrate(args) -> None:
     from moec.files import write_atomic
 
     stats = calibrate(args.model_dir, data=args.data, samples=args.samples, seq_len=args.seq_len,
-                      bits=tuple(args.bits), group_size=args.group_size, progress=_show_progress(args))
+                      bits=tuple(args.bits), group_size=args.group_size, non_expert=args.non_expert,
+                      progress=_show_progress(args))
     write_atomic(args.out, (json.dumps(stats, indent=1) + "\n").encode())
     c = stats["calibration"]
     print(f"wrote {args.out}: {len(stats['layers'])} MoE layers, {c['samples']} x {c['seq_len']} tokens "
@@ -175,10 +176,12 @@ def _plan(args) -> None:
                    grid=args.grid, layer_prior_tokens=args.layer_prior_tokens, target=args.target,
                    protect_super_experts=not args.no_protect_super_experts, decode_tok_s=args.decode_tok_s,
                    profile=None if args.profile is None else load_profile(args.profile),
-                   per_projection=args.per_projection)
+                   per_projection=args.per_projection, whole_budget=args.whole_budget)
     if args.sweep:
         if args.prune_target is not None:
             raise MoecError("--prune-target plans one pruning for one plan; it does not combine with --sweep")
+        if args.whole_budget:
+            raise MoecError("--whole-budget does not combine with --sweep: the sweep's front counts expert bytes")
         rows = sweep(stats, *args.sweep, **options)
         write_sweep_table(rows, args.out)
         if args.plot:
@@ -206,8 +209,17 @@ def _plan(args) -> None:
           + (f", {len(plan['super_experts'])} super experts kept at {objective['candidate_bits'][-1]} bits and never "
              "pruned" if plan.get("super_experts") else "")
           + (f", {split} experts with down_proj at its own width" if (split := _split_experts(plan)) else "")
+          + (_other_weights(plan) if objective.get("whole_budget") else "")
           + (f", {sum(row.count(0) for row in plan['experts']['bits'] if row)} experts dropped"
              if any(0 in row for row in plan["experts"]["bits"] if row) else ""))
+
+
+def _other_weights(plan: dict) -> str:
+    """What a whole-budget plan gives the weights outside the routed experts."""
+    from moec.planner.sizes import _format_bytes
+
+    widths = ", ".join(f"{part} {width}" for part, width in plan["non_expert"].items())
+    return f", other weights {_format_bytes(plan['objective']['predicted_non_expert_bytes'])} ({widths})"
 
 
 def _split_experts(plan: dict) -> int:
@@ -334,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "dropping each expert (the MoE block rerun with it masked out of the router)")
     p.add_argument("--group-size", type=_positive_int, default=128, metavar="N",
                    help="quantization block along the input dimension (default 128)")
+    p.add_argument("--non-expert", action="store_true",
+                   help="also measure the loss of attention, shared experts, dense MLPs and the embedding on the "
+                        "experts' scale, for `moec plan --whole-budget` (reruns each layer once per such part "
+                        "and width)")
     p.add_argument("--out", required=True, metavar="FILE", help="stats.json to write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_calibrate)
@@ -362,9 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "stats from a moec calibrate that measured each projection's loss)")
     p.add_argument("--scope", choices=("global", "layer"), default="global",
                    help="global: one byte budget, layers compete (default); layer: the paper's per-layer budget")
-    p.add_argument("--alpha", type=float, default=1.0, help="frequency and loss exponent (default 1)")
-    p.add_argument("--beta", type=float, default=1.5, help="routing-weight exponent (default 1.5)")
-    p.add_argument("--gamma", type=float, default=None, help="loss exponent (default: alpha, as in MC-MoE's solver)")
+    p.add_argument("--whole-budget", action="store_true",
+                   help="the budget also pays for attention, shared experts, dense MLPs and the embedding, whose "
+                        "widths the solver picks too, all weighed by their squared output error (stats from moec "
+                        "calibrate --non-expert); --avg-bits keeps the size of the plan without it")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="frequency and loss exponent (default 1; 0 with --whole-budget)")
+    p.add_argument("--beta", type=float, default=None, help="routing-weight exponent (default 1.5; 0 with --whole-budget)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="loss exponent (default: alpha, as in MC-MoE's solver; 2 with --whole-budget)")
     p.add_argument("--no-top-widths", action="store_true",
                    help="drop the constraint of one expert per layer at each of the two highest widths")
     p.add_argument("--group-size", type=int, default=128, metavar="N", help="quantization group size (default 128)")

@@ -247,6 +247,92 @@ def test_quant_loss_is_the_moe_output_error_of_quantizing_that_expert(compiled, 
     assert measured[str(bits)] == pytest.approx(expected, rel=1e-3)
 
 
+
+@pytest.fixture(scope="module")
+def non_expert_stats(compiled, text_file):
+    return calibrate(compiled("qwen2_moe").model_dir, data=text_file, samples=4, seq_len=32, bits=(2, 4),
+                     group_size=32, non_expert=True, progress=False)
+
+
+@pytest.mark.parametrize("category, layer", [("attention", 1), ("shared_expert", 2), ("dense_mlp", 1),
+                                             ("embedding", 0)])
+def test_non_expert_loss_is_the_layer_output_error_of_quantizing_that_part(compiled, text_file, non_expert_stats,
+                                                                           category, layer):
+    """`--non-expert`: quantize one layer's attention, shared expert or dense MLP inside transformers'
+    own model (Qwen2-MoE: layer 1 dense) and measure that layer's output; the embedding table, and
+    the first layer's input."""
+    from moec.policy import weight_category
+
+    c = compiled("qwen2_moe")
+    ids = _windows(c.model_dir, text_file, 4, 32)
+    blocks = [f"model.layers.{i}.mlp" for i in (0, 2)]
+    decoder = c.model.model.layers[layer]
+    seen = []
+    if category == "embedding":
+        handle = decoder.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else
+                                                                                       kwargs["hidden_states"]),
+                                                   with_kwargs=True)
+        members = {"model.embed_tokens.weight": c.model.model.embed_tokens}
+    else:
+        handle = decoder.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        members = {f"model.layers.{layer}.{name}.weight": module for name, module in decoder.named_modules()
+                   if isinstance(module, torch.nn.Linear)}
+        members = {name: m for name, m in members.items() if weight_category(name, blocks) == category}
+    assert members
+    originals = {name: m.weight.data.clone() for name, m in members.items()}
+    losses = []
+    try:
+        with torch.no_grad():
+            c.model(ids)
+            for bits in (2, 4):
+                for name, m in members.items():
+                    m.weight.data = torch.from_numpy(fake_quantize(originals[name].numpy(), bits, 32))
+                c.model(ids)
+                losses.append(torch.linalg.norm(seen[-1] - seen[0]).item())
+    finally:
+        for name, m in members.items():
+            m.weight.data = originals[name]
+        handle.remove()
+    part = non_expert_stats["non_expert"][category]
+    row = layer if category in ("attention", "embedding") else [0, 2].index(layer) if category == "shared_expert" else 0
+    assert [part["quant_loss"][str(bits)][row] for bits in (2, 4)] == pytest.approx(losses, rel=1e-3)
+    # where the error lands: the layer's output (the first layer's input for the table), as in each MoE layer's entry
+    assert part["residual_norm"][row] == pytest.approx(torch.linalg.norm(seen[0]).item(), rel=1e-4)
+    moe_layer = next((entry for entry in non_expert_stats["layers"] if entry["layer"] == layer), None)
+    if moe_layer is not None and category != "embedding":
+        assert moe_layer["residual_norm"] == part["residual_norm"][row]
+    assert losses[0] > losses[1] > 0
+    shapes = [tuple(m.weight.shape) for name, m in c.model.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and
+              weight_category(f"{name}.weight", blocks) == category]
+    assert part["params"] == sum(rows * columns for rows, columns in shapes)
+    assert sorted(part["matrices"]) == sorted([*shape, shapes.count(shape)] for shape in set(shapes))
+    assert non_expert_stats["non_expert"]["lm_head"] == {"params": c.model.lm_head.weight.numel(),
+                                                         "matrices": [[*c.model.lm_head.weight.shape, 1]]}
+
+
+def test_whole_budget_plan_from_calibration_compiles_verified_at_its_predicted_size(compiled, non_expert_stats,
+                                                                                    tmp_path):
+    """A --whole-budget plan's non-expert widths are what compile quantizes, the bytes it predicted
+    for them are what the artifact stores (groups of 16: each row's zero points fill whole bytes, as at
+    any real model's dims), and the artifact verifies."""
+    from moec.policy import weight_category
+
+    c = compiled("qwen2_moe")
+    plan = make_plan(non_expert_stats, avg_bits=3, group_size=16, require_top_widths=False, whole_budget=True,
+                     non_expert={"attention": 8, "embedding": 2})
+    save_plan(plan, tmp_path / "plan.json")
+    record = moec.compile(c.model_dir, tmp_path / "artifact", plan=tmp_path / "plan.json", progress=False)
+    assert record["verification"]["max_abs_logit_diff"] < 1e-3
+    stored = record["quantization"]["non_expert"]
+    blocks = [f"model.layers.{i}.mlp" for i in (0, 2)]
+    assert {weight_category(name, blocks) for name in stored} == \
+        {"attention", "shared_expert", "dense_mlp", "embedding", "lm_head"}
+    for name, weight in stored.items():
+        assert weight["bits"] == plan["non_expert"][weight_category(name, blocks)], name
+    assert sum(weight["bytes"] for weight in stored.values()) == plan["objective"]["predicted_non_expert_bytes"]
+
+
 def test_dropped_loss_is_the_moe_output_error_of_routing_that_experts_tokens_elsewhere(compiled, text_file):
     """Width 0: Mixtral's router re-implemented here with the expert's logit at -inf, run inside
     transformers' own model, against what calibrate measured through RoutingMask."""
@@ -367,6 +453,44 @@ def test_cli_calibrate_with_builtin_corpus_then_plan(capsys, tmp_path, compiled)
     plan = json.loads(plan_file.read_text())
     assert plan["format"] == "moec-plan/1" and len(plan["experts"]["bits"]) == 2
     capsys.readouterr()
+    plan_file.unlink()
+    assert main(["plan", "--stats", str(stats_file), "--avg-bits", "3", "--whole-budget", "--out", str(plan_file)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "moec: error: whole_budget needs the stats' non_expert losses and residual norms, which moec calibrate "
+        "--non-expert records"]
+    assert not plan_file.exists()
+
+
+def test_cli_whole_budget_plan(capsys, tmp_path, compiled):
+    """calibrate --non-expert, then plan --whole-budget: the widths it chose, and one-line refusals."""
+    model_dir = compiled("olmoe").model_dir
+    stats_file, plan_file = tmp_path / "stats.json", tmp_path / "plan.json"
+    assert main(["calibrate", str(model_dir), "--samples", "4", "--seq-len", "32", "--group-size", "32",
+                 "--non-expert", "--out", str(stats_file), "--quiet"]) == 0
+    assert set(json.loads(stats_file.read_text())["non_expert"]) == {"attention", "embedding", "lm_head"}
+    capsys.readouterr()
+    base = ["plan", "--stats", str(stats_file), "--avg-bits", "3", "--group-size", "32", "--out", str(plan_file)]
+    assert main([*base, "--whole-budget"]) == 0
+    plan = json.loads(plan_file.read_text())
+    out = capsys.readouterr().out
+    assert plan["objective"]["whole_budget"] is True
+    assert f"attention {plan['non_expert']['attention']}, " in out and "embedding" in out
+    for extra, message in ((["--alpha", "1"], "whole_budget weighs every weight by the squared error"),
+                           (["--scope", "layer"], "whole_budget needs scope \"global\""),
+                           (["--sweep", "2:3:0.5"], "--whole-budget does not combine with --sweep")):
+        argv = [*base, "--whole-budget", *extra]
+        if "--sweep" in extra:
+            argv.remove("--avg-bits"), argv.remove("3")
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_non_expert_losses_need_a_body_of_layers(compiled, text_file):
+    """A body that runs a layer twice per token (Inkling2-Loop) cannot rerun one layer alone: refused."""
+    with pytest.raises(moec.errors.MoecError, match="--non-expert cannot rerun a layer on its own"):
+        calibrate(compiled("inkling2_loop_text").model_dir, data=text_file, samples=2, seq_len=16, bits=(2,),
+                  non_expert=True, progress=False)
 
 
 @pytest.mark.parametrize("arch", families(["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "granitemoe", "phimoe",

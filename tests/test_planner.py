@@ -861,3 +861,124 @@ def test_gamma_changes_the_loss_exponent_only(mixtral_stats):
     assert squared["experts"]["bits"] != default["experts"]["bits"]
     assert math.isclose(squared["objective"]["predicted_loss"],
                         predicted_loss(mixtral_stats, squared["experts"]["bits"], gamma=2.0))
+
+
+# ---------------------------------------------------------------- the whole budget (non-expert widths)
+
+
+def with_non_expert_losses(stats: dict, seed: int, widths=(2, 4)) -> dict:
+    """What `moec calibrate --non-expert` adds: attention in each layer and the embedding measured
+    (losses falling with width), the head counted but not measured, and the residual stream's norm
+    beside each loss and each MoE layer."""
+    rng = np.random.default_rng(seed)
+    layers = stats["model"]["num_layers"]
+    residual = [float(rng.lognormal(3, 1)) for _ in range(layers)]
+    for layer in stats["layers"]:
+        if layer["experts"] is not None:
+            layer["residual_norm"] = residual[layer["layer"]]
+    stats["non_expert"] = {
+        "attention": {"params": 4 * 64 * 64 * layers, "matrices": [[64, 64, 4 * layers]], "quant_loss": {
+            str(w): [float(rng.lognormal(3, 1) * 2.0 ** -w) for _ in range(layers)] for w in widths},
+            "residual_norm": residual},
+        "embedding": {"params": 512 * 64, "matrices": [[512, 64, 1]],
+                      "quant_loss": {str(w): [float(rng.lognormal(3, 1) * 2.0 ** -w)] for w in widths},
+                      "residual_norm": [float(rng.lognormal(0, 1))]},
+        "lm_head": {"params": 512 * 64, "matrices": [[512, 64, 1]]}}
+    return stats
+
+
+def part_bytes(part: dict, bits, group_size: int = 128) -> int:
+    """A category's matrices as stored: per row whole groups of codes, a float32 scale and a packed
+    zero point per group, each row's zero points padded to whole bytes."""
+    total = 0
+    for rows, columns, n in part["matrices"]:
+        groups = math.ceil(columns / group_size)
+        total += n * rows * (groups * (group_size * bits // 8 + 4) + math.ceil(groups * bits / 8))
+    return total
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), budget_position=st.floats(0, 1))
+def test_whole_budget_plans_find_the_brute_force_optimum(seed, budget_position):
+    """With whole_budget the experts and the measured non-expert categories share one byte budget, the
+    head's bytes at its given width among them, and every unit is weighed by its squared loss relative
+    to the residual stream's norm where it lands (an expert's quant_loss over its layer's norm, a
+    category's per-layer losses each over theirs): the plan is the best such allocation."""
+    widths, params = (2, 4), 3 * 64 * 256
+    stats = with_non_expert_losses(synthetic_stats(seed, num_experts=3, widths=widths), seed)
+    parts = stats["non_expert"]
+    experts = [(e["quant_loss"], layer["residual_norm"]) for layer in stats["layers"] for e in layer["experts"]]
+    units = [[(loss[str(w)] / norm) ** 2 for w in widths] for loss, norm in experts] + \
+        [[sum((v / norm) ** 2 for v, norm in zip(parts[c]["quant_loss"][str(w)], parts[c]["residual_norm"]))
+          for w in widths] for c in ("attention", "embedding")]
+    unit_bytes = [[expert_bytes(params, w) for w in widths]] * len(experts) + \
+        [[part_bytes(parts[c], w) for w in widths] for c in ("attention", "embedding")]
+    head = part_bytes(parts["lm_head"], 8)
+    combos = np.array(list(itertools.product(range(len(widths)), repeat=len(units))))
+    combo_cost = np.array(units)[np.arange(len(units)), combos].sum(axis=1)
+    combo_bytes = np.array(unit_bytes)[np.arange(len(units)), combos].sum(axis=1) + head
+    budget = int(combo_bytes.min() + budget_position * (combo_bytes.max() - combo_bytes.min()))
+    plan = make_plan(stats, size_budget=budget, require_top_widths=False, params_per_expert=params, whole_budget=True)
+    objective = plan["objective"]
+    assert objective["predicted_loss"] == pytest.approx(combo_cost[combo_bytes <= budget].min(), rel=1e-9)
+    assert (objective["frequency_exponent"], objective["weight_exponent"], objective["loss_exponent"]) == (0, 0, 2)
+    chosen = [plan["experts"]["bits"][layer][e] for layer in range(2) for e in range(3)]
+    expert_total = sum(expert_bytes(params, w) for w in chosen)
+    non_expert = plan["non_expert"]
+    assert non_expert["lm_head"] == 8 and {non_expert["attention"], non_expert["embedding"]} <= set(widths)
+    assert objective["predicted_non_expert_bytes"] == head + sum(
+        part_bytes(parts[c], non_expert[c]) for c in ("attention", "embedding"))
+    assert objective["predicted_expert_bytes"] == expert_total
+    assert expert_total + objective["predicted_non_expert_bytes"] <= budget
+    from moec.policy import weight_bits
+
+    assert weight_bits(plan, "model.layers.1.self_attn.q_proj.weight") == non_expert["attention"]
+
+
+def test_whole_budget_avg_bits_keeps_the_size_of_the_plan_without_it():
+    """--avg-bits B --whole-budget may spend what the experts at B and the other weights at their
+    given widths would take, no more: the same file size, moved between them."""
+    stats = with_non_expert_losses(synthetic_stats(4, num_experts=4, widths=(2, 4, 8)), 4, widths=(2, 4, 8))
+    params = 3 * 64 * 256
+    parts = stats["non_expert"]
+    plain = make_plan(stats, avg_bits=3, require_top_widths=False, params_per_expert=params)
+    whole = make_plan(stats, avg_bits=3, require_top_widths=False, params_per_expert=params, whole_budget=True)
+    given = sum(part_bytes(parts[c], plain["non_expert"][c]) for c in parts)
+    assert whole["objective"]["budget"]["bytes"] == plain["objective"]["budget"]["bytes"] + given
+    assert whole["objective"]["predicted_expert_bytes"] + whole["objective"]["predicted_non_expert_bytes"] <= \
+        whole["objective"]["budget"]["bytes"]
+    assert "whole_budget" not in plain["objective"]
+
+
+@pytest.mark.parametrize("edit, options, message", [
+    (lambda s: s.pop("non_expert"), {}, "whole_budget needs the stats' non_expert losses and residual norms, "
+                                        "which moec calibrate --non-expert records"),
+    (lambda s: s["layers"][0].pop("residual_norm") and s["layers"][1].pop("residual_norm"), {},
+     "whole_budget needs the stats' non_expert losses and residual norms"),
+    (lambda s: s["layers"][0].pop("residual_norm"), {}, "stats: layers[0].residual_norm: expected a positive number"),
+    (lambda s: s["non_expert"]["attention"]["residual_norm"].pop(), {},
+     "stats: non_expert.attention.residual_norm: expected one norm per layer of quant_loss"),
+    (lambda s: s["non_expert"]["attention"].pop("quant_loss") and s["non_expert"]["embedding"].pop("quant_loss"),
+     {}, "whole_budget needs the stats' non_expert losses"),
+    (lambda s: None, {"alpha": 1.0}, "whole_budget weighs every weight by the squared error it adds to the "
+                                     "residual stream: exponents alpha 0, beta 0, gamma 2"),
+    (lambda s: None, {"scope": "layer"}, "whole_budget needs scope \"global\""),
+    (lambda s: s["non_expert"].__setitem__("router", {"params": 5}), {},
+     "stats: non_expert: unknown category \"router\""),
+    (lambda s: s["non_expert"]["attention"].__setitem__("params", 0), {},
+     "stats: non_expert.attention.params: expected a positive int, got 0"),
+    (lambda s: s["non_expert"]["attention"].__setitem__("params", 5), {},
+     "stats: non_expert.attention: params 5 is not the weights its matrices hold"),
+    (lambda s: s["non_expert"]["lm_head"].__setitem__("matrices", [[512, 64]]), {},
+     "stats: non_expert.lm_head.matrices: expected a list of [rows, columns, how many] positive ints"),
+    (lambda s: s["non_expert"]["attention"]["quant_loss"]["4"].pop(), {},
+     "stats: non_expert.attention.quant_loss: expected the same non-empty list of per-layer losses"),
+    (lambda s: s["non_expert"]["embedding"]["quant_loss"].__setitem__("2", [-1.0]), {},
+     "stats: non_expert.embedding.quant_loss[\"2\"]: expected a finite number >= 0, got -1.0"),
+])
+def test_whole_budget_refusals_name_the_problem(edit, options, message):
+    stats = with_non_expert_losses(synthetic_stats(5, widths=(2, 4)), 5)
+    edit(stats)
+    with pytest.raises(PlanError, match=re.escape(message)):
+        make_plan(stats, avg_bits=3, require_top_widths=False, params_per_expert=3 * 64 * 256, whole_budget=True,
+                  **options)

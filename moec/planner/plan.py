@@ -39,8 +39,10 @@ PRUNING_KEYS = ("layers", "protect_fraction", "target", "predicted_pruned_fracti
 EXPONENT_KEYS = {"alpha": "frequency_exponent", "beta": "weight_exponent", "gamma": "loss_exponent"}
 OBJECTIVE_KEYS = ("scope", *EXPONENT_KEYS.values(), "candidate_bits", "require_top_widths", "budget",
                   "params_per_expert", "predicted_loss", "predicted_expert_bytes", "protect_super_experts",
-                  "decode_tok_s", "predicted_decode_tok_s", "per_projection")
-OPTIONAL_OBJECTIVE_KEYS = ("protect_super_experts", "decode_tok_s", "predicted_decode_tok_s", "per_projection")
+                  "decode_tok_s", "predicted_decode_tok_s", "per_projection", "whole_budget",
+                  "predicted_non_expert_bytes")
+OPTIONAL_OBJECTIVE_KEYS = ("protect_super_experts", "decode_tok_s", "predicted_decode_tok_s", "per_projection",
+                           "whole_budget", "predicted_non_expert_bytes")
 
 
 
@@ -206,7 +208,7 @@ def _validate_pruning(pruning: Any, where: str) -> None:
 
 def _validate_objective(objective: Any, where: str) -> None:
     _validate_object(objective, OBJECTIVE_KEYS, where, optional=OPTIONAL_OBJECTIVE_KEYS)
-    for key in ("protect_super_experts", "per_projection"):
+    for key in ("protect_super_experts", "per_projection", "whole_budget"):
         if type(objective.get(key, False)) is not bool:
             raise PlanError(f"{where}.{key}: expected true or false, got {_show(objective[key])}")
     if objective["scope"] not in SCOPES:
@@ -230,7 +232,8 @@ def _validate_objective(objective: Any, where: str) -> None:
     if budget["avg_bits"] is not None:
         _positive_number(budget["avg_bits"], f"{where}.budget.avg_bits")
     for key, value in (("budget.bytes", budget["bytes"]), ("params_per_expert", objective["params_per_expert"]),
-                       ("predicted_expert_bytes", objective["predicted_expert_bytes"])):
+                       ("predicted_expert_bytes", objective["predicted_expert_bytes"]),
+                       ("predicted_non_expert_bytes", objective.get("predicted_non_expert_bytes"))):
         if value is not None:
             _positive_int(value, f"{where}.{key}")
 

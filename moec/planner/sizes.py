@@ -49,6 +49,17 @@ def expert_bytes(params: int, bits: int, group_size: int = 128, target: str | No
     return -(-params * stored // 8) + scale_bytes * groups + -(-groups * stored // 8)
 
 
+def matrix_bytes(rows: int, columns: int, bits: int, group_size: int = 128, target: str | None = None) -> int:
+    """Stored bytes of a [rows, columns] weight at `bits` (on `target`, if given), grouped along its
+    columns as MatMulNBits and GatherBlockQuantized store it: each row's codes in whole groups, a scale
+    per group and its zero points packed to whole bytes. FLOAT is unquantized (float32)."""
+    if bits == FLOAT:
+        return FLOAT_BYTES * rows * columns
+    stored, scale_bytes = _storage(bits, target)
+    groups = -(-columns // group_size)
+    return rows * (groups * group_size * stored // 8 + scale_bytes * groups + -(-groups * stored // 8))
+
+
 def avg_bits_budget_bytes(avg_bits: float, params_per_expert: int, num_experts: int, group_size: int = 128,
                           target: str | None = None) -> int:
     """Byte budget equivalent to `avg_bits` per weight: what all experts would take at a uniform (possibly

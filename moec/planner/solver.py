@@ -19,6 +19,7 @@ The MILP is solved by HiGHS through scipy.optimize.milp.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -32,9 +33,9 @@ from moec.planner.checks import PlanError, _fraction, _positive_int, _read_json,
 from moec.planner.plan import (DEFAULT_GRID, DEFAULT_LAYER_PRIOR, DEFAULT_NON_EXPERT, EXPERT_WIDTHS, PLAN_FORMAT,
                                SCOPES, validate_plan)
 from moec.planner.sizes import (DROPPED, FLOAT, _bytes_to_avg_bits, _format_bytes, avg_bits_budget_bytes,
-                                expert_bytes, parse_size)
+                                expert_bytes, matrix_bytes, parse_size)
 from moec.planner.speed import check_profile_budget, check_reachable, expert_seconds, step_seconds
-from moec.planner.stats import _parse_stats, _Stats
+from moec.planner.stats import NonExpertPart, _parse_stats, _Stats
 
 # Hugging Face config keys for the routed-expert count, by family (Mixtral/PhiMoE/gpt-oss, Qwen/OLMoE, DeepSeek).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -104,19 +105,20 @@ def _check_exponents(alpha: float, beta: float, gamma: float | None) -> None:
 
 
 def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str | int | None = None,
-              bits: Sequence[int] | None = None, scope: str = "global", alpha: float = 1.0, beta: float = 1.5,
+              bits: Sequence[int] | None = None, scope: str = "global", alpha: float | None = None,
+              beta: float | None = None,
               gamma: float | None = None, require_top_widths: bool = True, group_size: int = 128,
               params_per_expert: int | None = None, model: str | os.PathLike | None = None,
               non_expert: Mapping[str, int] | None = None, method: str = "rtn", grid: str | None = None,
               layer_prior_tokens: int | None = None, target: str | None = None,
               protect_super_experts: bool = True, profile: Mapping | None = None,
-              decode_tok_s: float | None = None, per_projection: bool = False) -> dict:
+              decode_tok_s: float | None = None, per_projection: bool = False, whole_budget: bool = False) -> dict:
     """Solve the MC-MoE bit allocation and return a validated moec-plan/1 dict.
 
     Budget: `avg_bits` (both scopes) or `size_budget` bytes for all routed experts (global scope only;
-    non-expert weights are not counted). `bits`: candidate widths, default every width the stats
-    measured. alpha=1, beta=1.5 are the released solver's defaults; `gamma` is the exponent on the loss
-    (None = alpha, as in the released solver; the paper's Eq. 4 writes a separate gamma).
+    non-expert weights are not counted, but with `whole_budget`). `bits`: candidate widths, default every
+    width the stats measured. alpha=1, beta=1.5 are the released solver's defaults (None); `gamma` is the
+    exponent on the loss (None = alpha, as in the released solver; the paper's Eq. 4 writes a separate gamma).
     `require_top_widths`: in every layer, at least one expert at each of the two highest widths.
     `params_per_expert`: weights per routed expert; default 3*hidden*intermediate from the stats' model
     section or from `model`'s config.json. Required by the global scope.
@@ -134,10 +136,18 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
     `per_projection`: an expert's down_proj may take another width than its gate and up
     (experts.down_bits); a split expert's loss is the root sum of squares of the stats' projection_loss
     of its parts (global scope; dropped, super and top-width experts stay whole).
+    `whole_budget`: the byte budget also pays for the weights outside the routed experts that the stats
+    measured (`moec calibrate --non-expert`: attention, shared experts, dense MLPs, the embedding), and the
+    solver picks each such category's width among `bits` too (the head, and categories the stats did not
+    measure, keep their `non_expert` width within the budget). `avg_bits` then means the bytes of the
+    experts at that average plus the other weights at their `non_expert` widths: the same file size as
+    the plan without it. Every weight is weighed on one scale, the squared error it adds to the residual
+    stream relative to the stream's norm there (exponents alpha 0, beta 0, gamma 2, the defaults with it).
     """
     parsed = _parse_stats(stats, "stats")
     if scope not in SCOPES:
         raise PlanError(f"scope: expected one of {', '.join(SCOPES)}, got {_show(scope)}")
+    alpha, beta, gamma = _exponents(alpha, beta, gamma, whole_budget)
     _check_exponents(alpha, beta, gamma)
     _positive_int(group_size, "group_size")
     widths = _candidate_widths(parsed, bits)
@@ -154,6 +164,17 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
                         "(decode_tok_s)")
     if scope == "layer" and avg_bits is None and size_budget is None:
         raise PlanError("scope \"layer\" takes the paper's per-layer avg_bits budget")
+    if whole_budget and scope == "layer":
+        raise PlanError("whole_budget needs scope \"global\": the paper's per-layer budget counts experts alone")
+    if whole_budget:
+        if not any(part.quant_loss for part in parsed.non_expert.values()) or parsed.residual_norm is None:
+            raise PlanError("whole_budget needs the stats' non_expert losses and residual norms, which moec calibrate "
+                            "--non-expert records")
+        # every error relative to the residual stream where it lands
+        scale = 1 / parsed.residual_norm
+        parsed = dataclasses.replace(parsed, quant_loss=parsed.quant_loss * scale[:, None, None],
+                                     projection_loss=None if parsed.projection_loss is None else
+                                     parsed.projection_loss * scale[:, None, None, None])
     if scope == "layer" and size_budget is not None:
         raise PlanError("size_budget needs scope=\"global\"; the paper's per-layer scope takes avg_bits")
     size_bytes = parse_size(size_budget) if size_budget is not None else None
@@ -192,6 +213,8 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
         seconds = np.stack([(1 - down_share) * whole[..., widths.index(a)] + down_share * whole[..., widths.index(b)]
                             for a, b in options], axis=-1)
     time_budget = (seconds, check_reachable(seconds, other, decode_tok_s)) if decode_tok_s is not None else None
+    non_widths = _non_expert_widths(non_expert)
+    part_loss, part_bytes = 0.0, 0  # with whole_budget: the non-expert categories' objective terms and bytes
 
     if scope == "layer":
         per_layer = math.floor(average * parsed.num_experts)
@@ -200,8 +223,8 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
             raise PlanError(f"avg_bits {avg_bits:g} is infeasible with bits {_widths_text(widths)}"
                             f"{_required_text(widths, required, fixed)}: the smallest feasible budget is avg_bits "
                             f"{smallest / parsed.num_experts:g} ({smallest} bits per layer)")
-        choice = _solve(cost, list(widths), [(np.array([m]), per_layer) for m in range(num_moe)], required, fixed,
-                        keep_at_least, time_budget)
+        choice, _ = _solve(cost, list(widths), [(np.array([m]), per_layer) for m in range(num_moe)], required, fixed,
+                           keep_at_least, time_budget)
         budget = {"avg_bits": float(avg_bits), "bytes": None}
     else:
         if params is None:
@@ -209,24 +232,34 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
                             "(--params-per-expert), a model folder with config.json, or hidden_size and "
                             "moe_intermediate_size in the stats' model section")
         width_bytes = [_option_bytes(params, option, down_share, group_size, target) for option in options]
+        parts = _non_expert_options(parsed, widths, non_widths, gamma, group_size, target) if whole_budget else {}
         if size_bytes is not None:
             budget_bytes = size_bytes
         elif avg_bits is not None:
-            budget_bytes = avg_bits_budget_bytes(avg_bits, params, total_experts, group_size, target)
+            budget_bytes = avg_bits_budget_bytes(avg_bits, params, total_experts, group_size, target) + sum(
+                _part_bytes(parsed.non_expert[category], non_widths[category], group_size, target)
+                for category in parts)
         else:  # a decode budget alone
-            budget_bytes = max(width_bytes) * total_experts
-        smallest = sum(_smallest_totals(width_bytes, required, parsed, fixed, keep_at_least))
+            budget_bytes = max(width_bytes) * total_experts + sum(max(bytes_) for _, _, bytes_ in parts.values())
+        smallest = sum(_smallest_totals(width_bytes, required, parsed, fixed, keep_at_least)) + \
+            sum(min(bytes_) for _, _, bytes_ in parts.values())
         if budget_bytes < smallest:
             asked = f"avg_bits {avg_bits:g}" if avg_bits is not None else f"size budget {_show(size_budget)}"
-            raise PlanError(f"{asked} ({budget_bytes} expert bytes) is infeasible with bits {_widths_text(widths)}"
+            counted = "bytes" if whole_budget else "expert bytes"
+            raise PlanError(f"{asked} ({budget_bytes} {counted}) is infeasible with bits {_widths_text(widths)}"
                             f"{_required_text(widths, required, fixed)}: the smallest feasible budget is "
                             f"{smallest} bytes "
                             f"({_format_bytes(smallest)}, avg_bits "
                             f"{_bytes_to_avg_bits(smallest, params, total_experts, group_size, target):g})")
-        choice = _solve(cost, width_bytes, [(np.arange(num_moe), budget_bytes)], required, fixed, keep_at_least,
-                        time_budget)
+        choice, part_choice = _solve(cost, width_bytes, [(np.arange(num_moe), budget_bytes)], required,
+                                     fixed, keep_at_least, time_budget,
+                                     [(costs, bytes_) for _, costs, bytes_ in parts.values()])
         budget = {"avg_bits": None if avg_bits is None else float(avg_bits),
                   "bytes": None if avg_bits is None and size_bytes is None else budget_bytes}
+        for (category, (part_widths, costs, bytes_)), j in zip(parts.items(), part_choice):
+            non_widths[category] = part_widths[j]
+            part_loss += costs[j]
+            part_bytes += bytes_[j]
 
     bits_grid: list[list[int] | None] = [None] * parsed.num_layers
     down_grid: list[list[int] | None] = [None] * parsed.num_layers
@@ -243,13 +276,14 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
             "scope": scope, "frequency_exponent": float(alpha), "weight_exponent": float(beta),
             "loss_exponent": None if gamma is None else float(gamma), "candidate_bits": list(widths),
             "require_top_widths": bool(require_top_widths), "budget": budget, "params_per_expert": params,
-            "predicted_loss": float(np.take_along_axis(cost, choice[..., None], axis=2).sum()),
+            "predicted_loss": float(np.take_along_axis(cost, choice[..., None], axis=2).sum() + part_loss),
             "predicted_expert_bytes": chosen_bytes, "protect_super_experts": bool(protect_super_experts),
             "decode_tok_s": None if decode_tok_s is None else float(decode_tok_s),
             "predicted_decode_tok_s": None if seconds is None else 1 / step_seconds(seconds, other, choice),
             "per_projection": bool(per_projection),
+            **({"whole_budget": True, "predicted_non_expert_bytes": int(part_bytes)} if whole_budget else {}),
         },
-        "non_expert": _non_expert_widths(non_expert),
+        "non_expert": non_widths,
         "quantization": {"method": method, "group_size": group_size,
                          "grid": grid or DEFAULT_GRID.get(method, "minmax"),
                          "layer_prior_tokens": DEFAULT_LAYER_PRIOR.get(method, 0) if layer_prior_tokens is None
@@ -324,55 +358,72 @@ def _smallest_totals(width_cost: list[int], required: tuple[int, ...], stats: _S
 
 def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarray, int]],
            required: tuple[int, ...], fixed: dict | None = None, keep_at_least: int | None = None,
-           time_budget: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+           time_budget: tuple[np.ndarray, float] | None = None,
+           parts: Sequence[tuple[np.ndarray, list[int]]] = ()) -> tuple[np.ndarray, list[int]]:
     """Width index per (moe layer, expert) minimizing `cost`, one binary per (layer, expert, width).
 
     Each budget row bounds sum(width_cost) over its layers; `required` width indices need one expert
     per layer; an infinite cost bars its width; `fixed` {(moe layer, expert): width index} are set;
     with `keep_at_least`, at most experts - keep_at_least experts per layer take width 0 (the first
     width); `time_budget` (seconds
-    per (layer, expert, width), limit) bounds the experts' share of a decode step. The budget rows are
-    rewritten as small integers (each expert takes exactly one width, so the cheapest width's cost
+    per (layer, expert, width), limit) bounds the experts' share of a decode step. `parts` (objective
+    terms, bytes) are further units that each take one of their options, paid from the one budget row
+    (whole_budget); their chosen option indices come back beside the experts' widths. The budget rows
+    are rewritten as small integers (each unit takes exactly one option, so its cheapest option's cost
     is a constant) so that HiGHS's tolerances cannot overspend a byte.
     """
     layers, experts, num_widths = cost.shape
-    variables = layers * experts * num_widths
-    index = np.arange(variables).reshape(layers, experts, num_widths)
+    assert not parts or len(budgets) == 1, "parts share the one budget of the global scope"
+    expert_variables = layers * experts * num_widths
+    starts = np.cumsum([expert_variables] + [len(part_cost) for part_cost, _ in parts])
+    variables = int(starts[-1])
+    index = np.arange(expert_variables).reshape(layers, experts, num_widths)
+    part_index = [np.arange(start - len(part_cost), start) for start, (part_cost, _) in zip(starts[1:], parts)]
     barred = np.isinf(cost)  # dropping an expert of a layer that picks its experts without a top-k
-    # less a constant per expert: the same argmin, tighter gaps
-    objective = np.where(barred, 0.0, cost - np.where(barred, np.inf, cost).min(axis=2, keepdims=True))
+    # less a constant per unit: the same argmin, tighter gaps
+    objective = np.concatenate([
+        np.where(barred, 0.0, cost - np.where(barred, np.inf, cost).min(axis=2, keepdims=True)).ravel(),
+        *(part_cost - part_cost.min() for part_cost, _ in parts)])
     if objective.max() > 0:
         objective = objective * (_SOLVER_COST_SCALE / objective.max())
 
-    def rows(groups: list[np.ndarray], coefficients: np.ndarray) -> csr_array:
-        data = np.concatenate([np.broadcast_to(coefficients, g.shape).ravel() for g in groups])
+    def rows(groups: list[np.ndarray], coefficients: list[np.ndarray]) -> csr_array:
+        data = np.concatenate([np.broadcast_to(c, g.shape).ravel() for g, c in zip(groups, coefficients)])
         columns = np.concatenate([g.ravel() for g in groups])
         row_ids = np.concatenate([np.full(g.size, r) for r, g in enumerate(groups)])
         return csr_array((data, (row_ids, columns)), shape=(len(groups), variables))
 
-    one_width = rows([index[m, e] for m in range(layers) for e in range(experts)], np.ones(num_widths))
-    constraints = [LinearConstraint(one_width, 1, 1)]
+    units = [index[m, e] for m in range(layers) for e in range(experts)] + part_index
+    constraints = [LinearConstraint(rows(units, [np.ones(len(u)) for u in units]), 1, 1)]
     cheapest = min(width_cost)
     steps = [w - cheapest for w in width_cost]
-    unit = math.gcd(*steps)
+    part_steps = [np.array(bytes_) - min(bytes_) for _, bytes_ in parts]
+    unit = math.gcd(*steps, *(int(step) for part in part_steps for step in part))
     if unit:
-        capacity = [(limit - len(group) * experts * cheapest) // unit for group, limit in budgets]
-        constraints.append(LinearConstraint(rows([index[group] for group, _ in budgets],
-                                                np.array(steps) // unit), -np.inf, capacity))
+        capacity = [(limit - len(group) * experts * cheapest - sum(min(bytes_) for _, bytes_ in parts)) // unit
+                    for group, limit in budgets]
+        budget_rows = rows([index[group] for group, _ in budgets], [np.array(steps) // unit] * len(budgets))
+        if parts:  # one budget row: the parts' columns join it
+            budget_rows = budget_rows + rows([np.concatenate(part_index)],
+                                             [np.concatenate(part_steps) // unit])
+        constraints.append(LinearConstraint(budget_rows, -np.inf, capacity))
     if required:
-        protected = rows([index[m, :, j] for m in range(layers) for j in required], np.ones(experts))
+        protected = rows([index[m, :, j] for m in range(layers) for j in required], [np.ones(experts)] * (
+            layers * len(required)))
         constraints.append(LinearConstraint(protected, 1, np.inf))
     if keep_at_least is not None:
-        dropped = rows([index[m, :, 0] for m in range(layers)], np.ones(experts))
+        dropped = rows([index[m, :, 0] for m in range(layers)], [np.ones(experts)] * layers)
         constraints.append(LinearConstraint(dropped, 0, experts - keep_at_least))
     if time_budget is not None:
         seconds, limit = time_budget  # in microseconds: HiGHS's 1e-6 feasibility tolerance is then a picosecond
-        constraints.append(LinearConstraint(csr_array(seconds.reshape(1, -1) * 1e6), -np.inf, limit * 1e6))
+        per_variable = np.zeros((1, variables))
+        per_variable[0, :expert_variables] = seconds.ravel() * 1e6
+        constraints.append(LinearConstraint(csr_array(per_variable), -np.inf, limit * 1e6))
     lower = np.zeros(variables)
     for (m, e), j in (fixed or {}).items():
         lower[index[m, e, j]] = 1
-    upper = np.where(barred, 0, 1).ravel()
-    result = milp(objective.ravel(), integrality=np.ones(variables), bounds=Bounds(lower, upper),
+    upper = np.concatenate([np.where(barred, 0, 1).ravel(), np.ones(variables - expert_variables)])
+    result = milp(objective, integrality=np.ones(variables), bounds=Bounds(lower, upper),
                   constraints=constraints, options=_SOLVER_OPTIONS)
     if not result.success:
         if time_budget is not None:
@@ -380,7 +431,8 @@ def _solve(cost: np.ndarray, width_cost: list[int], budgets: list[tuple[np.ndarr
                             "budget, a width a layer at each of the two highest (--no-top-widths), super experts at "
                             f"the highest (--no-protect-super-experts)): {result.message}")
         raise PlanError(f"the MILP solver (HiGHS) found no allocation: {result.message}")
-    return result.x.reshape(layers, experts, num_widths).argmax(axis=2)
+    return (result.x[:expert_variables].reshape(layers, experts, num_widths).argmax(axis=2),
+            [int(result.x[columns].argmax()) for columns in part_index])
 
 
 def _expert_params(stats_model: dict, config: dict | None, params_per_expert: int | None) -> int | None:
@@ -427,6 +479,46 @@ def _model_name(name_or_path: str) -> str:
 def _describe(model: dict) -> str:
     return (f"{model.get('model_type', '?')} with {model.get('num_layers', '?')} layers "
             f"and {model.get('num_experts', '?')} experts")
+
+
+def _exponents(alpha: float | None, beta: float | None, gamma: float | None,
+               whole_budget: bool) -> tuple[float, float, float | None]:
+    """(alpha, beta, gamma): MC-MoE's released defaults (1, 1.5, alpha), or with `whole_budget` the one
+    scale it weighs every weight by (0, 0, 2: the squared output error)."""
+    if not whole_budget:
+        return 1.0 if alpha is None else alpha, 1.5 if beta is None else beta, gamma
+    given = (alpha, beta, gamma)
+    if given != (None, None, None) and given != (0, 0, 2):
+        raise PlanError("whole_budget weighs every weight by the squared error it adds to the residual stream: "
+                        "exponents alpha 0, beta 0, gamma 2 (its defaults), not "
+                        f"{', '.join(_show(v) for v in given)}")
+    return 0.0, 0.0, 2.0
+
+
+def _non_expert_options(stats: _Stats, widths: Sequence[int], given: dict, gamma: float, group_size: int,
+                        target: str | None) -> dict:
+    """{category: (widths, objective terms, bytes)} for whole_budget: a measured category may take each
+    quantized candidate width the stats measured it at, its term the sum over its layers of loss^gamma;
+    one the stats count but did not measure (the head) keeps its `given` width, as one option."""
+    options = {}
+    for category, part in stats.non_expert.items():
+        if part.quant_loss is None:
+            part_widths = [given[category]]
+            costs = [0.0]
+        else:
+            part_widths = [w for w in widths if w != DROPPED and w in part.quant_loss]
+            if not part_widths:
+                raise PlanError(f"non_expert.{category}: the stats measured widths {_show(list(part.quant_loss))}, "
+                                f"none of the candidate widths {_widths_text(widths)}")
+            costs = [float(np.sum((part.quant_loss[w] / part.residual_norm) ** gamma)) for w in part_widths]
+        options[category] = (part_widths, np.array(costs),
+                             [_part_bytes(part, w, group_size, target) for w in part_widths])
+    return options
+
+
+def _part_bytes(part: NonExpertPart, bits: int, group_size: int, target: str | None) -> int:
+    """Stored bytes of a non-expert category's matrices at `bits`."""
+    return sum(n * matrix_bytes(rows, columns, bits, group_size, target) for rows, columns, n in part.matrices)
 
 
 def _non_expert_widths(overrides: Mapping[str, int] | None) -> dict:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moec.planner.checks import PlanError, _positive_int, _read_json, _show, _statistic, _width_key
+from moec.planner.checks import (PlanError, _positive_int, _positive_number, _read_json, _show, _statistic,
+                                 _width_key)
+from moec.planner.plan import DEFAULT_NON_EXPERT
 
 STATS_FORMAT = "moec-stats/1"
 PROJECTION_PARTS = ("gate_up", "down")  # an expert's parts a plan may give widths of their own
@@ -30,6 +32,21 @@ class _Stats:
     # (moe layers, experts, 2, widths): gate and up alone, down alone (width 0, the expert dropped, is
     # its quant_loss on gate_up); None for stats from before calibrate measured it
     projection_loss: np.ndarray | None = None
+    # `moec calibrate --non-expert`'s parts: category -> NonExpertPart; empty for stats without them
+    non_expert: dict = field(default_factory=dict)
+    # (moe layers,): the norm of each layer's output, where its experts' errors land (--non-expert); or None
+    residual_norm: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class NonExpertPart:
+    """A plan category's weights outside the routed experts (moec.policy): how many, and where
+    calibrate measured them, the loss of quantizing them (width -> one loss per layer holding them)."""
+
+    params: int
+    matrices: tuple[tuple[int, int, int], ...]  # (rows, columns, how many)
+    quant_loss: dict[int, np.ndarray] | None
+    residual_norm: np.ndarray | None = None  # beside each per-layer loss: the residual stream's norm there
 
 
 def load_stats(path: str | os.PathLike) -> dict:
@@ -54,6 +71,7 @@ def _parse_stats(stats: Any, source: str) -> _Stats:
         raise PlanError(f"{source}: layers: expected a list, got {_show(layers)}")
 
     by_index: dict[int, tuple[int, list]] = {}  # layer -> (position in the file, experts)
+    residual_of: dict[int, Any] = {}  # layer -> its output's norm (calibrate --non-expert), or None
     seen: set[int] = set()
     for position, entry in enumerate(layers):
         where = f"{source}: layers[{position}]"
@@ -71,6 +89,7 @@ def _parse_stats(stats: Any, source: str) -> _Stats:
         if not isinstance(experts, list) or len(experts) != num_experts:
             raise PlanError(f"{where}.experts: expected a list of {num_experts} experts or null, got {_show(experts)}")
         by_index[index] = (position, experts)
+        residual_of[index] = entry.get("residual_norm")
     if not by_index:
         raise PlanError(f"{source}: layers: no layer has experts")
 
@@ -119,8 +138,52 @@ def _parse_stats(stats: Any, source: str) -> _Stats:
         raise PlanError(f"{source}: projection_loss: some experts have it and others not: calibrate again")
     projection_loss = None if split[0] is None else \
         np.array(split).reshape(len(moe_layers), num_experts, 2, len(widths))
+    residual = None
+    if any(residual_of[index] is not None for index in moe_layers):
+        residual = np.array([_positive_number(residual_of[index], f"{source}: layers[{by_index[index][0]}]"
+                                              ".residual_norm") for index in moe_layers])
     return _Stats(model, num_layers, num_experts, moe_layers, widths, frequency, routing_weight, np.array(losses),
-                  projection_loss)
+                  projection_loss, _non_expert_parts(stats.get("non_expert", {}), f"{source}: non_expert"), residual)
+
+
+def _non_expert_parts(table: Any, where: str) -> dict:
+    if not isinstance(table, dict):
+        raise PlanError(f"{where}: expected an object of category -> {{params, quant_loss}}, got {_show(table)}")
+    parts = {}
+    for category, part in table.items():
+        here = f"{where}.{category}"
+        if category not in DEFAULT_NON_EXPERT:
+            raise PlanError(f"{where}: unknown category {_show(category)} (expected {', '.join(DEFAULT_NON_EXPERT)})")
+        if not isinstance(part, dict) or set(part) - {"params", "matrices", "quant_loss", "residual_norm"}:
+            raise PlanError(f"{here}: expected an object with params, matrices and optionally quant_loss, "
+                            f"got {_show(part)}")
+        params = _positive_int(part.get("params"), f"{here}.params")
+        matrices = part.get("matrices")
+        if not isinstance(matrices, list) or not matrices or not all(
+                isinstance(m, list) and len(m) == 3 and all(type(v) is int and v > 0 for v in m) for m in matrices):
+            raise PlanError(f"{here}.matrices: expected a list of [rows, columns, how many] positive ints, "
+                            f"got {_show(matrices)}")
+        if sum(rows * columns * n for rows, columns, n in matrices) != params:
+            raise PlanError(f"{here}: params {params} is not the weights its matrices hold")
+        losses = part.get("quant_loss")
+        if losses is not None:
+            if not isinstance(losses, dict) or not losses:
+                raise PlanError(f"{here}.quant_loss: expected an object of bit width -> losses, got {_show(losses)}")
+            losses = {_width_key(key, f"{here}.quant_loss"): value for key, value in losses.items()}
+            counts = {len(value) if isinstance(value, list) else -1 for value in losses.values()}
+            if len(counts) != 1 or counts == {-1} or counts == {0}:
+                raise PlanError(f"{here}.quant_loss: expected the same non-empty list of per-layer losses for "
+                                f"each width, got {_show(part['quant_loss'])}")
+            losses = {width: np.array([_statistic(v, f"{here}.quant_loss[\"{width}\"]") for v in value])
+                      for width, value in sorted(losses.items())}
+            residual = part.get("residual_norm")
+            if not isinstance(residual, list) or len(residual) != counts.pop():
+                raise PlanError(f"{here}.residual_norm: expected one norm per layer of quant_loss, "
+                                f"got {_show(residual)}")
+            residual = np.array([_positive_number(v, f"{here}.residual_norm") for v in residual])
+        parts[category] = NonExpertPart(params, tuple(map(tuple, matrices)), losses,
+                                        residual if losses is not None else None)
+    return parts
 
 
 def _projection_losses(table: Any, widths: tuple[int, ...], quant_loss: list[float], where: str) -> list | None:
