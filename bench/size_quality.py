@@ -48,7 +48,8 @@ QUANTIZERS = {"rtn": ("rtn", "minmax", 0, ()), "rtn-weighted": ("rtn", "weighted
               "gptq-split": ("gptq", "minmax", 0, SPLIT), "gptq-weighted-prior-split": ("gptq", "weighted", 256, SPLIT),
               "gptq-squared": ("gptq", "minmax", 0, SQUARED), "gptq-whole": ("gptq", "minmax", 0, WHOLE),
               "gptq-weighted-prior-squared": ("gptq", "weighted", 256, SQUARED),
-              "gptq-weighted-prior-whole": ("gptq", "weighted", 256, WHOLE)}
+              "gptq-weighted-prior-whole": ("gptq", "weighted", 256, WHOLE), "rtn-whole": ("rtn", "minmax", 0, WHOLE),
+              "gptq-weighted-prior-split-whole": ("gptq", "weighted", 256, SPLIT + WHOLE)}
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M")
 IMATRIX_TYPES = ("IQ2_XS", "IQ3_XXS", "Q2_K", "Q3_K_S", "Q4_K_M")  # IQ2_XS needs one
 LARGER = 1.15  # a moec build is compared with llama.cpp's builds of up to 15% more bytes
