@@ -8,8 +8,8 @@ reference and GPTQ all read that map (or `weight_bits`, which it is made of).
 
 Weights are known by name: routed experts as `layers.{l}.experts.{e}.{gate,up,down}_proj` (the
 experts lowering's names), everything else by torch module path (passes/name_weights.py).
-Routing (what a MoE block holds besides its experts and shared experts) and anything not listed
-stays in float.
+Routing (what a MoE block holds besides its experts and shared experts; in a block that is its
+whole decoder layer, as Gemma 4's, just its router) and anything not listed stays in float.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def weight_category(name: str, moe_blocks: list[str] = ()) -> str | None:
     """The plan's non-expert category of a weight name, or None for weights kept in float.
     `moe_blocks` are the MoE blocks' module paths."""
     block = next((path for path in moe_blocks if name.startswith(path + ".")), None)
-    if block is not None:  # a shared expert's own gate (Qwen2-MoE's shared_expert_gate) is routing too
+    # a block that is its decoder layer (Gemma 4 keeps its experts and router beside attention and a
+    # dense MLP) holds more than routing: only its router is
+    if block is not None and not re.search(r"(?:^|\.)layers\.\d+$", block):
+        # a shared expert's own gate (Qwen2-MoE's shared_expert_gate) is routing too
         child = name[len(block) + 1:].split(".")[0]
         return "shared_expert" if child.startswith("shared") and not child.endswith("gate") else None
     if "router" in name:

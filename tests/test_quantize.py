@@ -12,7 +12,7 @@ import moec
 from moec.cli import main
 from moec.evaluate import evaluate
 from moec.planner import DEFAULT_NON_EXPERT, save_plan
-from moec.policy import weight_bits
+from moec.policy import weight_bits, weight_category
 from moec.quant import rtn
 from moec.runtime import Artifact, generate
 from tiny import families
@@ -55,6 +55,11 @@ def test_policy_reads_the_plan():
     assert weight_bits(plan, "model.layers.0.mlp.shared_expert.up_proj.weight", blocks) == 4
     assert weight_bits(plan, "model.layers.2.mlp.shared_experts.down_proj.weight", blocks) == 4
     assert weight_bits(plan, "model.layers.1.mlp.gate_proj.weight", blocks) is None  # dense, not a block
+    # a block that is its decoder layer (Gemma 4): its attention and dense MLP are no routing, its router is
+    layers = ["model.layers.0", "model.layers.1"]
+    assert weight_bits(plan, "model.layers.1.self_attn.q_proj.weight", layers) == 4
+    assert weight_bits(plan, "model.layers.0.router.proj.weight", layers) is None
+    assert weight_category("model.layers.0.mlp.up_proj.weight", layers) == "dense_mlp"
 
 
 def test_quantization_specs_give_each_weight_of_the_graph_its_width_and_the_target_container():
@@ -109,12 +114,13 @@ def _mixed_plan(record, seed=0):
     return make_plan(rows)
 
 
-@pytest.mark.parametrize("arch", families(["mixtral", "deepseek_v3", "gpt_oss", "qwen3_next", "zaya"]))
+@pytest.mark.parametrize("arch", families(["mixtral", "deepseek_v3", "gpt_oss", "qwen3_next", "zaya", "gemma4_text"]))
 def test_mixed_plan_compiles_verifies_and_runs(arch, compiled, tmp_path):
     """Every width 2/4/8/float at random over the experts, the last MoE layer's expert 1 dropped, and
     top-p pruning keeping a super expert where the router has more than one expert a token (each
     family's planned mixed plan is compiled by test_calibrate_then_plan_every_family; Zaya, which
-    calibrate refuses, has its mixed plan here)."""
+    calibrate refuses, has its mixed plan here); attention at the plan's width (Gemma 4's too, which
+    sits in its MoE block)."""
     c = compiled(arch)
     plan_file = tmp_path / "plan.json"
     plan = _mixed_plan(c.record)
@@ -131,6 +137,8 @@ def test_mixed_plan_compiles_verifies_and_runs(arch, compiled, tmp_path):
     q = record["quantization"]
     for layer in q["experts"]:
         assert [e["bits"] for e in layer["experts"]] == plan["experts"]["bits"][layer["layer"]]
+    attention = [weight for name, weight in q["non_expert"].items() if ".self_attn." in name]
+    assert attention and {weight["bits"] for weight in attention} == {plan["non_expert"]["attention"]}
     assert record["bytes"]["total"] < c.record["bytes"]["total"]
     assert record["dropped_experts"] == [[last["layer"], 1]]
     assert record["super_experts"] == plan.get("super_experts", [])
