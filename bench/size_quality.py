@@ -89,7 +89,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def moec_builds(checkpoint: Path, calibration: Path, bits: list[float], quantizers: list[str], group_size: int,
-                work: Path) -> dict:
+                work: Path, plan_options: tuple[str, ...] = ()) -> dict:
     """{"float": folder, (bits, quantizer): folder}, reusing folders compiled before."""
     stats = work / "stats.json"
     if not stats.is_file():
@@ -107,7 +107,7 @@ def moec_builds(checkpoint: Path, calibration: Path, bits: list[float], quantize
             plan = work / f"plan-{b:g}-{name}.json"
             moec_cli("plan", "--stats", str(stats), "--avg-bits", str(b), "--no-top-widths", "--group-size",
                      str(group_size), "--method", method, "--grid", grid, "--layer-prior-tokens", str(prior),
-                     *options, "--out", str(plan))
+                     *options, *plan_options, "--out", str(plan))
             moec_cli("compile", str(checkpoint), "--plan", str(plan), "--data", str(calibration), "--out", str(folder),
                      "--force", "--quiet")
     return builds
@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--llama-tools", type=Path, help="folder with llama-imatrix and llama-quantize: adds the "
                         "importance-matrix quants")
     parser.add_argument("--no-llamacpp", action="store_true", help="moec's rows only")
+    parser.add_argument("--no-protect-super-experts", action="store_true",
+                        help="plan super experts like any other (a rotated checkpoint's are an artifact of its basis)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moec-size-quality"))
     parser.add_argument("--samples", type=int, default=16, help="windows of --seq-len tokens")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -174,7 +176,8 @@ def main() -> None:
     calibration = args.calibration or DEFAULT_CORPUS
     bits = [float(b) for b in args.bits.split(",")]
     quantizers = args.quantizers.split(",")
-    builds = moec_builds(args.checkpoint, calibration, bits, quantizers, args.group_size, work)
+    builds = moec_builds(args.checkpoint, calibration, bits, quantizers, args.group_size, work,
+                         ("--no-protect-super-experts",) if args.no_protect_super_experts else ())
     ids = windows(args.checkpoint, data, args.samples, args.seq_len)
     rows = []
     start = time.perf_counter()
