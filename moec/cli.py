@@ -380,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global: one byte budget, layers compete (default); layer: the paper's per-layer budget")
     p.add_argument("--whole-budget", action="store_true",
                    help="the budget also pays for attention, shared experts, dense MLPs and the embedding, whose "
-                        "widths the solver picks too, all weighed by their squared output error (stats from moec "
-                        "calibrate --non-expert); --avg-bits keeps the size of the plan without it")
+                        "widths the solver picks too, all weighed by their squared output error relative to the "
+                        "residual stream (stats from moec calibrate --non-expert); --avg-bits keeps the size of the "
+                        "plan without it")
     p.add_argument("--alpha", type=float, default=None,
                    help="frequency and loss exponent (default 1; 0 with --whole-budget)")
     p.add_argument("--beta", type=float, default=None, help="routing-weight exponent (default 1.5; 0 with --whole-budget)")

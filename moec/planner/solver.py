@@ -164,9 +164,9 @@ def make_plan(stats: Mapping, *, avg_bits: float | None = None, size_budget: str
                         "(decode_tok_s)")
     if scope == "layer" and avg_bits is None and size_budget is None:
         raise PlanError("scope \"layer\" takes the paper's per-layer avg_bits budget")
-    if whole_budget and scope == "layer":
-        raise PlanError("whole_budget needs scope \"global\": the paper's per-layer budget counts experts alone")
     if whole_budget:
+        if scope == "layer":
+            raise PlanError("whole_budget needs scope \"global\": the paper's per-layer budget counts experts alone")
         if not any(part.quant_loss for part in parsed.non_expert.values()) or parsed.residual_norm is None:
             raise PlanError("whole_budget needs the stats' non_expert losses and residual norms, which moec calibrate "
                             "--non-expert records")

@@ -40,10 +40,9 @@ class _Stats:
 
 @dataclass(frozen=True)
 class NonExpertPart:
-    """A plan category's weights outside the routed experts (moec.policy): how many, and where
+    """A plan category's weights outside the routed experts (moec.policy): their matrices, and where
     calibrate measured them, the loss of quantizing them (width -> one loss per layer holding them)."""
 
-    params: int
     matrices: tuple[tuple[int, int, int], ...]  # (rows, columns, how many)
     quant_loss: dict[int, np.ndarray] | None
     residual_norm: np.ndarray | None = None  # beside each per-layer loss: the residual stream's norm there
@@ -181,7 +180,7 @@ def _non_expert_parts(table: Any, where: str) -> dict:
                 raise PlanError(f"{here}.residual_norm: expected one norm per layer of quant_loss, "
                                 f"got {_show(residual)}")
             residual = np.array([_positive_number(v, f"{here}.residual_norm") for v in residual])
-        parts[category] = NonExpertPart(params, tuple(map(tuple, matrices)), losses,
+        parts[category] = NonExpertPart(tuple(map(tuple, matrices)), losses,
                                         residual if losses is not None else None)
     return parts
 
