@@ -21,7 +21,7 @@ warm-up; every system is measured in each of the rounds, round-robin, and its fa
     quantization_config, or a GGUF through `mobius build-gguf --keep-quantized`, whose importer
     takes neither model here: OLMoE is not among its GGUF architectures, and it reads the Mixtral
     GGUF as a dense Llama and stops on missing MLP weights);
-  - moec artifacts planned at 2.5, 3, 4 and 8 average expert bits (calibrated on the built-in corpus).
+  - moec artifacts planned at 2.25, 2.5, 3, 4 and 8 average expert bits (calibrated on the built-in corpus).
 One table per model: weight bytes, prefill and decode tok/s, peak RSS, and decode as a fraction of
 the bandwidth limit (measured read bandwidth / weight bytes read per decoded token). It also checks
 that the 8-bit artifact generates through moec's runtime (IO binding, tuned session options)
@@ -63,7 +63,8 @@ MODELS = {
                        "num_experts": 64, "num_experts_per_tok": 8, "max_position_embeddings": 4096,
                        "tie_word_embeddings": False}},
 }
-MOEC_BITS = (2.5, 3, 4, 8)
+# 2.25, not 2: the bench Mixtral's super expert, kept at 8 bits, puts its least feasible budget at 2.09 bits
+MOEC_BITS = (2.25, 2.5, 3, 4, 8)
 GGUF_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M", "Q8_0")
 IMATRIX_TYPES = ("IQ2_XS", "IQ3_XXS")  # i-quants: they need an importance matrix (from moec's calibration corpus)
 IK_TYPES = ("IQ2_K", "IQ2_KS", "IQ3_K", "Q2_K", "Q3_K_S", "Q4_K_M")
@@ -337,7 +338,10 @@ def compare(name: str, args) -> dict:
 
         base = llamacpp.kl_base(args.llama_tools, ggufs["F16"], DEFAULT_CORPUS, workdir / "gguf" / "mainline-F16.kld",
                                 chunks=args.samples)
-        ik_check = llamacpp.kl_divergence(args.ik_tools, ggufs["F16"], base)
+        try:
+            ik_check = llamacpp.kl_divergence(args.ik_tools, ggufs["F16"], base)
+        except RuntimeError as e:  # an architecture ik lacks (OLMoE): its quants below say so too
+            unavailable.append(f"ik_llama.cpp F16: {str(e).splitlines()[0]}")
     for kind in IK_TYPES if args.ik_tools else ():
         try:
             gguf = llamacpp.quantize_with(args.ik_tools, ggufs["F16"], kind, workdir / "gguf" / f"ik-{kind}.gguf")
